@@ -1,0 +1,44 @@
+"""`appo-jax data prepare | show`: build the TFDS cache ahead of time and look at records."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from appo_jax.data.builders import load_split, prepared_builder
+from appo_jax.data.paths import add_data_arguments
+from appo_jax.data.rows import DATASETS, get_spec
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    for name in args.names or list(DATASETS):
+        spec = get_spec(name)
+        builder = prepared_builder(spec.name, args.data_dir, args.tfds_dir)
+        count = builder.info.splits[spec.split].num_examples
+        print(json.dumps({"dataset": spec.name, "split": spec.split, "records": count, "dir": str(builder.data_dir)}))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    split = args.split or get_spec(args.name).split
+    for record in load_split(args.name, split, args.data_dir, args.limit, args.tfds_dir):
+        print(json.dumps(dataclasses.asdict(record), ensure_ascii=False))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``data prepare [NAME ...]`` and ``data show NAME [--split S] [--limit K]`` to the `appo-jax` CLI."""
+    data = subparsers.add_parser("data", help="prepare / inspect the benchmark and RL datasets (TFDS)")
+    sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    prepare = sub.add_parser("prepare", help="build the TFDS array_record cache; one JSON line per dataset")
+    prepare.add_argument("names", nargs="*", help=f"datasets (default: all of {', '.join(DATASETS)})")
+    add_data_arguments(prepare)
+    prepare.set_defaults(func=_prepare)
+
+    show = sub.add_parser("show", help="print records of a dataset as JSON lines")
+    show.add_argument("name", help=f"one of {', '.join(DATASETS)}")
+    show.add_argument("--split", default=None, help="the dataset's split (default: its only split)")
+    show.add_argument("--limit", type=int, default=3, help="how many records (default 3)")
+    add_data_arguments(show)
+    show.set_defaults(func=_show)

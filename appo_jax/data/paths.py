@@ -1,0 +1,73 @@
+"""Where the raw data and the prepared TFDS datasets live.
+
+The *data dir* is the directory holding ``benchmarks/``, ``rl/`` and ``search/`` (the shared read-only data).
+Resolution order: an explicit ``--data-dir`` / ``data_dir`` argument, else ``$APPO_DATA_DIR``, else
+``../shared/data`` next to the repository root (found from this file's location) when it exists, else an error
+that lists everything that was tried.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+DATA_DIR_ENV = "APPO_DATA_DIR"
+TFDS_DIR_ENV = "APPO_TFDS_DIR"
+DATA_SUBDIRS = ("benchmarks", "rl", "search")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+DEFAULT_TFDS_DIR = Path("~/.cache/appo_jax/tfds")
+
+
+def _checked(path: Path, origin: str) -> Path:
+    path = path.expanduser().resolve()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data dir {str(path)!r} (from {origin}) is not a directory")
+    if not any((path / sub).is_dir() for sub in DATA_SUBDIRS):
+        raise FileNotFoundError(
+            f"data dir {str(path)!r} (from {origin}) has none of the expected subdirectories {list(DATA_SUBDIRS)}"
+        )
+    return path
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The absolute data dir: `data_dir` if given, else ``$APPO_DATA_DIR``, else `DEFAULT_DATA_DIR` if it exists.
+
+    A given (argument or environment) dir must exist and contain one of ``benchmarks/``, ``rl/``, ``search/``;
+    otherwise, and when nothing is found at all, raises ``FileNotFoundError`` saying what was looked for.
+    """
+    if data_dir is not None and str(data_dir) != "":
+        return _checked(Path(data_dir), "the data_dir argument / --data-dir")
+    env = os.environ.get(DATA_DIR_ENV, "")
+    if env:
+        return _checked(Path(env), f"${DATA_DIR_ENV}")
+    if DEFAULT_DATA_DIR.is_dir():
+        return _checked(DEFAULT_DATA_DIR, "the default ../shared/data next to the repository")
+    raise FileNotFoundError(
+        "no data dir found: pass --data-dir (or data_dir=...), or set $"
+        f"{DATA_DIR_ENV}, or provide {str(DEFAULT_DATA_DIR)!r}; the data dir is the directory containing "
+        f"{', '.join(s + '/' for s in DATA_SUBDIRS)}"
+    )
+
+
+def resolve_tfds_dir(tfds_dir: str | os.PathLike | None = None) -> Path:
+    """Where prepared TFDS datasets are cached: `tfds_dir`, else ``$APPO_TFDS_DIR``, else ``~/.cache/appo_jax/tfds``."""
+    if tfds_dir is not None and str(tfds_dir) != "":
+        return Path(tfds_dir).expanduser().resolve()
+    env = os.environ.get(TFDS_DIR_ENV, "")
+    return Path(env or DEFAULT_TFDS_DIR).expanduser().resolve()
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--data-dir`` and ``--tfds-dir`` (both default None, resolved by the functions above)."""
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"directory holding benchmarks/, rl/, search/ (default: ${DATA_DIR_ENV}, else ../shared/data)",
+    )
+    parser.add_argument(
+        "--tfds-dir",
+        default=None,
+        help=f"cache of prepared TFDS datasets (default: ${TFDS_DIR_ENV}, else {DEFAULT_TFDS_DIR})",
+    )
