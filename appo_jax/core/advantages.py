@@ -1,0 +1,351 @@
+"""Advantage estimators: GRPO, APPO dual groups with prefix credit, the procedure-level reward scale M,
+and the ARPO / Tree-GRPO / AEPO baselines (DESIGN.md §1.4, §1.5, §1.7).
+
+Conventions (shared by every function here):
+
+* Rows are rollouts, ``[N]`` per row and ``[N, L]`` per response position; ``num_groups`` (and
+  ``num_trees``) are static Python ints, everything else may be traced. Computation is float32.
+* Group statistics use the *population* std and ``A = (R - mean_g) / (std_g + 1e-6)``
+  (``norm_by_std=False``: ``R - mean_g``). A group of one gets 0; an empty group contributes nothing.
+* A row *takes part* when ``valid`` (default all true) holds, its group id is in ``[0, num_groups)`` and
+  its reward is finite. Rows that do not take part get advantage 0 and never move another row's
+  statistics (padding rows with group id -1, NaN rewards, ...).
+* A branch row j is *landed* when it takes part, ``0 <= parent_j < N``, the parent row takes part, is an
+  initial row and has the same group id, and ``0 <= branch_pos_j < L``. Other branch rows are ignored:
+  excluded from the branch-group statistics, no prefix credit, advantage 0.
+* Token advantages are multiplied by the generated-token mask ``m_t`` (0 on prompt padding and tool
+  observations) and are therefore 0 where ``gen_mask`` is false.
+* No N x N or L x L intermediate: segment sums over group / parent ids plus O(L) scans along the
+  response axis; jit-, vmap- and batch-shardable.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from appo_jax.core.registry import ADVANTAGES
+from appo_jax.core.scan import reverse_discounted_cumsum
+from appo_jax.core.stats import masked_mean, masked_zscore, segment_zscore
+
+Array = jax.Array
+
+#: Added to the group std before dividing (DESIGN.md §1.4).
+STD_EPS = 1e-6
+#: Official default of the reward-scale discount lambda (DESIGN.md §1.5).
+REWARD_SCALE_DISCOUNT = 0.9
+#: AEPO entropy-aware advantage coefficient alpha in ``A (1 + alpha sg(z(H)))``.
+AEPO_ENTROPY_ALPHA = 0.2
+PROCEDURE_SCALING = ("none", "reward", "advantage")
+ENTROPY_SCOPES = ("token", "rollout")
+
+
+def _check_num(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive Python int (static), got {value!r}")
+    return value
+
+
+def _row_ok(rewards, group_ids, num_groups: int, valid) -> Array:
+    """Rows that take part: valid, group id in range, finite reward."""
+    g = jnp.asarray(group_ids, jnp.int32)
+    ok = (g >= 0) & (g < num_groups) & jnp.isfinite(jnp.asarray(rewards, jnp.float32))
+    if valid is not None:
+        ok = ok & jnp.asarray(valid).astype(bool)
+    return ok
+
+
+def _tokens(per_row: Array, gen_mask) -> Array:
+    """Broadcast a per-row value to ``[N, L]`` times m_t (exactly 0 off the generated tokens)."""
+    m = jnp.asarray(gen_mask).astype(bool)
+    return jnp.where(m, per_row[:, None], 0.0)
+
+
+def grpo_advantages(rewards, group_ids, num_groups: int, norm_by_std: bool = True, valid=None,
+                    *, eps: float = STD_EPS) -> Array:
+    """Per-row GRPO advantage ``A_i = (R_i - mean_g R) / (std_g R + eps)`` over the rows of group g = g(i).
+
+    ``rewards``/``group_ids``/``valid``: ``[N]``. Population std; ``norm_by_std=False`` gives ``R_i -
+    mean_g R`` (Dr.GRPO). Rows with a group id outside ``[0, num_groups)`` (e.g. -1 padding), ``valid``
+    false or a non-finite reward get 0 and are left out of the statistics; a group of one gets 0.
+    Returns float32 ``[N]``.
+    """
+    _check_num("num_groups", num_groups)
+    ok = _row_ok(rewards, group_ids, num_groups, valid)
+    return segment_zscore(rewards, group_ids, num_groups, mask=ok, eps=eps, norm_by_std=norm_by_std)
+
+
+def landed_branches(group_ids, is_branch, parent, branch_pos, length: int, valid=None,
+                    rewards=None, num_groups: int | None = None) -> tuple[Array, Array, Array]:
+    """Which branch rows are *landed* (see the module docstring) and where they attach.
+
+    Returns ``(landed [N] bool, parent_row [N] int32, position [N] int32)``; ``parent_row`` and
+    ``position`` are clipped into range (only meaningful where ``landed``). ``rewards`` (finite check) and
+    ``num_groups`` (range check of group ids) are optional; without ``num_groups`` any group id >= 0 is
+    accepted.
+    """
+    g = jnp.asarray(group_ids, jnp.int32)
+    n = g.shape[0]
+    ok = g >= 0 if num_groups is None else (g >= 0) & (g < num_groups)
+    if valid is not None:
+        ok = ok & jnp.asarray(valid).astype(bool)
+    if rewards is not None:
+        ok = ok & jnp.isfinite(jnp.asarray(rewards, jnp.float32))
+    br = jnp.asarray(is_branch).astype(bool)
+    par = jnp.asarray(parent, jnp.int32)
+    pos = jnp.asarray(branch_pos, jnp.int32)
+    safe_par = jnp.clip(par, 0, n - 1)
+    landed = (br & ok & (par >= 0) & (par < n) & (pos >= 0) & (pos < length)
+              & ok[safe_par] & ~br[safe_par] & (g[safe_par] == g))
+    return landed, safe_par, jnp.clip(pos, 0, length - 1)
+
+
+def dual_group_advantages(rewards, group_ids, is_branch, parent, branch_pos, length: int,
+                          num_groups: int, norm_by_std: bool = True, valid=None,
+                          *, eps: float = STD_EPS) -> tuple[Array, Array]:
+    """Per-row dual-group advantages (DESIGN.md §1.4).
+
+    ``A_init(i) = (R_i - mean_{init of g} R) / (std_{init of g} R + eps)`` for initial rows and
+    ``A_branch(j) = (R_j - mean_{landed branches of g} R) / (std_{landed branches of g} R + eps)`` for
+    landed branch rows; the two sets of a prompt group are normalised separately. Returns
+    ``(A [N], landed [N] bool)``; A is 0 for rows that do not take part and for ignored branches.
+    """
+    _check_num("num_groups", num_groups)
+    g = jnp.asarray(group_ids, jnp.int32)
+    br = jnp.asarray(is_branch).astype(bool)
+    ok = _row_ok(rewards, g, num_groups, valid)
+    landed, _, _ = landed_branches(g, br, parent, branch_pos, length, valid, rewards, num_groups)
+    members = (ok & ~br) | landed
+    seg = jnp.where(br, g + num_groups, g)
+    adv = segment_zscore(rewards, seg, 2 * num_groups, mask=members, eps=eps, norm_by_std=norm_by_std)
+    return adv, landed
+
+
+def _attach(values, landed, rows, positions, n: int, length: int) -> Array:
+    """Scatter-add ``values_j`` at ``(rows_j, positions_j)`` of a zero ``[n, length]`` array (landed j only)."""
+    flat = jnp.where(landed, rows * length + positions, n * length)  # out of range -> dropped
+    v = jnp.where(landed, jnp.asarray(values, jnp.float32), 0.0)
+    return jax.ops.segment_sum(v, flat, num_segments=n * length).reshape(n, length)
+
+
+def appo_advantages(rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_groups: int,
+                    norm_by_std: bool = True, *, valid=None, prefix_credit: bool = True,
+                    eps: float = STD_EPS) -> Array:
+    """APPO token advantages (DESIGN.md §1.4): dual groups plus prefix credit mapped to the parents.
+
+    For an initial row i (taking part) and position t::
+
+        A_t = A_init(i) * m_t + mean{ A_branch(j) : j landed, parent(j) = i, t <= t_j } * m_t
+
+    where the second term is present only where at least one such j exists (``prefix_credit=False``
+    drops it: the "no prefix credit" ablation). Branch rows, rows not taking part and positions with
+    ``m_t = 0`` get 0. Inputs: ``rewards`` [N], ``group_ids`` [N] int, ``is_branch`` [N] bool,
+    ``parent`` / ``branch_pos`` [N] int (-1 for initial rows), ``gen_mask`` [N, L]; ``valid`` [N]
+    optional row mask. Returns float32 [N, L].
+
+    O(N L): each landed branch scatter-adds ``A_branch(j)`` and a count 1 at ``(parent_j, t_j)``
+    (``jax.ops.segment_sum`` over the flat ``[N * L]`` index), then a reverse cumulative sum along L gives
+    the sum and the number of branches with ``t_j >= t``.
+    """
+    m = jnp.asarray(gen_mask).astype(bool)
+    n, length = m.shape
+    adv, landed = dual_group_advantages(rewards, group_ids, is_branch, parent, branch_pos, length,
+                                        num_groups, norm_by_std, valid, eps=eps)
+    br = jnp.asarray(is_branch).astype(bool)
+    init_ok = _row_ok(rewards, group_ids, num_groups, valid) & ~br
+    per_token = jnp.broadcast_to(adv[:, None], (n, length))
+    if prefix_credit:
+        rows = jnp.clip(jnp.asarray(parent, jnp.int32), 0, n - 1)
+        pos = jnp.clip(jnp.asarray(branch_pos, jnp.int32), 0, length - 1)
+        sums = jax.lax.cumsum(_attach(adv, landed, rows, pos, n, length), axis=1, reverse=True)
+        counts = jax.lax.cumsum(_attach(jnp.ones_like(adv), landed, rows, pos, n, length), axis=1,
+                                reverse=True)
+        per_token = per_token + jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0)
+    return jnp.where(m & init_ok[:, None], per_token, 0.0)
+
+
+def reward_scale(branch_scores, is_branch, parent, branch_pos, gen_mask, *,
+                 discount: float = REWARD_SCALE_DISCOUNT, valid=None, group_ids=None,
+                 num_groups: int | None = None) -> Array:
+    """Procedure-level reward scale M (DESIGN.md §1.5, the official implementation detail), ``[N, L]``.
+
+    For an initial row i with landed branches j (scores ``BS_j``, positions ``t_j``)::
+
+        M^j_t = 1 + (BS_j / max_batch BS) * discount^(t_j - t)   for t <= t_j,   1 for t > t_j
+        M_t   = mean_j M^j_t  =  1 + (1/K_i) sum_j (BS_j / max_batch BS) discount^(t_j - t) [t <= t_j]
+
+    ``max_batch BS`` is the maximum score over the landed branches of the whole batch. Degenerate cases
+    (documented choices): when that maximum is <= 0 (or no branch landed) every factor is 0, so M = 1;
+    a landed branch with a non-finite score counts in K_i with factor 0 (its M^j = 1). M = 1 for rows
+    without landed branches, for branch rows and wherever ``gen_mask`` is false. "Landed" follows
+    :func:`landed_branches` (the reward plays no part here); without ``group_ids`` the same-group check
+    is skipped, with ``num_groups`` group ids must also be < num_groups. O(L): impulses at ``t_j``, then
+    one reverse discounted scan along L (``reverse_discounted_cumsum``); never an L x L matrix.
+    """
+    m = jnp.asarray(gen_mask).astype(bool)
+    n, length = m.shape
+    g = jnp.zeros((n,), jnp.int32) if group_ids is None else group_ids
+    landed, rows, pos = landed_branches(g, is_branch, parent, branch_pos, length, valid,
+                                        num_groups=num_groups)
+    bs = jnp.asarray(branch_scores, jnp.float32)
+    finite = landed & jnp.isfinite(bs)
+    max_bs = jnp.max(jnp.where(finite, bs, -jnp.inf))
+    factor = jnp.where(finite & (max_bs > 0), bs / jnp.where(max_bs > 0, max_bs, 1.0), 0.0)
+    impulses = _attach(factor, landed, rows, pos, n, length)
+    total = reverse_discounted_cumsum(impulses, discount, axis=-1)
+    k = jax.ops.segment_sum(landed.astype(jnp.float32), jnp.where(landed, rows, n), num_segments=n)
+    scale = 1.0 + total / jnp.maximum(k, 1.0)[:, None]
+    return jnp.where(m & (k > 0)[:, None], scale, 1.0)
+
+
+def outcome_token_rewards(rewards, gen_mask) -> Array:
+    """Token-level rewards ``[N, L]``: the outcome reward ``R_i`` on the last generated token of row i, 0
+    elsewhere (all 0 for a row without generated tokens)."""
+    m = jnp.asarray(gen_mask).astype(bool)
+    length = m.shape[-1]
+    last = length - 1 - jnp.argmax(m[:, ::-1], axis=-1)
+    onehot = (jnp.arange(length)[None, :] == last[:, None]) & m.any(axis=-1)[:, None]
+    return jnp.where(onehot, jnp.asarray(rewards, jnp.float32)[:, None], 0.0)
+
+
+def scaled_outcome_rewards(rewards, gen_mask, scale) -> Array:
+    """Outcome rewards after the reward scale M (the official "scale token-level rewards, then compute the
+    advantage"): ``R'_i = sum_t M_t r_t = M_{last} R_i`` with ``r = outcome_token_rewards``; a row without
+    generated tokens keeps ``R_i``. Returns float32 ``[N]`` to feed any advantage estimator."""
+    m = jnp.asarray(gen_mask).astype(bool)
+    r = jnp.asarray(rewards, jnp.float32)
+    scaled = jnp.sum(outcome_token_rewards(r, m) * jnp.asarray(scale, jnp.float32), axis=-1)
+    return jnp.where(m.any(axis=-1), scaled, r)
+
+
+def scale_token_advantages(advantages, scale) -> Array:
+    """``procedure_scaling="advantage"``: ``A_t * M_t`` (elementwise, float32)."""
+    return jnp.asarray(advantages, jnp.float32) * jnp.asarray(scale, jnp.float32)
+
+
+def entropy_zscore(entropy, gen_mask, *, scope: str = "token", group_ids=None, num_groups=None,
+                   valid=None) -> Array:
+    """The z-scored entropy of the AEPO entropy-aware advantage, ``[N, L]`` (0 off the valid tokens).
+
+    ``scope="token"`` (default): the per-token entropy ``H_t`` z-scored over all valid generated tokens of
+    the batch, ``(H_t - mean H) / std H`` (population std; std < 1e-8 treated as 1). ``scope="rollout"``:
+    each rollout's mean entropy over its generated tokens, z-scored within its prompt group like GRPO
+    (needs ``group_ids`` and ``num_groups``), broadcast to the rollout's tokens.
+
+    Our reading of AEPO (Dong et al. 2025, arXiv 2510.14545, "entropy-aware advantage estimation"): the
+    accuracy advantage is reweighted per token by a normalised entropy term, ``A (1 + alpha * A_H)``, so
+    that high-uncertainty tokens get larger updates; the default takes A_H as the token entropy
+    normalised over the batch. We could not check the released code, hence the ``rollout`` alternative.
+    Invalid tokens (masked, invalid rows, non-finite H) are left out of the statistics.
+    """
+    h = jnp.asarray(entropy, jnp.float32)
+    m = jnp.asarray(gen_mask).astype(bool) & jnp.isfinite(h)
+    if valid is not None:
+        m = m & jnp.asarray(valid).astype(bool)[:, None]
+    if scope == "token":
+        return masked_zscore(h.reshape(-1), m.reshape(-1)).reshape(h.shape)
+    if scope == "rollout":
+        if group_ids is None or num_groups is None:
+            raise ValueError("entropy scope 'rollout' needs group_ids and num_groups")
+        row_h = masked_mean(h, m, axis=-1)
+        z = segment_zscore(row_h, group_ids, num_groups, mask=m.any(axis=-1))
+        return _tokens(z, m)
+    raise ValueError(f"unknown entropy scope {scope!r}; known: {', '.join(ENTROPY_SCOPES)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry entries. Uniform call convention: keyword arguments drawn from ADVANTAGE_FIELDS (the Trajectory
+# fields plus options); each entry takes what it needs, ignores the rest, and returns float32 [N, L].
+# Use `compute_advantages(name, **fields)` (checks the field names) or `advantages_from_trajectory`.
+# ---------------------------------------------------------------------------------------------------------
+
+#: Every keyword an advantage estimator may receive.
+ADVANTAGE_FIELDS = frozenset({
+    "rewards", "group_ids", "is_branch", "parent", "branch_pos", "gen_mask", "num_groups", "valid",
+    "norm_by_std", "branch_scores", "entropy", "tree_ids", "num_trees", "procedure_scaling",
+    "reward_scale_discount", "prefix_credit", "entropy_alpha", "entropy_scope",
+})
+
+
+@ADVANTAGES.register("appo")
+def _appo(*, rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_groups, valid=None,
+          norm_by_std=True, branch_scores=None, procedure_scaling="reward",
+          reward_scale_discount=REWARD_SCALE_DISCOUNT, prefix_credit=True, **_):
+    """APPO: dual groups + prefix credit, with procedure scaling ``"reward"`` (M on the token-level
+    outcome reward before the advantage, the official default), ``"advantage"`` (A_t * M_t) or ``"none"``."""
+    if procedure_scaling not in PROCEDURE_SCALING:
+        raise ValueError(f"unknown procedure_scaling {procedure_scaling!r}; "
+                         f"known: {', '.join(PROCEDURE_SCALING)}")
+    if procedure_scaling != "none":
+        if branch_scores is None:
+            raise ValueError(f"procedure_scaling={procedure_scaling!r} needs branch_scores")
+        scale = reward_scale(branch_scores, is_branch, parent, branch_pos, gen_mask,
+                             discount=reward_scale_discount, valid=valid, group_ids=group_ids,
+                             num_groups=num_groups)
+    if procedure_scaling == "reward":
+        rewards = scaled_outcome_rewards(rewards, gen_mask, scale)
+    adv = appo_advantages(rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_groups,
+                          norm_by_std, valid=valid, prefix_credit=prefix_credit)
+    return scale_token_advantages(adv, scale) if procedure_scaling == "advantage" else adv
+
+
+@ADVANTAGES.register("appo_no_prefix_credit")
+def _appo_no_prefix_credit(**fields):
+    """APPO ablation: dual-group advantages without the prefix-credit term."""
+    return _appo(**{**fields, "prefix_credit": False})
+
+
+@ADVANTAGES.register("grpo")
+@ADVANTAGES.register("arpo")
+def _grpo(*, rewards, group_ids, gen_mask, num_groups, valid=None, norm_by_std=True, **_):
+    """GRPO / ARPO: the group z-score over *all* rows of a prompt group (initial and branch rows alike;
+    ARPO's partial rollouts are ordinary members), broadcast to the tokens times m_t."""
+    return _tokens(grpo_advantages(rewards, group_ids, num_groups, norm_by_std, valid), gen_mask)
+
+
+@ADVANTAGES.register("tree_grpo")
+def _tree_grpo(*, rewards, group_ids, gen_mask, num_groups, tree_ids=None, num_trees=None, valid=None,
+               norm_by_std=True, **_):
+    """Tree-GRPO: ``A_i = GRPO over the prompt group + GRPO over the tree group`` (``tree_ids`` [N],
+    static ``num_trees``; a row with a tree id out of range gets only the first term), times m_t."""
+    if tree_ids is None or num_trees is None:
+        raise ValueError("advantage 'tree_grpo' needs tree_ids and num_trees")
+    _check_num("num_trees", num_trees)
+    prompt = grpo_advantages(rewards, group_ids, num_groups, norm_by_std, valid)
+    tree_valid = _row_ok(rewards, group_ids, num_groups, valid)
+    tree = grpo_advantages(rewards, tree_ids, num_trees, norm_by_std, tree_valid)
+    return _tokens(prompt + tree, gen_mask)
+
+
+@ADVANTAGES.register("aepo")
+def _aepo(*, rewards, group_ids, gen_mask, num_groups, entropy=None, valid=None, norm_by_std=True,
+          entropy_alpha=AEPO_ENTROPY_ALPHA, entropy_scope="token", **_):
+    """AEPO entropy-aware advantage ``A_t = A_i (1 + alpha * sg(z(H))_t) * m_t`` with A_i the ARPO (GRPO over
+    all n rows) advantage and z(H) from :func:`entropy_zscore` (``entropy_scope``, default "token")."""
+    if entropy is None:
+        raise ValueError("advantage 'aepo' needs entropy ([N, L] sampler entropies)")
+    base = _grpo(rewards=rewards, group_ids=group_ids, gen_mask=gen_mask, num_groups=num_groups,
+                 valid=valid, norm_by_std=norm_by_std)
+    z = jax.lax.stop_gradient(entropy_zscore(entropy, gen_mask, scope=entropy_scope, group_ids=group_ids,
+                                             num_groups=num_groups, valid=valid))
+    return base * (1.0 + entropy_alpha * z)
+
+
+def compute_advantages(name: str, **fields) -> Array:
+    """Token advantages ``[N, L]`` from the estimator registered as ``name`` (see ``ADVANTAGES.names()``).
+
+    ``fields`` must be drawn from :data:`ADVANTAGE_FIELDS` (a misspelt field is a ``TypeError`` naming it).
+    """
+    unknown = sorted(set(fields) - ADVANTAGE_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown advantage field(s) {unknown}; known: {', '.join(sorted(ADVANTAGE_FIELDS))}")
+    return ADVANTAGES.get(name)(**fields)
+
+
+def advantages_from_trajectory(name: str, traj, num_groups: int, **options) -> Array:
+    """:func:`compute_advantages` with the fields read from a ``Trajectory`` batch (reward, group_id,
+    kind, parent, branch_pos, gen_mask, row_valid, branch_score, entropy); ``options`` adds the rest
+    (``norm_by_std``, ``procedure_scaling``, ``tree_ids``/``num_trees``, ...)."""
+    return compute_advantages(
+        name, rewards=traj.reward, group_ids=traj.group_id, is_branch=traj.is_branch, parent=traj.parent,
+        branch_pos=traj.branch_pos, gen_mask=traj.gen_mask, valid=traj.row_valid,
+        branch_scores=traj.branch_score, entropy=traj.entropy, num_groups=num_groups, **options)

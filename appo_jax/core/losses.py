@@ -1,0 +1,309 @@
+"""Policy losses: PPO clip (separate low / high epsilon), dual clip, the APPO future-KL loss, the AEPO
+stop-gradient clip-high, KL penalties and loss aggregation (DESIGN.md §1.6, §1.7).
+
+Conventions:
+
+* Inputs are ``[N, L]`` (advantages may be ``[N]``, broadcast over tokens). Log-probs are computed in
+  float32 whatever the input dtype (bf16 / f16 are upcast; float64 stays float64 under ``jax.enable_x64``,
+  which the finite-difference tests use). ``mode`` / ``agg`` / ``kl_kind`` are static Python strings.
+* Gradients flow only through ``logp`` (and ``entropy`` for the entropy bonus); ``old_logp``, ``ref_logp``
+  and ``advantages`` are data (``stop_gradient``).
+* **Bad input** (documented behaviour, never a silent NaN): a valid token (``mask`` true) whose ``logp``,
+  ``old_logp`` or advantage — or ``ref_logp`` / ``entropy`` when those are used — is NaN or +-inf is
+  removed from the mask and counted in ``metrics["nonfinite_tokens"]``. Values at masked positions never
+  reach the arithmetic (they are replaced with ``where`` *before* any operation: the double-where trick),
+  so NaN / inf there changes neither the loss nor the gradients, and the gradient there is exactly 0.
+  An all-masked batch gives loss 0 and an all-zero gradient.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from appo_jax.core.registry import POLICY_LOSSES
+from appo_jax.core.scan import reverse_discounted_cumsum
+
+Array = jax.Array
+
+LOG_RATIO_CLIP = 20.0
+KL_CLAMP = 10.0
+KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+MODES = ("ppo", "dual_clip", "future_kl", "aepo")
+AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+_DUAL_CLIP_MODES = ("dual_clip", "future_kl", "aepo")
+
+
+def _float(x) -> Array:
+    """At least float32 (bf16/f16/int -> float32; float64 kept, which only exists under x64)."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _bool(x) -> Array:
+    return jnp.asarray(x).astype(bool)
+
+
+def kl_penalty(logp, ref_logp, kind: str = "low_var_kl") -> Array:
+    """Per-token KL(pi_theta || pi_ref) estimate from sampled-token log-probs (elementwise, no masking).
+
+    With ``d = logp - ref_logp``:
+    ``"k1"``/``"kl"``: d;  ``"abs"``: |d|;  ``"k2"``/``"mse"``: 0.5 d^2;
+    ``"k3"``/``"low_var_kl"``: ``exp(-d') + d' - 1`` with ``d' = clip(d, -20, 20)`` (the clip only guards
+    ``exp`` against overflow), then clamped to [-10, 10].
+    Unknown ``kind`` -> ``ValueError`` listing the known kinds.
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"unknown kl kind {kind!r}; known: {', '.join(KL_KINDS)}")
+    d = _float(logp) - _float(ref_logp)
+    if kind in ("k1", "kl"):
+        return d
+    if kind == "abs":
+        return jnp.abs(d)
+    if kind in ("k2", "mse"):
+        return 0.5 * d * d
+    r = -jnp.clip(d, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)  # log(pi_ref / pi_theta)
+    return jnp.clip(jnp.exp(r) - r - 1.0, -KL_CLAMP, KL_CLAMP)
+
+
+def _log_ratio(logp, old_logp) -> Array:
+    """``d_t = clip(lp_t - lp_old_t, -20, 20)``."""
+    return jnp.clip(logp - old_logp, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+
+
+def _future_kl_weights(d, adv, mask, *, decay_rate, clip_eps, high_only, clip_ratio_c, safety_thresh):
+    """:func:`future_kl_weights` on already-sanitised inputs (d finite everywhere)."""
+    d = jax.lax.stop_gradient(d)
+    p = d <= jnp.log(clip_ratio_c)
+    gamma = 2.0 ** (-1.0 / decay_rate)
+    big_g = reverse_discounted_cumsum(d, gamma, mask=mask & p, axis=-1).astype(d.dtype)
+    lo = 1.0 if high_only else 1.0 - clip_eps
+    w = jnp.clip(jnp.exp(big_g), lo, 1.0 + clip_eps)
+    w = jnp.where((adv < 0) & (jnp.exp(d) > safety_thresh), jnp.clip(w, 0.8, 1.0), w)
+    return jax.lax.stop_gradient(jnp.where(mask, w, 0.0))
+
+
+def future_kl_weights(logp, old_logp, advantages, mask, *, decay_rate: float = 64.0, clip_eps: float = 0.2,
+                      high_only: bool = True, clip_ratio_c: float = 3.0, safety_thresh: float = 6.0) -> Array:
+    """Future-KL advantage weights w ``[N, L]`` (DESIGN.md §1.6), no gradient (``stop_gradient``)::
+
+        d_t = clip(lp_t - lp_old_t, -20, 20),  r_t = exp(d_t),  p_t = [d_t <= ln c]
+        G_t = sum_{k >= t} g^(k - t) m_k p_k d_k,   g = 2^(-1 / decay_rate)     (O(L) reverse scan)
+        w_t = clip(exp(G_t), lo, 1 + clip_eps),     lo = 1 if high_only else 1 - clip_eps
+        w_t = clip(w_t, 0.8, 1.0)  where A_t < 0 and r_t > safety_thresh        (safety cap)
+
+    ``m`` is ``mask`` minus non-finite tokens (module docstring). w is 0 where m is 0 (so that
+    ``1 + b w`` is neutral there).
+    """
+    lp, old, adv, m, _ = _sanitise(logp, old_logp, advantages, mask)
+    return _future_kl_weights(_log_ratio(lp, old), adv, m, decay_rate=decay_rate, clip_eps=clip_eps,
+                              high_only=high_only, clip_ratio_c=clip_ratio_c, safety_thresh=safety_thresh)
+
+
+def _sanitise(logp, old_logp, advantages, mask, *extra):
+    """Cast, broadcast, drop non-finite valid tokens from the mask, and zero every masked value.
+
+    Returns ``(logp, old_logp, advantages, mask, nonfinite_count, *extra)`` with all arrays ``[N, L]``;
+    ``extra`` entries may be None (ignored). The zeroing happens before any arithmetic, so gradients at
+    masked positions are exactly 0 and never NaN.
+    """
+    lp = _float(logp)
+    if lp.ndim != 2:
+        raise ValueError(f"logp must be [N, L], got shape {lp.shape}")
+    shape = lp.shape
+    m = _bool(mask)
+    if m.shape != shape:
+        raise ValueError(f"mask shape {m.shape} != logp shape {shape}")
+    old = _float(old_logp)
+    if old.shape != shape:
+        raise ValueError(f"old_logp shape {old.shape} != logp shape {shape}")
+    adv = _float(advantages)
+    if adv.shape == shape[:1]:
+        adv = adv[:, None]
+    if adv.ndim != 2 or adv.shape[0] != shape[0] or adv.shape[1] not in (1, shape[1]):
+        raise ValueError(f"advantages must be [N, L] or [N] for logp shape {shape}, got {adv.shape}")
+    adv = jnp.broadcast_to(adv, shape)
+    extras = [None if e is None else jnp.broadcast_to(_float(e), shape) for e in extra]
+    finite = jnp.isfinite(lp) & jnp.isfinite(old) & jnp.isfinite(adv)
+    for e in extras:
+        if e is not None:
+            finite = finite & jnp.isfinite(e)
+    nonfinite = jnp.sum(m & ~finite, dtype=jnp.float32)
+    m = m & finite
+    dtype = lp.dtype
+    zero = jnp.zeros((), dtype)
+    out = [jnp.where(m, lp, zero), jax.lax.stop_gradient(jnp.where(m, old.astype(dtype), zero)),
+           jax.lax.stop_gradient(jnp.where(m, adv.astype(dtype), zero)), m, nonfinite]
+    out += [None if e is None else jnp.where(m, e.astype(dtype), zero) for e in extras]
+    return tuple(out)
+
+
+def aggregate(values, mask, agg: str = "token-mean") -> Array:
+    """Aggregate per-token values over the valid tokens (``mask``) into a scalar.
+
+    ``"token-mean"``: ``sum_{i,t} m v / sum_{i,t} m`` (every valid token of the batch weighs the same).
+    ``"seq-mean-token-sum"``: mean over rows with at least one valid token of ``sum_t m v``.
+    ``"seq-mean-token-mean"``: mean over rows with at least one valid token of ``sum_t m v / sum_t m``.
+    Rows without valid tokens are left out of the row mean (not counted as 0); with no valid token at all
+    the result is 0. Unknown ``agg`` -> ``ValueError``.
+    """
+    if agg not in AGGS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGGS)}")
+    m = _bool(mask)
+    v = jnp.where(m, _float(values), 0.0)
+    if agg == "token-mean":
+        return jnp.sum(v) / jnp.maximum(jnp.sum(m, dtype=v.dtype), 1.0)
+    row_count = jnp.sum(m, axis=-1, dtype=v.dtype)
+    row_sum = jnp.sum(v, axis=-1)
+    if agg == "seq-mean-token-mean":
+        row_sum = row_sum / jnp.maximum(row_count, 1.0)
+    has = row_count > 0
+    return jnp.sum(jnp.where(has, row_sum, 0.0)) / jnp.maximum(jnp.sum(has, dtype=v.dtype), 1.0)
+
+
+def _masked_stats(x, m):
+    """(mean, min, max) of x over m; all 0 when m is empty."""
+    any_ = jnp.any(m)
+    mean = jnp.sum(jnp.where(m, x, 0.0)) / jnp.maximum(jnp.sum(m, dtype=x.dtype), 1.0)
+    lo = jnp.where(any_, jnp.min(jnp.where(m, x, jnp.inf)), 0.0)
+    hi = jnp.where(any_, jnp.max(jnp.where(m, x, -jnp.inf)), 0.0)
+    return mean, lo, hi
+
+
+def _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_logp, entropy_coef, entropy):
+    if mode not in MODES:
+        raise ValueError(f"unknown policy loss mode {mode!r}; known: {', '.join(MODES)}")
+    if agg not in AGGS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGGS)}")
+    if kl_kind not in KL_KINDS:
+        raise ValueError(f"unknown kl_kind {kl_kind!r}; known: {', '.join(KL_KINDS)}")
+    if mode in _DUAL_CLIP_MODES and isinstance(clip_ratio_c, (int, float)) and clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 for the dual clip of mode {mode!r}, got {clip_ratio_c}")
+    if isinstance(decay_rate, (int, float)) and decay_rate <= 0:
+        raise ValueError(f"decay_rate must be > 0, got {decay_rate}")
+    if ref_logp is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
+        raise ValueError("kl_coef != 0 needs ref_logp")
+    if entropy is None and not (isinstance(entropy_coef, (int, float)) and entropy_coef == 0):
+        raise ValueError("entropy_coef != 0 needs entropy")
+
+
+def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", clip_low: float = 0.2,
+                clip_high: float = 0.28, clip_ratio_c: float = 3.0, decay_rate: float = 64.0,
+                fkl_clip: float = 0.2, fkl_high_only: bool = True, fkl_weight: float = 1.0,
+                safety_thresh: float = 6.0, agg: str = "token-mean", ref_logp=None, kl_coef: float = 0.0,
+                kl_kind: str = "low_var_kl", entropy=None, entropy_coef: float = 0.0):
+    """Clipped policy-gradient loss (DESIGN.md §1.6); returns ``(loss, metrics)``.
+
+    Per valid token (``d_t = clip(lp_t - lp_old_t, -20, 20)``, ``r_t = exp(d_t)``, A the advantage)::
+
+        L1 = -A r,   L2 = -A clip(r, 1 - clip_low, 1 + clip_high),   Lc = max(L1, L2)
+        "ppo":        loss_t = Lc
+        "dual_clip":  loss_t = min(-A c, Lc) where A < 0, else Lc              (c = clip_ratio_c > 1)
+        "future_kl":  A -> A~ = A (1 + fkl_weight * w_t) with w = future_kl_weights(...) (no gradient),
+                      then the dual clip with A~; rows with more than one *lower-dual-clipped* token
+                      (A~ < 0 and Lc > -A~ c) are dropped from the mask
+        "aepo":       the dual clip, with L2's high clip replaced by the stop-gradient version of AEPO
+                      (Dong et al. 2025, arXiv 2510.14545, "entropy clipping-balanced"): where
+                      r > 1 + clip_high the clipped ratio is ``(1 + clip_high) * r / sg(r)``. Its value is
+                      the clipped value, but the gradient is kept and rescaled: for A > 0 and
+                      r > 1 + clip_high the token contributes ``-A (1 + clip_high) grad log pi`` instead of 0.
+                      The low clip and the dual clip are unchanged.
+
+    Then ``loss = aggregate(loss_t, m, agg) + kl_coef * aggregate(kl_penalty(logp, ref_logp, kl_kind), m,
+    agg) - entropy_coef * aggregate(entropy, m, agg)`` where m is the final mask (after the non-finite
+    removal and the row drop). ``kl_coef`` (APPO config default 0.001) needs ``ref_logp``; ``entropy_coef``
+    needs ``entropy`` (current-policy per-token entropy, differentiable).
+
+    Metrics (float32 scalars, over the valid tokens *before* the row drop unless said otherwise):
+    ``clip_frac_low`` (A < 0, r < 1 - clip_low), ``clip_frac_high`` (A > 0, r > 1 + clip_high),
+    ``clip_frac_dual`` (lower-dual-clipped; 0 for "ppo"), ``ratio_mean/min/max``, ``approx_kl``
+    (mean of lp_old - lp), ``fkl_weight_mean/min/max`` (0 unless mode "future_kl"), ``kl`` (mean KL
+    penalty, 0 without ref_logp), ``entropy`` (mean, 0 without entropy), ``dropped_row_frac`` (dropped rows
+    / rows with a valid token), ``valid_tokens`` (final mask), ``nonfinite_tokens``, ``pg_loss``, ``loss``.
+    Zero-valued statistics where nothing is valid. Unknown mode / agg / kl_kind -> ``ValueError``.
+    """
+    _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_logp, entropy_coef, entropy)
+    lp, old, adv, m, nonfinite, ref, ent = _sanitise(logp, old_logp, advantages, mask, ref_logp, entropy)
+    ref = None if ref is None else jax.lax.stop_gradient(ref)
+    d = _log_ratio(lp, old)
+    r = jnp.exp(d)
+    w = None
+    if mode == "future_kl":
+        w = _future_kl_weights(d, adv, m, decay_rate=decay_rate, clip_eps=fkl_clip, high_only=fkl_high_only,
+                               clip_ratio_c=clip_ratio_c, safety_thresh=safety_thresh)
+        adv = adv * (1.0 + fkl_weight * w)
+    hi = 1.0 + clip_high
+    if mode == "aepo":
+        r_clip = jnp.where(r > hi, hi * jnp.exp(d - jax.lax.stop_gradient(d)), jnp.clip(r, 1.0 - clip_low, hi))
+    else:
+        r_clip = jnp.clip(r, 1.0 - clip_low, hi)
+    l1 = -adv * r
+    lc = jnp.maximum(l1, -adv * r_clip)
+    if mode == "ppo":
+        tok = lc
+        dual = jnp.zeros_like(m)
+    else:
+        l3 = -adv * clip_ratio_c
+        tok = jnp.where(adv < 0, jnp.minimum(l3, lc), lc)
+        dual = m & (adv < 0) & (lc > l3)
+
+    final = m
+    rows_with_tokens = jnp.any(m, axis=-1)
+    dropped = jnp.zeros_like(rows_with_tokens)
+    if mode == "future_kl":
+        dropped = jnp.sum(dual, axis=-1) > 1
+        final = m & ~dropped[:, None]
+
+    pg = aggregate(tok, final, agg)
+    loss = pg
+    kl_mean = jnp.zeros((), lp.dtype)
+    if ref is not None:
+        kl_tok = kl_penalty(lp, ref, kl_kind)
+        kl_mean = aggregate(kl_tok, m, "token-mean")
+        loss = loss + kl_coef * aggregate(kl_tok, final, agg)
+    ent_mean = jnp.zeros((), lp.dtype)
+    if ent is not None:
+        ent_mean = aggregate(jax.lax.stop_gradient(ent), m, "token-mean")
+        loss = loss - entropy_coef * aggregate(ent, final, agg)
+
+    frac = lambda x: aggregate(x.astype(lp.dtype), m, "token-mean")  # noqa: E731
+    r_sg = jax.lax.stop_gradient(r)
+    ratio_mean, ratio_min, ratio_max = _masked_stats(r_sg, m)
+    if w is None:
+        w_mean = w_min = w_max = jnp.zeros((), lp.dtype)
+    else:
+        w_mean, w_min, w_max = _masked_stats(w, m)
+    sg = jax.lax.stop_gradient
+    metrics = {
+        "loss": sg(loss),
+        "pg_loss": sg(pg),
+        "clip_frac_low": frac((adv < 0) & (r_sg < 1.0 - clip_low)),
+        "clip_frac_high": frac((adv > 0) & (r_sg > hi)),
+        "clip_frac_dual": frac(dual),
+        "ratio_mean": ratio_mean,
+        "ratio_min": ratio_min,
+        "ratio_max": ratio_max,
+        "approx_kl": sg(aggregate(-d, m, "token-mean")),
+        "fkl_weight_mean": w_mean,
+        "fkl_weight_min": w_min,
+        "fkl_weight_max": w_max,
+        "kl": sg(kl_mean),
+        "entropy": ent_mean,
+        "dropped_row_frac": jnp.sum(dropped & rows_with_tokens, dtype=lp.dtype)
+        / jnp.maximum(jnp.sum(rows_with_tokens, dtype=lp.dtype), 1.0),
+        "valid_tokens": jnp.sum(final, dtype=lp.dtype),
+        "nonfinite_tokens": nonfinite.astype(lp.dtype),
+    }
+    return loss, metrics
+
+
+def _mode_entry(mode: str):
+    def entry(logp, old_logp, advantages, mask, **options):
+        return policy_loss(logp, old_logp, advantages, mask, mode=mode, **options)
+
+    entry.__name__ = f"policy_loss_{mode}"
+    entry.__doc__ = f"``policy_loss(..., mode={mode!r}, **options)``."
+    return entry
+
+
+for _mode in MODES:
+    POLICY_LOSSES.register(_mode, _mode_entry(_mode))
