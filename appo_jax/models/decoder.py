@@ -1,0 +1,328 @@
+"""The Llama / Qwen2 / Qwen3 / SmolLM decoder as pure functions of a plain params pytree (Flax Linen inside).
+
+Public API (see notes/MODEL_CONTRACT.md):
+  init_params(config, rng) -> params            plain nested dict of arrays (layers stacked on axis 0)
+  param_logical_axes(config) -> axes            same tree, leaves = tuples of logical axis names
+  forward(params, tokens, positions, *, config, token_mask=None, cache=None, return_hidden=False)
+      -> (float32 logits [B, T, V] | final-normed hidden [B, T, D], new_cache)
+  unembed(params, hidden, *, config) -> float32 logits [..., V]
+  init_cache(config, batch, max_len) -> KVCache   (re-exported from kv_cache)
+
+Parameter tree (names follow HF so that import/export is a rename):
+  embed_tokens/embedding [V, D]; norm/scale [D]; lm_head/kernel [D, V] (untied only);
+  layers/{input_layernorm/scale [L, D], post_attention_layernorm/scale [L, D],
+          self_attn/{q_proj/kernel [L, D, H, hd], q_proj/bias [L, H, hd] (qkv_bias), k_proj/kernel [L, D, KV, hd],
+                     v_proj/kernel [L, D, KV, hd], o_proj/kernel [L, H, hd, D], q_norm/scale, k_norm/scale [L, hd]},
+          mlp/{gate_proj/kernel [L, D, F], up_proj/kernel [L, D, F], down_proj/kernel [L, F, D]}}.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import meta
+
+from appo_jax.models.config import ModelConfig
+from appo_jax.models.kv_cache import KVCache, init_cache
+from appo_jax.models.rope import apply_rope, rope_cos_sin
+
+__all__ = ["init_params", "param_logical_axes", "forward", "unembed", "init_cache", "KVCache", "Decoder"]
+
+_INIT = nn.initializers.normal(stddev=0.02)
+_MASK_VALUE = -1e30  # finite: a query with no visible key gets a uniform (finite) distribution, never NaN
+
+
+def _partitioned(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class RMSNorm(nn.Module):
+    """y = scale * (x / sqrt(mean(x^2, -1) + eps)); statistics in float32, result cast to the compute dtype
+    before the scale (HF order)."""
+
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", _partitioned(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Dense(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `n_in` axes of x with the leading axes of kernel
+    [*in_shape, *features]; computed in `dtype`. (Own module rather than nn.DenseGeneral, whose flattened-kernel
+    initializer breaks logical partitioning of multi-axis kernels.)"""
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    bias_axes: tuple[str, ...] | None
+    n_in: int
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.n_in:]
+        kernel = self.param("kernel", _partitioned(_INIT, self.axes), (*in_shape, *self.features),
+                            self.param_dtype)
+        x_letters = "abcdefgh"[: x.ndim - self.n_in]
+        in_letters = "ijkl"[: self.n_in]
+        out_letters = "mnop"[: len(self.features)]
+        y = jnp.einsum(f"{x_letters}{in_letters},{in_letters}{out_letters}->{x_letters}{out_letters}",
+                       x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_axes is not None:
+            bias = self.param("bias", _partitioned(nn.initializers.zeros, self.bias_axes), self.features,
+                              self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def _dense(features, axes, bias_axes=None, *, config, name, n_in=1):
+    features = (features,) if isinstance(features, int) else tuple(features)
+    return Dense(features, axes, bias_axes, n_in, config.compute_dtype, config.params_dtype, name=name)
+
+
+def dot_product_attention(q, k, v, mask):
+    """Masked softmax attention with grouped-query heads.
+
+    q [B, T, H, hd], k/v [B, S, KV, hd] (query head h uses kv head h // (H / KV)), mask bool [B, T, S].
+    out[b, t, h] = sum_s softmax_s(q.k / sqrt(hd) masked to -1e30)[s] * v[b, s, h // G]; scores, softmax in
+    float32; returns [B, T, H, hd] in q's dtype. Memory O(B * H * T * S).
+    """
+    b, t, h, hd = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * jnp.float32(hd**-0.5)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, hd).astype(q.dtype)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with RoPE, optional qkv bias (Qwen2) and per-head q/k RMSNorm before RoPE (Qwen3).
+
+    With a cache (k_cache/v_cache [L, B, S, KV, hd] plus the layer index and write slots) the new keys/values are
+    scattered at (layer, b, slot[b, t]) and the queries attend over the layer's S slots; without, over the T new
+    tokens. `mask` [B, T, S or T] is the full visibility mask."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, k_cache, v_cache, layer, slot):
+        cfg = self.config
+        bias_q = ("heads", "head_dim") if cfg.qkv_bias else None
+        bias_kv = ("kv_heads", "head_dim") if cfg.qkv_bias else None
+        q = _dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), bias_q, config=cfg,
+                   name="q_proj")(x)
+        k = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), bias_kv, config=cfg,
+                   name="k_proj")(x)
+        v = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), bias_kv, config=cfg,
+                   name="v_proj")(x)
+        if cfg.qk_norm:
+            norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, "head_dim")
+            q = norm(name="q_norm")(q)
+            k = norm(name="k_norm")(k)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        if k_cache is not None:
+            rows = jnp.arange(x.shape[0])[:, None]
+            k_cache = k_cache.at[layer, rows, slot].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[layer, rows, slot].set(v.astype(v_cache.dtype), mode="drop")
+            k_att, v_att = k_cache[layer], v_cache[layer]
+        else:
+            k_att, v_att = k, v
+        out = dot_product_attention(q, k_att.astype(q.dtype), v_att.astype(q.dtype), mask)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        out = _dense(cfg.hidden_size, ("heads", "head_dim", "embed"), config=cfg, name="o_proj", n_in=2)(out)
+        return out, k_cache, v_cache
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg.intermediate_size, ("embed", "mlp"), config=cfg, name="gate_proj")(x)
+        up = _dense(cfg.intermediate_size, ("embed", "mlp"), config=cfg, name="up_proj")(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return _dense(cfg.hidden_size, ("mlp", "embed"), config=cfg, name="down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)). Scanned: carry = (x, k_cache, v_cache)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, layer, ctx):
+        cfg = self.config
+        x, k_cache, v_cache = carry
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype)
+        h = norm(name="input_layernorm")(x)
+        attn, k_cache, v_cache = Attention(cfg, name="self_attn")(
+            h, ctx["cos"], ctx["sin"], ctx["mask"], k_cache, v_cache, layer, ctx.get("slot")
+        )
+        x = x + attn
+        x = x + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, k_cache, v_cache), None
+
+
+def _remat_policy(name: str):
+    if name in ("full", "nothing_saveable"):
+        return None
+    if name in ("dots", "dots_saveable"):
+        return jax.checkpoint_policies.checkpoint_dots
+    return getattr(jax.checkpoint_policies, name)
+
+
+class _LMHead(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.config
+        return self.param(
+            "kernel", _partitioned(_INIT, ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), cfg.params_dtype
+        )
+
+
+def _project(hidden, weight, tied: bool):
+    """float32 logits: hidden [..., D] times embedding[V, D]^T (tied) or kernel [D, V] (untied), accumulated in
+    float32."""
+    weight = weight.astype(hidden.dtype)
+    spec = "...d,vd->...v" if tied else "...d,dv->...v"
+    return jnp.einsum(spec, hidden, weight, preferred_element_type=jnp.float32)
+
+
+class Decoder(nn.Module):
+    """The full causal LM; see `forward` for the contract."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, token_mask=None, cache: KVCache | None = None, return_hidden=False):
+        cfg = self.config
+        b, t = tokens.shape
+        if token_mask is None:
+            token_mask = jnp.ones((b, t), jnp.bool_)
+        token_mask = token_mask.astype(jnp.bool_)
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+            embedding_init=_partitioned(_INIT, ("vocab", "embed")), name="embed_tokens",
+        )
+        x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
+        cos, sin = rope_cos_sin(positions, cfg)
+        ctx = {"cos": cos, "sin": sin}
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+            ctx["mask"] = causal[None] & token_mask[:, None, :]
+            k_cache = v_cache = None
+            new_valid = new_end = None
+        else:
+            s = cache.max_len
+            slot = cache.end[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+            rows = jnp.arange(b)[:, None]
+            new_valid = cache.valid.at[rows, slot].set(token_mask, mode="drop")
+            ctx["mask"] = new_valid[:, None, :] & (jnp.arange(s)[None, None, :] <= slot[:, :, None])
+            ctx["slot"] = slot
+            k_cache, v_cache = cache.k, cache.v
+            new_end = jnp.where(token_mask.any(axis=1), cache.end + t, cache.end).astype(jnp.int32)
+
+        layer_cls = DecoderLayer
+        if cfg.remat_policy != "none":
+            layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers,
+                                 policy=_remat_policy(cfg.remat_policy))
+        scanned = nn.scan(
+            layer_cls,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=cfg.num_layers,
+            unroll=1 if cfg.scan_layers else cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        (x, k_cache, v_cache), _ = scanned(cfg, name="layers")(
+            (x, k_cache, v_cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), ctx
+        )
+        hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="norm")(x)
+        new_cache = None if cache is None else KVCache(k=k_cache, v=v_cache, valid=new_valid, end=new_end)
+        if return_hidden:
+            return hidden, new_cache
+        weight = embed.embedding if cfg.tie_word_embeddings else _LMHead(cfg, name="lm_head")()
+        logits = _project(hidden, weight, cfg.tie_word_embeddings)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
+
+
+def _dummy_inputs():
+    return jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+    """Random parameters (normal(0.02) matrices, unit norm scales, zero biases) in config.param_dtype, as a plain
+    nested dict (partitioning metadata removed). Works under jax.jit / jax.eval_shape."""
+    variables = Decoder(config).init(rng, *_dummy_inputs())
+    return meta.unbox(variables["params"])
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+    """The params tree with each leaf replaced by its tuple of logical axis names (no computation done),
+    e.g. layers/self_attn/q_proj/kernel -> ("layers", "embed", "heads", "head_dim")."""
+    boxed = jax.eval_shape(lambda: Decoder(config).init(jax.random.PRNGKey(0), *_dummy_inputs()))["params"]
+    return jax.tree.map(
+        lambda leaf: tuple(leaf.names) if isinstance(leaf, meta.Partitioned) else (None,) * leaf.ndim,
+        boxed,
+        is_leaf=lambda leaf: isinstance(leaf, meta.Partitioned),
+    )
+
+
+def forward(
+    params: dict,
+    tokens: jnp.ndarray,
+    positions: jnp.ndarray,
+    *,
+    config: ModelConfig,
+    token_mask: jnp.ndarray | None = None,
+    cache: KVCache | None = None,
+    return_hidden: bool = False,
+):
+    """Run the decoder on tokens int32 [B, T] at RoPE positions int32 [B, T].
+
+    Without a cache: causal attention over the T tokens; token_mask (bool [B, T], default all True) masks padded
+    keys. With a cache: the T tokens of row b are written at slots end[b] .. end[b]+T-1 (those with
+    token_mask False are written but marked invalid); each new token attends to the valid slots <= its own slot;
+    new_end[b] = end[b] + T if any(token_mask[b]) else end[b]. Writes past the last slot are dropped (callers
+    keep end + T <= S).
+    Returns (out, new_cache): out = float32 logits [B, T, V], or with return_hidden the final-normed hidden
+    states [B, T, D] in the compute dtype; new_cache is None without a cache.
+    """
+    if tokens.ndim != 2 or positions.shape != tokens.shape:
+        raise ValueError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")
+    if cache is not None and cache.batch != tokens.shape[0]:
+        raise ValueError(f"cache has {cache.batch} rows but tokens has batch {tokens.shape[0]}")
+    return Decoder(config).apply({"params": params}, tokens, positions, token_mask, cache, return_hidden)
+
+
+def unembed(params: dict, hidden: jnp.ndarray, *, config: ModelConfig) -> jnp.ndarray:
+    """float32 logits [..., V] = hidden [..., D] @ W, W = embed_tokens.embedding^T if tied else lm_head.kernel
+    (inputs in hidden's dtype, float32 accumulation)."""
+    if config.tie_word_embeddings:
+        return _project(hidden, params["embed_tokens"]["embedding"], True)
+    return _project(hidden, params["lm_head"]["kernel"], False)
