@@ -95,3 +95,25 @@ def load_model(
         f"model spec {spec!r} is not a preset ({', '.join(sorted(PRESETS))}), a pretrained name "
         f"({', '.join(PRETRAINED)}), an existing HF directory or a .gguf file"
     )
+
+
+def load_config(spec: str, **overrides) -> ModelConfig:
+    """The ModelConfig of `spec` (same specs as `load_model`) without reading or creating any weights."""
+    if spec in PRESETS:
+        from appo_jax.models.presets import get_config
+
+        return get_config(spec, **overrides)
+    if spec in PRETRAINED:
+        spec = find_smollm2_gguf()
+    if spec.endswith(".gguf"):
+        from appo_jax.models.gguf_io import load_gguf_config
+
+        return load_gguf_config(spec, **overrides)
+    if os.path.isdir(spec):
+        from appo_jax.models.hf_io import load_hf_config
+
+        return load_hf_config(spec, **overrides)
+    raise ValueError(
+        f"model spec {spec!r} is not a preset ({', '.join(sorted(PRESETS))}), a pretrained name "
+        f"({', '.join(PRETRAINED)}), an existing HF directory or a .gguf file"
+    )

@@ -59,7 +59,7 @@ def logical_to_spec(
     return PartitionSpec(*assigned)
 
 
-def _is_axes_leaf(x) -> bool:
+def is_logical_axes(x) -> bool:
     return isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)
 
 
@@ -70,7 +70,7 @@ def logical_to_sharding(logical_axes_tree, mesh: jax.sharding.Mesh, rules: Mappi
         return jax.tree.map(
             lambda names: NamedSharding(mesh, logical_to_spec(names, mesh, rules)),
             logical_axes_tree,
-            is_leaf=_is_axes_leaf,
+            is_leaf=is_logical_axes,
         )
     return jax.tree.map(
         lambda leaf, names: NamedSharding(mesh, logical_to_spec(names, mesh, rules, tuple(leaf.shape))),
