@@ -12,6 +12,8 @@ For B = 128 initial rollouts (16 prompt groups x n_init 8) and L in {2048, 8192,
   and ``F = D @ M^T`` -- the official code's method, batched over rows with one shared matrix (its most
   favourable form). At 32768 the matrix would be 4 GiB in float32, so it is built and multiplied in row
   blocks of 2048 (``--quadratic-32k skip`` skips it);
+* ``quadratic_per_rollout``: the official code's structure -- every rollout builds its own L x L decay matrix
+  (``lax.map`` over rows; timed on ``--per-rollout-rows`` rows and scaled linearly to all rows; up to 8192);
 * ``ours_omega_only``: :func:`future_values` alone (the like-for-like comparison with ``quadratic``);
 * at ``--stages-at`` (8192) each stage of ``ours`` jitted alone, to show where the time goes.
 
@@ -165,6 +167,27 @@ def make_quadratic(gamma: float, eps: float = 0.2):
     return full, blocked
 
 
+def make_quadratic_per_rollout(eps: float = 0.2):
+    """The official code's structure: each rollout builds its own L x L decay matrix and multiplies it with its
+    D (``lax.map`` over rows; batching it with ``vmap`` would need B x L x L memory). ``gamma`` is traced, as a
+    config value would be, so XLA cannot constant-fold the matrix."""
+
+    @jax.jit
+    def per_rollout(log_ratio, mask, gamma):
+        length = log_ratio.shape[-1]
+        t = jnp.arange(length)
+        diff = t[None, :] - t[:, None]  # k - t
+
+        def row(d_row):
+            decay = jnp.where(diff >= 0, gamma ** diff.astype(jnp.float32), 0.0)
+            return decay @ d_row
+
+        f = jax.lax.map(row, jnp.where(mask, log_ratio, 0.0))
+        return jnp.clip(jnp.exp(jnp.clip(f, -20.0, 20.0)), 1.0 - eps, 1.0 + eps)
+
+    return per_rollout
+
+
 def time_fn(fn, args, repeats: int) -> tuple[float, float, float]:
     """(compile + first run s, median wall-clock s, median process CPU s) over ``repeats`` further runs.
 
@@ -196,6 +219,10 @@ def main(argv=None) -> int:
                    help="also time each pipeline stage on its own at this length (0: never)")
     p.add_argument("--quadratic-32k", choices=["blocked", "skip"], default="blocked",
                    help="lengths above 8192: run the quadratic Omega in row blocks, or skip it")
+    p.add_argument("--per-rollout-rows", type=int, default=8,
+                   help="rows the per-rollout quadratic baseline is timed on (its time is linear in rows: "
+                        "reported scaled to all rows); 0 skips it")
+    p.add_argument("--per-rollout-max-len", type=int, default=8192)
     args = p.parse_args(argv)
     if any(length % QUADRATIC_BLOCK for length in args.lengths if length > 8192):
         p.error(f"--lengths above 8192 must be multiples of {QUADRATIC_BLOCK}")
@@ -205,10 +232,11 @@ def main(argv=None) -> int:
     pipeline = make_pipeline(args.groups, args.n_init, args.budget, args.gamma)
     omega_only = jax.jit(lambda log_ratio, mask: future_values(log_ratio, mask, args.gamma, 0.2))
     quad_full, quad_blocked = make_quadratic(args.gamma)
+    per_rollout = make_quadratic_per_rollout()
     device = jax.devices()[0]
     log(f"device={device.device_kind} ({device.platform}) x{jax.device_count()} jax={jax.__version__} "
         f"rows={n} initial + {args.groups * args.budget} branch")
-    wall = {"ours": {}, "ours_omega_only": {}, "quadratic_omega": {}}
+    wall = {"ours": {}, "ours_omega_only": {}, "quadratic_omega": {}, "quadratic_per_rollout_omega": {}}
     cpu = {key: {} for key in wall}
     notes, max_diff, stages = {}, {}, {}
 
@@ -225,6 +253,15 @@ def main(argv=None) -> int:
         log_ratio, mask = x["logp"][:n] - x["old_logp"][:n], x["gen"][:n]
         record("ours", length, pipeline, (x, table), args.repeats)
         record("ours_omega_only", length, omega_only, (log_ratio, mask), args.repeats)
+        if args.per_rollout_rows and length <= args.per_rollout_max_len:
+            k = args.per_rollout_rows
+            sub = (log_ratio[:k], mask[:k], jnp.float32(args.gamma))
+            record("quadratic_per_rollout_omega", length, per_rollout, sub, args.quadratic_repeats)
+            wall["quadratic_per_rollout_omega"][length] *= n / k
+            cpu["quadratic_per_rollout_omega"][length] *= n / k
+            diff = float(jnp.max(jnp.abs(per_rollout(*sub) - omega_only(log_ratio, mask)[:k])))
+            log(f"L={length:6d} per-rollout quadratic scaled to {n} rows: "
+                f"{wall['quadratic_per_rollout_omega'][length]:.1f} ms (max |diff| {diff:.1e})")
         if length == args.stages_at:
             stages = stage_timings(x, table, args.groups, args.n_init, args.budget, args.gamma, args.repeats)
             log(f"L={length:6d} stages (each jitted alone): {json.dumps(stages)}")
@@ -246,6 +283,8 @@ def main(argv=None) -> int:
     by_len = lambda d: {str(k): round(v, 3) for k, v in d.items()}  # noqa: E731
     quad_ms = wall["quadratic_omega"]
     speedup = lambda key: {str(k): round(quad_ms[k] / wall[key][k], 2) for k in wall[key] if k in quad_ms}  # noqa
+    per_ms = wall["quadratic_per_rollout_omega"]
+    per_speedup = {str(k): round(per_ms[k] / wall["ours"][k], 2) for k in per_ms}
     lengths = sorted(wall["ours"])
     result = {
         "benchmark": "core_ops",
@@ -256,6 +295,10 @@ def main(argv=None) -> int:
         "budget": args.budget,
         "gamma": args.gamma,
         "speedup_vs_quadratic_at_8192": speedup("ours").get("8192"),
+        "speedup_vs_per_rollout_quadratic_at_8192": per_speedup.get("8192"),
+        "omega_only_speedup_vs_quadratic_at_8192": speedup("ours_omega_only").get("8192"),
+        "quadratic_per_rollout_ms": by_len(per_ms),
+        "speedup_vs_per_rollout_quadratic": per_speedup,
         "ours_ms": by_len(wall["ours"]),
         "quadratic_ms": by_len(quad_ms),
         "speedup_vs_quadratic": speedup("ours"),
@@ -269,7 +312,9 @@ def main(argv=None) -> int:
         "omega_max_abs_diff_vs_quadratic": {str(k): v for k, v in max_diff.items()},
         "ours_includes": "candidate mask + future values + branching scores + selection + APPO advantages + "
                          "future-KL policy loss with its metrics and k3 KL (256-row batch)",
-        "quadratic_includes": "Omega only (decay matrix + matmul + clip), 128 rows",
+        "quadratic_includes": "Omega only (decay matrix + matmul + clip), 128 rows, one shared matrix",
+        "quadratic_per_rollout_includes": f"Omega only, one L x L matrix per rollout (official structure), "
+                                          f"timed on {args.per_rollout_rows} rows and scaled to {n}",
         "repeats": {"ours": args.repeats, "quadratic": args.quadratic_repeats},
         "device": f"{device.device_kind} ({device.platform}) x{jax.device_count()}",
         "host_cpus": os.cpu_count(),
