@@ -1,0 +1,118 @@
+"""CLI: ``appo-jax train`` and ``appo-jax eval`` (wired into ``appo_jax.cli`` through :func:`register`).
+
+    appo-jax train --config experiments/appo_qwen2.5_7b.py [--set optimizer.lr=2e-6 ...] [--resume] [--workdir DIR]
+    appo-jax eval --model smollm2-135m-instruct --benchmarks gsm8k,hotpotqa [--limit 20] [--runs 5]
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def _train(args) -> int:
+    from appo_jax.training.checkpoint import CheckpointError
+    from appo_jax.training.config import apply_overrides, load_config
+    from appo_jax.training.trainer import Trainer, TrainingError
+
+    cfg = apply_overrides(load_config(args.config), args.set or [])
+    if args.workdir:
+        cfg.workdir = args.workdir
+    try:
+        trainer = Trainer(cfg, workdir=cfg.workdir, resume=args.resume)
+        try:
+            summary = trainer.run()
+        finally:
+            trainer.close()
+    except (TrainingError, CheckpointError) as err:
+        print(f"appo-jax train: error: {err}", file=sys.stderr)
+        return 1
+    print(format_summary(summary))
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable end-of-run report: what changed over training and where the outputs are."""
+    lines = [f"== {summary['experiment']} ({summary['algorithm']}): {summary['iterations']} iterations =="]
+    if "sft_loss" in summary:
+        s = summary["sft_loss"]
+        lines.append(f"cold-start SFT loss: {s['first']:.3f} -> {s['last']:.3f}")
+    names = {"reward/mean": "reward (mean of initial rollouts)", "reward/accuracy": "answer accuracy",
+             "response/length": "response length (tokens)", "tools/calls_per_rollout": "tool calls per rollout",
+             "branch/count": "branch rollouts per iteration", "train/kl": "KL to reference",
+             "train/loss": "policy loss"}
+    for key, label in names.items():
+        t = summary["trends"].get(key)
+        if t:
+            lines.append(f"{label:34s} first {t['first']:.4g}  last {t['last']:.4g}  mean {t['mean']:.4g}")
+    rewards = summary.get("reward_per_iteration") or []
+    if 0 < len(rewards) <= 30:
+        lines.append("reward per iteration: " + " ".join("-" if r is None else f"{r:.3g}" for r in rewards))
+    lines.append(f"metrics:     {summary['metrics']}")
+    lines.append(f"tensorboard: tensorboard --logdir {summary['tensorboard']}")
+    lines.append(f"checkpoints: {summary['checkpoints']} (steps {summary['checkpoint_steps']})")
+    for path in summary.get("rollout_dumps", [])[-1:]:
+        lines.append(f"rollout dump (open in a browser): {path}")
+    return "\n".join(lines)
+
+
+def _eval(args) -> int:
+    from appo_jax.training.config import ExperimentConfig, RolloutSection
+    from appo_jax.training.evaluation import evaluate_pass1, markdown_table
+    from appo_jax.training.trainer import build_tools, load_policy
+
+    cfg = ExperimentConfig()
+    cfg.model.name = args.model
+    cfg.model.tokenizer = args.tokenizer or ""
+    cfg.model.dtype = args.dtype
+    cfg.rollout = RolloutSection(max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
+                                 tool_call_limit=args.tool_call_limit, num_slots=args.num_slots)
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    if not names:
+        raise ValueError("--benchmarks is empty; give a comma-separated list such as gsm8k,hotpotqa")
+    from appo_jax.data import get_spec
+    for name in names:
+        get_spec(name)  # unknown benchmark -> ValueError listing the datasets
+    model_config, params, tokenizer = load_policy(cfg)
+    tools = build_tools(cfg)
+    try:
+        results = evaluate_pass1(model_config, params, tokenizer, tools, names, limit=args.limit, runs=args.runs,
+                                 rollout=cfg.rollout, data_dir=args.data_dir or "", seed=args.seed,
+                                 system_prompt=args.system_prompt or "")
+    finally:
+        tools.close()
+    engine = results.pop("_engine")
+    engine.close()
+    counts = results.pop("_counts")
+    print(markdown_table(results, counts, args.runs))
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add the ``train`` and ``eval`` subcommands."""
+    p = subparsers.add_parser("train", help="train a policy with APPO / GRPO / DAPO / ARPO / AEPO / Tree-GRPO",
+                              description="Run an experiment config (a Python file exposing get_config()).")
+    p.add_argument("--config", required=True, help="experiment file, e.g. experiments/demo_cpu.py")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optimizer.lr=1e-5 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workdir")
+    p.add_argument("--workdir", help="output directory (default: the config's workdir)")
+    p.set_defaults(func=_train)
+
+    e = subparsers.add_parser("eval", help="pass@1 of a model on benchmarks (markdown table)",
+                              description="Evaluate pass@1 with temperature 0.6 / top_p 0.95.")
+    e.add_argument("--model", required=True, help="smollm2-135m-instruct, a .gguf file, an HF dir or a preset")
+    e.add_argument("--benchmarks", required=True, help="comma-separated, e.g. gsm8k,hotpotqa,aime24")
+    e.add_argument("--limit", type=int, default=None, help="first K questions of each benchmark")
+    e.add_argument("--runs", type=int, default=5, help="runs per question (pass@1 averages them)")
+    e.add_argument("--tokenizer", help="tokenizer source for a random preset")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    e.add_argument("--max-prompt-len", type=int, default=2048)
+    e.add_argument("--max-response-len", type=int, default=2048)
+    e.add_argument("--tool-call-limit", type=int, default=3)
+    e.add_argument("--num-slots", type=int, default=32)
+    e.add_argument("--system-prompt", help="replace the benchmark prompts' system prompt")
+    e.add_argument("--data-dir", help="raw data directory (default: the shared data)")
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=_eval)
+

