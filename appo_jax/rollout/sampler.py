@@ -1,0 +1,573 @@
+"""The jitted slot sampler: token-in / token-out generation with per-token behaviour log-prob and exact entropy.
+
+A `Sampler` owns ``num_slots`` generation slots, the rows of one KV cache of ``max_len`` slots per row. Each slot
+holds a token sequence ``seq`` (prompt, generated tokens, appended tool results, ...). Invariant between calls:
+the cache holds ``seq[:-1]`` (the RoPE position of token i is i: padding never counts) and the last token
+``seq[-1]`` is *pending*: the next decode step feeds it and samples from the logits it produces. Hence
+
+* ``start(slots, prefixes, keys)`` resets rows and prefills ``prefix[:-1]`` (any token prefix: a prompt, or a
+  branch's ``prompt + response[: t + 1]``);
+* ``append(slots, tokens)`` puts external tokens (tool results) into a slot's context: it forwards
+  ``[pending] + tokens[:-1]``, nothing is sampled or recorded;
+* ``decode(active, max_new)`` runs an on-device `lax.while_loop` of at most ``decode_chunk`` steps per call over
+  all rows (inactive / finished rows have ``token_mask = False`` and do not move, see MODEL_CONTRACT), repeated
+  from the host until each active slot has ``max_new`` new tokens or stopped;
+* rolling back ``d`` tokens is ``end -= d`` plus invalidating the slots past the new end: no recomputation.
+
+Attention cost is kept proportional to the slots in use, not to ``max_len``: each jitted call works on the
+first W slots of the cache rows (W a power of two covering every writing row's end plus its new tokens; the
+slots beyond W are left untouched, rows beyond W only idle in that call).
+
+Prefill is chunked: a batch of rows is left-padded to a common length and forwarded in pieces of
+``prefill_chunk`` tokens, the first piece rounded up to a power of two (>= 16) (`prefill_pieces`); a row with no
+real token in a piece does not move, so a row uses the cache slots of the pieces it has tokens in, padding
+included. Subsets of rows are gathered from the cache, run, and scattered back, so filling one slot costs one
+row.
+
+Stopping, checked per slot: EOS ids (on device, the EOS token is kept as the last new token); stop strings (on
+the host between device chunks: the slot's text generated since its last start/append is decoded with
+``detokenize`` and searched; the kept tokens end with the token that completes the stop string — any text that
+token carries after the stop string stays — and the overshoot tokens of that chunk are dropped and rolled back,
+so the cache equals a cache that never saw them); ``max_new``; a full cache row (CHUNK_LENGTH).
+
+Randomness: the token at sequence index p of a slot is drawn with ``fold_in(slot_key, p)``, so it depends only on
+the slot's key and its context length, not on other slots or on how the calls were chunked: continuing a slot
+started from ``prompt + generated[:k]`` with the same key reproduces the from-scratch generation.
+
+What is recorded per generated token (log-prob of the chosen token and the full-vocabulary entropy, float32, of
+softmax(logits / T); T = 1 for greedy; top-k / top-p only restrict the draw): see `appo_jax.rollout.sampling`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from appo_jax.models.config import ModelConfig
+from appo_jax.models.decoder import forward
+from appo_jax.models.kv_cache import KVCache, init_cache
+from appo_jax.rollout.sampling import SamplingParams, select_tokens
+
+# Per-slot outcome of a `Sampler.decode` call (values shared with `appo_jax.rollout.policy`).
+CHUNK_RUNNING = 0  # produced max_new tokens without stopping (or the slot was inactive)
+CHUNK_STOP = 1     # the generated text completed a stop string (its last token is the last new token)
+CHUNK_EOS = 2      # produced an EOS token (kept as the last new token)
+CHUNK_LENGTH = 3   # the slot's cache row is full
+FINISH_REASONS = {CHUNK_RUNNING: "length", CHUNK_STOP: "stop", CHUNK_EOS: "eos", CHUNK_LENGTH: "length"}
+
+_MIN_PREFILL_BUCKET = 16
+
+
+@dataclasses.dataclass
+class DecodeChunk:
+    """Result of one `Sampler.decode` call over ``S`` slots: ``tokens`` int32 ``[S, K]``, ``logprobs`` /
+    ``entropies`` float32 ``[S, K]`` (K = the largest max_new of the call); the first ``num_new[s]`` entries of
+    row s are its new tokens, the rest is 0. ``finish`` int32 ``[S]`` holds CHUNK_* codes."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    entropies: np.ndarray
+    num_new: np.ndarray
+    finish: np.ndarray
+
+
+@dataclasses.dataclass
+class Generation:
+    """One finished generation: generated ``token_ids`` with float32 ``logprobs`` / ``entropies`` (same length)
+    and ``finish_reason`` in {"eos", "stop", "length"}."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]
+    logprobs: np.ndarray
+    entropies: np.ndarray
+    finish_reason: str
+
+
+# ----------------------------------------------------------------------------------------------- jitted parts
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _reset_rows(cache: KVCache, rows: jax.Array) -> KVCache:
+    return cache.reset_rows(rows)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _truncate_rows(cache: KVCache, rows: jax.Array, new_end: jax.Array) -> KVCache:
+    """Roll rows back to ``new_end`` (bool rows [B], int32 new_end [B]): slots >= new_end become invalid."""
+    cut = rows[:, None] & (jnp.arange(cache.max_len, dtype=jnp.int32)[None, :] >= new_end[:, None])
+    return cache.replace(valid=cache.valid & ~cut, end=jnp.where(rows, new_end, cache.end).astype(jnp.int32))
+
+
+def _window(cache: KVCache, window: int) -> KVCache:
+    """The first ``window`` slots of every row (static size); rows whose end lies beyond it must not write."""
+    if window >= cache.max_len:
+        return cache
+    return KVCache(k=cache.k[:, :, :window], v=cache.v[:, :, :window], valid=cache.valid[:, :window],
+                   end=cache.end)
+
+
+def _merge_window(cache: KVCache, sub: KVCache, rows=None) -> KVCache:
+    """Write ``sub`` (rows ``rows`` of the first sub.max_len slots of ``cache``, all rows if None) back."""
+    window = sub.max_len
+    if rows is None:
+        if window >= cache.max_len:
+            return sub
+        return KVCache(k=cache.k.at[:, :, :window].set(sub.k), v=cache.v.at[:, :, :window].set(sub.v),
+                       valid=cache.valid.at[:, :window].set(sub.valid), end=sub.end)
+    return KVCache(
+        k=cache.k.at[:, rows, :window].set(sub.k, mode="drop"),
+        v=cache.v.at[:, rows, :window].set(sub.v, mode="drop"),
+        valid=cache.valid.at[rows, :window].set(sub.valid, mode="drop"),
+        end=cache.end.at[rows].set(sub.end, mode="drop"),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "window"), donate_argnames=("cache",))
+def _extend_all(params, cache, tokens, positions, mask, *, config: ModelConfig, window: int) -> KVCache:
+    """Write tokens [B, T] (mask False = padding; rows without a real token stay put) into the cache; attention
+    runs over the first ``window`` slots (every writing row has end + T <= window)."""
+    _, sub = forward(params, tokens, positions, config=config, token_mask=mask, cache=_window(cache, window),
+                     return_hidden=True)
+    return _merge_window(cache, sub)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "window"), donate_argnames=("cache",))
+def _extend_rows(params, cache, rows, tokens, positions, mask, *, config: ModelConfig, window: int) -> KVCache:
+    """`_extend_all` on the cache rows ``rows`` [R] only (gather, forward, scatter); row ids >= B are padding
+    (their writes are dropped)."""
+    part = _window(cache, window)
+    sub = KVCache(k=jnp.take(part.k, rows, axis=1, mode="clip"), v=jnp.take(part.v, rows, axis=1, mode="clip"),
+                  valid=jnp.take(part.valid, rows, axis=0, mode="clip"),
+                  end=jnp.take(part.end, rows, axis=0, mode="clip"))
+    _, sub = forward(params, tokens, positions, config=config, token_mask=mask, cache=sub, return_hidden=True)
+    return _merge_window(cache, sub, rows)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "sampling", "eos_ids", "num_steps", "window"), donate_argnames=("cache",)
+)
+def _decode_loop(params, cache, keys, tokens, positions, budget, *, config: ModelConfig,
+                 sampling: SamplingParams, eos_ids: tuple[int, ...], num_steps: int, window: int):
+    """Up to ``num_steps`` decode steps for all rows, on device.
+
+    Row b runs while its count n_b < budget[b] and it has not produced an EOS id: each step feeds its pending
+    token ``tokens[b]`` at RoPE position ``positions[b]`` (writing it into the cache) and draws the next token
+    with key fold_in(keys[b], positions[b] + 1). Attention runs over the first ``window`` cache slots (every row
+    with budget > 0 has end + budget <= window). Returns (cache, out_tokens int32 [B, num_steps], out_logprobs,
+    out_entropies float32 [B, num_steps] (row b's first n_b columns are its new tokens), n int32 [B],
+    hit_eos bool [B]).
+    """
+    full_cache, cache = cache, _window(cache, window)
+    batch = tokens.shape[0]
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    base_keys = jax.random.wrap_key_data(keys)
+
+    def cond(carry):
+        return (carry["step"] < num_steps) & jnp.any(carry["running"])
+
+    def body(carry):
+        running, step = carry["running"], carry["step"]
+        logits, new_cache = forward(params, carry["tok"][:, None], carry["pos"][:, None], config=config,
+                                    token_mask=running[:, None], cache=carry["cache"])
+        next_pos = carry["pos"] + 1
+        step_keys = jax.vmap(jax.random.fold_in)(base_keys, next_pos)
+        tok, logp, ent = select_tokens(logits[:, 0], step_keys, sampling)
+        n = carry["n"] + running.astype(jnp.int32)
+        is_eos = running & jnp.any(tok[:, None] == eos[None, :], axis=-1) if eos_ids else jnp.zeros_like(running)
+
+        def put(buf, value):
+            column = jnp.where(running, value, jnp.zeros_like(value))
+            return jax.lax.dynamic_update_slice_in_dim(buf, column[:, None].astype(buf.dtype), step, axis=1)
+
+        return {
+            "step": step + 1,
+            "cache": new_cache,
+            "tok": jnp.where(running, tok, carry["tok"]),
+            "pos": jnp.where(running, next_pos, carry["pos"]),
+            "n": n,
+            "running": running & ~is_eos & (n < budget),
+            "eos": carry["eos"] | is_eos,
+            "out_tok": put(carry["out_tok"], tok),
+            "out_lp": put(carry["out_lp"], logp),
+            "out_ent": put(carry["out_ent"], ent),
+        }
+
+    init = {
+        "step": jnp.int32(0),
+        "cache": cache,
+        "tok": tokens,
+        "pos": positions,
+        "n": jnp.zeros((batch,), jnp.int32),
+        "running": budget > 0,
+        "eos": jnp.zeros((batch,), jnp.bool_),
+        "out_tok": jnp.zeros((batch, num_steps), jnp.int32),
+        "out_lp": jnp.zeros((batch, num_steps), jnp.float32),
+        "out_ent": jnp.zeros((batch, num_steps), jnp.float32),
+    }
+    out = jax.lax.while_loop(cond, body, init)
+    return _merge_window(full_cache, out["cache"]), out["out_tok"], out["out_lp"], out["out_ent"], out["n"], out["eos"]
+
+
+# ------------------------------------------------------------------------------------------------ host helpers
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def prefill_pieces(num_tokens: int, prefill_chunk: int) -> list[int]:
+    """Piece lengths used to prefill ``num_tokens`` (left-padded) tokens: the remainder first, rounded up to a
+    power of two in [16, prefill_chunk], then full ``prefill_chunk`` pieces. [] for 0 tokens."""
+    full, rest = divmod(int(num_tokens), prefill_chunk)
+    first = [min(prefill_chunk, _pow2_at_least(max(rest, _MIN_PREFILL_BUCKET)))] if rest else []
+    return first + [prefill_chunk] * full
+
+
+def _slots_consumed(num_tokens: int, pieces: Sequence[int]) -> int:
+    """Cache slots a row with ``num_tokens`` right-aligned real tokens uses: every piece it has a token in."""
+    total, used, col = sum(pieces), 0, 0
+    for length in pieces:
+        if col + length > total - num_tokens and num_tokens > 0:
+            used += length
+        col += length
+    return used
+
+
+def _key_data(key) -> np.ndarray:
+    """uint32 [2] data of a threefry PRNG key (typed `jax.random.key` or raw `jax.random.PRNGKey`)."""
+    arr = key
+    if hasattr(arr, "dtype") and jax.dtypes.issubdtype(arr.dtype, jax.dtypes.prng_key):
+        arr = jax.random.key_data(arr)
+    data = np.asarray(arr)
+    if data.shape != (2,) or data.dtype != np.uint32:
+        raise ValueError(
+            f"a slot key must be one threefry PRNG key (jax.random.key(s) or jax.random.PRNGKey(s)); got an array "
+            f"of shape {data.shape} and dtype {data.dtype}"
+        )
+    return data
+
+
+# ------------------------------------------------------------------------------------------------------ Sampler
+class Sampler:
+    """Slot-batched sampler over one KV cache (module doc). Not thread-safe; one caller drives it.
+
+    Args: model ``config`` and ``params`` (plain pytree, possibly sharded); ``num_slots`` rows; ``max_len``
+    cache slots per row (prompt + generated + appended tokens + prefill padding must fit); ``sampling``;
+    ``stop_strings`` (need ``detokenize``: list of ids -> str); ``eos_token_ids`` (default config's);
+    ``decode_chunk`` device steps per `lax.while_loop` call; ``prefill_chunk`` tokens per prefill piece;
+    ``min_attention_window``: each call attends over only the first W slots of the rows, W the smallest power of
+    two >= this (and >= the slots the call's writing rows can reach), or the whole row (None: always the whole
+    row). W is a static shape: at most log2(max_len / min_attention_window) + 1 compiled variants per function.
+    ``mesh``: place the cache with `appo_jax.parallel.rules.cache_shardings` (rows over data x fsdp, kv heads
+    over tensor where they divide); params are used as given (e.g. from ``load_model(..., mesh=mesh)``).
+    """
+
+    def __init__(self, config: ModelConfig, params, *, num_slots: int, max_len: int,
+                 sampling: SamplingParams = SamplingParams(), stop_strings: Sequence[str] = (),
+                 detokenize: Callable[[list[int]], str] | None = None,
+                 eos_token_ids: Sequence[int] | None = None, decode_chunk: int = 32, prefill_chunk: int = 512,
+                 min_attention_window: int | None = 256, mesh: jax.sharding.Mesh | None = None):
+        if num_slots < 1:
+            raise ValueError(f"Sampler num_slots must be >= 1, got {num_slots}")
+        if max_len < 2:
+            raise ValueError(f"Sampler max_len must be >= 2, got {max_len}")
+        if decode_chunk < 1 or prefill_chunk < 1:
+            raise ValueError(f"decode_chunk and prefill_chunk must be >= 1, got {decode_chunk}, {prefill_chunk}")
+        if min_attention_window is not None and min_attention_window < 1:
+            raise ValueError(f"min_attention_window must be >= 1 or None, got {min_attention_window}")
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        stop_strings = tuple(stop_strings)
+        if any(not isinstance(s, str) or not s for s in stop_strings):
+            raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
+        if stop_strings and detokenize is None:
+            raise ValueError("stop_strings need a detokenize function (token ids -> text)")
+        self.config = config
+        self.params = params
+        self.num_slots = int(num_slots)
+        self.max_len = int(max_len)
+        self.sampling = sampling
+        self.stop_strings = stop_strings
+        self.detokenize = detokenize
+        eos = config.eos_token_ids if eos_token_ids is None else eos_token_ids
+        self.eos_token_ids = tuple(int(t) for t in eos)
+        self.decode_chunk = int(decode_chunk)
+        self.prefill_chunk = int(prefill_chunk)
+        self.min_attention_window = min_attention_window
+        # tokens a stop string can span: each token decodes to >= 1 character, with slack for byte tokens
+        self._stop_lookback = 2 * max((len(s) for s in stop_strings), default=0) + 8
+        self._cache = init_cache(config, self.num_slots, self.max_len)
+        if mesh is not None:
+            from appo_jax.parallel.rules import cache_shardings
+
+            self._cache = jax.device_put(self._cache, cache_shardings(self._cache, mesh))
+        self._keys = np.zeros((self.num_slots, 2), np.uint32)
+        self._seq: list[list[int] | None] = [None] * self.num_slots
+        self._end = np.zeros(self.num_slots, np.int64)       # host mirror of cache.end
+        self._cached = np.zeros(self.num_slots, np.int64)    # real tokens in the cache (= len(seq) - 1)
+        self._turn: list[list[int]] = [[] for _ in range(self.num_slots)]  # generated since last start/append
+        self._checked = np.zeros(self.num_slots, np.int64)   # turn tokens already searched for stop strings
+
+    # -------------------------------------------------------------------------------------------- inspection
+    def set_params(self, params) -> None:
+        """Use new policy weights for later calls (same tree structure, shapes and dtypes: no recompile)."""
+        self.params = params
+
+    def sequence(self, slot: int) -> list[int]:
+        """A copy of slot ``slot``'s full token sequence (prefix, generated and appended tokens)."""
+        return list(self._require_started(slot))
+
+    def free_cache_slots(self, slot: int) -> int:
+        """Cache slots left in row ``slot`` (each generated token uses one)."""
+        return int(self.max_len - self._end[self._check_slot(slot)])
+
+    @property
+    def cache(self) -> KVCache:
+        return self._cache
+
+    # ----------------------------------------------------------------------------------------- start / append
+    def start(self, slots: Sequence[int], prefixes: Sequence[Sequence[int]], keys: Sequence) -> None:
+        """Reset each slot ``slots[i]`` and fill it with the non-empty token prefix ``prefixes[i]``; its later
+        tokens are drawn with the PRNG key ``keys[i]`` (module doc: token at index p uses fold_in(key, p))."""
+        slots = self._check_slots(slots, "start")
+        if not (len(prefixes) == len(keys) == len(slots)):
+            raise ValueError(f"start: got {len(slots)} slots, {len(prefixes)} prefixes and {len(keys)} keys")
+        seqs = [self._check_tokens(p, f"start: prefix for slot {s}") for s, p in zip(slots, prefixes)]
+        for s, seq in zip(slots, seqs):
+            if not seq:
+                raise ValueError(f"start: the prefix for slot {s} is empty (it needs at least one token)")
+        key_data = [_key_data(k) for k in keys]
+        # check capacity before touching any state
+        self._plan([len(seq) - 1 for seq in seqs], [0] * len(slots), slots, "start")
+        rows = np.zeros(self.num_slots, bool)
+        rows[slots] = True
+        self._cache = _reset_rows(self._cache, jnp.asarray(rows))
+        for s, seq, kd in zip(slots, seqs, key_data):
+            self._seq[s] = list(seq)
+            self._keys[s] = kd
+            self._end[s] = 0
+            self._cached[s] = 0
+            self._turn[s] = []
+            self._checked[s] = 0
+        self._fill(slots)
+
+    def append(self, slots: Sequence[int], tokens: Sequence[Sequence[int]]) -> None:
+        """Append ``tokens[i]`` to slot ``slots[i]`` as context (not sampled, nothing recorded). The slot's next
+        token is then sampled after them."""
+        slots = self._check_slots(slots, "append")
+        if len(tokens) != len(slots):
+            raise ValueError(f"append: got {len(slots)} slots and {len(tokens)} token lists")
+        new = [self._check_tokens(t, f"append: tokens for slot {s}") for s, t in zip(slots, tokens)]
+        for s in slots:
+            self._require_started(s)
+        self._plan([len(self._seq[s]) - 1 + len(t) - self._cached[s] for s, t in zip(slots, new)],
+                   [self._end[s] for s in slots], slots, "append")
+        for s, t in zip(slots, new):
+            self._seq[s].extend(t)
+            self._turn[s] = []
+            self._checked[s] = 0
+        self._fill(slots)
+
+    def _plan(self, lengths: list[int], ends: list[int], slots: list[int], what: str) -> list[int]:
+        pieces = prefill_pieces(max(lengths, default=0), self.prefill_chunk)
+        for s, n, end in zip(slots, lengths, ends):
+            need = end + _slots_consumed(n, pieces)
+            if need > self.max_len:
+                raise ValueError(
+                    f"{what}: slot {s} needs {need} cache slots ({end} used + {n} tokens + prefill padding) but "
+                    f"the cache has max_len={self.max_len}; create the Sampler with a larger max_len"
+                )
+        return pieces
+
+    def _fill(self, slots: list[int]) -> None:
+        """Forward each slot's tokens seq[cached:-1] into its cache row, in prefill pieces."""
+        todo = [(s, self._seq[s][self._cached[s]: len(self._seq[s]) - 1]) for s in slots]
+        todo = [(s, t) for s, t in todo if t]
+        if not todo:
+            return
+        lengths = [len(t) for _, t in todo]
+        pieces = self._plan(lengths, [self._end[s] for s, _ in todo], [s for s, _ in todo], "fill")
+        total = sum(pieces)
+        num_rows = _pow2_at_least(len(todo))
+        all_rows = num_rows >= self.num_slots
+        height = self.num_slots if all_rows else num_rows
+        tokens = np.zeros((height, total), np.int32)
+        positions = np.zeros((height, total), np.int32)
+        mask = np.zeros((height, total), bool)
+        row_ids = np.full(height, self.num_slots, np.int32)  # padding rows: out of range, writes dropped
+        for i, (s, t) in enumerate(todo):
+            r = s if all_rows else i
+            row_ids[r] = s
+            tokens[r, total - len(t):] = t
+            positions[r, total - len(t):] = np.arange(self._cached[s], self._cached[s] + len(t))
+            mask[r, total - len(t):] = True
+        window = self._window_for(max(self._end[s] + _slots_consumed(len(t), pieces) for s, t in todo))
+        col = 0
+        for length in pieces:
+            cols = slice(col, col + length)
+            args = (jnp.asarray(tokens[:, cols]), jnp.asarray(positions[:, cols]), jnp.asarray(mask[:, cols]))
+            if all_rows:
+                self._cache = _extend_all(self.params, self._cache, *args, config=self.config, window=window)
+            else:
+                self._cache = _extend_rows(self.params, self._cache, jnp.asarray(row_ids), *args,
+                                           config=self.config, window=window)
+            col += length
+        for s, t in todo:
+            self._end[s] += _slots_consumed(len(t), pieces)
+            self._cached[s] += len(t)
+
+    # ------------------------------------------------------------------------------------------------ decode
+    def decode(self, active, max_new) -> DecodeChunk:
+        """Generate for the slots with ``active[s]`` (bool [S]) until each has ``max_new[s]`` (int [S] or a
+        scalar, >= 1 where active) new tokens or stops at EOS / a stop string / a full cache row (module doc)."""
+        active = np.asarray(active, bool)
+        if active.shape != (self.num_slots,):
+            raise ValueError(f"decode: active must have shape ({self.num_slots},), got {active.shape}")
+        max_new = np.broadcast_to(np.asarray(max_new, np.int64), (self.num_slots,))
+        for s in np.flatnonzero(active):
+            self._require_started(int(s))
+            if max_new[s] < 1:
+                raise ValueError(f"decode: max_new for active slot {s} must be >= 1, got {max_new[s]}")
+        width = int(max_new[active].max()) if active.any() else 0
+        out_tok = np.zeros((self.num_slots, width), np.int32)
+        out_lp = np.zeros((self.num_slots, width), np.float32)
+        out_ent = np.zeros((self.num_slots, width), np.float32)
+        count = np.zeros(self.num_slots, np.int64)
+        finish = np.full(self.num_slots, CHUNK_RUNNING, np.int32)
+        running = active.copy()
+        while True:
+            full = running & (self._end >= self.max_len)
+            finish[full] = CHUNK_LENGTH
+            running &= ~full
+            if not running.any():
+                break
+            budget = np.where(running, np.minimum(np.minimum(max_new - count, self.max_len - self._end),
+                                                  self.decode_chunk), 0)
+            pending = np.array([seq[-1] if seq else 0 for seq in self._seq], np.int32)
+            positions = np.array([len(seq) - 1 if seq else 0 for seq in self._seq], np.int32)
+            self._cache, toks, lps, ents, num, eos = _decode_loop(
+                self.params, self._cache, jnp.asarray(self._keys), jnp.asarray(pending), jnp.asarray(positions),
+                jnp.asarray(budget, jnp.int32), config=self.config, sampling=self.sampling,
+                eos_ids=self.eos_token_ids, num_steps=self.decode_chunk,
+                window=self._window_for(int((self._end + budget)[running].max())))
+            toks, lps, ents, num, eos = jax.device_get((toks, lps, ents, num, eos))
+            rollback = np.zeros(self.num_slots, bool)
+            for s in np.flatnonzero(running):
+                k, c = int(num[s]), int(count[s])
+                new = toks[s, :k].tolist()
+                self._seq[s].extend(new)
+                self._turn[s].extend(new)
+                self._end[s] += k
+                self._cached[s] += k
+                out_tok[s, c:c + k], out_lp[s, c:c + k], out_ent[s, c:c + k] = toks[s, :k], lps[s, :k], ents[s, :k]
+                count[s] += k
+                keep = self._find_stop(s)
+                if keep is not None:
+                    drop = len(self._turn[s]) - keep
+                    if drop:
+                        del self._seq[s][-drop:], self._turn[s][-drop:]
+                        self._end[s] -= drop
+                        self._cached[s] -= drop
+                        count[s] -= drop
+                        out_tok[s, count[s]:], out_lp[s, count[s]:], out_ent[s, count[s]:] = 0, 0, 0
+                        rollback[s] = True
+                    self._checked[s] = len(self._turn[s])
+                    finish[s], running[s] = CHUNK_STOP, False
+                elif eos[s]:
+                    finish[s], running[s] = CHUNK_EOS, False
+                elif count[s] >= max_new[s]:
+                    running[s] = False
+            if rollback.any():
+                self._cache = _truncate_rows(self._cache, jnp.asarray(rollback),
+                                             jnp.asarray(self._end, jnp.int32))
+        return DecodeChunk(out_tok, out_lp, out_ent, count.astype(np.int32), finish)
+
+    def _window_for(self, need: int) -> int:
+        """Attention window (static) covering ``need`` slots: a power of two >= min_attention_window, or the
+        whole row."""
+        if self.min_attention_window is None:
+            return self.max_len
+        window = max(self.min_attention_window, _pow2_at_least(need))
+        return self.max_len if window >= self.max_len else window
+
+    def _find_stop(self, s: int) -> int | None:
+        """Smallest j > checked such that the text of turn[:j] completes a stop string that ends after the text
+        of turn[:checked]; None if the new tokens complete none (then checked = len(turn))."""
+        turn, checked = self._turn[s], int(self._checked[s])
+        if not self.stop_strings or len(turn) == checked:
+            return None
+        lo = max(0, checked - self._stop_lookback)
+        old_len = len(self.detokenize(turn[lo:checked])) if checked > lo else 0
+
+        def completes(j: int) -> bool:
+            text = self.detokenize(turn[lo:j])
+            return any(text.find(stop, max(0, old_len - len(stop) + 1)) >= 0 for stop in self.stop_strings)
+
+        if completes(len(turn)):
+            return next(j for j in range(checked + 1, len(turn) + 1) if completes(j))
+        self._checked[s] = len(turn)
+        return None
+
+    # ------------------------------------------------------------------------------------------------ checks
+    def _check_slot(self, slot) -> int:
+        if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)) or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot!r} is not in [0, {self.num_slots})")
+        return int(slot)
+
+    def _check_slots(self, slots, what: str) -> list[int]:
+        slots = [self._check_slot(s) for s in slots]
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"{what}: slots must be distinct, got {slots}")
+        return slots
+
+    def _require_started(self, slot) -> list[int]:
+        seq = self._seq[self._check_slot(slot)]
+        if seq is None:
+            raise ValueError(f"slot {slot} was never started (call Sampler.start first)")
+        return seq
+
+    def _check_tokens(self, tokens, what: str) -> list[int]:
+        arr = np.asarray(tokens)
+        if arr.size and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"{what} must be a flat sequence of int token ids")
+        if arr.size and (arr.min() < 0 or arr.max() >= self.config.vocab_size):
+            raise ValueError(f"{what} has token ids outside [0, {self.config.vocab_size})")
+        return arr.astype(np.int64).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------- generate
+def cache_len_for(prompt_lens: Sequence[int], max_new_tokens: int, prefill_chunk: int = 512,
+                  multiple: int = 64) -> int:
+    """Cache slots per row that fit a batch prefill of these prompts plus ``max_new_tokens`` (rounded up to a
+    multiple of ``multiple`` so that nearby sizes share compiled code)."""
+    pieces = prefill_pieces(max(prompt_lens) - 1, prefill_chunk)
+    need = max(_slots_consumed(n - 1, pieces) for n in prompt_lens) + max_new_tokens
+    return -(-max(need, 2) // multiple) * multiple
+
+
+def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, key,
+             sampling: SamplingParams = SamplingParams(), stop_strings: Sequence[str] = (),
+             detokenize: Callable[[list[int]], str] | None = None, eos_token_ids: Sequence[int] | None = None,
+             decode_chunk: int = 32, mesh: jax.sharding.Mesh | None = None) -> list[Generation]:
+    """Generate for every prompt (non-empty token id lists) in one batch; prompt i uses the slot key
+    fold_in(key, i). Returns one `Generation` per prompt."""
+    if not prompts:
+        raise ValueError("generate: no prompts given")
+    if max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"generate: prompt {i} is empty (it needs at least one token, e.g. BOS)")
+    sampler = Sampler(config, params, num_slots=len(prompts),
+                      max_len=cache_len_for([len(p) for p in prompts], max_new_tokens),
+                      sampling=sampling, stop_strings=stop_strings, detokenize=detokenize,
+                      eos_token_ids=eos_token_ids, decode_chunk=decode_chunk, mesh=mesh)
+    slots = list(range(len(prompts)))
+    sampler.start(slots, prompts, [jax.random.fold_in(key, i) for i in slots])
+    out = sampler.decode(np.ones(len(prompts), bool), max_new_tokens)
+    return [
+        Generation(prompt_ids=list(prompts[i]), token_ids=out.tokens[i, :out.num_new[i]].tolist(),
+                   logprobs=out.logprobs[i, :out.num_new[i]].copy(), entropies=out.entropies[i, :out.num_new[i]].copy(),
+                   finish_reason=FINISH_REASONS[int(out.finish[i])])
+        for i in slots
+    ]

@@ -1,0 +1,299 @@
+"""RolloutEngine: Trajectory assembly, APPO branches from token prefixes, ARPO / AEPO / Tree-GRPO groups, rewards,
+and one end-to-end run on the real jitted sampler with a tiny random model."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from appo_jax.core.trajectory import (FINISH_ANSWER, FINISH_LENGTH, FINISH_TOOL_LIMIT, KIND_BRANCH, KIND_INIT,
+                                      Trajectory)
+from appo_jax.rollout.arpo import ArpoConfig, branch_probability
+from appo_jax.rollout.engine import (PromptItem, RolloutConfig, RolloutEngine, concat_batches,
+                                     concat_trajectories, tree_ids)
+from appo_jax.rollout.tree import expansion_counts, step_nodes
+from appo_jax.tools.result import format_observation
+from test_agent_loop import ScriptedPolicy, cached_query, full_script, obs_runs, prompt_ids, smollm2_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tools():
+    from appo_jax.tools.registry import build_registry
+    reg = build_registry(max_workers=4, search={"top_k": 2, "max_page_chars": 200})
+    yield reg
+    reg.close()
+
+
+def two_prompts(tok):
+    a, b = prompt_ids(tok, "What is six times seven?"), prompt_ids(tok, "What is two plus three?")
+    scripts = {a: full_script(),
+               b: ["<think>add</think>\n<python>print(2+3)</python>", "\n<answer>\\boxed{5}</answer>"]}
+    items = [PromptItem(list(a), ["42"]), PromptItem(list(b), ["5"])]
+    return scripts, items
+
+
+def engine_for(tok, tools, scripts, slots=2, **cfg):
+    base = dict(max_prompt_len=32, max_response_len=320, tool_call_limit=3, num_slots=slots, decode_chunk=4)
+    base.update(cfg)
+    policy = ScriptedPolicy(tok, scripts, num_slots=slots)
+    return RolloutEngine(None, None, tok, tools, RolloutConfig(**base), policy=policy), policy
+
+
+def assert_prefix_equal(traj: Trajectory, row: int, parent_traj: Trajectory, parent: int, end: int):
+    for f in ("tokens", "gen_mask", "obs_mask", "behavior_logp", "entropy"):
+        np.testing.assert_array_equal(getattr(traj, f)[row, :end], getattr(parent_traj, f)[parent, :end], f)
+    np.testing.assert_array_equal(traj.prompt_tokens[row], parent_traj.prompt_tokens[parent])
+
+
+def test_initial_batch_layout_and_rewards(tok, tools):
+    scripts, items = two_prompts(tok)
+    eng, _ = engine_for(tok, tools, scripts)
+    batch = eng.initial_batch(items, n_init=3, key=jax.random.key(0))
+    t = batch.traj
+    assert t.tokens.shape == (6, 320) and t.prompt_tokens.shape == (6, 32)
+    assert t.group_id.tolist() == [0, 0, 0, 1, 1, 1] and (t.kind == KIND_INIT).all()
+    assert (t.parent == -1).all() and (t.branch_pos == -1).all() and t.row_valid.all()
+    assert batch.tree_id.tolist() == list(range(6))
+    for r in range(6):
+        g = r // 3
+        p = items[g].prompt_ids
+        assert t.prompt_tokens[r, 32 - len(p):].tolist() == p and t.prompt_mask[r].sum() == len(p)
+        n = int((t.gen_mask[r] | t.obs_mask[r]).sum())
+        assert not (t.gen_mask[r] | t.obs_mask[r])[n:].any() and (t.tokens[r, n:] == eng.pad_id).all()
+        assert tok.decode(t.tokens[r, :n].tolist()) == batch.texts[r]
+        assert t.finish_reason[r] == FINISH_ANSWER
+        assert t.tool_calls[r] == len(batch.tool_calls[r]) == (2 if g == 0 else 1)
+    # ARPO reward: correct boxed answer; +0.1 when both tools were used (prompt 0 uses python and search)
+    np.testing.assert_allclose(t.reward, [1.1, 1.1, 1.1, 1.0, 1.0, 1.0], atol=1e-6)
+    assert batch.tool_calls[0][1].name == "search" and batch.tool_calls[0][1].input == cached_query()
+
+
+def test_tool_limit_rollout_gets_format_penalty(tok, tools):
+    scripts, items = two_prompts(tok)
+    eng, _ = engine_for(tok, tools, scripts, tool_call_limit=1)
+    t = eng.initial(items[:1], n_init=1, key=jax.random.key(0))
+    assert t.finish_reason[0] == FINISH_TOOL_LIMIT and t.tool_calls[0] == 1
+    assert t.reward[0] == pytest.approx(-1.0)
+
+
+def test_branches_continue_parent_prefix(tok, tools):
+    scripts, items = two_prompts(tok)
+    eng, policy = engine_for(tok, tools, scripts)
+    parents = eng.initial_batch(items, n_init=2, key=jax.random.key(0))
+    pt = parents.traj
+    runs0 = obs_runs(pt.obs_mask[0])
+    (a0, b0), (a1, _) = runs0
+    # (row, t): mid first segment / in the second segment (after one tool result) / the last token of a
+    # completed tool call (the branch must run that call itself) / an invalid slot
+    rows = np.array([[0, 1, 0], [2, 3, 2]])
+    pos = np.array([[5, b0 + 3, a1 - 1], [4, 6, 0]])
+    scores = np.array([[0.5, 0.4, 0.3], [0.2, 0.1, 0.0]], np.float32)
+    valid = np.array([[True, True, True], [True, True, False]])
+    batch = eng.branches_batch(pt, items, rows, pos, scores, valid, jax.random.key(1))
+    t = batch.traj
+    assert t.tokens.shape == (6, 320)
+    assert t.row_valid.tolist() == [True] * 5 + [False] and t.group_id.tolist() == [0, 0, 0, 1, 1, -1]
+    assert t.kind[:5].tolist() == [KIND_BRANCH] * 5
+    assert t.parent[:5].tolist() == [0, 1, 0, 2, 3] and t.branch_pos[:5].tolist() == [5, b0 + 3, a1 - 1, 4, 6]
+    np.testing.assert_allclose(t.branch_score[:5], [0.5, 0.4, 0.3, 0.2, 0.1])
+    assert batch.tree_id.tolist() == [0, 1, 0, 2, 3, -1]
+    for r in range(5):
+        p, end = int(t.parent[r]), int(t.branch_pos[r]) + 1
+        assert_prefix_equal(t, r, pt, p, end)
+        # the scripted policy continues deterministically: the whole branch equals its parent
+        assert_prefix_equal(t, r, pt, p, 320)
+        assert t.finish_reason[r] == FINISH_ANSWER and t.reward[r] == pytest.approx(pt.reward[p])
+        assert [(c.name, c.input, c.output) for c in batch.tool_calls[r]] == \
+            [(c.name, c.input, c.output) for c in parents.tool_calls[p]]
+    # the policy slots were started from prompt + parent prefix (one start per valid branch)
+    starts = [e for e in policy.log if e[0] == "start"]
+    assert len(starts) == 4 + 5
+    assert not t.gen_mask[5].any() and not t.obs_mask[5].any() and t.parent[5] == -1
+    # concat keeps parent pointers into the first batch
+    both = concat_batches(parents, batch)
+    assert both.traj.tokens.shape == (10, 320) and both.traj.parent[4:9].tolist() == [0, 1, 0, 2, 3]
+    assert concat_trajectories(pt, t).kind.tolist() == [0] * 4 + [1] * 6
+    assert len(both.texts) == 10 and both.tree_id[4:9].tolist() == [0, 1, 0, 2, 3]
+
+
+def test_branch_tool_count_continues_from_parent(tok, tools):
+    scripts, items = two_prompts(tok)
+    eng, _ = engine_for(tok, tools, scripts, tool_call_limit=1)
+    parents = eng.initial(items[:1], n_init=1, key=jax.random.key(0))
+    assert parents.finish_reason[0] == FINISH_TOOL_LIMIT
+    (_, b0), = obs_runs(parents.obs_mask[0])
+    t = eng.branches(parents, items, np.array([[0, 0]]), np.array([[3, b0 + 2]]), np.zeros((1, 2)),
+                     np.ones((1, 2), bool), jax.random.key(1))
+    # before the first call: the branch makes it (1 <= limit) and stops at the second; after it: count is 1
+    assert t.finish_reason.tolist() == [FINISH_TOOL_LIMIT, FINISH_TOOL_LIMIT] and t.tool_calls.tolist() == [1, 1]
+    np.testing.assert_array_equal(t.tokens, np.repeat(parents.tokens, 2, axis=0))
+
+
+def test_branch_at_budget_edge_is_length(tok, tools):
+    scripts, items = two_prompts(tok)
+    eng, _ = engine_for(tok, tools, scripts, max_response_len=24)
+    parents = eng.initial(items[:1], n_init=1, key=jax.random.key(0))
+    assert parents.finish_reason[0] == FINISH_LENGTH
+    t = eng.branches(parents, items, np.array([[0]]), np.array([[23]]), np.zeros((1, 1)), np.ones((1, 1), bool),
+                     jax.random.key(1))
+    assert t.finish_reason[0] == FINISH_LENGTH and (t.tokens[0] == parents.tokens[0]).all()
+
+
+def test_branch_probability_formula():
+    cfg = ArpoConfig(alpha=0.5, beta=0.2, beam=2, penalty=0.05)
+    assert branch_probability(0.3, 0.1, 0, cfg) == pytest.approx(0.5 + 0.2 * 0.2)
+    assert branch_probability(0.3, 0.1, 3, cfg) == pytest.approx((0.5 + 0.2 * 0.2) * (1 - 0.15))
+    assert branch_probability(9.0, 0.0, 0, ArpoConfig(penalty=0.0)) == 1.0
+    assert branch_probability(-9.0, 0.0, 0, ArpoConfig()) == 0.0
+    assert branch_probability(0.0, 0.0, 30, cfg) == 0.0
+
+
+def check_group_tree(t: Trajectory, n: int, g: int):
+    rows = range(g * n, (g + 1) * n)
+    for r in rows:
+        assert t.row_valid[r] and t.group_id[r] == g
+        if t.kind[r] == KIND_BRANCH:
+            p = int(t.parent[r])
+            assert g * n <= p < r
+            assert_prefix_equal(t, r, t, p, int(t.branch_pos[r]) + 1)
+
+
+def test_arpo_always_branching_fills_groups_with_branches(tok, tools):
+    scripts, items = two_prompts(tok)
+    eng, _ = engine_for(tok, tools, scripts, arpo_alpha=1.0, arpo_beta=0.0)
+    batch = eng.arpo_batch(items, n=4, n_init=2, key=jax.random.key(0))
+    t = batch.traj
+    assert t.tokens.shape == (8, 320)
+    for g in range(2):
+        check_group_tree(t, 4, g)
+        assert t.kind[g * 4:g * 4 + 2].tolist() == [KIND_INIT] * 2
+        assert t.kind[g * 4 + 2:g * 4 + 4].tolist() == [KIND_BRANCH] * 2
+        for r in range(g * 4 + 2, g * 4 + 4):  # ARPO branches right after a tool result of the parent
+            p, bp = int(t.parent[r]), int(t.branch_pos[r])
+            assert t.obs_mask[p, bp] and not t.obs_mask[p, bp + 1]
+    assert (batch.tree_id[t.kind == KIND_INIT] == np.flatnonzero(t.kind == KIND_INIT)).all()
+    assert (t.reward > 0.9).all()
+
+
+def test_arpo_never_branching_tops_up_with_fresh_rollouts(tok, tools):
+    scripts, items = two_prompts(tok)
+    eng, _ = engine_for(tok, tools, scripts, arpo_alpha=0.0, arpo_beta=0.0)
+    t = eng.arpo(items, n=3, n_init=1, key=jax.random.key(0), variant="aepo")
+    assert t.row_valid.all() and (t.kind == KIND_INIT).all() and (t.parent == -1).all()
+    assert t.group_id.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_tree_grpo_expands_step_nodes(tok, tools):
+    scripts, items = two_prompts(tok)
+    eng, _ = engine_for(tok, tools, scripts, tree_rounds=2)
+    batch = eng.tree_batch(items, n=5, n_init=2, key=jax.random.key(0))
+    t = batch.traj
+    assert expansion_counts(5, 2) == [2, 1]
+    for g in range(2):
+        check_group_tree(t, 5, g)
+        base = g * 5
+        assert t.kind[base:base + 2].tolist() == [KIND_INIT] * 2 and (t.kind[base + 2:base + 5] == 1).all()
+        for r in range(base + 2, base + 5):  # expansions start right after a complete tool step of the parent
+            p, bp = int(t.parent[r]), int(t.branch_pos[r])
+            assert bp in step_nodes(t.obs_mask[p], 320)
+        roots = batch.tree_id[base:base + 5]
+        assert sorted(set(roots.tolist())) == [base, base + 1]
+        assert sorted(np.bincount(roots - base).tolist()) == [2, 3]
+    np.testing.assert_array_equal(batch.tree_id, tree_ids(t.parent, t.row_valid))
+
+
+def test_bad_input_is_reported(tok, tools):
+    scripts, items = two_prompts(tok)
+    eng, _ = engine_for(tok, tools, scripts, max_prompt_len=4)
+    with pytest.raises(ValueError, match="max_prompt_len"):
+        eng.initial(items, 1, jax.random.key(0))
+    with pytest.raises(ValueError, match="max_response_len"):
+        RolloutConfig(max_response_len=0)
+
+
+# ---------------------------------------------------------------------------------------- real sampler, tiny
+def test_real_sampler_end_to_end(tok, tools):
+    """A tiny random model on the jitted sampler: behaviour log-probs equal a full forward's log-probs, also
+    after a tool result appended to the cache (a branch whose prefix ends with a completed python call)."""
+    from appo_jax.models.decoder import init_params
+    from appo_jax.models.presets import get_config
+    from appo_jax.training.logprobs import trajectory_logprobs
+
+    config = dataclasses.replace(get_config("tiny-llama"), vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,),
+                                 pad_token_id=tok.pad_token_id)
+    params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+    cfg = RolloutConfig(max_prompt_len=16, max_response_len=40, tool_call_limit=2, num_slots=2, decode_chunk=8)
+    eng = RolloutEngine(config, params, tok, tools, cfg)
+    items = [PromptItem(list(prompt_ids(tok, "Compute two plus three.")), ["5"])]
+    parents = eng.initial(items, n_init=3, key=jax.random.key(1))
+    assert parents.row_valid.all() and parents.gen_mask.any(axis=1).all()
+    # a parent whose response starts with a complete python call, branched right after the call
+    call = tok.encode("<python>print(2+3)</python>", add_special_tokens=False)
+    k = len(call)
+    p2 = jax.tree_util.tree_map(np.copy, parents)
+    p2.tokens[0, :k] = call
+    p2.gen_mask[0, :] = False
+    p2.gen_mask[0, :k] = True
+    p2.obs_mask[0, :] = False
+    t = eng.branches(p2, items, np.array([[0]]), np.array([[k - 1]]), np.zeros((1, 1)), np.ones((1, 1), bool),
+                     jax.random.key(2))
+    result = tok.encode(format_observation("5"), add_special_tokens=False)
+    assert t.tool_calls[0] == 1 and t.tokens[0, k:k + len(result)].tolist() == result
+    assert t.obs_mask[0, k:k + len(result)].all() and t.gen_mask[0, k + len(result):].any()
+    logprobs = jax.jit(trajectory_logprobs, static_argnames=("config", "chunk"))
+    for traj in (parents, t):
+        lp, _ = logprobs(params, traj, config=config, chunk=16)
+        m = traj.gen_mask & traj.row_valid[:, None]
+        m[:, :k] &= traj.kind[:, None] == KIND_INIT  # the branch's copied prefix was not sampled here
+        np.testing.assert_allclose(np.asarray(lp)[m], traj.behavior_logp[m], atol=2e-4)
+
+    # the CLI's APPO path: recomputed log-probs (Omega ~ constant) -> branch points -> branches -> JSON records
+    from appo_jax.core.candidates import candidate_token_table
+    from appo_jax.rollout.rollout_commands import appo_branch_points, rollout_records
+    init = eng.initial_batch(items, n_init=2, key=jax.random.key(3))
+    rows, pos, scores, valid = (np.asarray(x) for x in appo_branch_points(eng, params, config, init, 1, 2, 1.0))
+    table = candidate_token_table(tok)
+    assert valid.all()
+    for r, p in zip(rows[0], pos[0]):
+        assert init.traj.gen_mask[r, p] and table[init.traj.tokens[r, p]] and p + 1 < cfg.max_response_len
+    branch = eng.branches_batch(init.traj, items, rows, pos, scores, valid, jax.random.key(4))
+    both = concat_batches(init, branch)
+    recs = list(rollout_records(both, ["prompt text"], ["question"]))
+    assert [r["kind"] for r in recs] == ["init", "init", "branch", "branch"]
+    assert [r["parent"] for r in recs] == [-1, -1] + rows[0].tolist()
+    for r in recs:
+        n = len(r["token_ids"])
+        assert len(r["generated_mask"]) == len(r["observation_mask"]) == len(r["logprobs"]) == n
+        assert set(r) >= {"prompt", "text", "token_ids", "generated_mask", "observation_mask", "logprobs",
+                          "entropies", "tool_calls", "reward", "kind", "parent", "branch_position",
+                          "branch_score"}
+    for r in recs[2:]:
+        par = recs[r["parent"]]
+        cut = r["branch_position"] + 1
+        assert r["token_ids"][:cut] == par["token_ids"][:cut] and r["logprobs"][:cut] == par["logprobs"][:cut]
+
+
+def test_branch_inside_stop_string_still_runs_the_tool(tok, tools):
+    """A branch point inside ``</python>`` (the ``python`` token): the stop string straddles the prefix end, which
+    the policy's own stop check (text since the slot's start) cannot see; the loop finds it, runs the tool, and
+    the branch equals its parent."""
+    scripts, items = two_prompts(tok)
+    eng, policy = engine_for(tok, tools, scripts)
+    parents = eng.initial(items[:1], n_init=1, key=jax.random.key(0))
+    a0 = obs_runs(parents.obs_mask[0])[0][0]
+    close = tok.encode("</python>", add_special_tokens=False)
+    assert parents.tokens[0, a0 - len(close):a0].tolist() == close
+    for t in range(a0 - len(close), a0 - 1):  # prefix ends with "</" / "</python"
+        policy.log.clear()
+        b = eng.branches(parents, items, np.array([[0]]), np.array([[t]]), np.zeros((1, 1)), np.ones((1, 1), bool),
+                         jax.random.key(1))
+        assert b.finish_reason[0] == FINISH_ANSWER and b.tool_calls[0] == 2
+        np.testing.assert_array_equal(b.tokens[0], parents.tokens[0])
+        np.testing.assert_array_equal(b.obs_mask[0], parents.obs_mask[0])
