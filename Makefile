@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest tests
 
+# A short APPO run of SmolLM2-135M-Instruct on CPU (cold-start SFT, then APPO on a generated arithmetic tool task);
+# each run gets a fresh workdir under runs/ (a workdir holding checkpoints is only reused with --resume).
+demo: install
+	$(PY) -m appo_jax.cli train --config experiments/demo_cpu.py --workdir runs/demo_cpu_$$(date +%Y%m%d_%H%M%S)
+
 bench: install
 	$(PY) benchmarks/core_ops.py
 

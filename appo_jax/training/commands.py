@@ -10,10 +10,13 @@ import sys
 
 
 def _train(args) -> int:
+    from appo_jax.parallel.multihost import initialize_distributed
     from appo_jax.training.checkpoint import CheckpointError
     from appo_jax.training.config import apply_overrides, load_config
     from appo_jax.training.trainer import Trainer, TrainingError
 
+    # Multi-host (TPU pods): before any other JAX use; a no-op for one process without a coordinator address.
+    initialize_distributed(auto_detect=args.distributed)
     cfg = apply_overrides(load_config(args.config), args.set or [])
     if args.workdir:
         cfg.workdir = args.workdir
@@ -93,6 +96,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a policy with APPO / GRPO / DAPO / ARPO / AEPO / Tree-GRPO",
                               description="Run an experiment config (a Python file exposing get_config()).")
     p.add_argument("--config", required=True, help="experiment file, e.g. experiments/demo_cpu.py")
+    p.add_argument("--distributed", action="store_true",
+                   help="multi-host job (TPU pod): jax.distributed.initialize with cluster auto-detection")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optimizer.lr=1e-5 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workdir")
