@@ -17,6 +17,8 @@ Conventions:
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -102,7 +104,8 @@ def future_kl_weights(logp, old_logp, advantages, mask, *, decay_rate: float = 6
 def _sanitise(logp, old_logp, advantages, mask, *extra):
     """Cast, broadcast, drop non-finite valid tokens from the mask, and zero every masked value.
 
-    Returns ``(logp, old_logp, advantages, mask, nonfinite_count, *extra)`` with all arrays ``[N, L]``;
+    Returns ``(logp, old_logp, advantages, mask, nonfinite, *extra)`` with all arrays ``[N, L]`` (``nonfinite``:
+    the valid tokens dropped for a non-finite value, boolean);
     ``extra`` entries may be None (ignored). The zeroing happens before any arithmetic, so gradients at
     masked positions are exactly 0 and never NaN.
     """
@@ -127,7 +130,7 @@ def _sanitise(logp, old_logp, advantages, mask, *extra):
     for e in extras:
         if e is not None:
             finite = finite & jnp.isfinite(e)
-    nonfinite = jnp.sum(m & ~finite, dtype=jnp.float32)
+    nonfinite = m & ~finite
     m = m & finite
     dtype = lp.dtype
     zero = jnp.zeros((), dtype)
@@ -160,13 +163,25 @@ def aggregate(values, mask, agg: str = "token-mean") -> Array:
     return jnp.sum(jnp.where(has, row_sum, 0.0)) / jnp.maximum(jnp.sum(has, dtype=v.dtype), 1.0)
 
 
-def _masked_stats(x, m):
-    """(mean, min, max) of x over m; all 0 when m is empty."""
-    any_ = jnp.any(m)
-    mean = jnp.sum(jnp.where(m, x, 0.0)) / jnp.maximum(jnp.sum(m, dtype=x.dtype), 1.0)
-    lo = jnp.where(any_, jnp.min(jnp.where(m, x, jnp.inf)), 0.0)
-    hi = jnp.where(any_, jnp.max(jnp.where(m, x, -jnp.inf)), 0.0)
-    return mean, lo, hi
+def _partial_reduce(sums, mins, maxs):
+    """Partial sums / mins / maxs of ``[N, L]`` arrays in one variadic reduction (one fused pass over the
+    tokens instead of one per statistic). Each array is viewed as ``[N, L / k, k]`` (``k = gcd(L, 128)``) and
+    reduced over the middle axis, which keeps ``k`` independent accumulators per row (vectorisable, and a
+    shorter rounding chain than a sequential row sum); returns three lists of ``[N, k]`` arrays that the
+    caller finishes with ``jnp.sum`` / ``min`` / ``max``."""
+    ns, nm = len(sums), len(mins)
+    n, length = sums[0].shape
+    k = math.gcd(length, 128)
+    ops = [x.reshape(n, length // k, k) for x in list(sums) + list(mins) + list(maxs)]
+    inits = [jnp.zeros((), x.dtype) for x in sums] + [jnp.full((), jnp.inf, x.dtype) for x in mins]
+    inits += [jnp.full((), -jnp.inf, x.dtype) for x in maxs]
+
+    def combine(a, b):
+        return tuple([a[i] + b[i] for i in range(ns)] + [jnp.minimum(a[i], b[i]) for i in range(ns, ns + nm)]
+                     + [jnp.maximum(a[i], b[i]) for i in range(ns + nm, len(ops))])
+
+    out = jax.lax.reduce(tuple(ops), tuple(inits), combine, (1,))
+    return list(out[:ns]), list(out[ns:ns + nm]), list(out[ns + nm:])
 
 
 def _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_logp, entropy_coef, entropy):
@@ -246,52 +261,73 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
         tok = jnp.where(adv < 0, jnp.minimum(l3, lc), lc)
         dual = m & (adv < 0) & (lc > l3)
 
+    kl_tok = None if ref is None else kl_penalty(lp, ref, kl_kind)
+    # the metrics (and the per-row dual-clip counts of the row drop) from one fused pass over [N, L] into
+    # [N, k] partials (_partial_reduce), finished below; the loss itself is computed exactly as before
+    sg = jax.lax.stop_gradient
+    dt = lp.dtype
+    zero = jnp.zeros((), dt)
+    r_sg = sg(r)
+    mf = m.astype(dt)
+    sums = [mf, ((adv < 0) & (r_sg < 1.0 - clip_low) & m).astype(dt), ((adv > 0) & (r_sg > hi) & m).astype(dt),
+            dual.astype(dt), jnp.where(m, r_sg, zero), jnp.where(m, -sg(d), zero), nonfinite.astype(dt)]
+    mins, maxs = [jnp.where(m, r_sg, jnp.inf)], [jnp.where(m, r_sg, -jnp.inf)]
+    if w is not None:
+        sums.append(w)  # already 0 off the mask
+        mins.append(jnp.where(m, w, jnp.inf))
+        maxs.append(jnp.where(m, w, -jnp.inf))
+    if ref is not None:
+        sums.append(jnp.where(m, sg(kl_tok), zero))
+    if ent is not None:
+        sums.append(jnp.where(m, sg(ent), zero))
+    row_sums, row_mins, row_maxs = _partial_reduce(sums, mins, maxs)
     final = m
-    rows_with_tokens = jnp.any(m, axis=-1)
-    dropped = jnp.zeros_like(rows_with_tokens)
+    dropped = jnp.zeros(m.shape[:1], bool)
     if mode == "future_kl":
-        dropped = jnp.sum(dual, axis=-1) > 1
+        dropped = jnp.sum(row_sums[3], axis=-1) > 1
         final = m & ~dropped[:, None]
 
     pg = aggregate(tok, final, agg)
     loss = pg
-    kl_mean = jnp.zeros((), lp.dtype)
     if ref is not None:
-        kl_tok = kl_penalty(lp, ref, kl_kind)
-        kl_mean = aggregate(kl_tok, m, "token-mean")
         loss = loss + kl_coef * aggregate(kl_tok, final, agg)
-    ent_mean = jnp.zeros((), lp.dtype)
     if ent is not None:
-        ent_mean = aggregate(jax.lax.stop_gradient(ent), m, "token-mean")
         loss = loss - entropy_coef * aggregate(ent, final, agg)
 
-    frac = lambda x: aggregate(x.astype(lp.dtype), m, "token-mean")  # noqa: E731
-    r_sg = jax.lax.stop_gradient(r)
-    ratio_mean, ratio_min, ratio_max = _masked_stats(r_sg, m)
-    if w is None:
-        w_mean = w_min = w_max = jnp.zeros((), lp.dtype)
-    else:
-        w_mean, w_min, w_max = _masked_stats(w, m)
-    sg = jax.lax.stop_gradient
+    count = jnp.sum(row_sums[0])
+    any_ = count > 0
+    mean = lambda row: jnp.sum(row) / jnp.maximum(count, 1.0)  # noqa: E731
+    lo = lambda row: jnp.where(any_, jnp.min(row), zero)  # noqa: E731
+    hi_ = lambda row: jnp.where(any_, jnp.max(row), zero)  # noqa: E731
+    n_clip_low, n_clip_high, n_dual, r_sum, neg_d_sum = row_sums[1:6]
+    rest = row_sums[7:]
+    w_mean = w_min = w_max = zero
+    if w is not None:
+        w_mean, w_min, w_max = mean(rest.pop(0)), lo(row_mins[1]), hi_(row_maxs[1])
+    kl_mean = mean(rest.pop(0)) if ref is not None else zero
+    ent_mean = mean(rest.pop(0)) if ent is not None else zero
+    row_count = jnp.sum(row_sums[0], axis=-1)
+    rows_with_tokens = row_count > 0
+    valid_rows = rows_with_tokens & ~dropped
     metrics = {
         "loss": sg(loss),
         "pg_loss": sg(pg),
-        "clip_frac_low": frac((adv < 0) & (r_sg < 1.0 - clip_low)),
-        "clip_frac_high": frac((adv > 0) & (r_sg > hi)),
-        "clip_frac_dual": frac(dual),
-        "ratio_mean": ratio_mean,
-        "ratio_min": ratio_min,
-        "ratio_max": ratio_max,
-        "approx_kl": sg(aggregate(-d, m, "token-mean")),
+        "clip_frac_low": mean(n_clip_low),
+        "clip_frac_high": mean(n_clip_high),
+        "clip_frac_dual": mean(n_dual),
+        "ratio_mean": mean(r_sum),
+        "ratio_min": lo(row_mins[0]),
+        "ratio_max": hi_(row_maxs[0]),
+        "approx_kl": mean(neg_d_sum),
         "fkl_weight_mean": w_mean,
         "fkl_weight_min": w_min,
         "fkl_weight_max": w_max,
-        "kl": sg(kl_mean),
+        "kl": kl_mean,
         "entropy": ent_mean,
-        "dropped_row_frac": jnp.sum(dropped & rows_with_tokens, dtype=lp.dtype)
-        / jnp.maximum(jnp.sum(rows_with_tokens, dtype=lp.dtype), 1.0),
-        "valid_tokens": jnp.sum(final, dtype=lp.dtype),
-        "nonfinite_tokens": nonfinite.astype(lp.dtype),
+        "dropped_row_frac": jnp.sum(dropped & rows_with_tokens, dtype=dt)
+        / jnp.maximum(jnp.sum(rows_with_tokens, dtype=dt), 1.0),
+        "valid_tokens": jnp.sum(jnp.where(valid_rows, row_count, zero)),
+        "nonfinite_tokens": jnp.sum(row_sums[6]),
     }
     return loss, metrics
 

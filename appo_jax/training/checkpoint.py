@@ -14,6 +14,9 @@ new shardings (``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` or arrays pl
 """
 from __future__ import annotations
 
+import shutil
+import time
+
 import errno
 from pathlib import Path
 from typing import Any
@@ -99,11 +102,31 @@ class Checkpointer:
             self._manager.close()
         except Exception:  # noqa: BLE001 - the failure being reported is the one that matters
             pass
+        self._remove_partial(step)
         self._manager = self._new_manager()
         intact = [s for s in self.all_steps() if s != step]
         return CheckpointError(
             f"saving checkpoint step {step} to {str(self.directory)!r} failed: {_cause(err)}. "
             f"Complete checkpoints still on disk: {intact or 'none'} (nothing was deleted).")
+
+    def _remove_partial(self, step: int, settle_s: float = 0.5, limit_s: float = 15.0) -> None:
+        """Delete the failed save's temporary directory (never a complete checkpoint). Writer threads of the
+        failed save may still be finishing and re-create files in it, so it is removed again until it has stayed
+        gone for ``settle_s`` (at most ``limit_s``); a later manager would otherwise trip over it."""
+        deadline = time.monotonic() + limit_s
+        pattern = f"{step}.orbax-checkpoint-tmp*"
+        quiet_since = None
+        while time.monotonic() < deadline:
+            leftovers = list(self.directory.glob(pattern))
+            if not leftovers:
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= settle_s:
+                    return
+            else:
+                quiet_since = None
+                for path in leftovers:
+                    shutil.rmtree(path, ignore_errors=True)
+            time.sleep(0.05)
 
     def wait(self) -> None:
         """Block until the pending asynchronous save is complete (raises :class:`CheckpointError` if it failed)."""
