@@ -15,20 +15,9 @@ from appo_jax.rollout.engine import (PromptItem, RolloutConfig, RolloutEngine, c
                                      concat_trajectories, tree_ids)
 from appo_jax.rollout.tree import expansion_counts, step_nodes
 from appo_jax.tools.result import format_observation
-from test_agent_loop import ScriptedPolicy, cached_query, full_script, obs_runs, prompt_ids, smollm2_tokenizer
+from test_agent_loop import (ScriptedPolicy, cached_query, full_script, obs_runs, prompt_ids,  # noqa: F401
+                             tok, tools)  # fixtures shared with the agent-loop tests
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return smollm2_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tools():
-    from appo_jax.tools.registry import build_registry
-    reg = build_registry(max_workers=4, search={"top_k": 2, "max_page_chars": 200})
-    yield reg
-    reg.close()
 
 
 def two_prompts(tok):
