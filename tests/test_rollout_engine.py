@@ -19,7 +19,6 @@ from test_agent_loop import (ScriptedPolicy, cached_query, full_script, obs_runs
                              tok, tools)  # fixtures shared with the agent-loop tests
 
 
-
 def two_prompts(tok):
     a, b = prompt_ids(tok, "What is six times seven?"), prompt_ids(tok, "What is two plus three?")
     scripts = {a: full_script(),
