@@ -68,6 +68,19 @@ def make_inputs(rng, num_groups: int, n_init: int, budget: int, length: int):
     ), rng.random(VOCAB) < 0.95
 
 
+def batch_rows(group_ids, rows, pos, valid, num_groups: int, budget: int):
+    """Per-row fields of the 256-row batch: the initial rollouts, then the [G, B] selected branch rows
+    (group-major). Returns (group_ids, is_branch, parent, branch_pos, row_valid)."""
+    n = group_ids.shape[0]
+    minus_one = jnp.full((n,), -1, jnp.int32)
+    group_all = jnp.concatenate([group_ids, jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), budget)])
+    is_branch = jnp.arange(group_all.shape[0]) >= n
+    parent = jnp.concatenate([minus_one, rows.reshape(-1)])
+    branch_pos = jnp.concatenate([minus_one, pos.reshape(-1)])
+    row_valid = jnp.concatenate([jnp.ones((n,), bool), valid.reshape(-1)])
+    return group_all, is_branch, parent, branch_pos, row_valid
+
+
 def make_pipeline(num_groups: int, n_init: int, budget: int, gamma: float):
     n = num_groups * n_init
 
@@ -79,12 +92,8 @@ def make_pipeline(num_groups: int, n_init: int, budget: int, gamma: float):
         omega = future_values(x["logp"][:n] - x["old_logp"][:n], gen_init, gamma, 0.2)
         scores, strict = branching_scores(x["entropy"], omega, cand)
         rows, pos, _, valid = select_branch_points(scores, strict, cand, x["group_ids"], num_groups, budget)
-        minus_one = jnp.full((n,), -1, jnp.int32)
-        group_all = jnp.concatenate([x["group_ids"], jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), budget)])
-        is_branch = jnp.arange(group_all.shape[0]) >= n
-        parent = jnp.concatenate([minus_one, rows.reshape(-1)])
-        branch_pos = jnp.concatenate([minus_one, pos.reshape(-1)])
-        row_valid = jnp.concatenate([jnp.ones((n,), bool), valid.reshape(-1)])
+        group_all, is_branch, parent, branch_pos, row_valid = batch_rows(x["group_ids"], rows, pos, valid,
+                                                                         num_groups, budget)
         adv = appo_advantages(x["rewards"], group_all, is_branch, parent, branch_pos, x["gen"], num_groups,
                               valid=row_valid)
         loss_mask = x["gen"] & ~is_branch[:, None]
@@ -104,12 +113,8 @@ def stage_timings(x, table, num_groups: int, n_init: int, budget: int, gamma: fl
     omega = jax.jit(future_values)(x["logp"][:n] - x["old_logp"][:n], gen_init, gamma, 0.2)
     scores, strict = jax.jit(branching_scores)(x["entropy"], omega, cand)
     rows, pos, _, valid = select_branch_points(scores, strict, cand, x["group_ids"], num_groups, budget)
-    minus_one = jnp.full((n,), -1, jnp.int32)
-    group_all = jnp.concatenate([x["group_ids"], jnp.repeat(jnp.arange(num_groups, dtype=jnp.int32), budget)])
-    is_branch = jnp.arange(group_all.shape[0]) >= n
-    parent = jnp.concatenate([minus_one, rows.reshape(-1)])
-    branch_pos = jnp.concatenate([minus_one, pos.reshape(-1)])
-    row_valid = jnp.concatenate([jnp.ones((n,), bool), valid.reshape(-1)])
+    group_all, is_branch, parent, branch_pos, row_valid = batch_rows(x["group_ids"], rows, pos, valid,
+                                                                     num_groups, budget)
     adv = appo_advantages(x["rewards"], group_all, is_branch, parent, branch_pos, x["gen"], num_groups,
                           valid=row_valid)
     stages = {
