@@ -469,3 +469,69 @@ def test_sharded_sampler_equals_unsharded(llama):
     for a, b in zip(ref, got):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- repetition penalty
+def np_repetition_penalty(logits, seq, penalty):
+    """Reference: for each distinct token v of seq, l_v / r if l_v > 0 else l_v * r (explicit loop)."""
+    out = np.array(logits, np.float64)
+    for v in set(seq):
+        out[v] = out[v] / penalty if out[v] > 0 else out[v] * penalty
+    return out
+
+
+def test_repetition_penalty_matches_transformers_processor():
+    torch = pytest.importorskip("torch")
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from appo_jax.rollout.sampling import apply_repetition_penalty
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4, 50)).astype(np.float32)
+    ids = rng.integers(0, 50, (4, 12))
+    seen = np.zeros((4, 50), bool)
+    seen[np.arange(4)[:, None], ids] = True
+    ours = np.asarray(apply_repetition_penalty(jnp.asarray(logits), jnp.asarray(seen), 1.3))
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(ids), torch.tensor(logits)).numpy()
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    for row in range(4):
+        np.testing.assert_allclose(ours[row], np_repetition_penalty(logits[row], ids[row].tolist(), 1.3), rtol=1e-6)
+    assert (ours != logits).any(axis=1).all()
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(0.0, repetition_penalty=1.8),
+                                      SamplingParams(0.8, repetition_penalty=1.3)])
+def test_repetition_penalty_in_the_sampler_equals_reference(llama, sampling):
+    """Every recorded token's log-prob / entropy is that of softmax(penalised logits / T) of a full forward, the
+    penalty covering the whole sequence so far (prompt, generated and appended tokens); greedy picks the argmax
+    of the penalised logits."""
+    config, params = llama
+    prompt = [1, 9, 9, 9, 40, 41, 40]
+    s = new_sampler(config, params, sampling=sampling, eos_token_ids=())
+    s.start([1, 3], [prompt, [1, 2]], [jax.random.key(5), jax.random.key(6)])
+    first = s.decode(np.array([False, True, False, True]), 9)
+    s.append([1], [[77, 78, 77]])
+    second = s.decode(np.array([False, True, False, True]), 9)
+    seq = s.sequence(1)
+    gen_a, tool_at = first.tokens[1, :9].tolist(), len(prompt) + 9
+    assert seq == prompt + gen_a + [77, 78, 77] + second.tokens[1, :9].tolist()
+    z = ref_logits(config, params, seq)
+    temperature = sampling.record_temperature
+    steps = [(len(prompt) + i, first, i) for i in range(9)] + [(tool_at + 3 + i, second, i) for i in range(9)]
+    effect = 0.0
+    for pos, out, i in steps:
+        penalised = np_repetition_penalty(z[pos - 1], seq[:pos], sampling.repetition_penalty) / temperature
+        tok = seq[pos]
+        effect = max(effect, abs(np_entropy(penalised) - np_entropy(z[pos - 1] / temperature)))
+        assert out.tokens[1, i] == tok
+        np.testing.assert_allclose(out.logprobs[1, i], np_log_softmax(penalised)[tok], atol=1e-4)
+        np.testing.assert_allclose(out.entropies[1, i], np_entropy(penalised), atol=1e-4)
+        if sampling.greedy:
+            assert tok == int(np.argmax(penalised))
+    assert effect > 1e-2  # the penalty really changed the recorded distributions
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1.1"])
+def test_bad_repetition_penalty(bad):
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=bad)

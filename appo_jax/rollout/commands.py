@@ -29,8 +29,8 @@ def _sampling(args):
     from appo_jax.rollout.sampling import SamplingParams
 
     if args.greedy:
-        return SamplingParams(0.0)
-    return SamplingParams(args.temperature, args.top_p, args.top_k)
+        return SamplingParams(0.0, repetition_penalty=args.repetition_penalty)
+    return SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
 
 
 def _prompt_ids(args, tokenizer) -> list[int]:
@@ -80,7 +80,8 @@ def _generate(args) -> int:
             "finish_reason": gen.finish_reason,
             "prompt_token_ids": ids,
             "model": args.model,
-            "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k},
+            "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                         "repetition_penalty": sampling.repetition_penalty},
             "seed": args.seed,
         }))
     else:
@@ -111,6 +112,8 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_greedy: bool = False)
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive / multiply negative logits of tokens already in the sequence (1 = off)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
 
 

@@ -47,7 +47,8 @@ class PromptItem:
 class RolloutConfig:
     """Rollout settings. ``max_prompt_len`` / ``max_response_len``: the static P / L of the Trajectory (L is
     each rollout's response budget, tool results included); ``tool_call_limit``: tool calls allowed per rollout;
-    ``temperature`` / ``top_p`` / ``top_k``: sampling (top_k 0 = off); ``num_slots``: concurrent sampler slots;
+    ``temperature`` / ``top_p`` / ``top_k`` / ``repetition_penalty``: sampling (top_k 0 and repetition_penalty 1
+    = off; a penalty is for evaluation: training log-probs are recomputed without it); ``num_slots``: concurrent sampler slots;
     ``decode_chunk``: decode steps per host check; ``tool_workers`` / ``tool_timeout_s``: the tool pool;
     ``probe_len``, ``arpo_alpha``, ``arpo_beta``, ``arpo_beam``, ``aepo_penalty``: ARPO / AEPO (§1.7);
     ``tree_rounds``: Tree-GRPO expansion rounds."""
@@ -58,6 +59,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
     num_slots: int = 32
     decode_chunk: int = 16
     tool_workers: int = 8
@@ -183,7 +185,8 @@ class RolloutEngine:
             policy = make_sampler_policy(model_config, params, tokenizer, num_slots=cfg.num_slots,
                                          max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                                          tool_call_limit=cfg.tool_call_limit, temperature=cfg.temperature,
-                                         top_p=cfg.top_p, top_k=cfg.top_k, decode_chunk=cfg.decode_chunk)
+                                         top_p=cfg.top_p, top_k=cfg.top_k,
+                                         repetition_penalty=cfg.repetition_penalty, decode_chunk=cfg.decode_chunk)
         self.policy = policy
         self.reward_fn = reward_fn if reward_fn is not None else _registry_reward
         self._reward_pool = ThreadPoolExecutor(max(1, min(4, cfg.tool_workers)), thread_name_prefix="reward")

@@ -132,7 +132,7 @@ def _run(args: argparse.Namespace) -> int:
     config, params, tokenizer = load_policy(args.model, args.tokenizer, args.dtype)
     cfg = RolloutConfig(max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
                         tool_call_limit=args.tool_call_limit, temperature=args.temperature, top_p=args.top_p,
-                        num_slots=args.slots, decode_chunk=args.decode_chunk, tool_workers=args.tool_workers,
+                        repetition_penalty=args.repetition_penalty, num_slots=args.slots, decode_chunk=args.decode_chunk, tool_workers=args.tool_workers,
                         tool_timeout_s=args.tool_timeout)
     items = prompt_items(records, tokenizer, cfg.max_prompt_len)
     key = jax.random.key(args.seed)
@@ -191,6 +191,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tool-call-limit", type=int, default=3)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="evaluation-style repetition penalty (1 = off; the recorded log-probs are then those of "
+                        "the penalised distribution)")
     p.add_argument("--slots", type=int, default=32, help="concurrent sampler slots")
     p.add_argument("--decode-chunk", type=int, default=16, help="decode steps per host check")
     p.add_argument("--tool-workers", type=int, default=8)

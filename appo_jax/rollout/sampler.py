@@ -36,6 +36,8 @@ started from ``prompt + generated[:k]`` with the same key reproduces the from-sc
 
 What is recorded per generated token (log-prob of the chosen token and the full-vocabulary entropy, float32, of
 softmax(logits / T); T = 1 for greedy; top-k / top-p only restrict the draw): see `appo_jax.rollout.sampling`.
+With a repetition penalty (``SamplingParams.repetition_penalty != 1``, evaluation) the logits are first penalised
+for every token in the slot's whole sequence (prefix, generated and appended tokens), as transformers does.
 """
 from __future__ import annotations
 
@@ -148,16 +150,17 @@ def _extend_rows(params, cache, rows, tokens, positions, mask, *, config: ModelC
 @functools.partial(
     jax.jit, static_argnames=("config", "sampling", "eos_ids", "num_steps", "window"), donate_argnames=("cache",)
 )
-def _decode_loop(params, cache, keys, tokens, positions, budget, *, config: ModelConfig,
+def _decode_loop(params, cache, keys, tokens, positions, budget, seen, *, config: ModelConfig,
                  sampling: SamplingParams, eos_ids: tuple[int, ...], num_steps: int, window: int):
     """Up to ``num_steps`` decode steps for all rows, on device.
 
     Row b runs while its count n_b < budget[b] and it has not produced an EOS id: each step feeds its pending
     token ``tokens[b]`` at RoPE position ``positions[b]`` (writing it into the cache) and draws the next token
     with key fold_in(keys[b], positions[b] + 1). Attention runs over the first ``window`` cache slots (every row
-    with budget > 0 has end + budget <= window). Returns (cache, out_tokens int32 [B, num_steps], out_logprobs,
-    out_entropies float32 [B, num_steps] (row b's first n_b columns are its new tokens), n int32 [B],
-    hit_eos bool [B]).
+    with budget > 0 has end + budget <= window). ``seen`` (bool [B, V], or None without a repetition penalty)
+    marks the tokens of each row's sequence; every drawn token is added to it. Returns (cache, out_tokens int32
+    [B, num_steps], out_logprobs, out_entropies float32 [B, num_steps] (row b's first n_b columns are its new
+    tokens), n int32 [B], hit_eos bool [B]).
     """
     full_cache, cache = cache, _window(cache, window)
     batch = tokens.shape[0]
@@ -173,7 +176,7 @@ def _decode_loop(params, cache, keys, tokens, positions, budget, *, config: Mode
                                     token_mask=running[:, None], cache=carry["cache"])
         next_pos = carry["pos"] + 1
         step_keys = jax.vmap(jax.random.fold_in)(base_keys, next_pos)
-        tok, logp, ent = select_tokens(logits[:, 0], step_keys, sampling)
+        tok, logp, ent = select_tokens(logits[:, 0], step_keys, sampling, carry["seen"])
         n = carry["n"] + running.astype(jnp.int32)
         is_eos = running & jnp.any(tok[:, None] == eos[None, :], axis=-1) if eos_ids else jnp.zeros_like(running)
 
@@ -192,6 +195,8 @@ def _decode_loop(params, cache, keys, tokens, positions, budget, *, config: Mode
             "out_tok": put(carry["out_tok"], tok),
             "out_lp": put(carry["out_lp"], logp),
             "out_ent": put(carry["out_ent"], ent),
+            "seen": None if carry["seen"] is None else carry["seen"].at[jnp.arange(batch), tok].set(
+                carry["seen"][jnp.arange(batch), tok] | running),
         }
 
     init = {
@@ -205,6 +210,7 @@ def _decode_loop(params, cache, keys, tokens, positions, budget, *, config: Mode
         "out_tok": jnp.zeros((batch, num_steps), jnp.int32),
         "out_lp": jnp.zeros((batch, num_steps), jnp.float32),
         "out_ent": jnp.zeros((batch, num_steps), jnp.float32),
+        "seen": seen,
     }
     out = jax.lax.while_loop(cond, body, init)
     return _merge_window(full_cache, out["cache"]), out["out_tok"], out["out_lp"], out["out_ent"], out["n"], out["eos"]
@@ -401,7 +407,7 @@ class Sampler:
             tokens[r, total - len(t):] = t
             positions[r, total - len(t):] = np.arange(self._cached[s], self._cached[s] + len(t))
             mask[r, total - len(t):] = True
-        window = self._window_for(max(self._end[s] + _slots_consumed(len(t), pieces) for s, t in todo))
+        window = self.attention_window(max(self._end[s] + _slots_consumed(len(t), pieces) for s, t in todo))
         col = 0
         for length in pieces:
             cols = slice(col, col + length)
@@ -447,9 +453,9 @@ class Sampler:
             positions = np.array([len(seq) - 1 if seq else 0 for seq in self._seq], np.int32)
             self._cache, toks, lps, ents, num, eos = _decode_loop(
                 self.params, self._cache, jnp.asarray(self._keys), jnp.asarray(pending), jnp.asarray(positions),
-                jnp.asarray(budget, jnp.int32), config=self.config, sampling=self.sampling,
+                jnp.asarray(budget, jnp.int32), self._seen_tokens(), config=self.config, sampling=self.sampling,
                 eos_ids=self.eos_token_ids, num_steps=self.decode_chunk,
-                window=self._window_for(int((self._end + budget)[running].max())))
+                window=self.attention_window(int((self._end + budget)[running].max())))
             toks, lps, ents, num, eos = jax.device_get((toks, lps, ents, num, eos))
             rollback = np.zeros(self.num_slots, bool)
             for s in np.flatnonzero(running):
@@ -482,7 +488,19 @@ class Sampler:
                                              jnp.asarray(self._end, jnp.int32))
         return DecodeChunk(out_tok, out_lp, out_ent, count.astype(np.int32), finish)
 
-    def _window_for(self, need: int) -> int:
+    def _seen_tokens(self) -> jax.Array | None:
+        """bool [S, V]: the tokens in each slot's sequence (for the repetition penalty; None without one). Built
+        from the host sequences at every device chunk, so starts, appends and stop-string rollbacks need no
+        device-side bookkeeping."""
+        if not self.sampling.penalizes:
+            return None
+        seen = np.zeros((self.num_slots, self.config.vocab_size), bool)
+        for s, seq in enumerate(self._seq):
+            if seq:
+                seen[s, seq] = True
+        return jnp.asarray(seen)
+
+    def attention_window(self, need: int) -> int:
         """Attention window (static) covering ``need`` slots: a power of two >= min_attention_window, or the
         whole row."""
         if self.min_attention_window is None:

@@ -1,8 +1,17 @@
-"""Token selection for the sampler: temperature, top-k, top-p, greedy, and what is recorded per token.
+"""Token selection for the sampler: repetition penalty, temperature, top-k, top-p, greedy, and what is recorded.
+
+Repetition penalty r (HF `RepetitionPenaltyLogitsProcessor`, CTRL): every token v that occurs anywhere in the
+slot's sequence so far (prompt, generated and appended tokens: ``seen[v]``) has its logit replaced by
+
+    l'_v = l_v / r   if l_v > 0,     l'_v = l_v * r   otherwise;      l'_v = l_v for tokens not seen.
+
+r = 1 (the default) is off. It is an evaluation setting (DESIGN.md §1.8: 1.1); RL rollouts keep r = 1 so that
+the trainer, which recomputes log p from the plain logits, scores the same distribution the sampler drew from.
 
 The recorded distribution (one definition, used for both numbers the sampler returns):
 
-    z       = logits / T                    (T = temperature; T = 1 for greedy decoding)
+    z       = l' / T                        (l' = logits after the repetition penalty; T = temperature,
+                                             T = 1 for greedy decoding)
     log p   = log_softmax(z)                over the FULL vocabulary (float32)
     lb_t    = log p[a_t]                    the behaviour log-prob of the chosen token a_t
     H_t     = -sum_v p_v log p_v            exact full-vocabulary entropy (shifted form, as
@@ -44,6 +53,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -54,6 +64,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0):
             raise ValueError(f"SamplingParams.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and not isinstance(self.repetition_penalty, bool)
+                and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0 (1 = off), "
+                             f"got {self.repetition_penalty!r}")
 
     @property
     def greedy(self) -> bool:
@@ -63,6 +77,12 @@ class SamplingParams:
     def record_temperature(self) -> float:
         """The T of the recorded distribution softmax(logits / T): the temperature, or 1 for greedy."""
         return 1.0 if self.greedy else float(self.temperature)
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether a repetition penalty is applied (r != 1); the sampler then tracks the tokens each slot has
+        seen."""
+        return self.repetition_penalty != 1
 
     @property
     def truncates(self) -> bool:
@@ -165,13 +185,28 @@ def allowed_tokens(log_p: Array, top_k: int = 0, top_p: float = 1.0) -> Array:
     return allowed
 
 
-def select_tokens(logits: Array, keys: Array, params: SamplingParams) -> tuple[Array, Array, Array]:
-    """Choose one token per row and record it: logits float [B, V], keys [B] typed PRNG keys (one per row; the
-    row's uniform is `jax.random.uniform(key)`).
+def apply_repetition_penalty(logits: Array, seen: Array, penalty: float) -> Array:
+    """l' = where(seen, where(l > 0, l / r, l * r), l) for logits [..., V] and bool seen [..., V] (module doc);
+    float32 result."""
+    logits = logits.astype(jnp.float32)
+    r = jnp.float32(penalty)
+    return jnp.where(seen, jnp.where(logits > 0, logits / r, logits * r), logits)
 
-    Returns (tokens int32 [B], log-prob float32 [B] of the chosen token under softmax(logits / T_rec),
-    entropy float32 [B] of that distribution), T_rec = `params.record_temperature` (module doc).
+
+def select_tokens(logits: Array, keys: Array, params: SamplingParams,
+                  seen: Array | None = None) -> tuple[Array, Array, Array]:
+    """Choose one token per row and record it: logits float [B, V], keys [B] typed PRNG keys (one per row; the
+    row's uniform is `jax.random.uniform(key)`), ``seen`` bool [B, V] the tokens in each row's sequence (needed
+    iff ``params.penalizes``).
+
+    Returns (tokens int32 [B], log-prob float32 [B] of the chosen token under softmax(l' / T_rec),
+    entropy float32 [B] of that distribution), l' the logits after the repetition penalty, T_rec =
+    `params.record_temperature` (module doc).
     """
+    if params.penalizes:
+        if seen is None:
+            raise ValueError("select_tokens: a repetition penalty needs `seen` (bool [B, V])")
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     log_p, p, entropy = _log_probs_probs_entropy(logits, params.record_temperature)
     if params.greedy:
         tokens = greedy_tokens(logits)

@@ -105,7 +105,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval", help="pass@1 of a model on benchmarks (markdown table)",
-                              description="Evaluate pass@1 with temperature 0.6 / top_p 0.95.")
+                              description="Evaluate pass@1 with temperature 0.6 / top_p 0.95 / repetition penalty 1.1.")
     e.add_argument("--model", required=True, help="smollm2-135m-instruct, a .gguf file, an HF dir or a preset")
     e.add_argument("--benchmarks", required=True, help="comma-separated, e.g. gsm8k,hotpotqa,aime24")
     e.add_argument("--limit", type=int, default=None, help="first K questions of each benchmark")

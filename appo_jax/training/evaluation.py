@@ -1,13 +1,10 @@
 """pass@1 per benchmark with the evaluation sampling defaults of DESIGN.md §1.8.
 
 For each benchmark question the policy runs the multi-turn tool loop ``runs`` times (temperature 0.6, top_p
-0.95); a run is correct when the answer judge (``appo_jax.rewards.judge``, default the rule-based judge: exact
+0.95, repetition penalty 1.1 over the whole sequence, as transformers applies it); a run is correct when the answer judge (``appo_jax.rewards.judge``, default the rule-based judge: exact
 match after normalisation or math-verify equivalence) accepts the last ``\\boxed{}`` of the response, and
 
     pass@1 = mean over questions of (correct runs / runs)
-
-The repetition penalty 1.1 of the official evaluation is not applied: the sampler has no repetition penalty
-(its recorded log-probs are those of the plain tempered softmax).
 """
 from __future__ import annotations
 
@@ -18,6 +15,7 @@ import numpy as np
 
 EVAL_TEMPERATURE = 0.6
 EVAL_TOP_P = 0.95
+EVAL_REPETITION_PENALTY = 1.1
 EVAL_RUNS = 5
 
 
@@ -37,7 +35,8 @@ def markdown_table(results: dict[str, float], counts: dict[str, int] | None = No
         lines.append(f"| **average** | | {100.0 * float(np.mean(list(results.values()))):.1f} |")
     if runs is not None:
         lines.append("")
-        lines.append(f"pass@1 over {runs} run(s) per question, temperature {EVAL_TEMPERATURE}, top_p {EVAL_TOP_P}.")
+        lines.append(f"pass@1 over {runs} run(s) per question, temperature {EVAL_TEMPERATURE}, top_p {EVAL_TOP_P}, "
+                     f"repetition penalty {EVAL_REPETITION_PENALTY}.")
     return "\n".join(lines)
 
 
@@ -47,6 +46,7 @@ def eval_engine(model_config, params, tokenizer, tools, rollout, mesh=None, num_
     from appo_jax.rollout.engine import RolloutConfig, RolloutEngine
     cfg = RolloutConfig(max_prompt_len=rollout.max_prompt_len, max_response_len=rollout.max_response_len,
                         tool_call_limit=rollout.tool_call_limit, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
+                        repetition_penalty=EVAL_REPETITION_PENALTY,
                         num_slots=num_slots or max(rollout.num_slots, 8), decode_chunk=rollout.decode_chunk,
                         tool_workers=rollout.tool_workers, tool_timeout_s=rollout.tool_timeout_s)
     return RolloutEngine(model_config, params, tokenizer, tools, cfg, mesh=mesh, reward_fn=_correct)
