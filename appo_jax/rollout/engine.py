@@ -48,7 +48,8 @@ class RolloutConfig:
     """Rollout settings. ``max_prompt_len`` / ``max_response_len``: the static P / L of the Trajectory (L is
     each rollout's response budget, tool results included); ``tool_call_limit``: tool calls allowed per rollout;
     ``temperature`` / ``top_p`` / ``top_k`` / ``repetition_penalty``: sampling (top_k 0 and repetition_penalty 1
-    = off; a penalty is for evaluation: training log-probs are recomputed without it); ``num_slots``: concurrent sampler slots;
+    = off; a penalty is for evaluation: training log-probs are recomputed without it); ``num_slots``: concurrent
+    sampler slots;
     ``decode_chunk``: decode steps per host check; ``tool_workers`` / ``tool_timeout_s``: the tool pool;
     ``probe_len``, ``arpo_alpha``, ``arpo_beta``, ``arpo_beam``, ``aepo_penalty``: ARPO / AEPO (§1.7);
     ``tree_rounds``: Tree-GRPO expansion rounds."""

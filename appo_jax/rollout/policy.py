@@ -62,7 +62,8 @@ def rollout_cache_len(max_prompt_len: int, max_response_len: int, tool_call_limi
 
 def make_sampler_policy(model_config, params, tokenizer, *, num_slots: int, max_prompt_len: int,
                         max_response_len: int, tool_call_limit: int, temperature: float = 1.0, top_p: float = 1.0,
-                        top_k: int = 0, repetition_penalty: float = 1.0, decode_chunk: int = 16, prefill_chunk: int = 128,
+                        top_k: int = 0, repetition_penalty: float = 1.0, decode_chunk: int = 16,
+                        prefill_chunk: int = 128,
                         stop_strings: Sequence[str] = ("</python>", "</search>", "</answer>")) -> Sampler:
     """The jitted :class:`Sampler` set up as the tool loop's :class:`SlotPolicy`: stop strings detected on the
     tokenizer's text, EOS ids from ``model_config``, ``SamplingParams(temperature, top_p, top_k,

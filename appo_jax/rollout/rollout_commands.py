@@ -132,7 +132,8 @@ def _run(args: argparse.Namespace) -> int:
     config, params, tokenizer = load_policy(args.model, args.tokenizer, args.dtype)
     cfg = RolloutConfig(max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
                         tool_call_limit=args.tool_call_limit, temperature=args.temperature, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty, num_slots=args.slots, decode_chunk=args.decode_chunk, tool_workers=args.tool_workers,
+                        repetition_penalty=args.repetition_penalty, num_slots=args.slots,
+                        decode_chunk=args.decode_chunk, tool_workers=args.tool_workers,
                         tool_timeout_s=args.tool_timeout)
     items = prompt_items(records, tokenizer, cfg.max_prompt_len)
     key = jax.random.key(args.seed)

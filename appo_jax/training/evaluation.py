@@ -1,8 +1,9 @@
 """pass@1 per benchmark with the evaluation sampling defaults of DESIGN.md §1.8.
 
 For each benchmark question the policy runs the multi-turn tool loop ``runs`` times (temperature 0.6, top_p
-0.95, repetition penalty 1.1 over the whole sequence, as transformers applies it); a run is correct when the answer judge (``appo_jax.rewards.judge``, default the rule-based judge: exact
-match after normalisation or math-verify equivalence) accepts the last ``\\boxed{}`` of the response, and
+0.95, repetition penalty 1.1 over the whole sequence, as transformers applies it); a run is correct when the
+answer judge (``appo_jax.rewards.judge``, default the rule-based judge: exact match after normalisation or
+math-verify equivalence) accepts the last ``\\boxed{}`` of the response, and
 
     pass@1 = mean over questions of (correct runs / runs)
 """
