@@ -183,35 +183,33 @@ def test_index_names_missing_shard(hf_dirs, tmp_path):
         load_hf(out)
 
 
-def test_shape_mismatch_names_tensor_and_shapes(hf_dirs, tmp_path):
-    path = _copy(hf_dirs["qwen2-bias-untied"][0], tmp_path / "m")
+def _edit_config(path, **changes) -> None:
+    """Overwrite keys of the HF config.json in directory ``path``."""
     cfg_path = os.path.join(path, "config.json")
     d = json.load(open(cfg_path))
-    d["intermediate_size"] = 64
+    d.update(changes)
     json.dump(d, open(cfg_path, "w"))
+
+
+def test_shape_mismatch_names_tensor_and_shapes(hf_dirs, tmp_path):
+    path = _copy(hf_dirs["qwen2-bias-untied"][0], tmp_path / "m")
+    _edit_config(path, intermediate_size=64)
     with pytest.raises(WeightShapeError, match=r"model.layers.0.mlp.gate_proj.weight.*\(80, 48\).*\(64, 48\)"):
         load_hf(path)
 
 
 def test_missing_tensor_is_named(hf_dirs, tmp_path):
     path = _copy(hf_dirs["llama-tied"][0], tmp_path / "m")
-    cfg_path = os.path.join(path, "config.json")
-    d = json.load(open(cfg_path))
-    d["tie_word_embeddings"] = False  # now lm_head.weight is needed but absent
-    json.dump(d, open(cfg_path, "w"))
+    _edit_config(path, tie_word_embeddings=False)  # now lm_head.weight is needed but absent
     with pytest.raises(MissingWeightError, match="'lm_head.weight'"):
         load_hf(path)
 
 
 def test_unsupported_configs_are_rejected(hf_dirs, tmp_path):
     path = _copy(hf_dirs["llama-tied"][0], tmp_path / "m")
-    cfg_path = os.path.join(path, "config.json")
-    d = json.load(open(cfg_path))
-    d["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}
-    json.dump(d, open(cfg_path, "w"))
+    _edit_config(path, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0})
     with pytest.raises(NotImplementedError, match="longrope"):
         load_hf_config(path)
-    d["model_type"] = "gpt2"
-    json.dump(d, open(cfg_path, "w"))
+    _edit_config(path, model_type="gpt2")
     with pytest.raises(NotImplementedError, match="gpt2"):
         load_hf_config(path)
