@@ -19,11 +19,7 @@ from appo_jax.data.commands import register
 from appo_jax.data.rows import DATASETS, DataFormatError, read_records
 from appo_jax.data.templates import SYSTEM_PROMPT, apply_chat_template, fix_escape_bug, question_messages
 
-try:
-    DATA_DIR = paths.resolve_data_dir()
-except FileNotFoundError:
-    DATA_DIR = None
-needs_data = pytest.mark.skipif(DATA_DIR is None, reason="no data dir (../shared/data or $APPO_DATA_DIR)")
+DATA_DIR = paths.resolve_data_dir()  # the data shipped with the package: always present
 
 # ---------------------------------------------------------------------------------------------------------------
 # Independent raw readers: plain json / pyarrow, written from the files' documented layouts.
@@ -99,7 +95,6 @@ def test_registry_matches_independent_readers():
     assert {n: s.split for n, s in DATASETS.items() if s.kind == "rl"} == RL_RAW
 
 
-@needs_data
 @pytest.mark.parametrize("name", list(EXPECTED_COUNTS))
 def test_tfds_round_trips_every_row(name, tmp_path):
     spec = DATASETS[name]
@@ -117,7 +112,6 @@ def test_tfds_round_trips_every_row(name, tmp_path):
     assert load_split(name, spec.split, tfds_dir=tmp_path, limit=7) == records[:7]
 
 
-@needs_data
 def test_known_answer_shapes():
     by_id = {r.id: r for r in read_records("gsm8k")}
     assert by_id["0"].ground_truths == ["18"]  # "... #### 18"
@@ -140,23 +134,27 @@ def _data_dir(root: Path) -> Path:
 
 def test_data_dir_resolution_order(tmp_path, monkeypatch):
     explicit, env, default = (_data_dir(tmp_path / n) for n in ("explicit", "env", "default"))
-    monkeypatch.setattr(paths, "DEFAULT_DATA_DIR", default)
+    monkeypatch.setattr(paths, "SHIPPED_DATA_DIR", default)
     monkeypatch.setenv(paths.DATA_DIR_ENV, str(env))
     assert paths.resolve_data_dir(explicit) == explicit.resolve()
     assert paths.resolve_data_dir(None) == env.resolve()
     monkeypatch.delenv(paths.DATA_DIR_ENV)
     assert paths.resolve_data_dir() == default.resolve()
-    monkeypatch.setattr(paths, "DEFAULT_DATA_DIR", tmp_path / "missing")
+    monkeypatch.setattr(paths, "SHIPPED_DATA_DIR", tmp_path / "missing")
     with pytest.raises(FileNotFoundError) as err:
         paths.resolve_data_dir()
     msg = str(err.value)
-    assert "--data-dir" in msg and "$APPO_DATA_DIR" in msg and str(tmp_path / "missing") in msg
-    assert "benchmarks/" in msg
+    assert "shipped with appo_jax" in msg and str(tmp_path / "missing") in msg
 
 
-def test_default_data_dir_is_next_to_the_repo():
-    assert paths.DEFAULT_DATA_DIR == Path(paths.__file__).resolve().parents[2].parent / "shared" / "data"
-    assert (paths.REPO_ROOT / "appo_jax" / "data" / "paths.py").is_file()
+def test_default_data_dir_is_the_shipped_package_data(monkeypatch):
+    monkeypatch.delenv(paths.DATA_DIR_ENV, raising=False)
+    shipped = Path(paths.__file__).resolve().parent / "raw"
+    assert paths.resolve_data_dir() == shipped
+    for name, spec in DATASETS.items():
+        assert (shipped / spec.path).is_file(), name
+    assert (shipped / "search" / "search_cache.json").is_file()
+    assert (shipped / "README.md").is_file()
 
 
 def test_bad_explicit_or_env_data_dir_is_an_error(tmp_path, monkeypatch):
@@ -289,7 +287,6 @@ def test_load_split_argument_errors(tmp_path):
 # Templates.
 
 
-@needs_data
 def test_system_prompt_is_the_data_prompt_with_the_escape_fixed():
     raw = pq.read_table(DATA_DIR / "rl" / "valid.parquet").column("prompt")[0].as_py()[0]["content"]
     assert "\x08oxed" in raw
@@ -368,3 +365,28 @@ def test_data_cli_prepare_and_show(tmp_path, capsys):
     assert args.func(args) == 0
     shown = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [(r["id"], r["ground_truths"], r["dataset"]) for r in shown] == [("0", ["a", "b"], "bamboogle")]
+
+
+def test_cli_bad_data_is_one_line_naming_the_file(tmp_path, capsys):
+    """Through the real CLI: a missing raw file, a corrupt one (bad JSON, an unreadable parquet), an unknown dataset
+    and a data dir without the expected layout each end with rc 2 and one line that names what is wrong."""
+    from appo_jax.cli import main
+
+    def run(*argv) -> str:
+        assert main(["data", "show", *argv, "--tfds-dir", str(tmp_path / "tfds")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    (tmp_path / "benchmarks").mkdir()
+    err = run("musique", "--data-dir", str(tmp_path))
+    assert "raw file" in err and "musique/test.jsonl" in err and "does not exist" in err
+    _write_jsonl(tmp_path, "bamboogle", [GOOD_QA, "{not json"])
+    bad = tmp_path / "benchmarks" / "bamboogle" / "test.jsonl"
+    assert f"{bad}:2: invalid JSON" in run("bamboogle", "--data-dir", str(tmp_path))
+    (tmp_path / "rl").mkdir()
+    (tmp_path / "rl" / "valid.parquet").write_bytes(b"PAR1 this is not parquet")
+    assert "valid.parquet: cannot read parquet file" in run("valid", "--data-dir", str(tmp_path))
+    assert "unknown dataset 'nope'" in run("nope")
+    (tmp_path / "empty").mkdir()
+    assert "none of the expected subdirectories" in run("gsm8k", "--data-dir", str(tmp_path / "empty"))

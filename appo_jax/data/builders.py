@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import sys
 from typing import Any
@@ -22,6 +23,8 @@ import tensorflow_datasets as tfds
 
 from appo_jax.data.paths import resolve_data_dir, resolve_tfds_dir
 from appo_jax.data.rows import DATASETS, Record, get_spec, raw_path, read_records
+
+log = logging.getLogger(__name__)
 
 FEATURES = tfds.features.FeaturesDict(
     {
@@ -101,7 +104,9 @@ def prepared_builder(
 ) -> AppoData:
     """The `AppoData` builder for dataset `name`, prepared (array_record) on first use and cached after.
 
-    TFDS's progress notes go to stderr, so stdout stays clean for a command's results.
+    Before a first preparation every raw row is validated (`read_records`), so a malformed file fails with one
+    `DataFormatError` naming file and line before TFDS starts; TFDS's own progress output is silenced (one log
+    line says what is prepared where).
     """
     spec = get_spec(name)
     root = resolve_data_dir(data_dir)
@@ -113,9 +118,25 @@ def prepared_builder(
         file_format="array_record",
         raw_data_dir=root,
     )
-    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress notes; keep stdout for results
-        builder.download_and_prepare()
+    if not builder.is_prepared():
+        count = len(read_records(spec.name, root))
+        log.info("preparing %s (%d records from %s) into %s", spec.name, count, path, builder.data_dir)
+        tfds.display_progress_bar(False)
+        with contextlib.redirect_stdout(sys.stderr), _quiet_absl():
+            builder.download_and_prepare()
     return builder
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Silence TFDS's absl INFO lines ("Downloading and preparing dataset ...") for the duration."""
+    from absl import logging as absl_logging
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
 
 
 def load_split(

@@ -4,18 +4,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 
 from appo_jax.data.builders import load_split, prepared_builder
-from appo_jax.data.paths import add_data_arguments
+from appo_jax.data.paths import add_data_arguments, resolve_data_dir, resolve_tfds_dir
+from appo_jax.progress import progress_bar
 from appo_jax.data.rows import DATASETS, get_spec
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    for name in args.names or list(DATASETS):
-        spec = get_spec(name)
-        builder = prepared_builder(spec.name, args.data_dir, args.tfds_dir)
-        count = builder.info.splits[spec.split].num_examples
-        print(json.dumps({"dataset": spec.name, "split": spec.split, "records": count, "dir": str(builder.data_dir)}))
+    specs = [get_spec(name) for name in args.names or list(DATASETS)]  # unknown names fail before any work
+    print(f"data prepare: {len(specs)} dataset(s) from {resolve_data_dir(args.data_dir)} into "
+          f"{resolve_tfds_dir(args.tfds_dir)}", file=sys.stderr, flush=True)
+    records = 0
+    with progress_bar(len(specs), "prepare", "dataset") as bar:
+        for spec in specs:
+            bar.set_postfix_str(spec.name)
+            builder = prepared_builder(spec.name, args.data_dir, args.tfds_dir)
+            count = builder.info.splits[spec.split].num_examples
+            records += count
+            bar.write(json.dumps({"dataset": spec.name, "split": spec.split, "records": count,
+                                  "dir": str(builder.data_dir)}), file=sys.stdout)
+            bar.update(1)
+    print(f"data prepare: {records} records in {len(specs)} dataset(s)", file=sys.stderr)
     return 0
 
 

@@ -1,9 +1,9 @@
 """Where the raw data and the prepared TFDS datasets live.
 
-The *data dir* is the directory holding ``benchmarks/``, ``rl/`` and ``search/`` (the shared read-only data).
-Resolution order: an explicit ``--data-dir`` / ``data_dir`` argument, else ``$APPO_DATA_DIR``, else
-``../shared/data`` next to the repository root (found from this file's location) when it exists, else an error
-that lists everything that was tried.
+The *data dir* is the directory holding ``benchmarks/``, ``rl/`` and ``search/``. The package ships one:
+``appo_jax/data/raw`` (about 8 MB, installed with the wheel; origins, row counts and licences in its
+``README.md``). Resolution order: an explicit ``--data-dir`` / ``data_dir`` argument, else ``$APPO_DATA_DIR``,
+else the shipped copy. A given directory must exist and hold at least one of the three subdirectories.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ DATA_DIR_ENV = "APPO_DATA_DIR"
 TFDS_DIR_ENV = "APPO_TFDS_DIR"
 DATA_SUBDIRS = ("benchmarks", "rl", "search")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+#: The data shipped inside the package (package data of the wheel; the same path in a source checkout).
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "raw"
 DEFAULT_TFDS_DIR = Path("~/.cache/appo_jax/tfds")
 
 
@@ -26,29 +26,24 @@ def _checked(path: Path, origin: str) -> Path:
         raise FileNotFoundError(f"data dir {str(path)!r} (from {origin}) is not a directory")
     if not any((path / sub).is_dir() for sub in DATA_SUBDIRS):
         raise FileNotFoundError(
-            f"data dir {str(path)!r} (from {origin}) has none of the expected subdirectories {list(DATA_SUBDIRS)}"
+            f"data dir {str(path)!r} (from {origin}) has none of the expected subdirectories "
+            f"{', '.join(s + '/' for s in DATA_SUBDIRS)}"
         )
     return path
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The absolute data dir: `data_dir` if given, else ``$APPO_DATA_DIR``, else `DEFAULT_DATA_DIR` if it exists.
+    """The absolute data dir: `data_dir` if given, else ``$APPO_DATA_DIR``, else `SHIPPED_DATA_DIR`.
 
-    A given (argument or environment) dir must exist and contain one of ``benchmarks/``, ``rl/``, ``search/``;
-    otherwise, and when nothing is found at all, raises ``FileNotFoundError`` saying what was looked for.
+    The chosen dir must exist and contain one of ``benchmarks/``, ``rl/``, ``search/``; otherwise raises
+    ``FileNotFoundError`` naming the directory and where it came from.
     """
     if data_dir is not None and str(data_dir) != "":
         return _checked(Path(data_dir), "the data_dir argument / --data-dir")
     env = os.environ.get(DATA_DIR_ENV, "")
     if env:
         return _checked(Path(env), f"${DATA_DIR_ENV}")
-    if DEFAULT_DATA_DIR.is_dir():
-        return _checked(DEFAULT_DATA_DIR, "the default ../shared/data next to the repository")
-    raise FileNotFoundError(
-        "no data dir found: pass --data-dir (or data_dir=...), or set $"
-        f"{DATA_DIR_ENV}, or provide {str(DEFAULT_DATA_DIR)!r}; the data dir is the directory containing "
-        f"{', '.join(s + '/' for s in DATA_SUBDIRS)}"
-    )
+    return _checked(SHIPPED_DATA_DIR, "the data shipped with appo_jax (reinstall the package if it is missing)")
 
 
 def resolve_tfds_dir(tfds_dir: str | os.PathLike | None = None) -> Path:
@@ -64,7 +59,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data-dir",
         default=None,
-        help=f"directory holding benchmarks/, rl/, search/ (default: ${DATA_DIR_ENV}, else ../shared/data)",
+        help=f"directory holding benchmarks/, rl/, search/ (default: ${DATA_DIR_ENV}, else the shipped data)",
     )
     parser.add_argument(
         "--tfds-dir",
