@@ -1,6 +1,6 @@
 """Llama-3.1-8B-Instruct, reasoning on train_10k, algorithm appo.
 
-Official hyperparameters (DESIGN.md §1.8), sized for a TPU pod / multi-GPU host; see appo_jax.training.paper.
+Official hyperparameters (docs/algorithm.md §1.8), sized for a TPU pod / multi-GPU host; see appo_jax.training.paper.
 """
 from appo_jax.training.paper import paper_config
 

@@ -1,6 +1,6 @@
 """Qwen2.5-7B-Instruct, reasoning with python + search on train_10k, algorithm dapo.
 
-Official hyperparameters (DESIGN.md §1.8), sized for a TPU pod / multi-GPU host; see appo_jax.training.paper.
+Official hyperparameters (docs/algorithm.md §1.8), sized for a TPU pod / multi-GPU host; see appo_jax.training.paper.
 """
 from appo_jax.training.paper import paper_config
 

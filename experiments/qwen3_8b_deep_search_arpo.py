@@ -1,6 +1,6 @@
 """Qwen3-8B, deep search on hard_search_1k (tool-call limit 6), algorithm arpo.
 
-Official hyperparameters (DESIGN.md §1.8), sized for a TPU pod / multi-GPU host; see appo_jax.training.paper.
+Official hyperparameters (docs/algorithm.md §1.8), sized for a TPU pod / multi-GPU host; see appo_jax.training.paper.
 """
 from appo_jax.training.paper import paper_config
 

@@ -1,4 +1,4 @@
-"""Advantage estimators vs independent explicit-loop references written from DESIGN.md §1.4-1.7."""
+"""Advantage estimators vs independent explicit-loop references written from docs/algorithm.md §1.4-1.7."""
 import math
 
 import jax

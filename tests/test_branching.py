@@ -1,4 +1,4 @@
-"""Branching Score (DESIGN.md §1.1-1.2) against slow explicit-loop references written from the formulas."""
+"""Branching Score (docs/algorithm.md §1.1-1.2) against slow explicit-loop references written from the formulas."""
 import math
 
 import jax

@@ -1,4 +1,4 @@
-"""Candidate-token table and per-token candidate mask (DESIGN.md §1.2)."""
+"""Candidate-token table and per-token candidate mask (docs/algorithm.md §1.2)."""
 import importlib.util
 import os
 

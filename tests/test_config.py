@@ -65,7 +65,7 @@ def test_batch_must_divide_the_mesh():
     validate(apply_overrides(cfg, ["mesh.data=1", "mesh.tensor=4"]), num_devices=4)  # tensor does not split rows
 
 
-# DESIGN.md §1.6-§1.7: (loss mode, clip_high) of each algorithm.
+# docs/algorithm.md §1.6-§1.7: (loss mode, clip_high) of each algorithm.
 EXPECTED_LOSS = {"grpo": ("dual_clip", 0.2), "dapo": ("ppo", 0.28), "arpo": ("dual_clip", 0.2),
                  "aepo": ("aepo", 0.2), "tree_grpo": ("dual_clip", 0.2), "appo_no_future_kl": ("dual_clip", 0.28)}
 

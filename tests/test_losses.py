@@ -1,4 +1,4 @@
-"""Policy losses vs explicit-loop references written from DESIGN.md §1.6, gradients vs finite differences."""
+"""Policy losses vs explicit-loop references written from docs/algorithm.md §1.6, gradients vs finite differences."""
 import math
 from functools import partial
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Copy this checkout to every worker and install it with JAX for TPU: TPU_NAME=appo tpu_scripts/setup.sh
-# Data (../shared/data layout: benchmarks/, rl/, search/) goes to $DATA_DIR on every worker (default ~/appo-data).
+# The data ships inside the package (appo_jax/data/raw). LOCAL_DATA=<a data dir with benchmarks/, rl/, search/>
+# copies another data dir to $DATA_DIR on every worker (default ~/appo-data; use it with --data-dir).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 : "${DATA_DIR:=appo-data}"

@@ -1,5 +1,5 @@
 """Advantage estimators: GRPO, APPO dual groups with prefix credit, the procedure-level reward scale M,
-and the ARPO / Tree-GRPO / AEPO baselines (DESIGN.md §1.4, §1.5, §1.7).
+and the ARPO / Tree-GRPO / AEPO baselines (docs/algorithm.md §1.4, §1.5, §1.7).
 
 Conventions (shared by every function here):
 
@@ -29,9 +29,9 @@ from appo_jax.core.stats import masked_mean, masked_zscore, segment_zscore
 
 Array = jax.Array
 
-#: Added to the group std before dividing (DESIGN.md §1.4).
+#: Added to the group std before dividing (docs/algorithm.md §1.4).
 STD_EPS = 1e-6
-#: Official default of the reward-scale discount lambda (DESIGN.md §1.5).
+#: Official default of the reward-scale discount lambda (docs/algorithm.md §1.5).
 REWARD_SCALE_DISCOUNT = 0.9
 #: AEPO entropy-aware advantage coefficient alpha in ``A (1 + alpha sg(z(H)))``.
 AEPO_ENTROPY_ALPHA = 0.2
@@ -102,7 +102,7 @@ def landed_branches(group_ids, is_branch, parent, branch_pos, length: int, valid
 def dual_group_advantages(rewards, group_ids, is_branch, parent, branch_pos, length: int,
                           num_groups: int, norm_by_std: bool = True, valid=None,
                           *, eps: float = STD_EPS) -> tuple[Array, Array]:
-    """Per-row dual-group advantages (DESIGN.md §1.4).
+    """Per-row dual-group advantages (docs/algorithm.md §1.4).
 
     ``A_init(i) = (R_i - mean_{init of g} R) / (std_{init of g} R + eps)`` for initial rows and
     ``A_branch(j) = (R_j - mean_{landed branches of g} R) / (std_{landed branches of g} R + eps)`` for
@@ -130,7 +130,7 @@ def _attach(values, landed, rows, positions, n: int, length: int) -> Array:
 def appo_advantages(rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_groups: int,
                     norm_by_std: bool = True, *, valid=None, prefix_credit: bool = True,
                     eps: float = STD_EPS) -> Array:
-    """APPO token advantages (DESIGN.md §1.4): dual groups plus prefix credit mapped to the parents.
+    """APPO token advantages (docs/algorithm.md §1.4): dual groups plus prefix credit mapped to the parents.
 
     For an initial row i (taking part) and position t::
 
@@ -166,7 +166,7 @@ def appo_advantages(rewards, group_ids, is_branch, parent, branch_pos, gen_mask,
 def reward_scale(branch_scores, is_branch, parent, branch_pos, gen_mask, *,
                  discount: float = REWARD_SCALE_DISCOUNT, valid=None, group_ids=None,
                  num_groups: int | None = None) -> Array:
-    """Procedure-level reward scale M (DESIGN.md §1.5, the official implementation detail), ``[N, L]``.
+    """Procedure-level reward scale M (docs/algorithm.md §1.5, the official implementation detail), ``[N, L]``.
 
     For an initial row i with landed branches j (scores ``BS_j``, positions ``t_j``)::
 

@@ -1,4 +1,4 @@
-"""The Branching Score of APPO (DESIGN.md §1.1-1.2): token entropy, future value Omega, per-rollout score and
+"""The Branching Score of APPO (docs/algorithm.md §1.1-1.2): token entropy, future value Omega, per-rollout score and
 the per-group selection of branch points.
 
 Every function is pure, static-shaped, jit-, vmap- and batch-shardable, and computes in float32 whatever the
@@ -17,7 +17,7 @@ from appo_jax.core.stats import ZSCORE_STD_FLOOR, masked_std, masked_zscore
 
 Array = jax.Array
 
-#: ``F`` is clipped to ``[-F_CLIP, F_CLIP]`` before the exponential of Omega (DESIGN.md §1.1).
+#: ``F`` is clipped to ``[-F_CLIP, F_CLIP]`` before the exponential of Omega (docs/algorithm.md §1.1).
 F_CLIP = 20.0
 
 
@@ -56,7 +56,7 @@ def future_log_ratio(log_ratio, mask, gamma=1.0) -> Array:
 
 
 def future_values(log_ratio, mask, gamma=1.0, clip_eps=0.2) -> Array:
-    """Future value ``Omega_t = clip(exp(clip(F_t, -20, 20)), 1 - eps, 1 + eps)`` (DESIGN.md §1.1).
+    """Future value ``Omega_t = clip(exp(clip(F_t, -20, 20)), 1 - eps, 1 + eps)`` (docs/algorithm.md §1.1).
 
     ``F`` is :func:`future_log_ratio` (``D_t = (lc_t - lb_t) m_t``, ``F_t = D_t + gamma F_{t+1}``); ``eps =
     clip_eps``; ``eps <= 0`` means no outer clip (Omega in ``[e^-20, e^20]``). ``clip_eps`` may be a Python
@@ -135,7 +135,7 @@ def _row_top(key, in_tier, k):
 
 @partial(jax.jit, static_argnames=("num_groups", "budget"))
 def select_branch_points(scores, strict_mask, candidate_mask, group_ids, num_groups: int, budget: int):
-    """Choose ``budget`` branch points per prompt group (DESIGN.md §1.2), as one jitted batched op.
+    """Choose ``budget`` branch points per prompt group (docs/algorithm.md §1.2), as one jitted batched op.
 
     Inputs: ``scores``, ``strict_mask``, ``candidate_mask`` ``[N, L]`` (from :func:`branching_scores` and the
     candidate mask); ``group_ids`` ``[N]`` int, the prompt group of each row (rows with an id outside

@@ -1,4 +1,4 @@
-"""Branch-point candidates (DESIGN.md §1.2): a per-vocabulary boolean table, built once on the host from the
+"""Branch-point candidates (docs/algorithm.md §1.2): a per-vocabulary boolean table, built once on the host from the
 tokenizer, and the jitted per-token candidate mask.
 
 A token id is a *candidate token* unless its decoded text is

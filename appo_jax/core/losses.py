@@ -1,5 +1,5 @@
 """Policy losses: PPO clip (separate low / high epsilon), dual clip, the APPO future-KL loss, the AEPO
-stop-gradient clip-high, KL penalties and loss aggregation (DESIGN.md §1.6, §1.7).
+stop-gradient clip-high, KL penalties and loss aggregation (docs/algorithm.md §1.6, §1.7).
 
 Conventions:
 
@@ -86,7 +86,7 @@ def _future_kl_weights(d, adv, mask, *, decay_rate, clip_eps, high_only, clip_ra
 
 def future_kl_weights(logp, old_logp, advantages, mask, *, decay_rate: float = 64.0, clip_eps: float = 0.2,
                       high_only: bool = True, clip_ratio_c: float = 3.0, safety_thresh: float = 6.0) -> Array:
-    """Future-KL advantage weights w ``[N, L]`` (DESIGN.md §1.6), no gradient (``stop_gradient``)::
+    """Future-KL advantage weights w ``[N, L]`` (docs/algorithm.md §1.6), no gradient (``stop_gradient``)::
 
         d_t = clip(lp_t - lp_old_t, -20, 20),  r_t = exp(d_t),  p_t = [d_t <= ln c]
         G_t = sum_{k >= t} g^(k - t) m_k p_k d_k,   g = 2^(-1 / decay_rate)     (O(L) reverse scan)
@@ -206,7 +206,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
                 fkl_clip: float = 0.2, fkl_high_only: bool = True, fkl_weight: float = 1.0,
                 safety_thresh: float = 6.0, agg: str = "token-mean", ref_logp=None, kl_coef: float = 0.0,
                 kl_kind: str = "low_var_kl", entropy=None, entropy_coef: float = 0.0):
-    """Clipped policy-gradient loss (DESIGN.md §1.6); returns ``(loss, metrics)``.
+    """Clipped policy-gradient loss (docs/algorithm.md §1.6); returns ``(loss, metrics)``.
 
     Per valid token (``d_t = clip(lp_t - lp_old_t, -20, 20)``, ``r_t = exp(d_t)``, A the advantage)::
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-#: std values below this are treated as 1 by :func:`masked_zscore` (DESIGN.md §1.2).
+#: std values below this are treated as 1 by :func:`masked_zscore` (docs/algorithm.md §1.2).
 ZSCORE_STD_FLOOR = 1e-8
 
 

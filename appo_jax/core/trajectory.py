@@ -1,4 +1,4 @@
-"""The Trajectory batch: the one pytree that carries rollouts through the pipeline (DESIGN.md §3).
+"""The Trajectory batch: the one pytree that carries rollouts through the pipeline (docs/architecture.md).
 
 All per-token arrays are ``[N, L]`` over *response* positions (L = max response length); prompts are kept
 left-padded in ``[N, P]`` arrays so that ``concat(prompt_tokens, tokens)`` is the full model input. Rows are
@@ -77,7 +77,7 @@ class Trajectory:
 
     @property
     def loss_mask(self) -> Array:
-        """m_t restricted to initial rollouts: branch rows never enter the policy loss (DESIGN.md §1.3)."""
+        """m_t restricted to initial rollouts: branch rows never enter the policy loss (docs/algorithm.md §1.3)."""
         return self.gen_mask & (~self.is_branch)[:, None] & self.row_valid[:, None]
 
     @classmethod

@@ -1,6 +1,6 @@
 """The Llama / Qwen2 / Qwen3 / SmolLM decoder as pure functions of a plain params pytree (Flax Linen inside).
 
-Public API (see notes/MODEL_CONTRACT.md):
+Public API (docs/architecture.md, "Model"):
   init_params(config, rng) -> params            plain nested dict of arrays (layers stacked on axis 0)
   param_logical_axes(config) -> axes            same tree, leaves = tuples of logical axis names
   forward(params, tokens, positions, *, config, token_mask=None, cache=None, return_hidden=False)

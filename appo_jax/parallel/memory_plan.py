@@ -1,4 +1,4 @@
-"""Per-device memory plan for a model + mesh + batch, without allocating anything (DESIGN.md §4).
+"""Per-device memory plan for a model + mesh + batch, without allocating anything (docs/architecture.md §Scale).
 
 Parameter, optimizer and KV-cache bytes are exact: shapes come from ``jax.eval_shape`` of the real
 initialiser / cache, and each array's per-device shard shape from the same logical-axis rules the trainer uses

@@ -1,6 +1,6 @@
 """Outcome rewards of a full response: the ARPO reward and its plain (ungated) evaluation variants.
 
-ARPO convention (DESIGN.md §2), for a response and its ground truths G:
+ARPO convention (docs/protocol.md), for a response and its ground truths G:
 
     R = -1                                  if check_format(response) fails
     R = acc + 0.1 * [acc > 0 and the response used both search and python]      otherwise

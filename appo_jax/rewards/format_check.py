@@ -1,4 +1,4 @@
-"""The ARPO format check of a response (DESIGN.md §2): is it a well-formed multi-turn tool transcript?
+"""The ARPO format check of a response (docs/protocol.md): is it a well-formed multi-turn tool transcript?
 
 The response (everything after the prompt: generated text plus the appended ``<result>`` observations) is read as
 a sequence of top-level blocks; text between blocks is allowed. A response passes iff:

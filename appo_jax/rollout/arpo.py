@@ -1,4 +1,4 @@
-"""ARPO / AEPO entropy-triggered branching after tool results (DESIGN.md §1.7), as :class:`LoopHooks`.
+"""ARPO / AEPO entropy-triggered branching after tool results (docs/algorithm.md §1.7), as :class:`LoopHooks`.
 
 Per prompt group: ``n_init`` initial rollouts run through the tool loop. For every rollout the hooks see
 

@@ -5,7 +5,7 @@ slot's sequence so far (prompt, generated and appended tokens: ``seen[v]``) has 
 
     l'_v = l_v / r   if l_v > 0,     l'_v = l_v * r   otherwise;      l'_v = l_v for tokens not seen.
 
-r = 1 (the default) is off. It is an evaluation setting (DESIGN.md §1.8: 1.1); RL rollouts keep r = 1 so that
+r = 1 (the default) is off. It is an evaluation setting (docs/algorithm.md §1.8: 1.1); RL rollouts keep r = 1 so that
 the trainer, which recomputes log p from the plain logits, scores the same distribution the sampler drew from.
 
 The recorded distribution (one definition, used for both numbers the sampler returns):
@@ -18,7 +18,7 @@ The recorded distribution (one definition, used for both numbers the sampler ret
                                             `appo_jax.core.branching.token_entropy`)
 
 top-k / top-p only restrict *which* token can be drawn; they do not change lb_t or H_t. This matches what the
-trainer recomputes (`log_softmax(logits / T)` of the taken token, DESIGN.md §1: "entropy of the sampling
+trainer recomputes (`log_softmax(logits / T)` of the taken token, docs/algorithm.md §1: "entropy of the sampling
 distribution (after temperature)") and what the rollout default (top_p = 1, top_k = 0) samples from exactly;
 with truncation on, lb_t is the log-prob under the temperature-scaled policy, not under the truncated one.
 

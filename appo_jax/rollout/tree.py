@@ -1,4 +1,4 @@
-"""Tree-GRPO step-level tree expansion (DESIGN.md §1.7): trees of ReAct steps with random node expansion.
+"""Tree-GRPO step-level tree expansion (docs/algorithm.md §1.7): trees of ReAct steps with random node expansion.
 
 A *step* is a segment of a rollout ending in a tool call (followed by its result) or the answer; a *node* is the
 state after a complete tool step, i.e. response position ``t`` = the last observation token of a tool result

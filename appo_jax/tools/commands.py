@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="query cache (.json) or document corpus (.jsonl); "
                          "default: <data dir>/search/search_cache.json")
     se.add_argument("--data-dir", default=None,
-                    help="data dir holding search/ (default: $APPO_DATA_DIR, else ../shared/data)")
+                    help="data dir holding search/ (default: $APPO_DATA_DIR, else the shipped data)")
     se.add_argument("--max-page-chars", type=int, default=600, help="cut each page to this many characters")
     se.set_defaults(func=_search)
 

@@ -22,7 +22,7 @@ class ToolResult:
     seconds: float = 0.0
 
     def observation(self) -> str:
-        """The observation appended to the rollout: ``<result>\\n{text}\\n</result>`` (DESIGN.md §2)."""
+        """The observation appended to the rollout: ``<result>\\n{text}\\n</result>`` (docs/protocol.md)."""
         return format_observation(self.text)
 
 

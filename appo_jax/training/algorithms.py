@@ -1,4 +1,4 @@
-"""The RL iteration of every algorithm, built from the core functions and the rollout engine (DESIGN.md §1, §3).
+"""The RL iteration of every algorithm, built from the core functions and the rollout engine (docs/algorithm.md §1, §3).
 
 One iteration (:meth:`Collector.collect`) turns a batch of prompts into a train batch:
 
@@ -10,7 +10,7 @@ One iteration (:meth:`Collector.collect`) turns a batch of prompts into a train 
     arpo / aepo   engine.arpo(n, n_init) -> ARPO (GRPO over all n) / AEPO entropy-aware advantages -> all rows
     tree_grpo     engine.tree(n, n_init) -> prompt-group + tree-group GRPO -> all rows
 
-``omega_baseline`` picks lb (DESIGN.md §1.1): ``sampler`` (the behaviour log-probs the sampler recorded),
+``omega_baseline`` picks lb (docs/algorithm.md §1.1): ``sampler`` (the behaviour log-probs the sampler recorded),
 ``lagged`` (log-probs under the policy of ``omega_lag`` RL iterations ago; the current policy before that many
 iterations exist, i.e. Omega = 1 and entropy-only ranking) or ``reference`` (the reference model). The PPO
 ``old_logp`` is lc, the current policy's recomputed log-probs; ``ref_logp`` feeds the KL term.
@@ -90,7 +90,7 @@ def make_logprob_fn(config: ModelConfig, *, chunk: int, temperature: float, micr
 @partial(jax.jit, static_argnames=("num_groups", "budget", "score", "gamma", "clip_eps"))
 def branch_points(lc, lb, entropy, gen_mask, tokens, table, group_id, max_response_len, *, num_groups: int,
                   budget: int, score: str = "appo", gamma: float = 1.0, clip_eps: float = 0.2):
-    """Omega, Branching Scores and the selected branch points of the initial rollouts (DESIGN.md §1.1-§1.2).
+    """Omega, Branching Scores and the selected branch points of the initial rollouts (docs/algorithm.md §1.1-§1.2).
 
     ``score``: ``appo`` (Z(H) Z(Omega)), ``entropy`` (Omega := 1, so BS = Z(H)) or ``omega`` (H := 1, so
     BS = Z(Omega)). Returns ``(omega, scores, strict, candidates, (rows, positions, sel_scores, valid))``.

@@ -7,7 +7,7 @@ offending key / value and what would be accepted.
 
 Algorithm-dependent defaults (loss mode, clip-high, dynamic sampling, ...) are written ``None`` / ``"auto"``
 in the config and resolved by :func:`resolved_loss` / :func:`algorithm_spec` from the algorithm's entry in
-:data:`ALGORITHMS` (DESIGN.md §1.7), so ``--set algorithm.name=dapo`` alone switches to the DAPO recipe.
+:data:`ALGORITHMS` (docs/algorithm.md §1.7), so ``--set algorithm.name=dapo`` alone switches to the DAPO recipe.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ DTYPES = ("", "float32", "bfloat16")
 
 @dataclass(frozen=True)
 class AlgorithmSpec:
-    """What an algorithm name means (DESIGN.md §1.7): how rollouts are drawn, which advantage estimator and
+    """What an algorithm name means (docs/algorithm.md §1.7): how rollouts are drawn, which advantage estimator and
     loss it uses, and which APPO components are switched on.
 
     rollout: ``independent`` (n rollouts per prompt), ``appo`` (n_init initial + branches chosen by the
@@ -114,7 +114,7 @@ class DataSection:
 
 @dataclass
 class RolloutSection:
-    """Sampler and tool loop settings (``appo_jax.rollout.engine.RolloutConfig``); DESIGN.md §1.8 defaults."""
+    """Sampler and tool loop settings (``appo_jax.rollout.engine.RolloutConfig``); docs/algorithm.md §1.8 defaults."""
 
     max_prompt_len: int = 2048
     max_response_len: int = 6144
@@ -131,7 +131,7 @@ class RolloutSection:
 
 @dataclass
 class AlgorithmSection:
-    """The RL algorithm (a name of :data:`ALGORITHMS`) and its knobs (DESIGN.md §1.1-§1.5).
+    """The RL algorithm (a name of :data:`ALGORITHMS`) and its knobs (docs/algorithm.md §1.1-§1.5).
 
     n / n_init: rollouts per prompt in total / initial (APPO branches ``n - n_init`` per prompt; independent
     sampling draws n). omega_baseline: sampler | lagged | reference; omega_lag: updates of lag for ``lagged``;
@@ -157,7 +157,7 @@ class AlgorithmSection:
 
 @dataclass
 class LossSection:
-    """Policy loss (DESIGN.md §1.6). mode ``auto`` and clip_high ``None`` take the algorithm's defaults."""
+    """Policy loss (docs/algorithm.md §1.6). mode ``auto`` and clip_high ``None`` take the algorithm's defaults."""
 
     mode: str = "auto"
     clip_low: float = 0.2
@@ -175,7 +175,7 @@ class LossSection:
 
 @dataclass
 class OptimizerSection:
-    """AdamW with a schedule and global-norm clipping (DESIGN.md §1.8: lr 1e-6 constant, wd 0.01, clip 1.0)."""
+    """AdamW with a schedule and global-norm clipping (docs/algorithm.md §1.8: lr 1e-6 constant, wd 0.01, clip 1.0)."""
 
     lr: float = 1e-6
     schedule: str = "constant"

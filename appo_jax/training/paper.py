@@ -1,4 +1,4 @@
-"""The paper's training setups with the official hyperparameters (DESIGN.md §1.8), for the experiment files.
+"""The paper's training setups with the official hyperparameters (docs/algorithm.md §1.8), for the experiment files.
 
     paper_config(setup, algorithm) -> ExperimentConfig
 

@@ -2,7 +2,7 @@
 
 ``arithmetic_records(n, seed)`` gives questions such as "What is 37 * 12?" with the exact result as ground
 truth (ability "math", so the default reward is ``arpo_math``). ``arithmetic_traces(records, tools)`` writes one
-tool-use trace per question in the ARPO protocol (DESIGN.md §2) for cold-start SFT; the ``<result>`` block is
+tool-use trace per question in the ARPO protocol (docs/protocol.md) for cold-start SFT; the ``<result>`` block is
 produced by actually running the python tool of ``tools``:
 
     <think>I need {a} {op} {b}. I will compute it with python.</think>

@@ -66,7 +66,7 @@ class StepConfig:
 
 def make_train_batch(traj, advantages, old_logp, ref_logp=None, *, train_branches: bool = False) -> dict:
     """The train-batch dict of a Trajectory. ``loss_mask`` = ``traj.loss_mask`` (generated tokens of valid
-    initial rows: branch rows contribute nothing, DESIGN.md §1.3), or ``gen_mask & row_valid`` when
+    initial rows: branch rows contribute nothing, docs/algorithm.md §1.3), or ``gen_mask & row_valid`` when
     ``train_branches`` (ARPO / AEPO / Tree-GRPO train on every rollout)."""
     if train_branches:
         loss_mask = jnp.asarray(traj.gen_mask) & jnp.asarray(traj.row_valid)[:, None]
