@@ -2,7 +2,8 @@
 
 Each area owns its subcommands in a `commands` module exposing ``register(subparsers)``; handlers take the
 parsed ``args`` and return an exit code. Errors meant for users (``ValueError``, ``FileNotFoundError``) are
-printed as one clear line instead of a traceback (set ``APPO_JAX_TRACEBACK=1`` to see it).
+printed as one clear line instead of a traceback (set ``APPO_JAX_TRACEBACK=1`` to see it). JAX's persistent
+compilation cache is on for every command (`appo_jax.compilation_cache`; ``--no-compile-cache`` turns it off).
 """
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import argparse
 import importlib
 import os
 import sys
+
+from appo_jax.compilation_cache import default_cache_dir, enable_compilation_cache
 
 COMMAND_MODULES = (
     "appo_jax.rollout.commands",
@@ -23,6 +26,10 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appo-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("--compile-cache-dir", default=None,
+                        help="JAX persistent compilation cache (default: $APPO_JAX_COMPILE_CACHE, else "
+                             "~/.cache/appo_jax/jax_compilation)")
+    parser.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh, cache nothing")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -32,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if not args.no_compile_cache:
+            enable_compilation_cache(args.compile_cache_dir or default_cache_dir())
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get("APPO_JAX_TRACEBACK"):

@@ -3,11 +3,21 @@
   load_gguf_config(path, **overrides) -> ModelConfig
   load_gguf(path, mesh=None, rules=None, **overrides) -> (config, params)
   load_gguf_tokenizer(path) -> transformers tokenizer (offline, from the GGUF vocabulary)
+
+Reading a GGUF file is slow in Python (SmolLM2-135M: ~8 s to parse the metadata and dequantise, ~10 s for
+transformers to convert its tokenizer), so the first load converts the file once into an HF directory (float32
+safetensors, config.json, tokenizer files) under ``$APPO_MODEL_CACHE`` (default ``~/.cache/appo_jax/models``;
+``off`` disables it), keyed by the file's absolute path, size and modification time; later loads read that
+directory (under a second). The conversion is exact: the cached weights are the dequantised float32 values.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from collections import OrderedDict
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -184,16 +194,86 @@ def load_gguf_config(path: str, **overrides) -> ModelConfig:
     return _config_from_reader(_reader(path), path, overrides)
 
 
+MODEL_CACHE_ENV = "APPO_MODEL_CACHE"
+_CONVERSION_VERSION = "1"  # bump when the conversion's output changes
+
+
+def gguf_cache_root() -> Path | None:
+    """``$APPO_MODEL_CACHE`` (None when ``off``), else ``$XDG_CACHE_HOME/appo_jax/models``."""
+    env = os.environ.get(MODEL_CACHE_ENV, "").strip()
+    if env.lower() in ("off", "0", "none", "false"):
+        return None
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "appo_jax" / "models"
+
+
+def _cache_dir(path: str) -> Path | None:
+    root = gguf_cache_root()
+    if root is None:
+        return None
+    st = os.stat(path)
+    key = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{_CONVERSION_VERSION}"
+    return root / f"{Path(path).stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def converted_gguf_dir(path: str) -> Path | None:
+    """The cached HF directory of the GGUF file ``path`` (module doc), converting it on first use; None when the
+    cache is off or cannot be written (then callers read the GGUF directly)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    target = _cache_dir(path)
+    if target is None:
+        return None
+    if (target / "config.json").is_file():
+        return target
+    from appo_jax.models.hf_io import export_hf
+
+    reader = _reader(path)
+    config = _config_from_reader(reader, path, {"dtype": "float32", "param_dtype": "float32"})
+    params = jax.device_get(assemble_params(config, GGUFSource(path, reader, config), None, None))
+    tokenizer = _gguf_file_tokenizer(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    except OSError:
+        return None  # an unwritable cache only costs time
+    try:
+        export_hf(params, config, str(tmp), tokenizer=tokenizer)
+        os.replace(tmp, target)  # atomic; a concurrent conversion that finished first wins
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target if (target / "config.json").is_file() else None
+    return target
+
+
 def load_gguf(path: str, mesh: jax.sharding.Mesh | None = None, rules=None, **overrides) -> tuple[ModelConfig, dict]:
     """(config, params) from a GGUF file: every tensor dequantised to float32 (gguf.quants.dequantize), then cast
-    to config.param_dtype and placed (sharded when `mesh` is given)."""
+    to config.param_dtype and placed (sharded when `mesh` is given). Read from the converted cache when enabled
+    (module doc)."""
+    cached = converted_gguf_dir(path)
+    if cached is not None:
+        from appo_jax.models.hf_io import load_hf
+
+        config, params = load_hf(str(cached), mesh, rules, **overrides)
+        return config, params
     reader = _reader(path)
     config = _config_from_reader(reader, path, overrides)
     return config, assemble_params(config, GGUFSource(path, reader, config), mesh, rules)
 
 
-def load_gguf_tokenizer(path: str):
-    """The tokenizer stored in the GGUF file, via transformers (AutoTokenizer with gguf_file=...; offline)."""
+def _gguf_file_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+
+
+def load_gguf_tokenizer(path: str):
+    """The tokenizer stored in the GGUF file, via transformers (AutoTokenizer with gguf_file=...; offline); read
+    from the converted cache when enabled (module doc)."""
+    cached = converted_gguf_dir(path)
+    if cached is None:
+        return _gguf_file_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(cached))
