@@ -1,4 +1,4 @@
-"""The multi-turn tool loop (DESIGN.md §2) over the slots of a :class:`~appo_jax.rollout.policy.SlotPolicy`.
+"""The multi-turn tool loop (docs/protocol.md) over the slots of a :class:`~appo_jax.rollout.policy.SlotPolicy`.
 
 Protocol of one rollout: the policy generates until ``</python>``, ``</search>``, ``</answer>`` or EOS. At a
 tool stop the loop parses the *last* ``<python>…</python>`` / ``<search>…</search>`` of the new segment (the
@@ -270,9 +270,12 @@ class AgentLoop:
         return next(j for j in range(st.boundary + 1, end + 1) if straddles(j))
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def run(self, requests: Iterable[RolloutRequest], hooks: LoopHooks | None = None) -> list[Rollout]:
+    def run(self, requests: Iterable[RolloutRequest], hooks: LoopHooks | None = None,
+            progress: Callable[[int, int, int], None] | None = None) -> list[Rollout]:
         """Run every request (and every request the hooks add) to completion; returns the rollouts ordered by
         ``Rollout.index`` (enqueue order). Rewards are filled before returning. ``self.stats`` describes the run.
+        ``progress(finished, added, tokens)`` (e.g. `appo_jax.progress.RolloutProgress`) is called after every
+        decode chunk with the rollouts finished, requests added and tokens generated since its last call.
         """
         cfg, policy = self.cfg, self.policy
         length = cfg.max_response_len
@@ -289,6 +292,7 @@ class AgentLoop:
                 counter[0] += 1
 
         enqueue(requests)
+        reported = (0, 0, 0)  # (finished, enqueued, generated tokens) at the last progress call
         slots: list[_Slot | None] = [None] * policy.num_slots
         done: list[Rollout] = []
         reward_futures: list[tuple[Rollout, Future]] = []
@@ -446,12 +450,17 @@ class AgentLoop:
                         finish(s, FINISH_EOS)
                     elif fin == CHUNK_LENGTH or st.n >= length:
                         finish(s, FINISH_LENGTH)
+                if progress is not None:
+                    progress(len(done) - reported[0], counter[0] - reported[1], stats.generated_tokens - reported[2])
+                    reported = (len(done), counter[0], stats.generated_tokens)
             elif any(st is not None for st in slots):
                 t0 = time.perf_counter()
                 wait([st.future for st in slots if st is not None], return_when=FIRST_COMPLETED)
                 stats.tool_wait_s += time.perf_counter() - t0
             elif not queue:
                 break
+        if progress is not None:
+            progress(len(done) - reported[0], counter[0] - reported[1], stats.generated_tokens - reported[2])
         t0 = time.perf_counter()
         for ro, fut in reward_futures:
             ro.reward = float(fut.result())

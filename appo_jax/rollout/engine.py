@@ -1,4 +1,4 @@
-"""The rollout engine: prompts -> static-shape Trajectory batches (ROLLOUT_CONTRACT.md, DESIGN.md §1.3, §1.7, §2).
+"""The rollout engine: prompts -> static-shape Trajectory batches (docs/algorithm.md §1.3, §1.7; docs/protocol.md).
 
 :class:`RolloutEngine` runs the multi-turn tool loop (:mod:`appo_jax.rollout.agent_loop`) on the slots of the
 jitted sampler and assembles :class:`~appo_jax.core.trajectory.Trajectory` batches:
@@ -18,6 +18,7 @@ Tree-GRPO's tree groups).
 """
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -79,6 +80,15 @@ class RolloutConfig:
                 raise ValueError(f"RolloutConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.tool_call_limit < 0:
             raise ValueError(f"RolloutConfig.tool_call_limit must be >= 0, got {self.tool_call_limit}")
+
+    def fitted(self, prompts: Sequence["PromptItem"], rollouts: int, multiple: int = 64) -> "RolloutConfig":
+        """This config sized to a call: ``max_prompt_len`` cut to the longest of ``prompts`` (rounded up to
+        ``multiple``, never above the configured bound) and ``num_slots`` to the ``rollouts`` that run at once
+        (never above the configured number). The KV cache (slots x (P + L + padding)) then holds what the call
+        needs, not the configured maximum."""
+        longest = max((len(p.prompt_ids) for p in prompts), default=1)
+        p_len = min(self.max_prompt_len, -(-longest // multiple) * multiple)
+        return dataclasses.replace(self, max_prompt_len=p_len, num_slots=max(1, min(self.num_slots, rollouts)))
 
 
 @dataclass
@@ -202,6 +212,15 @@ class RolloutEngine:
         """Use new policy weights for the following rollouts."""
         self.policy.set_params(params)
 
+    def describe(self) -> str:
+        """One line: sampler slots, KV-cache row length and bytes, response budget and tool-call limit."""
+        cache = getattr(self.policy, "cache", None)
+        kv = "" if cache is None else (f", KV cache {cache.batch} x {cache.max_len} slots "
+                                       f"({(cache.k.nbytes + cache.v.nbytes) / 2**20:.0f} MiB)")
+        cfg = self.cfg
+        return (f"{cfg.num_slots} sampler slots{kv}; prompts <= {cfg.max_prompt_len} tokens, responses <= "
+                f"{cfg.max_response_len} tokens (tool results included), <= {cfg.tool_call_limit} tool calls")
+
     @property
     def stats(self):
         """:class:`~appo_jax.rollout.agent_loop.LoopStats` of the last loop run."""
@@ -230,9 +249,10 @@ class RolloutEngine:
                               meta=dict(item=item, group=group, local=local, kind=kind, parent=parent,
                                         branch_pos=branch_pos, score=score))
 
-    def run(self, requests: Sequence[RolloutRequest], hooks=None) -> list[Rollout]:
-        """Run requests through the tool loop (``meta["item"]`` must hold their :class:`PromptItem`)."""
-        return self.loop.run(requests, hooks)
+    def run(self, requests: Sequence[RolloutRequest], hooks=None, progress=None) -> list[Rollout]:
+        """Run requests through the tool loop (``meta["item"]`` must hold their :class:`PromptItem`);
+        ``progress`` as in :meth:`AgentLoop.run`."""
+        return self.loop.run(requests, hooks, progress)
 
     def _assemble(self, rows: list[_Row], parents_in_batch: bool = True) -> RolloutBatch:
         cfg = self.cfg
@@ -277,20 +297,20 @@ class RolloutEngine:
         return rows
 
     # -- initial rollouts --------------------------------------------------------------------------------------
-    def initial_batch(self, prompts: Sequence[PromptItem], n_init: int, key) -> RolloutBatch:
+    def initial_batch(self, prompts: Sequence[PromptItem], n_init: int, key, progress=None) -> RolloutBatch:
         """``n_init`` rollouts per prompt; row ``g * n_init + i`` is rollout ``i`` of prompt ``g`` (kind init,
-        rewards filled)."""
+        rewards filled). ``progress``: see :meth:`run`."""
         if n_init < 1:
             raise ValueError(f"n_init must be >= 1, got {n_init}")
         self._check_prompts(prompts)
         reqs = [self._request(key, item, g, i) for g, item in enumerate(prompts) for i in range(n_init)]
-        rollouts = self.run(reqs)
+        rollouts = self.run(reqs, progress=progress)
         return self._assemble(self._rows_from_rollouts(rollouts, len(reqs),
                                                        lambda m: m["group"] * n_init + m["local"]))
 
-    def initial(self, prompts: Sequence[PromptItem], n_init: int, key) -> Trajectory:
+    def initial(self, prompts: Sequence[PromptItem], n_init: int, key, progress=None) -> Trajectory:
         """:meth:`initial_batch` without the host extras."""
-        return self.initial_batch(prompts, n_init, key).traj
+        return self.initial_batch(prompts, n_init, key, progress).traj
 
     # -- APPO branches -----------------------------------------------------------------------------------------
     def branch_prefix(self, parents: Trajectory, row: int, t: int) -> Prefix:
@@ -307,7 +327,7 @@ class RolloutEngine:
                       tool_calls_from_tokens(self.tokenizer, tok, gen, obs))
 
     def branches_batch(self, parents: Trajectory, prompts: Sequence[PromptItem], rows, positions, scores, valid,
-                       key) -> RolloutBatch:
+                       key, progress=None) -> RolloutBatch:
         """APPO branch rollouts (module doc). ``rows`` / ``positions`` / ``scores`` / ``valid`` are ``[G, B]``
         (from ``select_branch_points``); output row ``g * B + j`` is the branch of slot ``(g, j)``; invalid
         slots give padding rows (``row_valid`` False)."""
@@ -337,7 +357,7 @@ class RolloutEngine:
                 req.meta["group"] = grp
                 req.meta["slot"] = g * budget + j
                 reqs.append(req)
-        rollouts = self.run(reqs)
+        rollouts = self.run(reqs, progress=progress)
         batch = self._assemble(self._rows_from_rollouts(rollouts, num_g * budget, lambda m: m["slot"]),
                                parents_in_batch=False)
         # branch rows' parents live in `parents`: their tree is their parent's
@@ -353,7 +373,7 @@ class RolloutEngine:
 
     # -- ARPO / AEPO -------------------------------------------------------------------------------------------
     def arpo_batch(self, prompts: Sequence[PromptItem], n: int, n_init: int, key,
-                   variant: str = "arpo") -> RolloutBatch:
+                   variant: str = "arpo", progress=None) -> RolloutBatch:
         """ARPO (``variant="arpo"``) or AEPO (``"aepo"``, consecutive-branch penalty) groups of ``n`` rows
         (:mod:`appo_jax.rollout.arpo`); row ``g * n + j``, ``parent`` indexes rows of this batch."""
         if variant not in ("arpo", "aepo"):
@@ -369,7 +389,7 @@ class RolloutEngine:
                                  parent=-1 if parent_local < 0 else g * n + parent_local, branch_pos=branch_pos)
 
         hooks = ArpoHooks(len(prompts), n, n_init, self.vocab_size, acfg, seed, make)
-        rollouts = self.run(hooks.initial_requests(), hooks)
+        rollouts = self.run(hooks.initial_requests(), hooks, progress)
         return self._assemble(self._rows_from_rollouts(rollouts, len(prompts) * n,
                                                        lambda m: m["group"] * n + m["local"]))
 
@@ -378,7 +398,7 @@ class RolloutEngine:
         return self.arpo_batch(prompts, n, n_init, key, variant).traj
 
     # -- Tree-GRPO ---------------------------------------------------------------------------------------------
-    def tree_batch(self, prompts: Sequence[PromptItem], n: int, n_init: int, key) -> RolloutBatch:
+    def tree_batch(self, prompts: Sequence[PromptItem], n: int, n_init: int, key, progress=None) -> RolloutBatch:
         """Tree-GRPO groups of ``n`` rows (:mod:`appo_jax.rollout.tree`): rows ``g * n + i``, ``i < n_init``,
         are the tree roots; expansions follow in creation order with ``parent`` / ``branch_pos`` set and
         ``tree_id`` = their root row."""
@@ -392,7 +412,7 @@ class RolloutEngine:
         count = [n_init] * len(prompts)
         remaining = {g * n + i: quota[i] for g in range(len(prompts)) for i in range(n_init)}
         for rnd in range(self.cfg.tree_rounds + 1):
-            for ro in self.run(reqs):
+            for ro in self.run(reqs, progress=progress):
                 m = ro.request.meta
                 r = m["group"] * n + m["local"]
                 done[r] = ro

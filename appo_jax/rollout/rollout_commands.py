@@ -8,8 +8,8 @@ points chosen with :mod:`appo_jax.core.branching` (entropy x future value Omega,
 then ``n - n_init`` branch rollouts. Omega needs the trainer's log-probs: here they are recomputed with a full
 forward pass of the *same* parameters (``omega_baseline="sampler"`` with no update in between), so
 ``D = lc - lb`` is only numerical noise (exactly 0 up to float error), Omega is constant, and the score degrades
-to entropy-only ranking — the documented degenerate behaviour (DESIGN.md §1.1). ``arpo`` / ``aepo``:
-entropy-triggered branching after tool results; ``tree``: Tree-GRPO step-level expansion (DESIGN.md §1.7).
+to entropy-only ranking — the documented degenerate behaviour (docs/algorithm.md §1.1). ``arpo`` / ``aepo``:
+entropy-triggered branching after tool results; ``tree``: Tree-GRPO step-level expansion (docs/algorithm.md §1.7).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import time
 import jax
 
 from appo_jax.core.trajectory import FINISH_NAMES, KIND_BRANCH
+from appo_jax.progress import RolloutProgress
 from appo_jax.rollout.engine import (PromptItem, RolloutBatch, RolloutConfig, RolloutEngine, concat_batches,
                                      default_tools)
 
@@ -67,7 +68,7 @@ def load_policy(model: str, tokenizer_path: str | None, dtype: str):
 
 def appo_branch_points(engine: RolloutEngine, params, config, batch: RolloutBatch, num_groups: int, budget: int,
                        temperature: float):
-    """APPO branch points of an initial batch (DESIGN.md §1.1-1.2) with log-probs recomputed by a full forward
+    """APPO branch points of an initial batch (docs/algorithm.md §1.1-1.2) with log-probs recomputed by a full forward
     of ``params``: returns ``select_branch_points``' ``(rows, positions, scores, valid)``, each ``[G, B]``."""
     from appo_jax.core.candidates import candidate_token_table
     from appo_jax.core.trajectory import to_device
@@ -136,24 +137,29 @@ def _run(args: argparse.Namespace) -> int:
                         decode_chunk=args.decode_chunk, tool_workers=args.tool_workers,
                         tool_timeout_s=args.tool_timeout)
     items = prompt_items(records, tokenizer, cfg.max_prompt_len)
+    cfg = cfg.fitted(items, len(items) * args.n)  # the KV cache holds what this call needs
     key = jax.random.key(args.seed)
     k_init, k_branch = jax.random.split(key)
     t0 = time.perf_counter()
-    with default_tools(cfg) as tools:
+    with default_tools(cfg) as tools, RolloutProgress(f"rollout ({args.branch})") as progress:
         engine = RolloutEngine(config, params, tokenizer, tools, cfg)
+        print(f"rollout: {len(items)} prompts of {args.dataset} x {args.n} rollouts ({args.branch} branching"
+              f"{'' if args.branch == 'none' else f', {args.n_init} initial'}); {engine.describe()}",
+              file=sys.stderr, flush=True)
         try:
             if args.branch == "none":
-                batch = engine.initial_batch(items, args.n, k_init)
+                batch = engine.initial_batch(items, args.n, k_init, progress)
             elif args.branch == "appo":
-                batch = engine.initial_batch(items, args.n_init, k_init)
+                batch = engine.initial_batch(items, args.n_init, k_init, progress)
                 if args.n > args.n_init:
                     points = appo_branch_points(engine, params, config, batch, len(items), args.n - args.n_init,
                                                 cfg.temperature)
-                    batch = concat_batches(batch, engine.branches_batch(batch.traj, items, *points, k_branch))
+                    batch = concat_batches(batch, engine.branches_batch(batch.traj, items, *points, k_branch,
+                                                                        progress))
             elif args.branch in ("arpo", "aepo"):
-                batch = engine.arpo_batch(items, args.n, args.n_init, k_init, variant=args.branch)
+                batch = engine.arpo_batch(items, args.n, args.n_init, k_init, variant=args.branch, progress=progress)
             else:
-                batch = engine.tree_batch(items, args.n, args.n_init, k_init)
+                batch = engine.tree_batch(items, args.n, args.n_init, k_init, progress)
         finally:
             engine.close()
     wall = time.perf_counter() - t0
@@ -195,7 +201,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="evaluation-style repetition penalty (1 = off; the recorded log-probs are then those of "
                         "the penalised distribution)")
-    p.add_argument("--slots", type=int, default=32, help="concurrent sampler slots")
+    p.add_argument("--slots", type=int, default=32,
+                   help="most concurrent sampler slots (the KV cache holds min(this, prompts x n) rows)")
     p.add_argument("--decode-chunk", type=int, default=16, help="decode steps per host check")
     p.add_argument("--tool-workers", type=int, default=8)
     p.add_argument("--tool-timeout", type=float, default=10.0, help="python tool wall-clock limit (s)")

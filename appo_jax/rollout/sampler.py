@@ -10,7 +10,7 @@ the cache holds ``seq[:-1]`` (the RoPE position of token i is i: padding never c
 * ``append(slots, tokens)`` puts external tokens (tool results) into a slot's context: it forwards
   ``[pending] + tokens[:-1]``, nothing is sampled or recorded;
 * ``decode(active, max_new)`` runs an on-device `lax.while_loop` of at most ``decode_chunk`` steps per call over
-  all rows (inactive / finished rows have ``token_mask = False`` and do not move, see MODEL_CONTRACT), repeated
+  all rows (inactive / finished rows have ``token_mask = False`` and do not move, see `appo_jax.models.decoder.forward`), repeated
   from the host until each active slot has ``max_new`` new tokens or stopped;
 * rolling back ``d`` tokens is ``end -= d`` plus invalidating the slots past the new end: no recomputation.
 
@@ -147,22 +147,18 @@ def _extend_rows(params, cache, rows, tokens, positions, mask, *, config: ModelC
     return _merge_window(cache, sub, rows)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "sampling", "eos_ids", "num_steps", "window"), donate_argnames=("cache",)
-)
-def _decode_loop(params, cache, keys, tokens, positions, budget, seen, *, config: ModelConfig,
-                 sampling: SamplingParams, eos_ids: tuple[int, ...], num_steps: int, window: int):
-    """Up to ``num_steps`` decode steps for all rows, on device.
+def _decode_steps(params, cache, keys, tokens, positions, budget, seen, *, config: ModelConfig,
+                  sampling: SamplingParams, eos_ids: tuple[int, ...], num_steps: int):
+    """Up to ``num_steps`` decode steps for all rows of ``cache`` (already cut to the attention window), on device.
 
     Row b runs while its count n_b < budget[b] and it has not produced an EOS id: each step feeds its pending
     token ``tokens[b]`` at RoPE position ``positions[b]`` (writing it into the cache) and draws the next token
-    with key fold_in(keys[b], positions[b] + 1). Attention runs over the first ``window`` cache slots (every row
-    with budget > 0 has end + budget <= window). ``seen`` (bool [B, V], or None without a repetition penalty)
+    with key fold_in(keys[b], positions[b] + 1). Every row with budget > 0 has end + budget <= the cache length.
+    ``seen`` (bool [B, V], or None without a repetition penalty)
     marks the tokens of each row's sequence; every drawn token is added to it. Returns (cache, out_tokens int32
     [B, num_steps], out_logprobs, out_entropies float32 [B, num_steps] (row b's first n_b columns are its new
     tokens), n int32 [B], hit_eos bool [B]).
     """
-    full_cache, cache = cache, _window(cache, window)
     batch = tokens.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32)
     base_keys = jax.random.wrap_key_data(keys)
@@ -213,7 +209,34 @@ def _decode_loop(params, cache, keys, tokens, positions, budget, seen, *, config
         "seen": seen,
     }
     out = jax.lax.while_loop(cond, body, init)
-    return _merge_window(full_cache, out["cache"]), out["out_tok"], out["out_lp"], out["out_ent"], out["n"], out["eos"]
+    return out["cache"], out["out_tok"], out["out_lp"], out["out_ent"], out["n"], out["eos"]
+
+
+_DECODE_STATIC = ("config", "sampling", "eos_ids", "num_steps", "window")
+
+
+@functools.partial(jax.jit, static_argnames=_DECODE_STATIC, donate_argnames=("cache",))
+def _decode_all(params, cache, keys, tokens, positions, budget, seen, *, config: ModelConfig,
+                sampling: SamplingParams, eos_ids: tuple[int, ...], num_steps: int, window: int):
+    """`_decode_steps` over every cache row; attention over the first ``window`` slots (every row with budget > 0
+    has end + budget <= window)."""
+    sub, *outs = _decode_steps(params, _window(cache, window), keys, tokens, positions, budget, seen, config=config,
+                               sampling=sampling, eos_ids=eos_ids, num_steps=num_steps)
+    return (_merge_window(cache, sub), *outs)
+
+
+@functools.partial(jax.jit, static_argnames=_DECODE_STATIC, donate_argnames=("cache",))
+def _decode_rows(params, cache, rows, keys, tokens, positions, budget, seen, *, config: ModelConfig,
+                 sampling: SamplingParams, eos_ids: tuple[int, ...], num_steps: int, window: int):
+    """`_decode_all` on the cache rows ``rows`` [R] only (gather the window of those rows, decode, scatter back;
+    row ids >= B are padding rows with budget 0 whose writes are dropped). The per-row inputs are [R]-sized."""
+    part = _window(cache, window)
+    sub = KVCache(k=jnp.take(part.k, rows, axis=1, mode="clip"), v=jnp.take(part.v, rows, axis=1, mode="clip"),
+                  valid=jnp.take(part.valid, rows, axis=0, mode="clip"),
+                  end=jnp.take(part.end, rows, axis=0, mode="clip"))
+    sub, *outs = _decode_steps(params, sub, keys, tokens, positions, budget, seen, config=config, sampling=sampling,
+                               eos_ids=eos_ids, num_steps=num_steps)
+    return (_merge_window(cache, sub, rows), *outs)
 
 
 # ------------------------------------------------------------------------------------------------ host helpers
@@ -449,14 +472,7 @@ class Sampler:
                 break
             budget = np.where(running, np.minimum(np.minimum(max_new - count, self.max_len - self._end),
                                                   self.decode_chunk), 0)
-            pending = np.array([seq[-1] if seq else 0 for seq in self._seq], np.int32)
-            positions = np.array([len(seq) - 1 if seq else 0 for seq in self._seq], np.int32)
-            self._cache, toks, lps, ents, num, eos = _decode_loop(
-                self.params, self._cache, jnp.asarray(self._keys), jnp.asarray(pending), jnp.asarray(positions),
-                jnp.asarray(budget, jnp.int32), self._seen_tokens(), config=self.config, sampling=self.sampling,
-                eos_ids=self.eos_token_ids, num_steps=self.decode_chunk,
-                window=self.attention_window(int((self._end + budget)[running].max())))
-            toks, lps, ents, num, eos = jax.device_get((toks, lps, ents, num, eos))
+            toks, lps, ents, num, eos = self._decode_chunk(running, budget)
             rollback = np.zeros(self.num_slots, bool)
             for s in np.flatnonzero(running):
                 k, c = int(num[s]), int(count[s])
@@ -488,7 +504,42 @@ class Sampler:
                                              jnp.asarray(self._end, jnp.int32))
         return DecodeChunk(out_tok, out_lp, out_ent, count.astype(np.int32), finish)
 
-    def _seen_tokens(self) -> jax.Array | None:
+    def _decode_chunk(self, running: np.ndarray, budget: np.ndarray):
+        """One device call of up to ``decode_chunk`` steps for the ``running`` slots with per-slot ``budget``;
+        host arrays ``(tokens, logprobs, entropies, num_new, hit_eos)`` indexed by slot.
+
+        When at most half the slots run, only their cache rows are decoded (gathered into a batch of R rows, R
+        the smallest power of two >= the running count): the step cost then follows the running slots, not
+        ``num_slots`` — the long tail of a batch, where a few rollouts are still generating, stays cheap."""
+        window = self.attention_window(int((self._end + budget)[running].max()))
+        static = dict(config=self.config, sampling=self.sampling, eos_ids=self.eos_token_ids,
+                      num_steps=self.decode_chunk, window=window)
+        pending = np.array([seq[-1] if seq else 0 for seq in self._seq], np.int32)
+        positions = np.array([len(seq) - 1 if seq else 0 for seq in self._seq], np.int32)
+        seen = self._seen_tokens()
+        height = _pow2_at_least(int(running.sum()))
+        if 2 * height > self.num_slots:
+            self._cache, *outs = _decode_all(self.params, self._cache, jnp.asarray(self._keys),
+                                             jnp.asarray(pending), jnp.asarray(positions),
+                                             jnp.asarray(budget, jnp.int32), seen, **static)
+            return jax.device_get(tuple(outs))
+        slots = np.flatnonzero(running)
+        rows = np.full(height, self.num_slots, np.int32)  # padding rows: out of range, budget 0, writes dropped
+        rows[:len(slots)] = slots
+        pick = np.minimum(rows, self.num_slots - 1)
+        sub_budget = np.where(rows < self.num_slots, budget[pick], 0).astype(np.int32)
+        self._cache, *outs = _decode_rows(self.params, self._cache, jnp.asarray(rows), jnp.asarray(self._keys[pick]),
+                                          jnp.asarray(pending[pick]), jnp.asarray(positions[pick]),
+                                          jnp.asarray(sub_budget), None if seen is None else seen[pick], **static)
+        sub = jax.device_get(tuple(outs))
+        full = []
+        for x in sub:  # scatter the [R]-row outputs back to slot order
+            out = np.zeros((self.num_slots,) + x.shape[1:], x.dtype)
+            out[slots] = x[:len(slots)]
+            full.append(out)
+        return tuple(full)
+
+    def _seen_tokens(self) -> np.ndarray | None:
         """bool [S, V]: the tokens in each slot's sequence (for the repetition penalty; None without one). Built
         from the host sequences at every device chunk, so starts, appends and stop-string rollbacks need no
         device-side bookkeeping."""
@@ -498,7 +549,7 @@ class Sampler:
         for s, seq in enumerate(self._seq):
             if seq:
                 seen[s, seq] = True
-        return jnp.asarray(seen)
+        return seen
 
     def attention_window(self, need: int) -> int:
         """Attention window (static) covering ``need`` slots: a power of two >= min_attention_window, or the

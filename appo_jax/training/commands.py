@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 
@@ -76,12 +77,14 @@ def _eval(args) -> int:
     from appo_jax.data import get_spec
     for name in names:
         get_spec(name)  # unknown benchmark -> ValueError listing the datasets
+    log = functools.partial(print, file=sys.stderr, flush=True)  # stdout holds only the table
+    log(f"eval: loading {args.model}")
     model_config, params, tokenizer = load_policy(cfg)
     tools = build_tools(cfg)
     try:
         results = evaluate_pass1(model_config, params, tokenizer, tools, names, limit=args.limit, runs=args.runs,
                                  rollout=cfg.rollout, data_dir=args.data_dir or "", seed=args.seed,
-                                 system_prompt=args.system_prompt or "")
+                                 system_prompt=args.system_prompt or "", log=log)
     finally:
         tools.close()
     engine = results.pop("_engine")
@@ -115,9 +118,10 @@ def register(subparsers) -> None:
     e.add_argument("--max-prompt-len", type=int, default=2048)
     e.add_argument("--max-response-len", type=int, default=2048)
     e.add_argument("--tool-call-limit", type=int, default=3)
-    e.add_argument("--num-slots", type=int, default=32)
+    e.add_argument("--num-slots", type=int, default=32,
+                   help="most concurrent sampler slots (the KV cache holds min(this, questions x runs) rows)")
     e.add_argument("--system-prompt", help="replace the benchmark prompts' system prompt")
-    e.add_argument("--data-dir", help="raw data directory (default: the shared data)")
+    e.add_argument("--data-dir", help="directory holding benchmarks/, rl/, search/ (default: $APPO_DATA_DIR, else the shipped data)")
     e.add_argument("--seed", type=int, default=0)
     e.set_defaults(func=_eval)
 

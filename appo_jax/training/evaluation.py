@@ -1,4 +1,4 @@
-"""pass@1 per benchmark with the evaluation sampling defaults of DESIGN.md §1.8.
+"""pass@1 per benchmark with the evaluation sampling defaults of docs/algorithm.md §1.8.
 
 For each benchmark question the policy runs the multi-turn tool loop ``runs`` times (temperature 0.6, top_p
 0.95, repetition penalty 1.1 over the whole sequence, as transformers applies it); a run is correct when the
@@ -41,16 +41,18 @@ def markdown_table(results: dict[str, float], counts: dict[str, int] | None = No
     return "\n".join(lines)
 
 
-def eval_engine(model_config, params, tokenizer, tools, rollout, mesh=None, num_slots: int = 0):
-    """A RolloutEngine with the evaluation sampling settings and the rollout lengths / tool limit of
-    ``rollout`` (a :class:`~appo_jax.training.config.RolloutSection`)."""
-    from appo_jax.rollout.engine import RolloutConfig, RolloutEngine
+def eval_rollout_config(rollout, prompts, rollouts: int, num_slots: int = 0):
+    """The engine's :class:`~appo_jax.rollout.engine.RolloutConfig` for an evaluation: the evaluation sampling
+    settings, the lengths / tool limit / tool pool of ``rollout`` (a
+    :class:`~appo_jax.training.config.RolloutSection`), fitted to ``prompts`` and ``rollouts`` concurrent
+    rollouts (at most ``num_slots`` or ``rollout.num_slots`` slots when set)."""
+    from appo_jax.rollout.engine import RolloutConfig
     cfg = RolloutConfig(max_prompt_len=rollout.max_prompt_len, max_response_len=rollout.max_response_len,
                         tool_call_limit=rollout.tool_call_limit, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P,
                         repetition_penalty=EVAL_REPETITION_PENALTY,
-                        num_slots=num_slots or max(rollout.num_slots, 8), decode_chunk=rollout.decode_chunk,
+                        num_slots=num_slots or rollout.num_slots or rollouts, decode_chunk=rollout.decode_chunk,
                         tool_workers=rollout.tool_workers, tool_timeout_s=rollout.tool_timeout_s)
-    return RolloutEngine(model_config, params, tokenizer, tools, cfg, mesh=mesh, reward_fn=_correct)
+    return cfg.fitted(prompts, rollouts)
 
 
 def _correct(item, text: str) -> float:
@@ -61,25 +63,45 @@ def _correct(item, text: str) -> float:
 
 def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[str], *, limit: int | None = None,
                    runs: int = EVAL_RUNS, rollout=None, mesh=None, data_dir: str = "", engine=None, seed: int = 0,
-                   system_prompt: str = "") -> dict:
+                   system_prompt: str = "", num_slots: int = 0, log=print, progress: bool = True) -> dict:
     """``{benchmark: pass@1, "_counts": {benchmark: questions}, "_engine": engine}`` (module doc). Questions
-    whose prompt exceeds ``rollout.max_prompt_len`` are skipped (and not counted)."""
+    whose prompt exceeds ``rollout.max_prompt_len`` are skipped (and not counted).
+
+    Every benchmark is loaded and tokenised first; the engine (a given ``engine`` is reused when its prompt
+    length and slots fit) is sized to the longest prompt and to ``questions x runs`` concurrent rollouts (at most
+    ``num_slots``), ``log`` receives the plan (questions, runs, token budgets, KV cache) before sampling starts,
+    and each benchmark shows a progress bar (finished rollouts, tokens/s, ETA) unless ``progress`` is False."""
+    from appo_jax.progress import RolloutProgress
+    from appo_jax.rollout.engine import RolloutEngine
     from appo_jax.training.config import RolloutSection
     from appo_jax.training.prompts import encode_prompts, load_records
     rollout = rollout or RolloutSection()
-    if engine is None:
-        engine = eval_engine(model_config, params, tokenizer, tools, rollout, mesh)
-    else:
-        engine.set_params(params)
-    out: dict = {}
-    counts = {}
-    for b, name in enumerate(benchmarks):
+    items_of = {}
+    for name in benchmarks:
         records = load_records(name, data_dir=data_dir, limit=limit or 0)
         items, _ = encode_prompts(records, tokenizer, max_prompt_len=rollout.max_prompt_len, reward="judge",
                                   system_prompt=system_prompt)
         if not items:
             raise ValueError(f"benchmark {name!r}: no question fits rollout.max_prompt_len={rollout.max_prompt_len}")
-        traj = engine.initial(items, runs, jax.random.fold_in(jax.random.PRNGKey(seed), b))
+        items_of[name] = items
+    all_items = [it for items in items_of.values() for it in items]
+    cfg = eval_rollout_config(rollout, all_items, max(len(v) for v in items_of.values()) * runs, num_slots)
+    if engine is not None and (engine.cfg.max_prompt_len < cfg.max_prompt_len or engine.cfg.num_slots < cfg.num_slots):
+        engine.close()
+        engine = None
+    if engine is None:
+        engine = RolloutEngine(model_config, params, tokenizer, tools, cfg, mesh=mesh, reward_fn=_correct)
+    else:
+        engine.set_params(params)
+    total = sum(len(v) for v in items_of.values()) * runs
+    log(f"eval: {', '.join(f'{n} ({len(v)} questions)' for n, v in items_of.items())} x {runs} run(s) = {total} "
+        f"rollouts; temperature {EVAL_TEMPERATURE}, top_p {EVAL_TOP_P}, repetition penalty "
+        f"{EVAL_REPETITION_PENALTY}; {engine.describe()}")
+    out: dict = {}
+    counts = {}
+    for b, (name, items) in enumerate(items_of.items()):
+        with RolloutProgress(f"eval {name}", enabled=progress) as bar:
+            traj = engine.initial(items, runs, jax.random.fold_in(jax.random.PRNGKey(seed), b), progress=bar)
         correct = np.asarray(traj.reward, np.float64).reshape(len(items), runs)
         out[name] = pass_at_1(correct)
         counts[name] = len(items)

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-PROGRESS_KEYS = ("reward/mean", "train/loss", "branch/count", "time/step_s")
+PROGRESS_KEYS = ("reward/mean", "train/loss", "branch/count", "throughput/rollout_tokens_per_s", "time/step_s")
 
 
 def _scalar(value: Any) -> float | None:
@@ -57,7 +57,7 @@ class MetricsWriter:
         self._bar = None
         if progress:
             from tqdm import tqdm
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="iteration", dynamic_ncols=True)
 
     def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
         """Log the scalar entries of ``metrics`` at ``step``; non-finite values are written as null (JSON) and
@@ -75,8 +75,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.flush()
         if self._bar is not None:
-            shown = {k.split("/")[-1] if k != "reward/mean" else "reward": f"{record[k]:.3g}"
-                     for k in PROGRESS_KEYS if record.get(k) is not None}
+            names = {"reward/mean": "reward", "throughput/rollout_tokens_per_s": "rollout tok/s"}
+            shown = {names.get(k, k.split("/")[-1]): f"{record[k]:.3g}" for k in PROGRESS_KEYS
+                     if record.get(k) is not None}
             self._bar.set_postfix(shown, refresh=False)
             self._bar.update(1)
         return record

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from appo_jax.progress import progress_bar
 from appo_jax.training.algorithms import Collector, Placer, make_logprob_fn
 from appo_jax.training.checkpoint import Checkpointer
 from appo_jax.training.config import (ExperimentConfig, algorithm_spec, resolve_mesh_shape, resolved_loss,
@@ -215,7 +216,8 @@ class Trainer:
         self.rollout_cfg = RolloutConfig(
             max_prompt_len=r.max_prompt_len, max_response_len=r.max_response_len, tool_call_limit=r.tool_call_limit,
             temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, num_slots=r.num_slots or rows_per_step,
-            decode_chunk=r.decode_chunk, tool_workers=r.tool_workers, tool_timeout_s=r.tool_timeout_s)
+            decode_chunk=r.decode_chunk, tool_workers=r.tool_workers, tool_timeout_s=r.tool_timeout_s
+        ).fitted(items, rows_per_step)  # prompt length and slots of this dataset, not the configured maxima
         self.engine = RolloutEngine(self.model_config, self.state.params, self.tokenizer, self.tools,
                                     self.rollout_cfg, mesh=self.mesh, reward_fn=self.rewards)
         self.collector = Collector(cfg, self.spec, self.engine, self.logprob_fn, table, self.placer,
@@ -305,14 +307,22 @@ class Trainer:
         step = make_sft_step(self.model_config, self.cfg.train.logprob_chunk, sh)
         losses = []
         batches = sft_batches(arrays, min(s.batch_size, len(examples)), seed=self.cfg.data.seed)
-        for i in range(s.steps):
-            batch = {k: self.placer.rows(v) for k, v in next(batches).items()}
-            with self.placer.context():
-                sft_state, m = step(sft_state, batch)
-            losses.append(float(m["sft/loss"]))
-            if not math.isfinite(losses[-1]):
-                raise TrainingError(f"SFT loss became non-finite at SFT step {i + 1}; nothing was saved")
-            self.log(f"sft step {i + 1}/{s.steps}: loss {losses[-1]:.4f}")
+        self.log(f"cold-start SFT: {s.steps} steps x {min(s.batch_size, len(examples))} of {len(examples)} "
+                 f"examples ({s.data}), lr {s.lr:g}, responses <= {s.max_response_len} tokens")
+        tokens, t0 = 0.0, time.perf_counter()
+        with progress_bar(s.steps, "sft", "step", enabled=self.cfg.logging.progress) as bar:
+            for i in range(s.steps):
+                batch = {k: self.placer.rows(v) for k, v in next(batches).items()}
+                with self.placer.context():
+                    sft_state, m = step(sft_state, batch)
+                losses.append(float(m["sft/loss"]))
+                if not math.isfinite(losses[-1]):
+                    raise TrainingError(f"SFT loss became non-finite at SFT step {i + 1}; nothing was saved")
+                tokens += float(m["sft/tokens"])
+                bar.set_postfix_str(f"loss {losses[-1]:.4f}, {tokens / (time.perf_counter() - t0):.0f} tok/s",
+                                    refresh=False)
+                bar.update(1)
+        self.log(f"cold-start SFT loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
         # RL starts from the SFT weights with a fresh optimizer; the reference becomes the SFT policy.
         self.state, self.shardings = init_train_state(sft_state.params, self.tx, self.cfg.train.seed,
                                                       mesh=self.mesh, model_config=self.model_config)
@@ -386,6 +396,7 @@ class Trainer:
         writer = MetricsWriter(self.workdir, total_steps=cfg.train.steps, start_step=start,
                                tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
         self.log = writer.log_text
+        self.log(self.plan())
         sft_losses = []
         try:
             if cfg.sft.steps and not self.sft_done and start == 0:
@@ -415,6 +426,17 @@ class Trainer:
             writer.close()
             self.log = print
         return self.summary(sft_losses)
+
+    def plan(self) -> str:
+        """What the run is about to do: algorithm, batch layout, token budgets, sampler memory, outputs."""
+        cfg, a, t = self.cfg, self.cfg.algorithm, self.cfg.train
+        per_prompt = (f"{a.n_init} initial + {a.n - a.n_init} branch rollouts" if self.spec.rollout == "appo"
+                      else f"{a.n} rollouts")
+        sft = f"cold-start SFT {cfg.sft.steps} steps, then " if cfg.sft.steps and not self.sft_done else ""
+        mesh = dict(self.mesh.shape) if self.mesh is not None else "one device"
+        return (f"train {cfg.name}: {sft}{cfg.algorithm.name} iterations {self.iteration + 1}..{t.steps}, each "
+                f"{t.prompts_per_step} prompts x ({per_prompt}), {t.prompts_per_step // t.mini_batch_prompts} "
+                f"update(s) x {t.ppo_epochs} epoch(s); {self.engine.describe()}; mesh {mesh}; workdir {self.workdir}")
 
     def dump_rollouts(self, it: int) -> Path:
         from appo_jax.training.rollout_dump import write_rollout_dump
