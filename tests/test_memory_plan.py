@@ -7,10 +7,10 @@ import pytest
 from appo_jax.models.decoder import init_params
 from appo_jax.models.kv_cache import init_cache
 from appo_jax.models.presets import get_config
-from appo_jax.parallel.commands import register
-from appo_jax.parallel.memory_plan import plan_memory
+from appo_jax.models.commands import register
+from appo_jax.models.memory_plan import plan_memory
 from appo_jax.parallel.mesh import make_mesh
-from appo_jax.parallel.rules import cache_shardings, shard_params
+from appo_jax.models.sharding import cache_shardings, shard_params
 
 
 def _device0_bytes(tree):

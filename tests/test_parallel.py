@@ -9,8 +9,9 @@ from appo_jax.models import forward, get_config, init_cache, init_params
 from appo_jax.models.hf_io import export_hf, load_hf
 from appo_jax.models.loading import load_model
 from appo_jax.parallel.mesh import make_mesh
-from appo_jax.parallel.rules import (DEFAULT_RULES, activation_sharding, batch_sharding, cache_shardings,
-                                     logical_to_sharding, logical_to_spec, param_shardings, shard_params)
+from appo_jax.models.sharding import cache_shardings, param_shardings, shard_params
+from appo_jax.parallel.rules import (DEFAULT_RULES, activation_sharding, batch_sharding, logical_to_sharding,
+                                     logical_to_spec)
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices, see tests/conftest.py")
 MESHES = [(1, 2, 4), (2, 2, 2)]

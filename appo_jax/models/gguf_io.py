@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from appo_jax.models.config import ModelConfig
+from appo_jax.models.hf_io import export_hf, load_hf
 from appo_jax.models.weight_map import assemble_params
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -69,7 +70,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _reader(path: str):
-    from gguf import GGUFReader
+    from gguf import GGUFReader  # deferred: only GGUF imports need the gguf package
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -167,7 +168,7 @@ class GGUFSource:
         return self._cache[name]
 
     def _dequantise(self, name: str) -> np.ndarray:
-        from gguf.quants import dequantize
+        from gguf.quants import dequantize  # deferred: only GGUF imports need the gguf package
 
         tensor = self._tensors[name]
         try:
@@ -227,8 +228,6 @@ def converted_gguf_dir(path: str) -> Path | None:
         return None
     if (target / "config.json").is_file():
         return target
-    from appo_jax.models.hf_io import export_hf
-
     reader = _reader(path)
     config = _config_from_reader(reader, path, {"dtype": "float32", "param_dtype": "float32"})
     params = jax.device_get(assemble_params(config, GGUFSource(path, reader, config), None, None))
@@ -253,8 +252,6 @@ def load_gguf(path: str, mesh: jax.sharding.Mesh | None = None, rules=None, **ov
     (module doc)."""
     cached = converted_gguf_dir(path)
     if cached is not None:
-        from appo_jax.models.hf_io import load_hf
-
         config, params = load_hf(str(cached), mesh, rules, **overrides)
         return config, params
     reader = _reader(path)
@@ -263,7 +260,7 @@ def load_gguf(path: str, mesh: jax.sharding.Mesh | None = None, rules=None, **ov
 
 
 def _gguf_file_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: importing transformers takes seconds
 
     return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
 
@@ -274,6 +271,6 @@ def load_gguf_tokenizer(path: str):
     cached = converted_gguf_dir(path)
     if cached is None:
         return _gguf_file_tokenizer(path)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred: importing transformers takes seconds
 
     return AutoTokenizer.from_pretrained(str(cached))

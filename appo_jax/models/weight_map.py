@@ -20,7 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.experimental import multihost_utils
+
 from appo_jax.models.config import ModelConfig
+from appo_jax.models.decoder import init_params, param_logical_axes
+from appo_jax.parallel.rules import DEFAULT_RULES, logical_to_spec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +134,6 @@ def assemble_params(config: ModelConfig, source, mesh: jax.sharding.Mesh | None 
     tensor names), cast to config.param_dtype. With a mesh every leaf is built with
     jax.make_array_from_callback under its NamedSharding, so each device (and host) only reads and converts the
     slices it holds; without one, leaves go to the default device."""
-    from appo_jax.models.decoder import init_params, param_logical_axes
-    from appo_jax.parallel.rules import DEFAULT_RULES, logical_to_spec
-
     check_source(config, source)
     dtype = np.dtype(config.params_dtype)
     axes = param_logical_axes(config)
@@ -161,8 +162,6 @@ def assemble_params(config: ModelConfig, source, mesh: jax.sharding.Mesh | None 
 
 def _host_array(leaf) -> np.ndarray:
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
     return np.asarray(jax.device_get(leaf))
 

@@ -6,6 +6,7 @@ import math
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
+from jax.sharding import AbstractMesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -47,3 +48,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> j
         devices = list(devices)
         grid = np.asarray(devices, dtype=object).reshape(resolve_mesh_shape(len(devices), data, fsdp, tensor))
     return jax.sharding.Mesh(grid, MESH_AXES)
+
+
+def abstract_mesh(data: int, fsdp: int, tensor: int) -> AbstractMesh:
+    """A device-free mesh of shape (data, fsdp, tensor) for planning (shardings and per-device bytes)."""
+    for name, size in zip(MESH_AXES, (data, fsdp, tensor)):
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"mesh axis {name!r} must be a positive int for planning, got {size!r}")
+    return AbstractMesh((data, fsdp, tensor), MESH_AXES)

@@ -1,4 +1,8 @@
-"""Logical axis names -> mesh axes, and the shardings of params, batches and KV caches.
+"""Logical axis names -> mesh axes: the sharding of any array from its logical axes and shape.
+
+This layer knows nothing about models: it maps tuples of logical axis names (declared by the model, the KV cache,
+the batch) to ``PartitionSpec`` / ``NamedSharding`` on a mesh (`appo_jax.models.sharding` applies it to a
+model's parameters and cache).
 
 Rules are applied in order (flax semantics): each logical axis of an array takes its rule's mesh axes unless one
 of them is already used by an earlier-assigned axis of the same array (then it stays unsharded). With `shape`
@@ -13,6 +17,7 @@ from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
@@ -79,23 +84,6 @@ def logical_to_sharding(logical_axes_tree, mesh: jax.sharding.Mesh, rules: Mappi
     )
 
 
-def param_shardings(config, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
-    """NamedSharding pytree for the params of `config` (shapes via jax.eval_shape, nothing allocated)."""
-    from appo_jax.models.decoder import init_params, param_logical_axes
-
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    return logical_to_sharding(param_logical_axes(config), mesh, rules, shapes)
-
-
-def shard_params(params, mesh: jax.sharding.Mesh, config, rules: Mapping = DEFAULT_RULES):
-    """params placed on `mesh` with their NamedShardings (jax.device_put; a no-op move for leaves already
-    placed that way)."""
-    from appo_jax.models.decoder import param_logical_axes
-
-    shardings = logical_to_sharding(param_logical_axes(config), mesh, rules, params)
-    return jax.device_put(params, shardings)
-
-
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
     """NamedSharding splitting axis 0 of an ndim-array over ("data", "fsdp"), the other axes replicated."""
     if ndim < 1:
@@ -103,9 +91,19 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def cache_shardings(cache, mesh: jax.sharding.Mesh, rules: Mapping = DEFAULT_RULES):
-    """KVCache of NamedShardings for `cache` (rows over data x fsdp, kv heads over tensor when they divide)."""
-    return logical_to_sharding(cache.logical_axes(), mesh, rules, cache)
+def sharded_bytes(shapes, logical_axes, mesh, rules: Mapping = DEFAULT_RULES, dtype=None) -> int:
+    """``sum_leaves prod(shard_shape) * itemsize``: bytes one device holds for a pytree of ShapeDtypeStructs
+    laid out by ``logical_axes`` (dims a mesh axis does not divide are replicated, as `logical_to_spec` does).
+    ``mesh`` may be an ``AbstractMesh`` (planning without devices); ``dtype`` overrides the leaves' dtype."""
+    def leaf_bytes(names, shape_struct):
+        spec = logical_to_spec(names, mesh, rules, tuple(shape_struct.shape))
+        shard = list(shape_struct.shape)
+        for dim, axes in enumerate(spec):
+            if axes is not None:
+                shard[dim] //= math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+        return math.prod(shard) * np.dtype(dtype or shape_struct.dtype).itemsize
+
+    return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, logical_axes, shapes, is_leaf=is_logical_axes)))
 
 
 @contextlib.contextmanager

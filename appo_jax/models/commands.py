@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from appo_jax.models.loading import load_config
+from appo_jax.models.memory_plan import plan_memory
+
 
 def _mesh(text: str) -> tuple[int, int, int]:
     try:
@@ -31,9 +34,6 @@ def register(subparsers) -> None:
 
 
 def run_plan(args) -> int:
-    from appo_jax.models.loading import load_config
-    from appo_jax.parallel.memory_plan import plan_memory
-
     config = load_config(args.model, dtype=args.dtype, param_dtype=args.param_dtype, remat_policy=args.remat)
     data, fsdp, tensor = args.mesh
     plan = plan_memory(config, data=data, fsdp=fsdp, tensor=tensor, batch=args.batch, seq_len=args.seq_len,

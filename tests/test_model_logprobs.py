@@ -8,7 +8,7 @@ from appo_jax.core.branching import token_entropy
 from appo_jax.models import decoder
 from appo_jax.models.decoder import init_params
 from appo_jax.models.presets import get_config
-from appo_jax.training import logprobs
+from appo_jax.models import logprobs
 
 # jitted once per shape: eager op-by-op execution of the scanned decoder is far slower than one compile
 forward = jax.jit(decoder.forward, static_argnames=("config", "return_hidden"))

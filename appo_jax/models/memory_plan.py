@@ -12,38 +12,14 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import AbstractMesh
 
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.decoder import init_params, param_logical_axes
 from appo_jax.models.kv_cache import init_cache
-from appo_jax.parallel.mesh import MESH_AXES
-from appo_jax.parallel.rules import DEFAULT_RULES, is_logical_axes, logical_to_spec
+from appo_jax.parallel.mesh import abstract_mesh
+from appo_jax.parallel.rules import DEFAULT_RULES, sharded_bytes
 
 GIB = 1024**3
-
-
-def abstract_mesh(data: int, fsdp: int, tensor: int) -> AbstractMesh:
-    """A device-free mesh of shape (data, fsdp, tensor) for planning."""
-    for name, size in zip(MESH_AXES, (data, fsdp, tensor)):
-        if not isinstance(size, int) or size < 1:
-            raise ValueError(f"mesh axis {name!r} must be a positive int for planning, got {size!r}")
-    return AbstractMesh((data, fsdp, tensor), MESH_AXES)
-
-
-def sharded_bytes(shapes, logical_axes, mesh, rules: Mapping = DEFAULT_RULES, dtype=None) -> int:
-    """``sum_leaves prod(shard_shape) * itemsize``: bytes one device holds for a pytree of ShapeDtypeStructs
-    laid out by ``logical_axes`` (dims a mesh axis does not divide are replicated, as in training)."""
-    def leaf_bytes(names, shape_struct):
-        spec = logical_to_spec(names, mesh, rules, tuple(shape_struct.shape))
-        shard = list(shape_struct.shape)
-        for dim, axes in enumerate(spec):
-            if axes is not None:
-                shard[dim] //= math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-        return math.prod(shard) * np.dtype(dtype or shape_struct.dtype).itemsize
-
-    return sum(jax.tree.leaves(jax.tree.map(leaf_bytes, logical_axes, shapes, is_leaf=is_logical_axes)))
 
 
 def activation_bytes(config: ModelConfig, tokens_per_device: int, seq_len: int, tensor: int,
