@@ -1,23 +1,37 @@
-"""Benchmark and RL data: raw-row validation, TFDS builders (array_record, no TensorFlow), prompt templates."""
+"""Questions in, one prompt type out: benchmark and RL files (validated rows, TFDS builders without TensorFlow),
+generated tasks, prompt templates and the prompt encoder. See docs/data.md."""
 from appo_jax.data.builders import AppoData, load_split, prepared_builder
+from appo_jax.data.encoding import encode_prompt, encode_records, with_system_prompt
+from appo_jax.data.loading import TASKS, dataset_names, get_task, load_dataset
 from appo_jax.data.paths import resolve_data_dir, resolve_tfds_dir
-from appo_jax.data.rows import DATASETS, DataFormatError, DatasetSpec, Record, get_spec, read_records
+from appo_jax.data.records import ABILITIES, DataFormatError, Record
+from appo_jax.data.rows import DATASETS, DatasetSpec, get_spec, read_records
+from appo_jax.data.tasks import Task
 from appo_jax.data.templates import SYSTEM_PROMPT, apply_chat_template, fix_escape_bug, question_messages
 
 __all__ = [
+    "ABILITIES",
     "AppoData",
     "DATASETS",
     "DataFormatError",
     "DatasetSpec",
     "Record",
     "SYSTEM_PROMPT",
+    "TASKS",
+    "Task",
     "apply_chat_template",
+    "dataset_names",
+    "encode_prompt",
+    "encode_records",
     "fix_escape_bug",
     "get_spec",
+    "get_task",
+    "load_dataset",
     "load_split",
     "prepared_builder",
     "question_messages",
     "read_records",
     "resolve_data_dir",
     "resolve_tfds_dir",
+    "with_system_prompt",
 ]

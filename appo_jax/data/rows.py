@@ -23,38 +23,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from appo_jax.data.paths import resolve_data_dir
+from appo_jax.data.records import ABILITIES, DataFormatError, Record
 from appo_jax.data.templates import fix_escape_bug, question_messages
 
 log = logging.getLogger(__name__)
-
-ABILITIES = ("math", "qa")
-
-
-class DataFormatError(ValueError):
-    """A raw data row (or file) that does not have the expected structure; the message names file and line/row."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Record:
-    """One question, uniform over all benchmarks and RL sets.
-
-    id: the row's own id field as a string (row index when the file has none); unique within a dataset.
-    question: the question text as given (the user turn of the prompt).
-    ground_truths: accepted answers, each a non-empty stripped string (several = aliases).
-    data_source: the benchmark name for benchmarks, the ``data_source`` column for RL rows (e.g. ``DR_grpo_mix``).
-    dataset: the registry name this record was loaded from (e.g. ``gsm8k``, ``train_10k``).
-    ability: ``"math"`` or ``"qa"`` (which reward / equivalence check applies).
-    prompt: chat messages ``[{"role", "content"}, ...]`` starting with the fixed system prompt.
-    """
-
-    id: str
-    question: str
-    ground_truths: list[str]
-    data_source: str
-    dataset: str
-    ability: str
-    prompt: list[dict[str, str]]
-
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:

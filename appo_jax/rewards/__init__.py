@@ -7,13 +7,14 @@ from appo_jax.rewards.judge import Judge, JudgeVerdict, RuleBasedJudge, make_jud
 from appo_jax.rewards.math_equivalence import MathVerifier, math_equal
 from appo_jax.rewards.normalize import answer_tokens, normalize_answer
 from appo_jax.rewards.qa_metrics import exact_match, f1_score, token_f1
-from appo_jax.rewards.registry import get_reward_fn, register_reward, reward_for_ability
+from appo_jax.rewards.registry import RecordReward, get_reward_fn, register_reward, reward_for_ability
 
 __all__ = [
     "FormatCheck",
     "Judge",
     "JudgeVerdict",
     "MathVerifier",
+    "RecordReward",
     "RewardOutput",
     "RuleBasedJudge",
     "answer_tokens",

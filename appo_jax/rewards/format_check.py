@@ -18,9 +18,10 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from appo_jax.protocol import TOOL_TAGS as PROTOCOL_TOOLS
 from appo_jax.rewards.answers import last_boxed
 
-TOOL_TAGS = ("search", "python")
+TOOL_TAGS = tuple(PROTOCOL_TOOLS)  # the tools whose calls are counted
 _TAG = re.compile(r"<(/?)(think|search|python|result|answer)>")
 _RESULT_OPEN, _RESULT_CLOSE = "<result>", "</result>"
 

@@ -9,7 +9,9 @@ Built in (see `appo_jax.rewards.arpo`):
     math       exact match or math-verify equivalence of the last \\boxed{} (no format gate)
     judge      1.0 if the default judge ("rule") accepts the last \\boxed{}, else 0.0 (no format gate)
 
-`reward_for_ability` maps a dataset's ability ("math" / "qa") to its default training reward.
+`reward_for_ability` maps a dataset's ability ("math" / "qa") to its default training reward; `RecordReward`
+scores a response to a question record (anything with ``ability`` and ``ground_truths``) with a named reward or,
+for ``"auto"``, the record's ability default.
 """
 from __future__ import annotations
 
@@ -65,3 +67,17 @@ def reward_for_ability(ability: str) -> str:
     if ability not in _ABILITY_REWARDS:
         raise ValueError(f"unknown ability {ability!r}; known: {', '.join(sorted(_ABILITY_REWARDS))}")
     return _ABILITY_REWARDS[ability]
+
+
+class RecordReward:
+    """``reward(record, response) -> RewardOutput``: the reward named ``name`` for every record, or with
+    ``"auto"`` the default of each record's ability (`reward_for_ability`). Unknown names fail at construction."""
+
+    def __init__(self, name: str = "auto"):
+        if name != "auto":
+            get_reward_fn(name)
+        self.name = name
+
+    def __call__(self, record, response: str) -> RewardOutput:
+        name = reward_for_ability(record.ability) if self.name == "auto" else self.name
+        return get_reward_fn(name)(response, record.ground_truths)

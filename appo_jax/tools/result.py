@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Protocol, runtime_checkable
 
+from appo_jax.protocol import format_observation
+
 
 @dataclasses.dataclass(frozen=True)
 class ToolResult:
@@ -24,11 +26,6 @@ class ToolResult:
     def observation(self) -> str:
         """The observation appended to the rollout: ``<result>\\n{text}\\n</result>`` (docs/protocol.md)."""
         return format_observation(self.text)
-
-
-def format_observation(text: str) -> str:
-    """``"<result>\\n" + text + "\\n</result>"`` — the exact observation format of the tool protocol."""
-    return f"<result>\n{text}\n</result>"
 
 
 def error_result(message: str, seconds: float = 0.0) -> ToolResult:
