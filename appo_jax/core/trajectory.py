@@ -83,8 +83,18 @@ class Trajectory:
     @classmethod
     def empty(cls, num_rows: int, max_len: int, prompt_len: int, pad_id: int = 0) -> "Trajectory":
         """An all-padding batch of the given static shape (host NumPy arrays)."""
+        return TrajectoryBuilder(num_rows, max_len, prompt_len, pad_id).build()
+
+
+class TrajectoryBuilder:
+    """Host-side assembly of a `Trajectory`: writable NumPy buffers of the static shape, filled row by row
+    (`set_row`, or rows copied from an existing batch with `copy_rows`), then frozen into the immutable pytree by
+    `build` (which hands the buffers over: the builder must not be written to afterwards)."""
+
+    def __init__(self, num_rows: int, max_len: int, prompt_len: int, pad_id: int = 0):
         n, l, p = num_rows, max_len, prompt_len
-        return cls(
+        self.pad_id = pad_id
+        self.arrays = dict(
             prompt_tokens=np.full((n, p), pad_id, np.int32),
             prompt_mask=np.zeros((n, p), bool),
             tokens=np.full((n, l), pad_id, np.int32),
@@ -102,6 +112,38 @@ class Trajectory:
             finish_reason=np.zeros((n,), np.int32),
             row_valid=np.zeros((n,), bool),
         )
+
+    def set_row(self, i: int, *, prompt_ids, tokens, gen_mask, obs_mask, behavior_logp, entropy, group: int,
+                kind: int, parent: int = -1, branch_pos: int = -1, branch_score: float = 0.0, reward: float = 0.0,
+                tool_calls: int = 0, finish_reason: int = FINISH_NONE) -> None:
+        """Row ``i`` from one rollout: the prompt right-aligned in ``[P]``, the response arrays at the start of
+        ``[L]`` (their common length k <= L), the per-row fields, ``row_valid = True``."""
+        a, p_len, k = self.arrays, len(prompt_ids), len(tokens)
+        a["prompt_tokens"][i, a["prompt_tokens"].shape[1] - p_len:] = prompt_ids
+        a["prompt_mask"][i, a["prompt_mask"].shape[1] - p_len:] = True
+        for name, value in (("tokens", tokens), ("gen_mask", gen_mask), ("obs_mask", obs_mask),
+                            ("behavior_logp", behavior_logp), ("entropy", entropy)):
+            a[name][i, :k] = value
+        for name, value in (("group_id", group), ("kind", kind), ("parent", parent), ("branch_pos", branch_pos),
+                            ("branch_score", branch_score), ("reward", reward), ("tool_calls", tool_calls),
+                            ("finish_reason", finish_reason), ("row_valid", True)):
+            a[name][i] = value
+
+    def set_kind(self, i: int, kind: int) -> None:
+        """The ``kind`` of row ``i`` (also for a padding row, which keeps ``row_valid = False``)."""
+        self.arrays["kind"][i] = kind
+
+    def copy_rows(self, dst: slice, source: Trajectory, src: slice, group: int | None = None) -> None:
+        """Rows ``src`` of ``source`` into rows ``dst``; their valid rows get group id ``group`` when given."""
+        for name, buf in self.arrays.items():
+            buf[dst] = np.asarray(getattr(source, name))[src]
+        if group is not None:
+            valid = self.arrays["row_valid"][dst]
+            self.arrays["group_id"][dst] = np.where(valid, group, -1)
+
+    def build(self) -> Trajectory:
+        """The immutable `Trajectory` of the buffers."""
+        return Trajectory(**self.arrays)
 
 
 def to_device(traj: Trajectory) -> Trajectory:
