@@ -62,18 +62,19 @@ def main() -> None:
     args = ap.parse_args()
 
     from appo_jax.core.trajectory import FINISH_NAMES
-    from appo_jax.data.rows import read_records
+    from appo_jax.data import encode_records, read_records
+    from appo_jax.models.loading import load_policy
     from appo_jax.rollout.agent_loop import Prefix, RolloutRequest
-    from appo_jax.rollout.engine import RolloutConfig, RolloutEngine, default_tools
-    from appo_jax.rollout.rollout_commands import load_policy, prompt_items
+    from appo_jax.rollout.config import RolloutConfig
+    from appo_jax.rollout.engine import RolloutEngine, default_tools
 
     timer = CompileTimer()
     t0 = time.perf_counter()
-    config, params, tokenizer = load_policy(args.model, None, args.dtype)
+    config, params, tokenizer = load_policy(args.model, dtype=args.dtype)
     cfg = RolloutConfig(max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
                         tool_call_limit=args.tool_call_limit, temperature=args.temperature,
-                        num_slots=args.slots, decode_chunk=args.decode_chunk)
-    items = prompt_items(read_records("gsm8k")[:args.prompts], tokenizer, cfg.max_prompt_len)
+                        num_slots=args.slots, decode_chunk=args.decode_chunk, tool_timeout_s=10.0)
+    items, _ = encode_records(read_records("gsm8k")[:args.prompts], tokenizer, max_prompt_len=cfg.max_prompt_len)
     seed_ids = (tokenizer.encode(f"<python>{args.seed_call}</python>", add_special_tokens=False)
                 if args.seed_call else [])
     load_s = time.perf_counter() - t0
@@ -87,7 +88,7 @@ def main() -> None:
             k = len(seed_ids)
             prefix = Prefix(np.asarray(seed_ids, np.int32), np.ones(k, bool), np.zeros(k, bool),
                             np.zeros(k, np.float32), np.zeros(k, np.float32)) if k else None
-            reqs.append(RolloutRequest(item.prompt_ids, jax.random.fold_in(key, g * args.n + i), prefix,
+            reqs.append(RolloutRequest(list(item.prompt_ids), jax.random.fold_in(key, g * args.n + i), prefix,
                                        meta={"item": item}))
     with default_tools(cfg) as tools:
         engine = RolloutEngine(config, params, tokenizer, tools, cfg)

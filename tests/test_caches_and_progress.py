@@ -16,7 +16,8 @@ from appo_jax.compilation_cache import default_cache_dir
 from appo_jax.models import gguf_io
 from appo_jax.models.loading import find_smollm2_gguf
 from appo_jax.progress import RolloutProgress
-from appo_jax.rollout.engine import PromptItem, RolloutConfig
+from appo_jax.data.records import Record
+from appo_jax.rollout.config import RolloutConfig
 
 
 def test_converted_gguf_equals_reading_the_gguf(monkeypatch):
@@ -86,12 +87,13 @@ def test_a_second_cli_run_compiles_nothing(tmp_path):
 
 def test_rollout_config_fitted_to_a_call():
     cfg = RolloutConfig(max_prompt_len=2048, max_response_len=512, num_slots=32)
-    prompts = [PromptItem(list(range(n)), ["x"]) for n in (70, 300, 129)]
+    prompts = [Record(str(n), "q", ["x"], "t", "t", "qa", [], tuple(range(n))) for n in (70, 300, 129)]
     fitted = cfg.fitted(prompts, rollouts=12)
     assert (fitted.max_prompt_len, fitted.num_slots) == (320, 12)  # 300 rounded up to a multiple of 64
     assert dataclasses.replace(fitted, max_prompt_len=2048, num_slots=32) == cfg  # nothing else changes
     assert cfg.fitted(prompts, rollouts=100).num_slots == 32          # never above the configured bounds
-    assert cfg.fitted([PromptItem(list(range(4000)), ["x"])], 1).max_prompt_len == 2048
+    assert cfg.fitted([dataclasses.replace(prompts[0], prompt_ids=tuple(range(4000)))], 1).max_prompt_len == 2048
+    assert RolloutConfig(num_slots=0).fitted(prompts, rollouts=12).num_slots == 12  # 0: one slot per rollout
 
 
 def test_rollout_progress_adds_up_over_runs(capsys):

@@ -11,19 +11,24 @@ import pytest
 from appo_jax.core.trajectory import (FINISH_ANSWER, FINISH_LENGTH, FINISH_TOOL_LIMIT, KIND_BRANCH, KIND_INIT,
                                       Trajectory)
 from appo_jax.rollout.arpo import ArpoConfig, branch_probability
-from appo_jax.rollout.engine import (PromptItem, RolloutConfig, RolloutEngine, concat_batches,
-                                     concat_trajectories, tree_ids)
+from appo_jax.data.records import Record
+from appo_jax.rollout.engine import RolloutConfig, RolloutEngine, concat_batches, concat_trajectories, tree_ids
 from appo_jax.rollout.tree import expansion_counts, step_nodes
 from appo_jax.tools.result import format_observation
 from test_agent_loop import (ScriptedPolicy, cached_query, full_script, obs_runs, prompt_ids,  # noqa: F401
                              tok, tools)  # fixtures shared with the agent-loop tests
 
 
+def prompt_record(ids, ground_truths) -> Record:
+    """A QA record (reward arpo_f1) whose prompt is already tokenised."""
+    return Record("q", "q", list(ground_truths), "test", "test", "qa", [], tuple(int(i) for i in ids))
+
+
 def two_prompts(tok):
     a, b = prompt_ids(tok, "What is six times seven?"), prompt_ids(tok, "What is two plus three?")
     scripts = {a: full_script(),
                b: ["<think>add</think>\n<python>print(2+3)</python>", "\n<answer>\\boxed{5}</answer>"]}
-    items = [PromptItem(list(a), ["42"]), PromptItem(list(b), ["5"])]
+    items = [prompt_record(a, ["42"]), prompt_record(b, ["5"])]
     return scripts, items
 
 
@@ -51,7 +56,7 @@ def test_initial_batch_layout_and_rewards(tok, tools):
     assert batch.tree_id.tolist() == list(range(6))
     for r in range(6):
         g = r // 3
-        p = items[g].prompt_ids
+        p = list(items[g].prompt_ids)
         assert t.prompt_tokens[r, 32 - len(p):].tolist() == p and t.prompt_mask[r].sum() == len(p)
         n = int((t.gen_mask[r] | t.obs_mask[r]).sum())
         assert not (t.gen_mask[r] | t.obs_mask[r])[n:].any() and (t.tokens[r, n:] == eng.pad_id).all()
@@ -66,7 +71,7 @@ def test_initial_batch_layout_and_rewards(tok, tools):
 def test_tool_limit_rollout_gets_format_penalty(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts, tool_call_limit=1)
-    t = eng.initial(items[:1], n_init=1, key=jax.random.key(0))
+    t = eng.initial_batch(items[:1], n_init=1, key=jax.random.key(0)).traj
     assert t.finish_reason[0] == FINISH_TOOL_LIMIT and t.tool_calls[0] == 1
     assert t.reward[0] == pytest.approx(-1.0)
 
@@ -114,11 +119,11 @@ def test_branches_continue_parent_prefix(tok, tools):
 def test_branch_tool_count_continues_from_parent(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts, tool_call_limit=1)
-    parents = eng.initial(items[:1], n_init=1, key=jax.random.key(0))
+    parents = eng.initial_batch(items[:1], n_init=1, key=jax.random.key(0)).traj
     assert parents.finish_reason[0] == FINISH_TOOL_LIMIT
     (_, b0), = obs_runs(parents.obs_mask[0])
-    t = eng.branches(parents, items, np.array([[0, 0]]), np.array([[3, b0 + 2]]), np.zeros((1, 2)),
-                     np.ones((1, 2), bool), jax.random.key(1))
+    t = eng.branches_batch(parents, items, np.array([[0, 0]]), np.array([[3, b0 + 2]]), np.zeros((1, 2)),
+                     np.ones((1, 2), bool), jax.random.key(1)).traj
     # before the first call: the branch makes it (1 <= limit) and stops at the second; after it: count is 1
     assert t.finish_reason.tolist() == [FINISH_TOOL_LIMIT, FINISH_TOOL_LIMIT] and t.tool_calls.tolist() == [1, 1]
     np.testing.assert_array_equal(t.tokens, np.repeat(parents.tokens, 2, axis=0))
@@ -127,10 +132,10 @@ def test_branch_tool_count_continues_from_parent(tok, tools):
 def test_branch_at_budget_edge_is_length(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts, max_response_len=24)
-    parents = eng.initial(items[:1], n_init=1, key=jax.random.key(0))
+    parents = eng.initial_batch(items[:1], n_init=1, key=jax.random.key(0)).traj
     assert parents.finish_reason[0] == FINISH_LENGTH
-    t = eng.branches(parents, items, np.array([[0]]), np.array([[23]]), np.zeros((1, 1)), np.ones((1, 1), bool),
-                     jax.random.key(1))
+    t = eng.branches_batch(parents, items, np.array([[0]]), np.array([[23]]), np.zeros((1, 1)), np.ones((1, 1), bool),
+                     jax.random.key(1)).traj
     assert t.finish_reason[0] == FINISH_LENGTH and (t.tokens[0] == parents.tokens[0]).all()
 
 
@@ -173,7 +178,7 @@ def test_arpo_always_branching_fills_groups_with_branches(tok, tools):
 def test_arpo_never_branching_tops_up_with_fresh_rollouts(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts, arpo_alpha=0.0, arpo_beta=0.0)
-    t = eng.arpo(items, n=3, n_init=1, key=jax.random.key(0), variant="aepo")
+    t = eng.arpo_batch(items, n=3, n_init=1, key=jax.random.key(0), penalty=0.05).traj
     assert t.row_valid.all() and (t.kind == KIND_INIT).all() and (t.parent == -1).all()
     assert t.group_id.tolist() == [0, 0, 0, 1, 1, 1]
 
@@ -201,7 +206,7 @@ def test_bad_input_is_reported(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts, max_prompt_len=4)
     with pytest.raises(ValueError, match="max_prompt_len"):
-        eng.initial(items, 1, jax.random.key(0))
+        eng.initial_batch(items, 1, jax.random.key(0)).traj
     with pytest.raises(ValueError, match="max_response_len"):
         RolloutConfig(max_response_len=0)
 
@@ -212,15 +217,15 @@ def test_real_sampler_end_to_end(tok, tools):
     after a tool result appended to the cache (a branch whose prefix ends with a completed python call)."""
     from appo_jax.models.decoder import init_params
     from appo_jax.models.presets import get_config
-    from appo_jax.training.logprobs import trajectory_logprobs
+    from appo_jax.models.logprobs import trajectory_logprobs
 
     config = dataclasses.replace(get_config("tiny-llama"), vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,),
                                  pad_token_id=tok.pad_token_id)
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     cfg = RolloutConfig(max_prompt_len=16, max_response_len=40, tool_call_limit=2, num_slots=2, decode_chunk=8)
     eng = RolloutEngine(config, params, tok, tools, cfg)
-    items = [PromptItem(list(prompt_ids(tok, "Compute two plus three.")), ["5"])]
-    parents = eng.initial(items, n_init=3, key=jax.random.key(1))
+    items = [prompt_record(prompt_ids(tok, "Compute two plus three."), ["5"])]
+    parents = eng.initial_batch(items, n_init=3, key=jax.random.key(1)).traj
     assert parents.row_valid.all() and parents.gen_mask.any(axis=1).all()
     # a parent whose response starts with a complete python call, branched right after the call
     call = tok.encode("<python>print(2+3)</python>", add_special_tokens=False)
@@ -230,8 +235,8 @@ def test_real_sampler_end_to_end(tok, tools):
     p2.gen_mask[0, :] = False
     p2.gen_mask[0, :k] = True
     p2.obs_mask[0, :] = False
-    t = eng.branches(p2, items, np.array([[0]]), np.array([[k - 1]]), np.zeros((1, 1)), np.ones((1, 1), bool),
-                     jax.random.key(2))
+    t = eng.branches_batch(p2, items, np.array([[0]]), np.array([[k - 1]]), np.zeros((1, 1)), np.ones((1, 1), bool),
+                     jax.random.key(2)).traj
     result = tok.encode(format_observation("5"), add_special_tokens=False)
     assert t.tool_calls[0] == 1 and t.tokens[0, k:k + len(result)].tolist() == result
     assert t.obs_mask[0, k:k + len(result)].all() and t.gen_mask[0, k + len(result):].any()
@@ -244,15 +249,21 @@ def test_real_sampler_end_to_end(tok, tools):
 
     # the CLI's APPO path: recomputed log-probs (Omega ~ constant) -> branch points -> branches -> JSON records
     from appo_jax.core.candidates import candidate_token_table
-    from appo_jax.rollout.rollout_commands import appo_branch_points, rollout_records
-    init = eng.initial_batch(items, n_init=2, key=jax.random.key(3))
-    rows, pos, scores, valid = (np.asarray(x) for x in appo_branch_points(eng, params, config, init, 1, 2, 1.0))
+    from appo_jax.rollout.rollout_commands import rollout_records
+    from appo_jax.rollout.strategies import AppoBranching
+
+    def current_and_sampler(traj):
+        return logprobs(params, traj, config=config, chunk=16)[0], traj.behavior_logp
+
     table = candidate_token_table(tok)
-    assert valid.all()
+    sampled = AppoBranching(4, 2, table, current_and_sampler).sample(eng, lambda k: items[:k], 1, jax.random.key(3))
+    init = jax.tree_util.tree_map(lambda x: np.asarray(x)[:2], sampled.batch.traj)
+    points = sampled.branching
+    rows, pos, valid = (np.asarray(x) for x in (points.rows, points.positions, points.valid))
+    assert valid.all() and sampled.train_rows == 2
     for r, p in zip(rows[0], pos[0]):
-        assert init.traj.gen_mask[r, p] and table[init.traj.tokens[r, p]] and p + 1 < cfg.max_response_len
-    branch = eng.branches_batch(init.traj, items, rows, pos, scores, valid, jax.random.key(4))
-    both = concat_batches(init, branch)
+        assert init.gen_mask[r, p] and table[init.tokens[r, p]] and p + 1 < cfg.max_response_len
+    both = sampled.batch
     recs = list(rollout_records(both, ["prompt text"], ["question"]))
     assert [r["kind"] for r in recs] == ["init", "init", "branch", "branch"]
     assert [r["parent"] for r in recs] == [-1, -1] + rows[0].tolist()
@@ -274,14 +285,51 @@ def test_branch_inside_stop_string_still_runs_the_tool(tok, tools):
     the branch equals its parent."""
     scripts, items = two_prompts(tok)
     eng, policy = engine_for(tok, tools, scripts)
-    parents = eng.initial(items[:1], n_init=1, key=jax.random.key(0))
+    parents = eng.initial_batch(items[:1], n_init=1, key=jax.random.key(0)).traj
     a0 = obs_runs(parents.obs_mask[0])[0][0]
     close = tok.encode("</python>", add_special_tokens=False)
     assert parents.tokens[0, a0 - len(close):a0].tolist() == close
     for t in range(a0 - len(close), a0 - 1):  # prefix ends with "</" / "</python"
         policy.log.clear()
-        b = eng.branches(parents, items, np.array([[0]]), np.array([[t]]), np.zeros((1, 1)), np.ones((1, 1), bool),
-                         jax.random.key(1))
+        b = eng.branches_batch(parents, items, np.array([[0]]), np.array([[t]]), np.zeros((1, 1)), np.ones((1, 1), bool),
+                         jax.random.key(1)).traj
         assert b.finish_reason[0] == FINISH_ANSWER and b.tool_calls[0] == 2
         np.testing.assert_array_equal(b.tokens[0], parents.tokens[0])
         np.testing.assert_array_equal(b.obs_mask[0], parents.obs_mask[0])
+
+
+def test_every_branching_knob_reaches_the_engine_from_the_experiment_config(tok, tools):
+    """``--set rollout.<knob>=...`` on an experiment config changes what the engine does, for every ARPO / AEPO /
+    Tree-GRPO knob (the experiment's rollout section is the engine's config, not a copy that drops fields)."""
+    from appo_jax.training.config import ExperimentConfig, apply_overrides
+
+    scripts, items = two_prompts(tok)
+    base = ["rollout.max_prompt_len=32", "rollout.max_response_len=320", "rollout.tool_call_limit=3",
+            "rollout.num_slots=2", "rollout.decode_chunk=4"]
+
+    def engine(sets):
+        cfg = apply_overrides(ExperimentConfig(), base + list(sets)).rollout
+        return RolloutEngine(None, None, tok, tools, cfg, policy=ScriptedPolicy(tok, scripts, num_slots=2)), cfg
+
+    def shape(batch):
+        t = batch.traj
+        return [(int(k), int(p), int(b)) for k, p, b in zip(t.kind, t.parent, t.branch_pos)]
+
+    def arpo(*sets, aepo=False):
+        eng, cfg = engine(sets)
+        return shape(eng.arpo_batch(items, n=6, n_init=2, key=jax.random.key(0),
+                                    penalty=cfg.aepo_penalty if aepo else 0.0))
+
+    def tree(*sets):
+        eng, _ = engine(sets)
+        return shape(eng.tree_batch(items, n=6, n_init=2, key=jax.random.key(0)))
+
+    steep = ("rollout.probe_len=1", "rollout.arpo_alpha=0.5")  # one-token probes: the entropy change dH != 0
+    assert arpo("rollout.arpo_alpha=1.0", "rollout.arpo_beta=0") != arpo("rollout.arpo_alpha=0", "rollout.arpo_beta=0")
+    assert arpo(*steep, "rollout.arpo_beta=0") != arpo(*steep, "rollout.arpo_beta=50")
+    assert arpo("rollout.probe_len=1", "rollout.arpo_beta=50") != arpo("rollout.probe_len=20", "rollout.arpo_beta=50")
+    always = ("rollout.arpo_alpha=1.0", "rollout.arpo_beta=0")
+    assert arpo(*always, "rollout.arpo_beam=2") != arpo(*always, "rollout.arpo_beam=3")
+    assert (arpo(*always, "rollout.aepo_penalty=0", aepo=True)
+            != arpo(*always, "rollout.aepo_penalty=1.0", aepo=True))
+    assert tree("rollout.tree_rounds=1") != tree("rollout.tree_rounds=3")

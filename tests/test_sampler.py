@@ -458,7 +458,7 @@ def test_sharded_sampler_equals_unsharded(llama):
     """Params sharded over fsdp x tensor and the cache over data x fsdp rows on 8 fake devices give the same
     tokens and log-probs as one device."""
     from appo_jax.parallel.mesh import make_mesh
-    from appo_jax.parallel.rules import shard_params
+    from appo_jax.models.sharding import shard_params
 
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")

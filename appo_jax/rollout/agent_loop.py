@@ -20,6 +20,15 @@ call is run first; inside a stop string (e.g. ``</python``) the loop detects the
 end (the policy only searches text generated since the slot's start), drops what followed it and re-syncs the
 slot.
 Rewards are computed off the decode thread (``submit_reward``) as soon as a rollout finishes.
+
+Structure: :class:`AgentLoop` holds the policy, tokenizer, config and callbacks; each :meth:`AgentLoop.run`
+keeps the state of that run in a ``_Run`` (request queue and enqueue count, one ``_Slot`` per policy slot,
+finished rollouts, reward futures, the policy starts / appends not yet sent, stats, the last progress report)
+and repeats its named steps until no request is left: ``poll_tools`` (append the results of resolved tool
+calls), ``fill_slots`` (start queued requests on free slots), ``prefill`` (send the pending starts and appends
+to the policy), ``decode`` (one chunk for the generating slots, then each slot's outcome: stop string, EOS,
+budget) or, when no slot can generate, ``wait_tools`` (block until a tool call resolves). The stop strings,
+:func:`find_stop`, :func:`parse_segment_end` and the token look-back of a stop string live in :mod:`appo_jax.protocol`.
 """
 from __future__ import annotations
 
@@ -32,44 +41,8 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import numpy as np
 
 from appo_jax.core.trajectory import FINISH_ANSWER, FINISH_EOS, FINISH_LENGTH, FINISH_TOOL_LIMIT
-from appo_jax.rollout.policy import CHUNK_EOS, CHUNK_LENGTH, CHUNK_RUNNING, CHUNK_STOP, SlotPolicy
-from appo_jax.tools.result import format_observation
-
-TOOL_TAGS = {"python": ("<python>", "</python>"), "search": ("<search>", "</search>")}
-ANSWER_CLOSE = "</answer>"
-STOP_STRINGS = ("</python>", "</search>", "</answer>")
-# Tokens after a prefix within which a stop string that straddles the prefix end must complete (each token
-# decodes to >= 1 character, with slack for byte tokens).
-_STOP_SPAN = 2 * max(len(s) for s in STOP_STRINGS) + 8
-
-
-def find_stop(text: str) -> tuple[int, str] | None:
-    """``(index, stop)`` of the stop string that completes first in ``text``, or None."""
-    best = None
-    for stop in STOP_STRINGS:
-        i = text.find(stop)
-        if i >= 0 and (best is None or i + len(stop) < best[0] + len(best[1])):
-            best = (i, stop)
-    return best
-
-
-def parse_segment_end(text: str) -> tuple[str, str | None] | None:
-    """Classify a segment that ends with a stop string and extract its tool call.
-
-    The stop is the stop string that completes first in ``text``. Returns ``("answer", None)`` for
-    ``</answer>``; ``(name, input)`` for a tool close tag, where ``input`` is the stripped text between the last
-    opening tag before the close tag and the close tag, or ``None`` when there is no opening tag; ``None`` when
-    ``text`` contains no stop string.
-    """
-    best = find_stop(text)
-    if best is None:
-        return None
-    i, stop = best
-    if stop == ANSWER_CLOSE:
-        return ("answer", None)
-    name = next(n for n, (_, close) in TOOL_TAGS.items() if close == stop)
-    j = text.rfind(TOOL_TAGS[name][0], 0, i)
-    return (name, None if j < 0 else text[j + len(TOOL_TAGS[name][0]):i].strip())
+from appo_jax.protocol import STOP_LOOKBACK, STOP_STRINGS, TOOL_TAGS, find_stop, format_observation, parse_segment_end
+from appo_jax.rollout.policy import CHUNK_EOS, CHUNK_LENGTH, CHUNK_RUNNING, CHUNK_STOP, DecodeChunk, SlotPolicy
 
 
 @dataclass
@@ -219,13 +192,299 @@ class _Slot:
         # probing (hooks): start of the probed segment, or -1 when no probe is pending
         self.probe_start = 0 if (p is None or not len(p)) else -1
         self.probe_first = self.probe_start == 0
-        # a prefix ending inside a generated segment: a stop string may straddle its end (see `_stop_across`)
+        # a prefix ending inside a generated segment: a stop string may straddle its end
+        # (see `_Run.stop_across_prefix`)
         self.boundary = self.n if self.n > self.seg_start else -1
 
     def prefix(self, end: int) -> Prefix:
+        """The response prefix ``[:end]`` with all of the slot's tool calls so far."""
         return Prefix(self.tokens[:end].copy(), self.gen[:end].copy(), self.obs[:end].copy(),
                       self.logp[:end].copy(), self.ent[:end].copy(),
                       [ToolCall(c.name, c.input, c.output) for c in self.tool_calls])
+
+
+class _Run:
+    """The state of one :meth:`AgentLoop.run` and the steps that advance it (see the module doc).
+
+    ``queue``: ``(index, request)`` pairs not started yet; ``enqueued``: requests enqueued so far (the next
+    index); ``slots[s]``: the rollout in policy slot ``s`` (None: free); ``done``: finished rollouts;
+    ``reward_futures``: ``(rollout, future)`` of their rewards; ``starts`` / ``appends``: policy starts
+    ``(slot, _Slot, tokens)`` and tool-result appends ``(slot, tokens)`` not sent yet (:meth:`prefill` sends
+    them together); ``stats``: the run's :class:`LoopStats`; ``reported``: ``(finished, enqueued, generated
+    tokens)`` at the last ``progress`` call."""
+
+    def __init__(self, loop: AgentLoop, hooks: LoopHooks | None, progress: Callable[[int, int, int], None] | None):
+        self.loop, self.hooks, self.progress = loop, hooks, progress
+        self.cfg, self.policy, self.length = loop.cfg, loop.policy, loop.cfg.max_response_len
+        self.stats = LoopStats()
+        self.t_start = time.perf_counter()
+        self.queue: deque[tuple[int, RolloutRequest]] = deque()
+        self.enqueued = 0
+        self.reported = (0, 0, 0)
+        self.slots: list[_Slot | None] = [None] * self.policy.num_slots
+        self.done: list[Rollout] = []
+        self.reward_futures: list[tuple[Rollout, Future]] = []
+        self.starts: list[tuple[int, _Slot, list[int]]] = []
+        self.appends: list[tuple[int, list[int]]] = []
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def event(self, event: str, **info) -> None:
+        """Report ``event`` to the loop's ``on_event`` callback, if any."""
+        if self.loop.on_event is not None:
+            self.loop.on_event(event, **info)
+
+    def decode_text(self, tokens: np.ndarray, skip_special: bool = False) -> str:
+        """The text of ``tokens`` (special tokens kept unless ``skip_special``)."""
+        return self.loop.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=skip_special)
+
+    def enqueue(self, reqs: Iterable[RolloutRequest]) -> None:
+        """Append ``reqs`` to the queue, numbered in enqueue order; a request with an empty prompt is an error."""
+        for r in reqs:
+            if not len(r.prompt_ids):
+                raise ValueError("a rollout request has an empty prompt")
+            self.queue.append((self.enqueued, r))
+            self.enqueued += 1
+
+    def report(self) -> None:
+        """Call ``progress`` (if given) with the rollouts finished, requests enqueued and tokens generated since
+        its last call."""
+        if self.progress is None:
+            return
+        now = (len(self.done), self.enqueued, self.stats.generated_tokens)
+        self.progress(now[0] - self.reported[0], now[1] - self.reported[1], now[2] - self.reported[2])
+        self.reported = now
+
+    # -- the steps of the loop ---------------------------------------------------------------------------------
+    def poll_tools(self) -> None:
+        """Append the result of every slot whose tool call has resolved (:meth:`tool_done`)."""
+        for s, st in enumerate(self.slots):
+            if st is not None and st.state == _TOOL and st.future.done():
+                self.tool_done(s)
+
+    def fill_slots(self) -> None:
+        """Start queued requests on the free slots (a rollout that ends at its start frees its slot again)."""
+        for s in range(len(self.slots)):
+            while self.slots[s] is None and self.queue:
+                self.start(s, *self.queue.popleft())
+
+    def prefill(self) -> None:
+        """Send the pending starts (of rollouts still in their slot) and tool-result appends to the policy."""
+        if not (self.starts or self.appends):
+            return
+        t0 = time.perf_counter()
+        live = [x for x in self.starts if self.slots[x[0]] is x[1]]  # skip rollouts that finished at start
+        if live:
+            self.policy.start([x[0] for x in live], [x[2] for x in live], [x[1].request.key for x in live])
+        if self.appends:
+            self.policy.append([a[0] for a in self.appends], [a[1] for a in self.appends])
+        self.starts.clear()
+        self.appends.clear()
+        self.stats.prefill_s += time.perf_counter() - t0
+
+    def decode(self) -> bool:
+        """Decode one chunk for the generating slots, act on each slot's outcome (:meth:`take_chunk`) and report
+        progress. Returns False, doing nothing, when no slot is generating."""
+        active = np.array([st is not None and st.state == _DECODING for st in self.slots], bool)
+        if not active.any():
+            return False
+        max_new = np.array([min(self.cfg.decode_chunk, self.length - st.n) if a else 0
+                            for st, a in zip(self.slots, active)], np.int32)
+        t0 = time.perf_counter()
+        chunk = self.policy.decode(active, max_new)
+        self.stats.decode_s += time.perf_counter() - t0
+        self.stats.decode_calls += 1
+        self.event("decode", slots=[int(s) for s in np.flatnonzero(active)])
+        for s in map(int, np.flatnonzero(active)):
+            self.take_chunk(s, chunk)
+        self.report()
+        return True
+
+    def wait_tools(self) -> bool:
+        """Block until one of the occupied slots' tool calls resolves (called when no slot can generate, so every
+        occupied slot waits on a tool). Returns False, without waiting, when every slot is free."""
+        futures = [st.future for st in self.slots if st is not None]
+        if not futures:
+            return False
+        t0 = time.perf_counter()
+        wait(futures, return_when=FIRST_COMPLETED)
+        self.stats.tool_wait_s += time.perf_counter() - t0
+        return True
+
+    def results(self) -> list[Rollout]:
+        """After the last rollout: the final progress report, the rewards and the wall time; the rollouts in
+        enqueue order."""
+        self.report()
+        t0 = time.perf_counter()
+        for ro, fut in self.reward_futures:
+            ro.reward = float(fut.result())
+        self.stats.reward_wait_s = time.perf_counter() - t0
+        self.stats.wall_s = time.perf_counter() - self.t_start
+        self.done.sort(key=lambda r: r.index)
+        return self.done
+
+    # -- per-slot handling -------------------------------------------------------------------------------------
+    def start(self, s: int, index: int, req: RolloutRequest) -> None:
+        """Put request ``req`` (enqueue number ``index``) into the free slot ``s`` and queue its policy start
+        (prompt + response prefix). A prefix that fills the budget ends the rollout; one that ends with a
+        completed stop string is acted on as if just generated."""
+        st = _Slot(index, req, self.length, self.loop.pad_id)
+        self.slots[s] = st
+        self.starts.append((s, st, list(req.prompt_ids) + [int(t) for t in st.tokens[:st.n]]))
+        self.event("start", slot=s, index=index)
+        if st.n >= self.length:
+            self.finish(s, FINISH_LENGTH)
+        elif st.n > st.seg_start and parse_segment_end(self.decode_text(st.tokens[st.seg_start:st.n])):
+            st.boundary = -1
+            self.segment_end(s)
+
+    def take_chunk(self, s: int, chunk: DecodeChunk) -> None:
+        """Record slot ``s``'s new tokens of ``chunk``, probe for the hooks, and act on how the slot's chunk ended:
+        a stop string ends the segment (:meth:`segment_end`), EOS or the budget ends the rollout."""
+        st = self.slots[s]
+        k = int(chunk.num_new[s])
+        st.tokens[st.n:st.n + k] = chunk.tokens[s, :k]
+        st.gen[st.n:st.n + k] = True
+        st.logp[st.n:st.n + k] = chunk.logprobs[s, :k]
+        st.ent[st.n:st.n + k] = chunk.entropies[s, :k]
+        st.n += k
+        self.stats.generated_tokens += k
+        fin = int(chunk.finish[s])
+        if st.boundary >= 0:
+            fin = self.stop_across_prefix(s, fin)
+        self.maybe_probe(s, force=fin != CHUNK_RUNNING or st.n >= self.length)
+        if fin == CHUNK_STOP:
+            self.segment_end(s)
+            if self.slots[s] is not None and self.slots[s].state == _DECODING and st.n >= self.length:
+                self.finish(s, FINISH_LENGTH)
+        elif fin == CHUNK_EOS:
+            self.finish(s, FINISH_EOS)
+        elif fin == CHUNK_LENGTH or st.n >= self.length:
+            self.finish(s, FINISH_LENGTH)
+
+    def maybe_probe(self, s: int, force: bool) -> None:
+        """Call ``hooks.on_probe`` for slot ``s``'s pending probe once its first ``probe_len`` generated tokens
+        exist (or at once with ``force``: the segment ended sooner) and enqueue the requests it returns."""
+        st = self.slots[s]
+        if self.hooks is None or st.probe_start < 0:
+            return
+        stop = min(st.n, st.probe_start + self.cfg.probe_len)
+        if stop - st.probe_start < self.cfg.probe_len and not force:
+            return
+        sel = st.gen[st.probe_start:stop]
+        ent = st.ent[st.probe_start:stop][sel]
+        mean = float(ent.mean()) if ent.size else 0.0
+        first, start = st.probe_first, st.probe_start
+        st.probe_start, st.probe_first = -1, False
+        self.enqueue(self.hooks.on_probe(st.request, st.prefix(start), mean, first))
+
+    def segment_end(self, s: int) -> None:
+        """Slot ``s``'s segment completed a stop string: finish (answer, call limit, no room left), or submit its
+        tool call (:meth:`submit_call`)."""
+        st = self.slots[s]
+        parsed = parse_segment_end(self.decode_text(st.tokens[st.seg_start:st.n]))
+        if parsed is None:
+            return  # no stop string in the decoded text after all: keep generating
+        name, arg = parsed
+        if name == "answer":
+            self.finish(s, FINISH_ANSWER)
+        elif len(st.tool_calls) >= self.cfg.tool_call_limit:
+            self.finish(s, FINISH_TOOL_LIMIT)
+        elif st.n >= self.length:
+            self.finish(s, FINISH_LENGTH)
+        else:
+            self.submit_call(s, name, arg)
+
+    def submit_call(self, s: int, name: str, arg: str | None) -> None:
+        """Record slot ``s``'s call of tool ``name`` on ``arg`` and submit it; the slot waits for the result. A
+        close tag without an opening tag (``arg`` None) still counts as a call, answered with an error text."""
+        st = self.slots[s]
+        st.tool_calls.append(ToolCall(name, arg if arg is not None else ""))
+        self.stats.tool_calls += 1
+        if arg is None:
+            fut: Future = Future()
+            fut.set_result(f"Error: {TOOL_TAGS[name][1]} without a matching {TOOL_TAGS[name][0]}")
+        else:
+            fut = self.loop.submit_tool(name, arg)
+        st.state, st.future = _TOOL, fut
+        self.event("tool_submit", slot=s, index=st.index, tool=name)
+
+    def tool_done(self, s: int) -> None:
+        """Append slot ``s``'s resolved tool result as observation tokens (truncated to the room left) and queue
+        them for the policy, or finish with ``FINISH_LENGTH`` when the result fills the budget."""
+        st = self.slots[s]
+        try:
+            res = st.future.result()
+            output = res.text if hasattr(res, "text") else str(res)
+        except Exception as e:  # a tool must never take the loop down: the error becomes the result
+            output = f"Error: {type(e).__name__}: {e}"
+        st.tool_calls[-1].output = output
+        st.future = None
+        ids = list(self.loop.tokenizer.encode(format_observation(output), add_special_tokens=False))
+        room = self.length - st.n
+        k = min(len(ids), room)
+        st.tokens[st.n:st.n + k] = ids[:k]
+        st.obs[st.n:st.n + k] = True
+        st.n += k
+        self.stats.observation_tokens += k
+        self.event("tool_result", slot=s, index=st.index)
+        if k >= room:
+            self.finish(s, FINISH_LENGTH)
+            return
+        st.seg_start, st.state = st.n, _DECODING
+        st.probe_start, st.probe_first = st.n, False
+        self.appends.append((s, ids))
+
+    def finish(self, s: int, reason: int) -> None:
+        """End the rollout in slot ``s`` with ``reason`` (``FINISH_*``): free the slot, submit the reward and
+        enqueue the requests ``hooks.on_finish`` returns."""
+        st = self.slots[s]
+        n = st.n
+        ro = Rollout(st.index, st.request, st.tokens[:n].copy(), st.gen[:n].copy(), st.obs[:n].copy(),
+                     st.logp[:n].copy(), st.ent[:n].copy(), st.tool_calls, reason,
+                     self.decode_text(st.tokens[:n], skip_special=True))
+        self.slots[s] = None
+        self.done.append(ro)
+        self.stats.rollouts += 1
+        self.event("finish", slot=s, index=st.index, reason=reason)
+        if self.loop.submit_reward is not None:
+            self.reward_futures.append((ro, self.loop.submit_reward(ro)))
+        if self.hooks is not None:
+            self.enqueue(self.hooks.on_finish(ro))
+
+    # -- a stop string straddling a prefix's end ---------------------------------------------------------------
+    def stop_across_prefix(self, s: int, fin: int) -> int:
+        """A stop string straddling a branch prefix's end is invisible to the policy (it searches the text
+        generated since the start): find it, drop the tokens after it and re-sync the slot (restart from
+        prompt + response, same key). The check ends once the stop is found, the chunk ended, or the slot has
+        ``STOP_LOOKBACK`` tokens past the prefix. Returns the chunk finish code to act on."""
+        st = self.slots[s]
+        j = self.stop_across(st)
+        if j is not None:
+            drop = st.n - j
+            st.tokens[j:st.n], st.gen[j:st.n], st.logp[j:st.n], st.ent[j:st.n] = self.loop.pad_id, False, 0, 0
+            st.n = j
+            self.stats.generated_tokens -= drop
+            self.starts.append((s, st, list(st.request.prompt_ids) + [int(t) for t in st.tokens[:j]]))
+            fin = CHUNK_STOP
+        if j is not None or fin != CHUNK_RUNNING or st.n >= st.boundary + STOP_LOOKBACK:
+            st.boundary = -1
+        return fin
+
+    def stop_across(self, st: _Slot) -> int | None:
+        """Smallest ``j`` in ``(boundary, boundary + STOP_LOOKBACK]`` such that the segment text up to token ``j``
+        has a stop string that begins inside the prefix part (which alone holds no complete stop), or None.
+        Stops wholly inside the new text are the policy's to report."""
+        end = min(st.n, st.boundary + STOP_LOOKBACK)
+        head = len(self.decode_text(st.tokens[st.seg_start:st.boundary]))
+
+        def straddles(j: int) -> bool:
+            """Whether the first stop of the segment text up to token ``j`` begins inside the prefix part."""
+            found = find_stop(self.decode_text(st.tokens[st.seg_start:j]))
+            return found is not None and found[0] < head
+
+        if end <= st.boundary or not straddles(end):
+            return None
+        return next(j for j in range(st.boundary + 1, end + 1) if straddles(j))
 
 
 class AgentLoop:
@@ -246,30 +505,6 @@ class AgentLoop:
         self.pad_id = pad_id
         self.stats = LoopStats()
 
-    # -- helpers -----------------------------------------------------------------------------------------------
-    def _event(self, event: str, **info) -> None:
-        if self.on_event is not None:
-            self.on_event(event, **info)
-
-    def _decode_text(self, tokens: np.ndarray, skip_special: bool = False) -> str:
-        return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=skip_special)
-
-    def _stop_across(self, st: _Slot) -> int | None:
-        """Smallest ``j`` in ``(boundary, boundary + _STOP_SPAN]`` such that the segment text up to token ``j``
-        has a stop string that begins inside the prefix part (which alone holds no complete stop), or None.
-        Stops wholly inside the new text are the policy's to report."""
-        end = min(st.n, st.boundary + _STOP_SPAN)
-        head = len(self._decode_text(st.tokens[st.seg_start:st.boundary]))
-
-        def straddles(j: int) -> bool:
-            found = find_stop(self._decode_text(st.tokens[st.seg_start:j]))
-            return found is not None and found[0] < head
-
-        if end <= st.boundary or not straddles(end):
-            return None
-        return next(j for j in range(st.boundary + 1, end + 1) if straddles(j))
-
-    # -- the loop ----------------------------------------------------------------------------------------------
     def run(self, requests: Iterable[RolloutRequest], hooks: LoopHooks | None = None,
             progress: Callable[[int, int, int], None] | None = None) -> list[Rollout]:
         """Run every request (and every request the hooks add) to completion; returns the rollouts ordered by
@@ -277,198 +512,17 @@ class AgentLoop:
         ``progress(finished, added, tokens)`` (e.g. `appo_jax.progress.RolloutProgress`) is called after every
         decode chunk with the rollouts finished, requests added and tokens generated since its last call.
         """
-        cfg, policy = self.cfg, self.policy
-        length = cfg.max_response_len
-        self.stats = stats = LoopStats()
-        t_start = time.perf_counter()
-        queue: deque[tuple[int, RolloutRequest]] = deque()
-        counter = [0]
-
-        def enqueue(reqs: Iterable[RolloutRequest]) -> None:
-            for r in reqs:
-                if not len(r.prompt_ids):
-                    raise ValueError("a rollout request has an empty prompt")
-                queue.append((counter[0], r))
-                counter[0] += 1
-
-        enqueue(requests)
-        reported = (0, 0, 0)  # (finished, enqueued, generated tokens) at the last progress call
-        slots: list[_Slot | None] = [None] * policy.num_slots
-        done: list[Rollout] = []
-        reward_futures: list[tuple[Rollout, Future]] = []
-        starts: list[tuple[int, _Slot, list[int]]] = []
-        appends: list[tuple[int, list[int]]] = []
-
-        def finish(s: int, reason: int) -> None:
-            st = slots[s]
-            n = st.n
-            ro = Rollout(st.index, st.request, st.tokens[:n].copy(), st.gen[:n].copy(), st.obs[:n].copy(),
-                         st.logp[:n].copy(), st.ent[:n].copy(), st.tool_calls, reason,
-                         self._decode_text(st.tokens[:n], skip_special=True))
-            slots[s] = None
-            done.append(ro)
-            stats.rollouts += 1
-            self._event("finish", slot=s, index=st.index, reason=reason)
-            if self.submit_reward is not None:
-                reward_futures.append((ro, self.submit_reward(ro)))
-            if hooks is not None:
-                enqueue(hooks.on_finish(ro))
-
-        def maybe_probe(s: int, force: bool) -> None:
-            st = slots[s]
-            if hooks is None or st.probe_start < 0:
-                return
-            stop = min(st.n, st.probe_start + cfg.probe_len)
-            if stop - st.probe_start < cfg.probe_len and not force:
-                return
-            sel = st.gen[st.probe_start:stop]
-            ent = st.ent[st.probe_start:stop][sel]
-            mean = float(ent.mean()) if ent.size else 0.0
-            first, start = st.probe_first, st.probe_start
-            st.probe_start, st.probe_first = -1, False
-            enqueue(hooks.on_probe(st.request, st.prefix(start), mean, first))
-
-        def segment_end(s: int) -> None:
-            """The slot's segment completed a stop string: finish, or submit its tool call."""
-            st = slots[s]
-            parsed = parse_segment_end(self._decode_text(st.tokens[st.seg_start:st.n]))
-            if parsed is None:
-                return  # no stop string in the decoded text after all: keep generating
-            name, arg = parsed
-            if name == "answer":
-                return finish(s, FINISH_ANSWER)
-            if len(st.tool_calls) >= cfg.tool_call_limit:
-                return finish(s, FINISH_TOOL_LIMIT)
-            if st.n >= length:
-                return finish(s, FINISH_LENGTH)
-            call = ToolCall(name, arg if arg is not None else "")
-            st.tool_calls.append(call)
-            stats.tool_calls += 1
-            if arg is None:
-                fut: Future = Future()
-                fut.set_result(f"Error: {TOOL_TAGS[name][1]} without a matching {TOOL_TAGS[name][0]}")
-            else:
-                fut = self.submit_tool(name, arg)
-            st.state, st.future = _TOOL, fut
-            self._event("tool_submit", slot=s, index=st.index, tool=name)
-
-        def tool_done(s: int) -> None:
-            st = slots[s]
-            try:
-                res = st.future.result()
-                output = res.text if hasattr(res, "text") else str(res)
-            except Exception as e:  # a tool must never take the loop down: the error becomes the result
-                output = f"Error: {type(e).__name__}: {e}"
-            st.tool_calls[-1].output = output
-            st.future = None
-            ids = list(self.tokenizer.encode(format_observation(output), add_special_tokens=False))
-            room = length - st.n
-            k = min(len(ids), room)
-            st.tokens[st.n:st.n + k] = ids[:k]
-            st.obs[st.n:st.n + k] = True
-            st.n += k
-            stats.observation_tokens += k
-            self._event("tool_result", slot=s, index=st.index)
-            if k >= room:
-                return finish(s, FINISH_LENGTH)
-            st.seg_start, st.state = st.n, _DECODING
-            st.probe_start, st.probe_first = st.n, False
-            appends.append((s, ids))
-
-        def start(s: int, index: int, req: RolloutRequest) -> None:
-            st = _Slot(index, req, length, self.pad_id)
-            slots[s] = st
-            starts.append((s, st, list(req.prompt_ids) + [int(t) for t in st.tokens[:st.n]]))
-            self._event("start", slot=s, index=index)
-            if st.n >= length:
-                return finish(s, FINISH_LENGTH)
-            if st.n > st.seg_start and parse_segment_end(self._decode_text(st.tokens[st.seg_start:st.n])):
-                st.boundary = -1
-                segment_end(s)  # the prefix ends with a completed stop: act on it as if just generated
-
-        def stop_across_prefix(s: int, fin: int) -> int:
-            """A stop string straddling a branch prefix's end is invisible to the policy (it searches the text
-            generated since the start): find it, drop the tokens after it and re-sync the slot (restart from
-            prompt + response, same key). Returns the chunk finish code to act on."""
-            st = slots[s]
-            j = self._stop_across(st)
-            if j is not None:
-                drop = st.n - j
-                st.tokens[j:st.n], st.gen[j:st.n], st.logp[j:st.n], st.ent[j:st.n] = self.pad_id, False, 0, 0
-                st.n = j
-                stats.generated_tokens -= drop
-                starts.append((s, st, list(st.request.prompt_ids) + [int(t) for t in st.tokens[:j]]))
-                fin = CHUNK_STOP
-            if j is not None or fin != CHUNK_RUNNING or st.n >= st.boundary + _STOP_SPAN:
-                st.boundary = -1
-            return fin
-
+        state = _Run(self, hooks, progress)
+        self.stats = state.stats
+        state.enqueue(requests)
         while True:
-            for s, st in enumerate(slots):
-                if st is not None and st.state == _TOOL and st.future.done():
-                    tool_done(s)
-            for s in range(len(slots)):
-                while slots[s] is None and queue:
-                    start(s, *queue.popleft())
-            if starts or appends:
-                t0 = time.perf_counter()
-                live = [x for x in starts if slots[x[0]] is x[1]]  # skip rollouts that finished at start
-                if live:
-                    policy.start([x[0] for x in live], [x[2] for x in live], [x[1].request.key for x in live])
-                if appends:
-                    policy.append([a[0] for a in appends], [a[1] for a in appends])
-                starts.clear()
-                appends.clear()
-                stats.prefill_s += time.perf_counter() - t0
-            active = np.array([st is not None and st.state == _DECODING for st in slots], bool)
-            if active.any():
-                max_new = np.array([min(cfg.decode_chunk, length - st.n) if a else 0
-                                    for st, a in zip(slots, active)], np.int32)
-                t0 = time.perf_counter()
-                chunk = policy.decode(active, max_new)
-                stats.decode_s += time.perf_counter() - t0
-                stats.decode_calls += 1
-                self._event("decode", slots=[int(s) for s in np.flatnonzero(active)])
-                for s in map(int, np.flatnonzero(active)):
-                    st = slots[s]
-                    k = int(chunk.num_new[s])
-                    st.tokens[st.n:st.n + k] = chunk.tokens[s, :k]
-                    st.gen[st.n:st.n + k] = True
-                    st.logp[st.n:st.n + k] = chunk.logprobs[s, :k]
-                    st.ent[st.n:st.n + k] = chunk.entropies[s, :k]
-                    st.n += k
-                    stats.generated_tokens += k
-                    fin = int(chunk.finish[s])
-                    if st.boundary >= 0:
-                        fin = stop_across_prefix(s, fin)
-                    maybe_probe(s, force=fin != 0 or st.n >= length)
-                    if fin == CHUNK_STOP:
-                        segment_end(s)
-                        if slots[s] is not None and slots[s].state == _DECODING and st.n >= length:
-                            finish(s, FINISH_LENGTH)
-                    elif fin == CHUNK_EOS:
-                        finish(s, FINISH_EOS)
-                    elif fin == CHUNK_LENGTH or st.n >= length:
-                        finish(s, FINISH_LENGTH)
-                if progress is not None:
-                    progress(len(done) - reported[0], counter[0] - reported[1], stats.generated_tokens - reported[2])
-                    reported = (len(done), counter[0], stats.generated_tokens)
-            elif any(st is not None for st in slots):
-                t0 = time.perf_counter()
-                wait([st.future for st in slots if st is not None], return_when=FIRST_COMPLETED)
-                stats.tool_wait_s += time.perf_counter() - t0
-            elif not queue:
+            state.poll_tools()
+            state.fill_slots()
+            state.prefill()
+            if not (state.decode() or state.wait_tools() or state.queue):
                 break
-        if progress is not None:
-            progress(len(done) - reported[0], counter[0] - reported[1], stats.generated_tokens - reported[2])
-        t0 = time.perf_counter()
-        for ro, fut in reward_futures:
-            ro.reward = float(fut.result())
-        stats.reward_wait_s = time.perf_counter() - t0
-        stats.wall_s = time.perf_counter() - t_start
-        done.sort(key=lambda r: r.index)
-        return done
+        return state.results()
 
 
-__all__ = ["AgentLoop", "LoopConfig", "LoopHooks", "LoopStats", "Prefix", "Rollout", "RolloutRequest",
-           "ToolCall", "find_stop", "parse_segment_end"]
+__all__ = ["STOP_STRINGS", "AgentLoop", "LoopConfig", "LoopHooks", "LoopStats", "Prefix", "Rollout",
+           "RolloutRequest", "ToolCall", "find_stop", "parse_segment_end"]

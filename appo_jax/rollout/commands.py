@@ -15,18 +15,15 @@ import argparse
 import json
 import sys
 
-SMOLLM2_ALIASES = ("smollm2",)
+def _load(spec: str, dtype: str):
+    """(config, params, tokenizer | None) of a --model spec (module doc)."""
+    from appo_jax.models.loading import load_model  # deferred: model imports take seconds (start-up of the CLI)
 
-
-def load(spec: str, dtype: str = "float32"):
-    """(config, params, tokenizer) of a --model spec (module doc)."""
-    from appo_jax.models.loading import find_smollm2_gguf, load_model
-
-    return load_model(find_smollm2_gguf() if spec in SMOLLM2_ALIASES else spec, dtype=dtype)
+    return load_model(spec, dtype=dtype)
 
 
 def _sampling(args):
-    from appo_jax.rollout.sampling import SamplingParams
+    from appo_jax.rollout.sampling import SamplingParams  # deferred: imports jax (start-up of the CLI)
 
     if args.greedy:
         return SamplingParams(0.0, repetition_penalty=args.repetition_penalty)
@@ -44,10 +41,9 @@ def _prompt_ids(args, tokenizer) -> list[int]:
             raise ValueError(f"model {args.model!r} has no tokenizer (a preset with random weights): pass "
                              "--prompt-ids instead of --prompt, or use an HF directory / .gguf file")
         if args.chat:
-            from appo_jax.data.templates import apply_chat_template
+            from appo_jax.data.encoding import encode_prompt  # deferred: data imports (start-up of the CLI)
 
-            text = apply_chat_template(tokenizer, [{"role": "user", "content": args.prompt}])
-            ids = tokenizer.encode(text, add_special_tokens=False)
+            ids = encode_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
         else:
             ids = tokenizer.encode(args.prompt)
     if not ids:
@@ -56,6 +52,7 @@ def _prompt_ids(args, tokenizer) -> list[int]:
 
 
 def _generate(args) -> int:
+    # deferred: jax and the sampler take seconds to import (start-up of the CLI)
     import jax
 
     from appo_jax.rollout.sampler import generate
@@ -63,7 +60,7 @@ def _generate(args) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = _sampling(args)
-    config, params, tokenizer = load(args.model, args.dtype)
+    config, params, tokenizer = _load(args.model, args.dtype)
     ids = _prompt_ids(args, tokenizer)
     if args.stop and tokenizer is None:
         raise ValueError("--stop needs a model with a tokenizer")
@@ -92,9 +89,9 @@ def _generate(args) -> int:
 
 
 def _bench_sampler(args) -> int:
-    from appo_jax.rollout.sampler_bench import measure_sampler
+    from appo_jax.rollout.sampler_bench import measure_sampler  # deferred: imports jax (start-up of the CLI)
 
-    config, params, _ = load(args.model, args.dtype)
+    config, params, _ = _load(args.model, args.dtype)
     result = measure_sampler(config, params, batch=args.batch, new_tokens=args.new_tokens,
                              prompt_len=args.prompt_len, sampling=_sampling(args), runs=args.runs,
                              decode_chunk=args.decode_chunk)

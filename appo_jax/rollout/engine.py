@@ -1,105 +1,57 @@
-"""The rollout engine: prompts -> static-shape Trajectory batches (docs/algorithm.md §1.3, §1.7; docs/protocol.md).
+"""The rollout engine: question records -> static-shape Trajectory batches (docs/algorithm.md §1.3, §1.7;
+docs/protocol.md).
 
 :class:`RolloutEngine` runs the multi-turn tool loop (:mod:`appo_jax.rollout.agent_loop`) on the slots of the
-jitted sampler and assembles :class:`~appo_jax.core.trajectory.Trajectory` batches:
+jitted sampler and assembles :class:`~appo_jax.core.trajectory.Trajectory` batches. Prompts are
+:class:`~appo_jax.data.records.Record` s whose ``prompt_ids`` are filled (`appo_jax.data.encode_records`):
 
-* ``initial(prompts, n_init, key)``: ``n_init`` rollouts per prompt, row ``g * n_init + i``, kind init;
-* ``branches(parents, prompts, rows, positions, scores, valid, key)``: APPO branches, row ``g * B + j`` continues
-  row ``rows[g, j]`` of ``parents`` from ``prompt + response[: positions[g, j] + 1]`` (tokens, masks, behaviour
-  log-probs and entropies of the prefix copied; tool-call count continued), kind branch;
-* ``arpo(prompts, n, n_init, key, variant)`` (ARPO / AEPO) and ``tree(prompts, n, n_init, key)`` (Tree-GRPO):
-  full ``n``-row groups, row ``g * n + j``, rows ``j < n_init`` the initial rollouts, later rows branches (or
-  ARPO top-ups) whose ``parent`` is a row of the same group.
+* ``initial_batch(prompts, n_init, key)``: ``n_init`` rollouts per prompt, row ``g * n_init + i``, kind init;
+* ``branches_batch(parents, prompts, rows, positions, scores, valid, key)``: APPO branches, row ``g * B + j``
+  continues row ``rows[g, j]`` of ``parents`` from ``prompt + response[: positions[g, j] + 1]`` (tokens, masks,
+  behaviour log-probs and entropies of the prefix copied; tool-call count continued), kind branch;
+* ``arpo_batch(prompts, n, n_init, key, penalty)`` (ARPO; AEPO with a consecutive-branch penalty) and
+  ``tree_batch(prompts, n, n_init, key)`` (Tree-GRPO): full ``n``-row groups, row ``g * n + j``, rows
+  ``j < n_init`` the initial rollouts, later rows branches (or ARPO top-ups) whose ``parent`` is a row of the
+  same group.
 
-Every row's reward is computed off the decode thread with the reward named by its :class:`PromptItem`. The
-``*_batch`` variants return a :class:`RolloutBatch`: the Trajectory plus, per row, the decoded response text,
-the tool calls (name, input, output) and the tree id (row index of the row's root: itself for initial rows;
-Tree-GRPO's tree groups).
+Every row is scored off the decode thread by ``reward_fn(record, text)`` (default: the record's ability reward,
+`appo_jax.rewards.RecordReward`). A :class:`RolloutBatch` is the Trajectory plus, per row, the decoded response
+text, the tool calls (name, input, output), the answer accuracy and the tree id (row index of the row's root:
+itself for initial rows; Tree-GRPO's tree groups).
 """
 from __future__ import annotations
 
-import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
-from appo_jax.core.trajectory import KIND_BRANCH, KIND_INIT, Trajectory
+from appo_jax.core.trajectory import KIND_BRANCH, KIND_INIT, Trajectory, TrajectoryBuilder
+from appo_jax.data.records import Record
+from appo_jax.rewards.arpo import RewardOutput
+from appo_jax.rewards.registry import RecordReward
 from appo_jax.rollout.agent_loop import (AgentLoop, LoopConfig, Prefix, Rollout, RolloutRequest, ToolCall,
                                          parse_segment_end)
 from appo_jax.rollout.arpo import ArpoConfig, ArpoHooks
+from appo_jax.rollout.config import RolloutConfig
 from appo_jax.rollout.policy import SlotPolicy, make_sampler_policy
 from appo_jax.rollout.tree import choose_nodes, expansion_counts, round_quota, step_nodes
-
-
-@dataclass
-class PromptItem:
-    """One prompt: its token ids (chat template applied), ground truths, data source and reward name."""
-
-    prompt_ids: list[int]
-    ground_truths: list[str]
-    data_source: str = ""
-    reward: str = "arpo_f1"
-
-
-@dataclass
-class RolloutConfig:
-    """Rollout settings. ``max_prompt_len`` / ``max_response_len``: the static P / L of the Trajectory (L is
-    each rollout's response budget, tool results included); ``tool_call_limit``: tool calls allowed per rollout;
-    ``temperature`` / ``top_p`` / ``top_k`` / ``repetition_penalty``: sampling (top_k 0 and repetition_penalty 1
-    = off; a penalty is for evaluation: training log-probs are recomputed without it); ``num_slots``: concurrent
-    sampler slots;
-    ``decode_chunk``: decode steps per host check; ``tool_workers`` / ``tool_timeout_s``: the tool pool;
-    ``probe_len``, ``arpo_alpha``, ``arpo_beta``, ``arpo_beam``, ``aepo_penalty``: ARPO / AEPO (§1.7);
-    ``tree_rounds``: Tree-GRPO expansion rounds."""
-
-    max_prompt_len: int = 1024
-    max_response_len: int = 1024
-    tool_call_limit: int = 3
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    num_slots: int = 32
-    decode_chunk: int = 16
-    tool_workers: int = 8
-    tool_timeout_s: float = 10.0
-    probe_len: int = 20
-    arpo_alpha: float = 0.5
-    arpo_beta: float = 0.2
-    arpo_beam: int = 2
-    aepo_penalty: float = 0.05
-    tree_rounds: int = 1
-
-    def __post_init__(self):
-        for name in ("max_prompt_len", "max_response_len", "num_slots", "decode_chunk", "tool_workers",
-                     "probe_len", "tree_rounds"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"RolloutConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.tool_call_limit < 0:
-            raise ValueError(f"RolloutConfig.tool_call_limit must be >= 0, got {self.tool_call_limit}")
-
-    def fitted(self, prompts: Sequence["PromptItem"], rollouts: int, multiple: int = 64) -> "RolloutConfig":
-        """This config sized to a call: ``max_prompt_len`` cut to the longest of ``prompts`` (rounded up to
-        ``multiple``, never above the configured bound) and ``num_slots`` to the ``rollouts`` that run at once
-        (never above the configured number). The KV cache (slots x (P + L + padding)) then holds what the call
-        needs, not the configured maximum."""
-        longest = max((len(p.prompt_ids) for p in prompts), default=1)
-        p_len = min(self.max_prompt_len, -(-longest // multiple) * multiple)
-        return dataclasses.replace(self, max_prompt_len=p_len, num_slots=max(1, min(self.num_slots, rollouts)))
+from appo_jax.tools.registry import ToolRegistry, build_registry
 
 
 @dataclass
 class RolloutBatch:
-    """A Trajectory plus host-side per-row extras: decoded response ``texts``, ``tool_calls`` and
-    ``tree_id`` (int32 [N]: row index of the row's root, -1 for padding rows)."""
+    """A Trajectory plus host-side per-row extras: decoded response ``texts``, ``tool_calls``, ``accuracy``
+    (float32 [N]: the reward's answer accuracy, 0 for padding rows) and ``tree_id`` (int32 [N]: row index of the
+    row's root, -1 for padding rows)."""
 
     traj: Trajectory
     texts: list[str]
     tool_calls: list[list[ToolCall]]
-    tree_id: np.ndarray = field(default=None)
+    accuracy: np.ndarray
+    tree_id: np.ndarray
 
 
 def concat_trajectories(a: Trajectory, b: Trajectory) -> Trajectory:
@@ -114,14 +66,16 @@ def concat_trajectories(a: Trajectory, b: Trajectory) -> Trajectory:
 def concat_batches(a: RolloutBatch, b: RolloutBatch) -> RolloutBatch:
     """:func:`concat_trajectories` for :class:`RolloutBatch` (tree ids of ``b`` index rows of ``a`` too)."""
     return RolloutBatch(concat_trajectories(a.traj, b.traj), a.texts + b.texts, a.tool_calls + b.tool_calls,
-                        np.concatenate([a.tree_id, b.tree_id]))
+                        np.concatenate([a.accuracy, b.accuracy]), np.concatenate([a.tree_id, b.tree_id]))
 
 
-def default_tools(cfg: RolloutConfig):
+def default_tools(cfg: RolloutConfig) -> ToolRegistry:
     """The built-in tool registry (python sandbox + offline search) sized by ``cfg``: ``cfg.tool_workers``
-    pool threads, python wall-clock limit ``cfg.tool_timeout_s``. Close it (or use ``with``) when done."""
-    from appo_jax.tools.registry import build_registry
-    return build_registry(max_workers=cfg.tool_workers, python={"timeout_s": cfg.tool_timeout_s})
+    pool threads, python wall-clock limit ``cfg.tool_timeout_s``, search over ``cfg.search_cache`` (empty: the
+    shipped cache). Close it (or use ``with``) when done."""
+    search = {"backend_kwargs": {"path": cfg.search_cache}} if cfg.search_cache else {}
+    return build_registry(("python", "search"), max_workers=cfg.tool_workers,
+                          python={"timeout_s": cfg.tool_timeout_s}, search=search)
 
 
 def tree_ids(parent: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -177,15 +131,21 @@ class RolloutEngine:
     """Rollouts with the tool loop on a sampler (module doc).
 
     ``tools``: a tool registry with ``submit(name, input) -> Future[ToolResult]`` (:func:`default_tools`).
+    ``cfg``: a :class:`RolloutConfig` with ``num_slots >= 1`` (`RolloutConfig.fitted` sizes one to a call).
     ``mesh``: the mesh ``params`` live on; the sampler runs with the params' own shardings, so it is only
     recorded. ``policy``: a ready :class:`SlotPolicy` to use instead of building the jitted sampler from
-    ``model_config`` / ``params`` (tests use scripted policies); ``reward_fn(item, text) -> float`` overrides
-    the rewards registry; ``on_event`` is passed to the :class:`AgentLoop`. Call :meth:`close` when done.
+    ``model_config`` / ``params`` (tests use scripted policies); ``reward_fn(record, text)`` returns a
+    `RewardOutput` or a float (then the accuracy is ``score >= 1``); ``on_event`` is passed to the
+    :class:`AgentLoop`. Call :meth:`close` when done.
     """
 
     def __init__(self, model_config, params, tokenizer, tools, cfg: RolloutConfig, mesh=None, *,
-                 policy: SlotPolicy | None = None, reward_fn: Callable[[PromptItem, str], float] | None = None,
+                 policy: SlotPolicy | None = None,
+                 reward_fn: Callable[[Record, str], RewardOutput | float] | None = None,
                  on_event: Callable[..., None] | None = None):
+        if cfg.num_slots < 1:
+            raise ValueError("RolloutEngine needs rollout.num_slots >= 1; size the config to the call with "
+                             "RolloutConfig.fitted(prompts, rollouts)")
         self.cfg, self.tokenizer, self.tools, self.mesh = cfg, tokenizer, tools, mesh
         pad = getattr(model_config, "pad_token_id", None)
         if pad is None:
@@ -199,7 +159,7 @@ class RolloutEngine:
                                          top_p=cfg.top_p, top_k=cfg.top_k,
                                          repetition_penalty=cfg.repetition_penalty, decode_chunk=cfg.decode_chunk)
         self.policy = policy
-        self.reward_fn = reward_fn if reward_fn is not None else _registry_reward
+        self.reward_fn = reward_fn if reward_fn is not None else RecordReward("auto")
         self._reward_pool = ThreadPoolExecutor(max(1, min(4, cfg.tool_workers)), thread_name_prefix="reward")
         self.loop = AgentLoop(policy, tokenizer,
                               LoopConfig(cfg.max_response_len, cfg.tool_call_limit, cfg.decode_chunk,
@@ -229,19 +189,27 @@ class RolloutEngine:
     def close(self) -> None:
         self._reward_pool.shutdown(wait=True)
 
-    def _submit_reward(self, rollout: Rollout) -> Future:
-        item = rollout.request.meta["item"]
-        return self._reward_pool.submit(self.reward_fn, item, rollout.text)
+    def _score(self, request: RolloutRequest, text: str) -> float:
+        """The reward of a finished rollout (on a reward thread); its answer accuracy goes to
+        ``request.meta["accuracy"]`` (the caller data the loop carries to the result)."""
+        out = self.reward_fn(request.meta["item"], text)
+        score, accuracy = (out.score, out.accuracy) if isinstance(out, RewardOutput) else (out, float(out) >= 1.0)
+        request.meta["accuracy"] = float(accuracy)
+        return float(score)
 
-    def _check_prompts(self, prompts: Sequence[PromptItem]) -> None:
+    def _submit_reward(self, rollout: Rollout) -> Future:
+        return self._reward_pool.submit(self._score, rollout.request, rollout.text)
+
+    def _check_prompts(self, prompts: Sequence[Record]) -> None:
         for g, p in enumerate(prompts):
             if not len(p.prompt_ids):
-                raise ValueError(f"prompt {g} is empty")
+                raise ValueError(f"prompt {g} (record {p.id!r} of {p.dataset!r}) has no prompt_ids; encode the "
+                                 "records first (appo_jax.data.encode_records)")
             if len(p.prompt_ids) > self.cfg.max_prompt_len:
-                raise ValueError(f"prompt {g} has {len(p.prompt_ids)} tokens > max_prompt_len "
-                                 f"{self.cfg.max_prompt_len}")
+                raise ValueError(f"prompt {g} (record {p.id!r} of {p.dataset!r}) has {len(p.prompt_ids)} tokens > "
+                                 f"max_prompt_len {self.cfg.max_prompt_len}")
 
-    def _request(self, key, item: PromptItem, group: int, local: int, *, prompt_ids=None,
+    def _request(self, key, item: Record, group: int, local: int, *, prompt_ids=None,
                  prefix: Prefix | None = None, kind: int = KIND_INIT, parent: int = -1, branch_pos: int = -1,
                  score: float = 0.0) -> RolloutRequest:
         return RolloutRequest(list(item.prompt_ids if prompt_ids is None else prompt_ids),
@@ -250,43 +218,33 @@ class RolloutEngine:
                                         branch_pos=branch_pos, score=score))
 
     def run(self, requests: Sequence[RolloutRequest], hooks=None, progress=None) -> list[Rollout]:
-        """Run requests through the tool loop (``meta["item"]`` must hold their :class:`PromptItem`);
+        """Run requests through the tool loop (``meta["item"]`` must hold their :class:`Record`);
         ``progress`` as in :meth:`AgentLoop.run`."""
         return self.loop.run(requests, hooks, progress)
 
     def _assemble(self, rows: list[_Row], parents_in_batch: bool = True) -> RolloutBatch:
         cfg = self.cfg
-        traj = Trajectory.empty(len(rows), cfg.max_response_len, cfg.max_prompt_len, self.pad_id)
+        build = TrajectoryBuilder(len(rows), cfg.max_response_len, cfg.max_prompt_len, self.pad_id)
         texts: list[str] = []
         calls: list[list[ToolCall]] = []
+        accuracy = np.zeros(len(rows), np.float32)
         for i, row in enumerate(rows):
             ro = row.rollout
-            traj.kind[i] = row.kind
+            build.set_kind(i, row.kind)
             if ro is None:
                 texts.append("")
                 calls.append([])
                 continue
-            p = len(row.prompt_ids)
-            traj.prompt_tokens[i, cfg.max_prompt_len - p:] = row.prompt_ids
-            traj.prompt_mask[i, cfg.max_prompt_len - p:] = True
-            k = len(ro.tokens)
-            traj.tokens[i, :k] = ro.tokens
-            traj.gen_mask[i, :k] = ro.gen_mask
-            traj.obs_mask[i, :k] = ro.obs_mask
-            traj.behavior_logp[i, :k] = ro.logprobs
-            traj.entropy[i, :k] = ro.entropies
-            traj.group_id[i] = row.group
-            traj.parent[i] = row.parent
-            traj.branch_pos[i] = row.branch_pos
-            traj.branch_score[i] = row.branch_score
-            traj.reward[i] = ro.reward
-            traj.tool_calls[i] = len(ro.tool_calls)
-            traj.finish_reason[i] = ro.finish_reason
-            traj.row_valid[i] = True
+            accuracy[i] = ro.request.meta.get("accuracy", 0.0)
+            build.set_row(i, prompt_ids=row.prompt_ids, tokens=ro.tokens, gen_mask=ro.gen_mask, obs_mask=ro.obs_mask,
+                          behavior_logp=ro.logprobs, entropy=ro.entropies, group=row.group, kind=row.kind,
+                          parent=row.parent, branch_pos=row.branch_pos, branch_score=row.branch_score,
+                          reward=ro.reward, tool_calls=len(ro.tool_calls), finish_reason=ro.finish_reason)
             texts.append(ro.text)
             calls.append(ro.tool_calls)
+        traj = build.build()
         tree = tree_ids(traj.parent, traj.row_valid) if parents_in_batch else np.full(len(rows), -1, np.int32)
-        return RolloutBatch(traj, texts, calls, tree)
+        return RolloutBatch(traj, texts, calls, accuracy, tree)
 
     def _rows_from_rollouts(self, rollouts: list[Rollout], num_rows: int, row_of) -> list[_Row]:
         rows: list[_Row] = [_Row(None, [], -1, KIND_BRANCH) for _ in range(num_rows)]
@@ -297,7 +255,7 @@ class RolloutEngine:
         return rows
 
     # -- initial rollouts --------------------------------------------------------------------------------------
-    def initial_batch(self, prompts: Sequence[PromptItem], n_init: int, key, progress=None) -> RolloutBatch:
+    def initial_batch(self, prompts: Sequence[Record], n_init: int, key, progress=None) -> RolloutBatch:
         """``n_init`` rollouts per prompt; row ``g * n_init + i`` is rollout ``i`` of prompt ``g`` (kind init,
         rewards filled). ``progress``: see :meth:`run`."""
         if n_init < 1:
@@ -307,10 +265,6 @@ class RolloutEngine:
         rollouts = self.run(reqs, progress=progress)
         return self._assemble(self._rows_from_rollouts(rollouts, len(reqs),
                                                        lambda m: m["group"] * n_init + m["local"]))
-
-    def initial(self, prompts: Sequence[PromptItem], n_init: int, key, progress=None) -> Trajectory:
-        """:meth:`initial_batch` without the host extras."""
-        return self.initial_batch(prompts, n_init, key, progress).traj
 
     # -- APPO branches -----------------------------------------------------------------------------------------
     def branch_prefix(self, parents: Trajectory, row: int, t: int) -> Prefix:
@@ -326,7 +280,7 @@ class RolloutEngine:
                       np.asarray(parents.entropy[row, :end], np.float32).copy(),
                       tool_calls_from_tokens(self.tokenizer, tok, gen, obs))
 
-    def branches_batch(self, parents: Trajectory, prompts: Sequence[PromptItem], rows, positions, scores, valid,
+    def branches_batch(self, parents: Trajectory, prompts: Sequence[Record], rows, positions, scores, valid,
                        key, progress=None) -> RolloutBatch:
         """APPO branch rollouts (module doc). ``rows`` / ``positions`` / ``scores`` / ``valid`` are ``[G, B]``
         (from ``select_branch_points``); output row ``g * B + j`` is the branch of slot ``(g, j)``; invalid
@@ -340,23 +294,19 @@ class RolloutEngine:
         prompt_tokens, prompt_mask = np.asarray(parents.prompt_tokens), np.asarray(parents.prompt_mask)
         group_id = np.asarray(parents.group_id)
         reqs = []
-        for g in range(num_g):
-            for j in range(budget):
-                if not valid[g, j]:
-                    continue
-                r, t = int(rows[g, j]), int(positions[g, j])
-                if not 0 <= r < parents.tokens.shape[0]:
-                    raise ValueError(f"branch slot ({g}, {j}): parent row {r} outside the parent batch")
-                grp = int(group_id[r])
-                if not 0 <= grp < len(prompts):
-                    raise ValueError(f"branch slot ({g}, {j}): parent row {r} has group {grp}, "
-                                     f"but {len(prompts)} prompts were given")
-                req = self._request(key, prompts[grp], g, j, prompt_ids=prompt_tokens[r][prompt_mask[r]],
-                                    prefix=self.branch_prefix(parents, r, t), kind=KIND_BRANCH, parent=r,
-                                    branch_pos=t, score=float(scores[g, j]))
-                req.meta["group"] = grp
-                req.meta["slot"] = g * budget + j
-                reqs.append(req)
+        for g, j in zip(*np.nonzero(valid)):
+            r, t = int(rows[g, j]), int(positions[g, j])
+            if not 0 <= r < parents.tokens.shape[0]:
+                raise ValueError(f"branch slot ({g}, {j}): parent row {r} outside the parent batch")
+            grp = int(group_id[r])
+            if not 0 <= grp < len(prompts):
+                raise ValueError(f"branch slot ({g}, {j}): parent row {r} has group {grp}, "
+                                 f"but {len(prompts)} prompts were given")
+            req = self._request(key, prompts[grp], int(g), int(j), prompt_ids=prompt_tokens[r][prompt_mask[r]],
+                                prefix=self.branch_prefix(parents, r, t), kind=KIND_BRANCH, parent=r,
+                                branch_pos=t, score=float(scores[g, j]))
+            req.meta.update(group=grp, slot=int(g) * budget + int(j))
+            reqs.append(req)
         rollouts = self.run(reqs, progress=progress)
         batch = self._assemble(self._rows_from_rollouts(rollouts, num_g * budget, lambda m: m["slot"]),
                                parents_in_batch=False)
@@ -366,22 +316,14 @@ class RolloutEngine:
         batch.tree_id = np.where(t.row_valid, parent_tree[np.maximum(t.parent, 0)], -1).astype(np.int32)
         return batch
 
-    def branches(self, parents: Trajectory, prompts: Sequence[PromptItem], rows, positions, scores, valid,
-                 key) -> Trajectory:
-        """:meth:`branches_batch` without the host extras."""
-        return self.branches_batch(parents, prompts, rows, positions, scores, valid, key).traj
-
     # -- ARPO / AEPO -------------------------------------------------------------------------------------------
-    def arpo_batch(self, prompts: Sequence[PromptItem], n: int, n_init: int, key,
-                   variant: str = "arpo", progress=None) -> RolloutBatch:
-        """ARPO (``variant="arpo"``) or AEPO (``"aepo"``, consecutive-branch penalty) groups of ``n`` rows
-        (:mod:`appo_jax.rollout.arpo`); row ``g * n + j``, ``parent`` indexes rows of this batch."""
-        if variant not in ("arpo", "aepo"):
-            raise ValueError(f"variant must be 'arpo' or 'aepo', got {variant!r}")
+    def arpo_batch(self, prompts: Sequence[Record], n: int, n_init: int, key, penalty: float = 0.0,
+                   progress=None) -> RolloutBatch:
+        """ARPO groups of ``n`` rows (:mod:`appo_jax.rollout.arpo`; AEPO: a consecutive-branch ``penalty`` > 0);
+        row ``g * n + j``, ``parent`` indexes rows of this batch."""
         self._check_prompts(prompts)
         cfg = self.cfg
-        acfg = ArpoConfig(cfg.arpo_alpha, cfg.arpo_beta, cfg.arpo_beam,
-                          cfg.aepo_penalty if variant == "aepo" else 0.0)
+        acfg = ArpoConfig(cfg.arpo_alpha, cfg.arpo_beta, cfg.arpo_beam, penalty)
         seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
 
         def make(g, local, prefix, parent_local, branch_pos, kind):
@@ -393,12 +335,8 @@ class RolloutEngine:
         return self._assemble(self._rows_from_rollouts(rollouts, len(prompts) * n,
                                                        lambda m: m["group"] * n + m["local"]))
 
-    def arpo(self, prompts: Sequence[PromptItem], n: int, n_init: int, key, variant: str = "arpo") -> Trajectory:
-        """:meth:`arpo_batch` without the host extras."""
-        return self.arpo_batch(prompts, n, n_init, key, variant).traj
-
     # -- Tree-GRPO ---------------------------------------------------------------------------------------------
-    def tree_batch(self, prompts: Sequence[PromptItem], n: int, n_init: int, key, progress=None) -> RolloutBatch:
+    def tree_batch(self, prompts: Sequence[Record], n: int, n_init: int, key, progress=None) -> RolloutBatch:
         """Tree-GRPO groups of ``n`` rows (:mod:`appo_jax.rollout.tree`): rows ``g * n + i``, ``i < n_init``,
         are the tree roots; expansions follow in creation order with ``parent`` / ``branch_pos`` set and
         ``tree_id`` = their root row."""
@@ -440,16 +378,6 @@ class RolloutEngine:
                                         lambda m: m["group"] * n + m["local"])
         return self._assemble(rows)
 
-    def tree(self, prompts: Sequence[PromptItem], n: int, n_init: int, key) -> Trajectory:
-        """:meth:`tree_batch` without the host extras."""
-        return self.tree_batch(prompts, n, n_init, key).traj
 
-
-def _registry_reward(item: PromptItem, text: str) -> float:
-    """``get_reward_fn(item.reward)(text, item.ground_truths).score`` (the rewards registry)."""
-    from appo_jax.rewards.registry import get_reward_fn
-    return float(get_reward_fn(item.reward)(text, item.ground_truths).score)
-
-
-__all__ = ["PromptItem", "RolloutBatch", "RolloutConfig", "RolloutEngine", "concat_batches",
-           "concat_trajectories", "default_tools", "tool_calls_from_tokens", "tree_ids"]
+__all__ = ["RolloutBatch", "RolloutConfig", "RolloutEngine", "concat_batches", "concat_trajectories",
+           "default_tools", "tool_calls_from_tokens", "tree_ids"]

@@ -21,6 +21,7 @@ import numpy as np
 from appo_jax.rollout.sampler import (CHUNK_EOS, CHUNK_LENGTH, CHUNK_RUNNING, CHUNK_STOP, DecodeChunk, Sampler,
                                       prefill_pieces)
 from appo_jax.rollout.sampling import SamplingParams
+from appo_jax.protocol import STOP_STRINGS
 
 
 class SlotPolicy(Protocol):
@@ -64,11 +65,11 @@ def make_sampler_policy(model_config, params, tokenizer, *, num_slots: int, max_
                         max_response_len: int, tool_call_limit: int, temperature: float = 1.0, top_p: float = 1.0,
                         top_k: int = 0, repetition_penalty: float = 1.0, decode_chunk: int = 16,
                         prefill_chunk: int = 128,
-                        stop_strings: Sequence[str] = ("</python>", "</search>", "</answer>")) -> Sampler:
-    """The jitted :class:`Sampler` set up as the tool loop's :class:`SlotPolicy`: stop strings detected on the
-    tokenizer's text, EOS ids from ``model_config``, ``SamplingParams(temperature, top_p, top_k,
-    repetition_penalty)``, and a cache
-    row of :func:`rollout_cache_len` slots."""
+                        stop_strings: Sequence[str] = STOP_STRINGS) -> Sampler:
+    """The jitted :class:`Sampler` set up as the tool loop's :class:`SlotPolicy`: stop strings (default: the
+    protocol's, :data:`~appo_jax.protocol.STOP_STRINGS`) detected on the tokenizer's text, EOS ids
+    from ``model_config``, ``SamplingParams(temperature, top_p, top_k, repetition_penalty)``, and a cache row of
+    :func:`rollout_cache_len` slots."""
     def detokenize(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
 

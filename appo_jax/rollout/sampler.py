@@ -52,7 +52,9 @@ import numpy as np
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.decoder import forward
 from appo_jax.models.kv_cache import KVCache, init_cache
+from appo_jax.models.sharding import cache_shardings
 from appo_jax.rollout.sampling import SamplingParams, select_tokens
+from appo_jax.protocol import stop_lookback
 
 # Per-slot outcome of a `Sampler.decode` call (values shared with `appo_jax.rollout.policy`).
 CHUNK_RUNNING = 0  # produced max_new tokens without stopping (or the slot was inactive)
@@ -287,7 +289,7 @@ class Sampler:
     ``min_attention_window``: each call attends over only the first W slots of the rows, W the smallest power of
     two >= this (and >= the slots the call's writing rows can reach), or the whole row (None: always the whole
     row). W is a static shape: at most log2(max_len / min_attention_window) + 1 compiled variants per function.
-    ``mesh``: place the cache with `appo_jax.parallel.rules.cache_shardings` (rows over data x fsdp, kv heads
+    ``mesh``: place the cache with `appo_jax.models.sharding.cache_shardings` (rows over data x fsdp, kv heads
     over tensor where they divide); params are used as given (e.g. from ``load_model(..., mesh=mesh)``).
     """
 
@@ -323,12 +325,9 @@ class Sampler:
         self.decode_chunk = int(decode_chunk)
         self.prefill_chunk = int(prefill_chunk)
         self.min_attention_window = min_attention_window
-        # tokens a stop string can span: each token decodes to >= 1 character, with slack for byte tokens
-        self._stop_lookback = 2 * max((len(s) for s in stop_strings), default=0) + 8
+        self._stop_lookback = stop_lookback(stop_strings)  # tokens a stop string can span
         self._cache = init_cache(config, self.num_slots, self.max_len)
         if mesh is not None:
-            from appo_jax.parallel.rules import cache_shardings
-
             self._cache = jax.device_put(self._cache, cache_shardings(self._cache, mesh))
         self._keys = np.zeros((self.num_slots, 2), np.uint32)
         self._seq: list[list[int] | None] = [None] * self.num_slots

@@ -1,0 +1,89 @@
+"""`RolloutConfig`: every knob of the sampler, the tool loop and the branching samplers, in one place.
+
+The experiment config uses it as its ``rollout`` section as-is (``--set rollout.arpo_beta=0.3``), the trainer,
+evaluation and the ``rollout`` CLI hand it to the engine, and `RolloutConfig.fitted` sizes it to one call.
+Defaults are the official APPO settings (docs/algorithm.md §1.8) where the paper has one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """Rollout settings.
+
+    ``max_prompt_len`` / ``max_response_len``: the static P / L of the Trajectory (L is each rollout's response
+    budget, tool results included); ``tool_call_limit``: tool calls allowed per rollout (one more ends it as a
+    format failure); ``temperature`` / ``top_p`` / ``top_k`` / ``repetition_penalty``: sampling (top_k 0 and
+    repetition_penalty 1 = off; a penalty is for evaluation: training log-probs are recomputed without it);
+    ``num_slots``: concurrent sampler slots (0 = one per rollout of a call); ``decode_chunk``: decode steps per
+    host check; ``tool_workers`` / ``tool_timeout_s``: the tool pool and the python tool's wall-clock limit;
+    ``search_cache``: the search corpus (a query-cache JSON; empty = the shipped one);
+    ``probe_len``, ``arpo_alpha``, ``arpo_beta``, ``arpo_beam``, ``aepo_penalty``: ARPO / AEPO branching
+    (docs/algorithm.md §1.7); ``tree_rounds``: Tree-GRPO expansion rounds.
+    """
+
+    max_prompt_len: int = 2048
+    max_response_len: int = 6144
+    tool_call_limit: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    num_slots: int = 0
+    decode_chunk: int = 64
+    tool_workers: int = 8
+    tool_timeout_s: float = 30.0
+    search_cache: str = ""
+    probe_len: int = 20
+    arpo_alpha: float = 0.5
+    arpo_beta: float = 0.2
+    arpo_beam: int = 2
+    aepo_penalty: float = 0.05
+    tree_rounds: int = 1
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """``ValueError`` naming ``rollout.<field>``, its value and what is accepted, for the first bad field."""
+        def bad(name, what):
+            raise ValueError(f"rollout.{name}={getattr(self, name)!r}; expected {what}")
+
+        for name in ("max_prompt_len", "max_response_len", "decode_chunk", "tool_workers", "probe_len",
+                     "tree_rounds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                bad(name, "a positive integer")
+        for name in ("tool_call_limit", "top_k", "num_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                bad(name, "a non-negative integer")
+        if isinstance(self.arpo_beam, bool) or not isinstance(self.arpo_beam, int) or self.arpo_beam < 2:
+            bad("arpo_beam", "an integer >= 2 (beam - 1 copies per branching round)")
+        for name, ok, what in (("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"),
+                               ("top_p", lambda v: 0 < v <= 1, "0 < top_p <= 1"),
+                               ("repetition_penalty", lambda v: v > 0, "> 0 (1 = off)"),
+                               ("tool_timeout_s", lambda v: v > 0, "> 0"),
+                               ("arpo_alpha", lambda v: True, "a number"),
+                               ("arpo_beta", lambda v: True, "a number"),
+                               ("aepo_penalty", lambda v: v >= 0, ">= 0")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not ok(value):
+                bad(name, what)
+        if not isinstance(self.search_cache, str):
+            bad("search_cache", "a path (empty = the shipped search cache)")
+
+    def fitted(self, prompts: Sequence, rollouts: int, multiple: int = 64) -> "RolloutConfig":
+        """This config sized to a call: ``max_prompt_len`` cut to the longest ``prompt_ids`` of ``prompts``
+        (rounded up to ``multiple``, never above the configured bound) and ``num_slots`` to the ``rollouts`` that
+        run at once (never above a configured non-zero number). The KV cache (slots x (P + L + padding)) then
+        holds what the call needs, not the configured maximum."""
+        longest = max((len(p.prompt_ids) for p in prompts), default=1)
+        p_len = min(self.max_prompt_len, -(-longest // multiple) * multiple)
+        slots = max(1, rollouts if not self.num_slots else min(self.num_slots, rollouts))
+        return dataclasses.replace(self, max_prompt_len=p_len, num_slots=slots)
