@@ -43,6 +43,7 @@ def time_train_step(config, rows: int, p: int, length: int, repeats: int, micro:
     """(median seconds per step, compile seconds) of the jitted train step."""
     from appo_jax.models.decoder import init_params
     from appo_jax.training.config import OptimizerSection
+    from appo_jax.training.batch import TrainBatch
     from appo_jax.training.state import create_train_state, make_optimizer
     from appo_jax.training.train_step import StepConfig, train_step_fn
 
@@ -51,7 +52,7 @@ def time_train_step(config, rows: int, p: int, length: int, repeats: int, micro:
     del params
     cfg = StepConfig.make(config, dict(mode="future_kl", kl_coef=0.0), micro_batches=micro, logprob_chunk=chunk)
     step = jax.jit(train_step_fn(cfg), donate_argnums=0)
-    batch = {k: jnp.asarray(v) for k, v in _batch(rows, p, length, config.vocab_size).items()}
+    batch = TrainBatch(**{k: jnp.asarray(v) for k, v in _batch(rows, p, length, config.vocab_size).items()})
     t0 = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)

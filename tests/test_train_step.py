@@ -16,8 +16,9 @@ from appo_jax.models import decoder
 from appo_jax.models.presets import get_config
 from appo_jax.parallel.mesh import make_mesh
 from appo_jax.training.config import OptimizerSection
-from appo_jax.training.logprobs import model_inputs
+from appo_jax.models.logprobs import model_inputs
 from appo_jax.training.state import create_train_state, make_optimizer
+from appo_jax.training.batch import TrainBatch
 from appo_jax.training.train_step import StepConfig, TrainStepRunner, init_train_state, train_step_fn
 
 CFG = get_config("tiny-llama")
@@ -56,7 +57,7 @@ def _batch(seed=0, branch_rows=()):
 
 def _run(batch, params=PARAMS, tx=SGD, **kw):
     state = create_train_state(jax.tree.map(jnp.array, params), tx)
-    return _step(**kw)(state, {k: jnp.asarray(v) for k, v in batch.items()})
+    return _step(**kw)(state, TrainBatch(**{k: jnp.asarray(v) for k, v in batch.items()}))
 
 
 def _grad(new_state, params=PARAMS):
@@ -154,7 +155,7 @@ def test_sharded_step_on_8_devices_equals_single_device():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     state, shardings = init_train_state(PARAMS, SGD, 0, mesh=mesh, model_config=CFG)
     cfg = StepConfig.make(CFG, LOSS, mini_batches=1, micro_batches=2, logprob_chunk=4)
-    s8, m8 = TrainStepRunner(cfg, mesh=mesh, shardings=shardings)(state, batch)
+    s8, m8 = TrainStepRunner(cfg, mesh=mesh, shardings=shardings)(state, TrainBatch(**batch))
     emb = s8.params["embed_tokens"]["embedding"]
     assert len(emb.sharding.device_set) == 8 and not emb.sharding.is_fully_replicated
     _grads_close(_grad(single), _grad(s8))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run one experiment on every worker of the slice (multi-host: jax.distributed is initialised by the trainer).
-#   TPU_NAME=appo tpu_scripts/launch.sh experiments/qwen2.5_7b_reasoning_appo.py [--set key=value ...] [--resume]
+#   TPU_NAME=appo tpu_scripts/launch.sh experiments/paper/table1_reasoning.py:qwen2.5-7b,appo [--set key=value ...] [--resume]
 # The workdir should be on shared storage (a gs:// bucket works with Orbax) so every host writes one checkpoint.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"

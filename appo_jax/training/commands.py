@@ -1,6 +1,6 @@
 """CLI: ``appo-jax train`` and ``appo-jax eval`` (wired into ``appo_jax.cli`` through :func:`register`).
 
-    appo-jax train --config experiments/appo_qwen2.5_7b.py [--set optimizer.lr=2e-6 ...] [--resume] [--workdir DIR]
+    appo-jax train --config experiments/paper/table1_reasoning.py:qwen2.5-7b,appo [--set optimizer.lr=2e-6 ...] [--resume]
     appo-jax eval --model smollm2-135m-instruct --benchmarks gsm8k,hotpotqa [--limit 20] [--runs 5]
 """
 from __future__ import annotations
@@ -9,8 +9,11 @@ import functools
 import json
 import sys
 
+from appo_jax.rollout.config import RolloutConfig
+
 
 def _train(args) -> int:
+    # deferred: the trainer's imports (orbax, tensorboard, ...) take seconds; other commands need not pay them
     from appo_jax.parallel.multihost import initialize_distributed
     from appo_jax.training.checkpoint import CheckpointError
     from appo_jax.training.config import apply_overrides, load_config
@@ -61,34 +64,28 @@ def format_summary(summary: dict) -> str:
 
 
 def _eval(args) -> int:
-    from appo_jax.training.config import ExperimentConfig, RolloutSection
+    # deferred: model, data and engine imports take seconds; other commands need not pay them
+    from appo_jax.data import dataset_names
+    from appo_jax.models.loading import load_policy
+    from appo_jax.rollout.engine import default_tools
     from appo_jax.training.evaluation import evaluate_pass1, markdown_table
-    from appo_jax.training.trainer import build_tools, load_policy
 
-    cfg = ExperimentConfig()
-    cfg.model.name = args.model
-    cfg.model.tokenizer = args.tokenizer or ""
-    cfg.model.dtype = args.dtype
-    cfg.rollout = RolloutSection(max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
-                                 tool_call_limit=args.tool_call_limit, num_slots=args.num_slots)
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     if not names:
         raise ValueError("--benchmarks is empty; give a comma-separated list such as gsm8k,hotpotqa")
-    from appo_jax.data import get_spec
-    for name in names:
-        get_spec(name)  # unknown benchmark -> ValueError listing the datasets
+    unknown = [n for n in names if n.lower() not in dataset_names()]
+    if unknown:
+        raise ValueError(f"unknown dataset {unknown[0]!r}; known datasets: {', '.join(dataset_names())}")
+    rollout = RolloutConfig(max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
+                            tool_call_limit=args.tool_call_limit, num_slots=args.num_slots)
     log = functools.partial(print, file=sys.stderr, flush=True)  # stdout holds only the table
     log(f"eval: loading {args.model}")
-    model_config, params, tokenizer = load_policy(cfg)
-    tools = build_tools(cfg)
-    try:
+    model_config, params, tokenizer = load_policy(args.model, args.tokenizer or "", dtype=args.dtype)
+    with default_tools(rollout) as tools:
         results = evaluate_pass1(model_config, params, tokenizer, tools, names, limit=args.limit, runs=args.runs,
-                                 rollout=cfg.rollout, data_dir=args.data_dir or "", seed=args.seed,
+                                 rollout=rollout, data_dir=args.data_dir or "", seed=args.seed,
                                  system_prompt=args.system_prompt or "", log=log)
-    finally:
-        tools.close()
-    engine = results.pop("_engine")
-    engine.close()
+    results.pop("_engine").close()
     counts = results.pop("_counts")
     print(markdown_table(results, counts, args.runs))
     return 0
@@ -98,7 +95,9 @@ def register(subparsers) -> None:
     """Add the ``train`` and ``eval`` subcommands."""
     p = subparsers.add_parser("train", help="train a policy with APPO / GRPO / DAPO / ARPO / AEPO / Tree-GRPO",
                               description="Run an experiment config (a Python file exposing get_config()).")
-    p.add_argument("--config", required=True, help="experiment file, e.g. experiments/demo_cpu.py")
+    p.add_argument("--config", required=True,
+                   help="experiment file, e.g. experiments/demo_cpu.py; FILE:ARG passes ARG to get_config (e.g. "
+                        "experiments/paper/table1_reasoning.py:qwen2.5-7b,appo)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host job (TPU pod): jax.distributed.initialize with cluster auto-detection")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

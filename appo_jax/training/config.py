@@ -1,7 +1,8 @@
 """Experiment configuration: one dataclass tree per run, loaded from a Python file and overridden from the CLI.
 
-An experiment file is a Python module exposing ``get_config() -> ExperimentConfig``; ``appo-jax train --config
-FILE --set optimizer.lr=1e-5 --set algorithm.name=grpo`` loads it (:func:`load_config`), applies the overrides
+An experiment file is a Python module exposing ``get_config() -> ExperimentConfig`` (or ``get_config(arg)``, the
+argument after ``FILE.py:`` selecting e.g. a row of a paper table); ``appo-jax train --config FILE --set
+optimizer.lr=1e-5 --set algorithm.name=grpo`` loads it (:func:`load_config`), applies the overrides
 with type coercion (:func:`apply_overrides`) and validates the result (:func:`validate`). Every error names the
 offending key / value and what would be accepted.
 
@@ -21,54 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-OMEGA_BASELINES = ("sampler", "lagged", "reference")
-PROCEDURE_SCALING = ("none", "reward", "advantage")
-LOSS_MODES = ("auto", "future_kl", "ppo", "dual_clip", "aepo")
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+from appo_jax.core.advantages import PROCEDURE_SCALING
+from appo_jax.core.losses import AGGS, KL_KINDS
+from appo_jax.core.registry import POLICY_LOSSES
+from appo_jax.rollout.config import RolloutConfig
+from appo_jax.training.algorithms import ALGORITHMS, AlgorithmSpec, get_algorithm
+from appo_jax.training.policies import OMEGA_BASELINES
+
 SCHEDULES = ("constant", "cosine")
 DTYPES = ("", "float32", "bfloat16")
-
-
-@dataclass(frozen=True)
-class AlgorithmSpec:
-    """What an algorithm name means (docs/algorithm.md §1.7): how rollouts are drawn, which advantage estimator and
-    loss it uses, and which APPO components are switched on.
-
-    rollout: ``independent`` (n rollouts per prompt), ``appo`` (n_init initial + branches chosen by the
-    Branching Score), ``arpo`` / ``aepo`` / ``tree`` (the engine's baseline samplers);
-    advantage: a name in ``appo_jax.core.registry.ADVANTAGES``; loss_mode / clip_high: defaults of the loss;
-    score: ``appo`` (Z(H) Z(Omega)), ``entropy`` (Z(H) only) or ``omega`` (Z(Omega) only); prefix_credit,
-    procedure_scaling: APPO components; train_branches: branch rows enter the loss (ARPO-style trees train on
-    every rollout; APPO never does); dynamic_sampling: DAPO's drop of groups whose rewards all agree.
-    """
-
-    rollout: str
-    advantage: str
-    loss_mode: str
-    clip_high: float
-    score: str = "appo"
-    prefix_credit: bool = True
-    procedure_scaling: str = "reward"
-    train_branches: bool = False
-    dynamic_sampling: bool = False
-
-
-ALGORITHMS: dict[str, AlgorithmSpec] = {
-    "grpo": AlgorithmSpec("independent", "grpo", "dual_clip", 0.2, procedure_scaling="none"),
-    "dapo": AlgorithmSpec("independent", "grpo", "ppo", 0.28, procedure_scaling="none",
-                          dynamic_sampling=True),
-    "arpo": AlgorithmSpec("arpo", "arpo", "dual_clip", 0.2, procedure_scaling="none", train_branches=True),
-    "aepo": AlgorithmSpec("aepo", "aepo", "aepo", 0.2, procedure_scaling="none", train_branches=True),
-    "tree_grpo": AlgorithmSpec("tree", "tree_grpo", "dual_clip", 0.2, procedure_scaling="none",
-                               train_branches=True),
-    "appo": AlgorithmSpec("appo", "appo", "future_kl", 0.28),
-    "appo_entropy_only": AlgorithmSpec("appo", "appo", "future_kl", 0.28, score="entropy"),
-    "appo_omega_only": AlgorithmSpec("appo", "appo", "future_kl", 0.28, score="omega"),
-    "appo_no_prefix_credit": AlgorithmSpec("appo", "appo", "future_kl", 0.28, prefix_credit=False),
-    "appo_no_procedure_scaling": AlgorithmSpec("appo", "appo", "future_kl", 0.28, procedure_scaling="none"),
-    "appo_no_future_kl": AlgorithmSpec("appo", "appo", "dual_clip", 0.28),
-}
 
 
 class ConfigError(ValueError):
@@ -96,10 +58,10 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    """Training prompts: ``train`` is a dataset name of ``appo_jax.data.DATASETS`` (``train_10k``,
-    ``hard_search_1k``, ``gsm8k``, ...) or ``toy_arithmetic`` (the built-in small tool-use task of
-    ``appo_jax.training.toy_task``); ``limit`` keeps the first K records (0 = all); ``shuffle`` reshuffles
-    every epoch with ``seed``; ``data_dir`` overrides the raw-data directory; ``reward``: a name of
+    """Training prompts: ``train`` is a dataset of ``appo_jax.data.dataset_names()`` (``train_10k``,
+    ``hard_search_1k``, ``gsm8k``, ... or a generated task such as ``toy_arithmetic``); ``limit`` keeps the first
+    K records (0 = all; a generated task's default count); ``shuffle`` reshuffles every epoch with ``seed``
+    (which also seeds a generated task); ``data_dir`` overrides the raw-data directory; ``reward``: a name of
     ``appo_jax.rewards.registry`` for every prompt, or ``auto`` (``arpo_math`` for math, ``arpo_f1`` for QA);
     ``system_prompt``: replaces the data's system prompt when non-empty."""
 
@@ -113,31 +75,14 @@ class DataSection:
 
 
 @dataclass
-class RolloutSection:
-    """Sampler and tool loop settings (``appo_jax.rollout.engine.RolloutConfig``); docs/algorithm.md §1.8 defaults."""
-
-    max_prompt_len: int = 2048
-    max_response_len: int = 6144
-    tool_call_limit: int = 3
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    num_slots: int = 0          # 0 = one slot per rollout of a step
-    decode_chunk: int = 64
-    tool_workers: int = 8
-    tool_timeout_s: float = 30.0
-    search_cache: str = ""      # search corpus json (default: the shipped search_cache.json)
-
-
-@dataclass
 class AlgorithmSection:
     """The RL algorithm (a name of :data:`ALGORITHMS`) and its knobs (docs/algorithm.md §1.1-§1.5).
 
     n / n_init: rollouts per prompt in total / initial (APPO branches ``n - n_init`` per prompt; independent
-    sampling draws n). omega_baseline: sampler | lagged | reference; omega_lag: updates of lag for ``lagged``;
-    omega_gamma / omega_clip: gamma and eps of Omega. procedure_scaling: ``auto`` (the algorithm's default),
-    none, reward or advantage; reward_scale_discount: lambda. dynamic_sampling: None = the algorithm's default;
-    max_resample_rounds bounds DAPO's refills. prefix_credit / score override the ablation switches when set.
+    sampling draws n). omega_baseline: sampler | lagged | reference; omega_lag: RL iterations of lag for
+    ``lagged``; omega_gamma / omega_clip: gamma and eps of Omega. procedure_scaling: ``auto`` (the algorithm's
+    default), none, reward or advantage; reward_scale_discount: lambda. dynamic_sampling: None = the algorithm's
+    default; max_resample_rounds bounds DAPO's refills; aepo_entropy_alpha: AEPO's entropy weight.
     """
 
     name: str = "appo"
@@ -261,7 +206,7 @@ class ExperimentConfig:
     workdir: str = "runs/experiment"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
-    rollout: RolloutSection = field(default_factory=RolloutSection)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     loss: LossSection = field(default_factory=LossSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -274,8 +219,13 @@ class ExperimentConfig:
 
 # ---------------------------------------------------------------------------------------------------- loading
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Import the Python file ``path`` and return its ``get_config()`` (an :class:`ExperimentConfig`)."""
-    path = Path(path)
+    """Import the Python file ``path`` and return its ``get_config()`` (an :class:`ExperimentConfig`);
+    ``FILE.py:ARG`` calls ``get_config(ARG)`` (one file per paper table, ARG selecting the row)."""
+    text = str(path)
+    arg = None
+    if ":" in text and not Path(text).is_file():
+        text, arg = text.rsplit(":", 1)
+    path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"appo_experiment_{path.stem}", path)
@@ -284,7 +234,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     get_config = getattr(module, "get_config", None)
     if not callable(get_config):
         raise ConfigError(f"config file {str(path)!r} must define get_config() returning an ExperimentConfig")
-    cfg = get_config()
+    cfg = get_config() if arg is None else get_config(arg)
     if not isinstance(cfg, ExperimentConfig):
         raise ConfigError(f"get_config() in {str(path)!r} returned {type(cfg).__name__}, not ExperimentConfig")
     return cfg
@@ -397,20 +347,16 @@ def algorithm_spec(cfg: ExperimentConfig) -> AlgorithmSpec:
     """The :class:`AlgorithmSpec` of ``cfg.algorithm.name`` with the config's explicit overrides applied
     (``procedure_scaling`` unless ``auto``; ``dynamic_sampling`` unless None; ``loss.mode`` unless auto;
     ``loss.clip_high`` unless None)."""
-    name = cfg.algorithm.name
-    if name not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {name!r}; known algorithms: {', '.join(ALGORITHMS)}")
-    spec = ALGORITHMS[name]
-    changes = {}
-    if cfg.algorithm.procedure_scaling != "auto":
-        changes["procedure_scaling"] = cfg.algorithm.procedure_scaling
-    if cfg.algorithm.dynamic_sampling is not None:
-        changes["dynamic_sampling"] = bool(cfg.algorithm.dynamic_sampling)
-    if cfg.loss.mode != "auto":
-        changes["loss_mode"] = cfg.loss.mode
-    if cfg.loss.clip_high is not None:
-        changes["clip_high"] = float(cfg.loss.clip_high)
-    return dataclasses.replace(spec, **changes)
+    try:
+        spec = get_algorithm(cfg.algorithm.name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    a, loss = cfg.algorithm, cfg.loss
+    return spec.with_overrides(
+        procedure_scaling=None if a.procedure_scaling == "auto" else a.procedure_scaling,
+        dynamic_sampling=None if a.dynamic_sampling is None else bool(a.dynamic_sampling),
+        loss_mode=None if loss.mode == "auto" else loss.mode,
+        clip_high=None if loss.clip_high is None else float(loss.clip_high))
 
 
 def resolved_loss(cfg: ExperimentConfig) -> dict:
@@ -426,18 +372,15 @@ def resolved_loss(cfg: ExperimentConfig) -> dict:
     )
 
 
-def rows_per_step(cfg: ExperimentConfig) -> int:
-    """Rows of the training batch of one step: prompts_per_step x (n for algorithms that train on every
-    rollout, n_init for APPO where branch rows never enter the loss)."""
-    spec = algorithm_spec(cfg)
-    per_prompt = cfg.algorithm.n_init if spec.rollout == "appo" else cfg.algorithm.n
-    return cfg.train.prompts_per_step * per_prompt
+def train_rows_per_prompt(cfg: ExperimentConfig) -> int:
+    """Rows a prompt contributes to the update: its algorithm's rollout strategy says (n for algorithms that
+    train on every rollout, n_init for APPO, whose branch rows never enter the loss)."""
+    return algorithm_spec(cfg).strategy(cfg.algorithm, cfg.rollout).train_rows_per_prompt
 
 
 def rows_per_mini_batch(cfg: ExperimentConfig) -> int:
-    spec = algorithm_spec(cfg)
-    per_prompt = cfg.algorithm.n_init if spec.rollout == "appo" else cfg.algorithm.n
-    return cfg.train.mini_batch_prompts * per_prompt
+    """Rows of one PPO mini-batch: ``train.mini_batch_prompts`` x `train_rows_per_prompt`."""
+    return cfg.train.mini_batch_prompts * train_rows_per_prompt(cfg)
 
 
 # ---------------------------------------------------------------------------------------------------- validate
@@ -462,8 +405,8 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
     algorithm_spec(cfg)  # unknown algorithm
     _choice("algorithm.omega_baseline", a.omega_baseline, OMEGA_BASELINES)
     _choice("algorithm.procedure_scaling", a.procedure_scaling, ("auto",) + PROCEDURE_SCALING)
-    _choice("loss.mode", loss.mode, LOSS_MODES)
-    _choice("loss.agg", loss.agg, AGG_MODES)
+    _choice("loss.mode", loss.mode, ("auto", *POLICY_LOSSES.names()))
+    _choice("loss.agg", loss.agg, AGGS)
     _choice("loss.kl_kind", loss.kl_kind, KL_KINDS)
     _choice("optimizer.schedule", opt.schedule, SCHEDULES)
     for key in ("dtype", "param_dtype"):
@@ -474,17 +417,14 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
                        ("train.prompts_per_step", t.prompts_per_step),
                        ("train.mini_batch_prompts", t.mini_batch_prompts), ("train.ppo_epochs", t.ppo_epochs),
                        ("train.logprob_chunk", t.logprob_chunk), ("optimizer.lr", opt.lr),
-                       ("rollout.max_prompt_len", cfg.rollout.max_prompt_len),
-                       ("rollout.max_response_len", cfg.rollout.max_response_len),
-                       ("rollout.temperature", cfg.rollout.temperature), ("checkpoint.keep", cfg.checkpoint.keep),
+                       ("checkpoint.keep", cfg.checkpoint.keep),
                        ("algorithm.omega_lag", a.omega_lag), ("logging.every", cfg.logging.every),
                        ("logging.eval_runs", cfg.logging.eval_runs)):
         _positive(key, value)
     for key, value in (("optimizer.weight_decay", opt.weight_decay), ("optimizer.grad_clip", opt.grad_clip),
                        ("optimizer.warmup_steps", opt.warmup_steps), ("loss.kl_coef", loss.kl_coef),
                        ("train.micro_batch_rows", t.micro_batch_rows), ("checkpoint.every", cfg.checkpoint.every),
-                       ("rollout.tool_call_limit", cfg.rollout.tool_call_limit), ("data.limit", cfg.data.limit),
-                       ("rollout.top_k", cfg.rollout.top_k), ("rollout.num_slots", cfg.rollout.num_slots),
+                       ("data.limit", cfg.data.limit),
                        ("algorithm.max_resample_rounds", a.max_resample_rounds), ("sft.steps", cfg.sft.steps),
                        ("logging.eval_every", cfg.logging.eval_every), ("logging.eval_limit", cfg.logging.eval_limit),
                        ("logging.dump_rollouts_every", cfg.logging.dump_rollouts_every)):
@@ -493,14 +433,11 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
         for key, value in (("sft.batch_size", cfg.sft.batch_size), ("sft.lr", cfg.sft.lr),
                            ("sft.examples", cfg.sft.examples), ("sft.max_response_len", cfg.sft.max_response_len)):
             _positive(key, value)
-    if not 0.0 < cfg.rollout.top_p <= 1.0:
-        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p!r}; expected 0 < top_p <= 1")
-    spec = algorithm_spec(cfg)
-    if spec.rollout in ("appo", "arpo", "aepo", "tree") and not 1 <= a.n_init <= a.n:
-        raise ConfigError(f"algorithm.n_init={a.n_init} must be in [1, algorithm.n={a.n}] for {a.name}")
-    if spec.rollout == "appo" and a.n_init == a.n:
-        raise ConfigError(f"algorithm.n_init={a.n_init} equals algorithm.n: {a.name} needs a branch budget "
-                          "n - n_init >= 1")
+    try:
+        cfg.rollout.validate()
+        algorithm_spec(cfg).strategy(a, cfg.rollout)  # each strategy checks its n / n_init / sampling options
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if t.prompts_per_step % t.mini_batch_prompts:
         raise ConfigError(f"train.prompts_per_step={t.prompts_per_step} must be a multiple of "
                           f"train.mini_batch_prompts={t.mini_batch_prompts}")
@@ -519,6 +456,10 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
                 f"the batch does not divide the mesh: a micro-batch has {micro} rows (train.micro_batch_rows, or "
                 f"the {mb_rows} rows of a mini-batch) but the mesh splits the batch over data x fsdp = "
                 f"{data} x {fsdp} = {shards} shards; make the rows a multiple of {shards}")
+        if cfg.sft.steps and cfg.sft.batch_size % shards:
+            raise ConfigError(
+                f"the SFT batch does not divide the mesh: sft.batch_size={cfg.sft.batch_size} rows over data x fsdp "
+                f"= {data} x {fsdp} = {shards} shards; make it a multiple of {shards} (or set mesh.data=1)")
 
 
 def resolve_mesh_shape(cfg: ExperimentConfig, num_devices: int) -> tuple[int, int, int]:

@@ -2,7 +2,7 @@
 (colour), its entropy / Omega / score (hover), tool observations (grey), and where branches were taken (a
 marked token with the branch rollouts listed under their parent with their rewards).
 
-``write_rollout_dump(path, collected, tokenizer)`` takes the :class:`~appo_jax.training.algorithms.Collected` of
+``write_rollout_dump(path, collected, tokenizer)`` takes the :class:`~appo_jax.training.trainer.Collected` of
 one iteration. No JavaScript, no external assets: one file that opens anywhere.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _colour(score: float, scale: float) -> str:
     return f"rgba(220,60,40,{0.08 + 0.6 * -x:.2f})"
 
 
-def _row_html(traj, i: int, tokenizer, branching: dict | None, marks: dict, scale: float, start: int = 0) -> str:
+def _row_html(traj, i: int, tokenizer, branching, marks: dict, scale: float, start: int = 0) -> str:
     """Tokens ``start ..`` of row i as spans (a leading ellipsis when ``start`` > 0)."""
     gen = np.asarray(traj.gen_mask[i], bool)
     obs = np.asarray(traj.obs_mask[i], bool)
@@ -59,11 +59,11 @@ def _row_html(traj, i: int, tokenizer, branching: dict | None, marks: dict, scal
         tip = f"t={t} token={int(ids[t])} H={ent[t]:.3f}"
         style = ""
         cls = "tok"
-        if branching is not None and i < branching["scores"].shape[0]:
-            s = float(branching["scores"][i, t])
-            tip += (f" Omega={branching['omega'][i, t]:.4f} BS={s:.3f}"
-                    f" candidate={bool(branching['candidates'][i, t])} strict={bool(branching['strict'][i, t])}")
-            if branching["candidates"][i, t]:
+        if branching is not None and i < branching.scores.shape[0]:
+            s = float(branching.scores[i, t])
+            tip += (f" Omega={branching.omega[i, t]:.4f} BS={s:.3f}"
+                    f" candidate={bool(branching.candidates[i, t])} strict={bool(branching.strict[i, t])}")
+            if branching.candidates[i, t]:
                 style = f' style="background:{_colour(s, scale)}"'
         if (i, t) in marks:
             cls += " branch"
@@ -95,8 +95,8 @@ def render_rollout_dump(collected, tokenizer, *, title: str = "rollouts", max_gr
     for j in np.flatnonzero(valid & (kind == KIND_BRANCH)):
         marks.setdefault((int(parent[j]), int(traj.branch_pos[j])), []).append(f"row {j}")
     scale = 1.0
-    if branching is not None and branching["candidates"].any():
-        scale = float(np.abs(branching["scores"][branching["candidates"]]).max()) or 1.0
+    if branching is not None and branching.candidates.any():
+        scale = float(np.abs(branching.scores[branching.candidates]).max()) or 1.0
     out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
            f"<style>{_CSS}</style></head><body><h2>{html.escape(title)}</h2>",
            '<p class="legend">Generated tokens are coloured by Branching Score '

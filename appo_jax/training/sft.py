@@ -8,7 +8,7 @@ is tokenised on its own, the way the agent loop builds a rollout (generated text
     L = - sum_{n,t} g_{n,t} log pi(a_{n,t} | s_{n,t}) / sum_{n,t} g_{n,t}
 
 with g the generated-token mask (prompt, observation and padding tokens excluded), computed with the chunked
-log-probs of :mod:`appo_jax.training.logprobs`.
+log-probs of :mod:`appo_jax.models.logprobs`.
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from appo_jax.data.encoding import encode_prompt
 from appo_jax.models.config import ModelConfig
-from appo_jax.training.logprobs import token_logprobs
+from appo_jax.models.logprobs import token_logprobs
 from appo_jax.training.state import TrainState
 
 _RESULT = re.compile(r"<result>\n.*?\n</result>", re.S)
@@ -65,13 +67,12 @@ def encode_examples(examples: Sequence[dict], tokenizer, *, max_prompt_len: int,
     """Arrays of the examples: ``prompt_tokens`` / ``prompt_mask`` ``[N, P]`` (left-padded), ``tokens`` /
     ``gen_mask`` / ``obs_mask`` ``[N, L]``. Prompts over ``max_prompt_len`` raise; responses are truncated to
     ``max_response_len`` tokens."""
-    from appo_jax.data.templates import apply_chat_template
     n, p, length = len(examples), max_prompt_len, max_response_len
     out = dict(prompt_tokens=np.full((n, p), pad_id, np.int32), prompt_mask=np.zeros((n, p), bool),
                tokens=np.full((n, length), pad_id, np.int32), gen_mask=np.zeros((n, length), bool),
                obs_mask=np.zeros((n, length), bool))
     for i, ex in enumerate(examples):
-        ids = tokenizer.encode(apply_chat_template(tokenizer, ex["messages"]), add_special_tokens=False)
+        ids = encode_prompt(tokenizer, ex["messages"])
         if len(ids) > p:
             raise ValueError(f"SFT example {i}: prompt has {len(ids)} tokens > max_prompt_len {p}")
         out["prompt_tokens"][i, p - len(ids):] = ids
@@ -97,8 +98,6 @@ def sft_loss(params, batch: dict, *, config: ModelConfig, chunk: int = 512):
 
 def make_sft_step(config: ModelConfig, chunk: int = 512, out_shardings=None):
     """Jitted ``(state, batch) -> (state, {"sft/loss", "sft/tokens", "sft/grad_norm"})`` (state donated)."""
-    import optax
-
     def step(state: TrainState, batch: dict):
         (loss, count), grads = jax.value_and_grad(sft_loss, has_aux=True)(state.params, batch, config=config,
                                                                             chunk=chunk)

@@ -1,8 +1,8 @@
 """One jitted policy update over the mesh: PPO epochs x mini-batches, each with micro-batch gradient
 accumulation, the core ``policy_loss`` (+ KL to the reference) and one AdamW step.
 
-Batch layout. A train batch is a dict of arrays with ``N`` rows (:data:`BATCH_KEYS`; ``ref_logp`` only when the
-KL coefficient is non-zero). With ``K`` mini-batches of ``U`` micro-batches of ``m`` rows (``N = m U K``), row
+Batch layout. A :class:`~appo_jax.training.batch.TrainBatch` of ``N`` rows (``ref_logp`` only when the KL
+coefficient is non-zero). With ``K`` mini-batches of ``U`` micro-batches of ``m`` rows (``N = m U K``), row
 ``i = j U K + u K + k`` (``j < m``) belongs to mini-batch ``k``, micro-batch ``u``. This strided assignment keeps
 the reshape ``[N] -> [m, U, K]`` local to every data shard (rows are split over ``data x fsdp`` in contiguous
 blocks of ``N / D`` rows, and ``D`` divides ``m``), so each micro-batch is spread evenly over all shards and no
@@ -21,23 +21,23 @@ optimizer state unchanged, ``update_skipped = 1`` in the metrics); the RL loop s
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from appo_jax.core.losses import policy_loss
 from appo_jax.models.config import ModelConfig
-from appo_jax.training.logprobs import token_logprobs
+from appo_jax.models.logprobs import token_logprobs
+from appo_jax.models.sharding import param_shardings as model_param_shardings
+from appo_jax.parallel.placement import Placement
+from appo_jax.training.batch import TrainBatch
 from appo_jax.training.state import TrainState, create_train_state
 
-BATCH_KEYS = ("prompt_tokens", "prompt_mask", "tokens", "response_mask", "loss_mask", "old_logp", "advantages")
 _SUM_KEYS = ("valid_tokens", "nonfinite_tokens")
 
 
@@ -62,22 +62,6 @@ class StepConfig:
     @staticmethod
     def make(model: ModelConfig, loss: dict, **kw) -> "StepConfig":
         return StepConfig(model=model, loss=tuple(sorted(loss.items())), **kw)
-
-
-def make_train_batch(traj, advantages, old_logp, ref_logp=None, *, train_branches: bool = False) -> dict:
-    """The train-batch dict of a Trajectory. ``loss_mask`` = ``traj.loss_mask`` (generated tokens of valid
-    initial rows: branch rows contribute nothing, docs/algorithm.md §1.3), or ``gen_mask & row_valid`` when
-    ``train_branches`` (ARPO / AEPO / Tree-GRPO train on every rollout)."""
-    if train_branches:
-        loss_mask = jnp.asarray(traj.gen_mask) & jnp.asarray(traj.row_valid)[:, None]
-    else:
-        loss_mask = jnp.asarray(traj.loss_mask)
-    batch = dict(prompt_tokens=traj.prompt_tokens, prompt_mask=traj.prompt_mask, tokens=traj.tokens,
-                 response_mask=jnp.asarray(traj.gen_mask) | jnp.asarray(traj.obs_mask), loss_mask=loss_mask,
-                 old_logp=old_logp, advantages=advantages)
-    if ref_logp is not None:
-        batch["ref_logp"] = ref_logp
-    return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
 def _normaliser(metrics, mask, agg: str):
@@ -117,13 +101,12 @@ def train_step_fn(cfg: StepConfig, lr_schedule=None, param_shardings=None):
     agg = opts.get("agg", "token-mean")
     k, u, epochs = cfg.mini_batches, cfg.micro_batches, cfg.epochs
 
-    def micro_loss(params, mb):
-        logp, _ = token_logprobs(params, mb["prompt_tokens"], mb["prompt_mask"], mb["tokens"],
-                                 mb["response_mask"], config=cfg.model, chunk=cfg.logprob_chunk,
-                                 temperature=cfg.temperature)
-        loss, metrics = policy_loss(logp, mb["old_logp"], mb["advantages"], mb["loss_mask"],
-                                    ref_logp=mb.get("ref_logp") if kl_coef else None, **opts)
-        norm = jax.lax.stop_gradient(_normaliser(metrics, mb["loss_mask"], agg))
+    def micro_loss(params, mb: TrainBatch):
+        logp, _ = token_logprobs(params, mb.prompt_tokens, mb.prompt_mask, mb.tokens, mb.response_mask,
+                                 config=cfg.model, chunk=cfg.logprob_chunk, temperature=cfg.temperature)
+        loss, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask,
+                                    ref_logp=mb.ref_logp if kl_coef else None, **opts)
+        norm = jax.lax.stop_gradient(_normaliser(metrics, mb.loss_mask, agg))
         metrics.pop("entropy", None)  # no entropy is passed to the loss (the sampler's is logged by the loop)
         return loss * norm, (metrics, norm)
 
@@ -159,15 +142,15 @@ def train_step_fn(cfg: StepConfig, lr_schedule=None, param_shardings=None):
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
         return new, metrics
 
-    def step(state: TrainState, batch: dict):
-        n = batch["tokens"].shape[0]
+    def step(state: TrainState, batch: TrainBatch):
+        n = batch.num_rows
         if n % (k * u):
             raise ValueError(f"train batch has {n} rows, not a multiple of mini_batches x micro_batches = {k * u}")
         m = n // (k * u)
-        shaped = {key: _strided(jnp.asarray(v), m, u, k) for key, v in batch.items()}
+        shaped = jax.tree.map(lambda v: _strided(jnp.asarray(v), m, u, k), batch)
 
         def epoch_body(state, idx):
-            mini = {key: v[idx % k] for key, v in shaped.items()}
+            mini = jax.tree.map(lambda v: v[idx % k], shaped)
             return mini_step(state, mini)
 
         state, metrics = jax.lax.scan(epoch_body, state, jnp.arange(epochs * k))
@@ -203,26 +186,11 @@ class TrainStepRunner:
             key = (treedef, tuple(leaves))
         self._fn = _compiled_step(self.cfg, self.lr_schedule, key)
 
-    def context(self):
-        if self.mesh is None:
-            return contextlib.nullcontext()
-        from appo_jax.parallel.rules import activation_sharding
-        return activation_sharding(self.mesh)
-
-    def place_batch(self, batch: dict) -> dict:
-        """Put the batch rows on the mesh (axis 0 over data x fsdp); the keys must be :data:`BATCH_KEYS`
-        (+ ``ref_logp``)."""
-        missing = [k for k in BATCH_KEYS if k not in batch]
-        if missing:
-            raise ValueError(f"train batch lacks {missing}; expected {BATCH_KEYS} (+ ref_logp)")
-        if self.mesh is None:
-            return {k: jnp.asarray(v) for k, v in batch.items()}
-        from appo_jax.parallel.rules import batch_sharding
-        return {k: jax.device_put(np.asarray(v), batch_sharding(self.mesh, np.ndim(v))) for k, v in batch.items()}
-
-    def __call__(self, state: TrainState, batch: dict):
-        batch = self.place_batch(batch)
-        with self.context():
+    def __call__(self, state: TrainState, batch: TrainBatch):
+        """One update: ``batch`` rows placed over ``data x fsdp``, the compiled step run on the mesh."""
+        placement = Placement(self.mesh)
+        batch = placement.tree(batch)
+        with placement.context():
             return self._fn(state, batch)
 
 
@@ -249,7 +217,6 @@ def init_train_state(params, tx, seed: int = 0, mesh=None, model_config: ModelCo
     ``model_config`` required with a mesh) or on the default device. Returns ``(state, shardings | None)``."""
     if mesh is None:  # jit: fresh buffers, so donating the state never deletes the caller's params
         return jax.jit(lambda p: create_train_state(p, tx, seed))(params), None
-    from appo_jax.parallel.rules import param_shardings as model_param_shardings
     p_sh = model_param_shardings(model_config, mesh)
     shape = jax.eval_shape(lambda p: create_train_state(p, tx, seed), params)
     shardings = state_shardings(shape, p_sh, mesh)

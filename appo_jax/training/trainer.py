@@ -2,11 +2,13 @@
 
     Trainer(cfg, workdir=..., resume=...).run() -> summary dict
 
-Per iteration ``it`` (1-based): draw prompts (resumable iterator) -> :class:`Collector` (rollouts, log-probs,
-branching, branch rollouts, rewards, advantages) -> the jitted train step (PPO epochs x mini-batches x
-micro-batches) -> new weights to the rollout engine -> metrics (JSONL + TensorBoard + progress bar), rollout dump,
-evaluation and checkpoint on their schedules. The PRNG key of iteration ``it`` is ``fold_in(state.rng, it)``,
-so with fixed seeds a resumed run repeats the uninterrupted run's iterations exactly.
+Per iteration ``it`` (1-based): the algorithm's rollout strategy samples ``train.prompts_per_step`` prompts from
+the resumable prompt iterator (for APPO: initial rollouts, log-probs, branch points, branches) -> the current
+policy's log-probs of the rows that train (unless the strategy computed them) and the reference's (KL) ->
+advantages (the algorithm's estimator) -> one jitted update (PPO epochs x mini-batches x micro-batches) -> new
+weights to the engine -> metrics (JSONL + TensorBoard + progress bar), rollout dump, evaluation and checkpoint on
+their schedules. The PRNG key of iteration ``it`` is ``fold_in(state.rng, it)``, so with fixed seeds a resumed run
+repeats the uninterrupted run's iterations exactly.
 
 Safety: a workdir that already holds checkpoints is only continued with ``resume=True`` (never overwritten);
 a non-finite loss or gradient skips the update inside the step and stops the run with an error before
@@ -18,10 +20,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import threading
 import time
-from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,117 +29,72 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from appo_jax.core.advantages import advantages_from_trajectory
+from appo_jax.core.candidates import candidate_token_table
+from appo_jax.data import encode_records, get_task, load_dataset
+from appo_jax.models.loading import load_model, load_policy
+from appo_jax.parallel.mesh import make_mesh
+from appo_jax.parallel.placement import Placement
 from appo_jax.progress import progress_bar
-from appo_jax.training.algorithms import Collector, Placer, make_logprob_fn
+from appo_jax.rewards.registry import RecordReward
+from appo_jax.rollout.engine import RolloutEngine, default_tools
+from appo_jax.rollout.strategies import Sampled
+from appo_jax.training.batch import TrainBatch
 from appo_jax.training.checkpoint import Checkpointer
 from appo_jax.training.config import (ExperimentConfig, algorithm_spec, resolve_mesh_shape, resolved_loss,
                                       rows_per_mini_batch, to_dict, to_json, validate)
+from appo_jax.training.evaluation import evaluate_pass1
 from appo_jax.training.metrics import MetricsWriter, read_metrics, summarize
-from appo_jax.training.prompts import PromptIterator, encode_prompts, load_records
+from appo_jax.training.policies import Policies, copy_tree
+from appo_jax.training.prompt_iterator import PromptIterator
+from appo_jax.training.rollout_dump import write_rollout_dump
+from appo_jax.training.rollout_metrics import advantage_metrics, batch_metrics, branching_metrics
+from appo_jax.training.sft import encode_examples, load_sft_examples, make_sft_step, sft_batches
 from appo_jax.training.state import learning_rate_schedule, make_optimizer
-from appo_jax.training.train_step import StepConfig, TrainStepRunner, init_train_state, make_train_batch
+from appo_jax.training.train_step import StepConfig, TrainStepRunner, init_train_state
 
 
 class TrainingError(RuntimeError):
     """The run cannot continue (non-finite loss, unusable workdir, ...); the message says what is intact."""
 
 
-# ------------------------------------------------------------------------------------------------ model / tools
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(source: str):
-    """A tokenizer from ``smollm2-135m-instruct``, a ``.gguf`` file or an HF directory (cached per source:
-    tokenizers are not modified after loading)."""
-    from appo_jax.models.loading import find_smollm2_gguf
-    from appo_jax.models.gguf_io import load_gguf_tokenizer
-    if source == "smollm2-135m-instruct":
-        return load_gguf_tokenizer(find_smollm2_gguf())
-    if source.endswith(".gguf"):
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"tokenizer file {source!r} does not exist")
-        return load_gguf_tokenizer(source)
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"tokenizer source {source!r} is not smollm2-135m-instruct, a .gguf file or a "
-                                "directory")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(source)
+@dataclass
+class Collected:
+    """One iteration's rollouts and what the update used: ``sampled`` (the strategy's output), the
+    ``advantages`` / ``old_logp`` / ``ref_logp`` of its ``train_rows`` leading rows."""
 
+    sampled: Sampled
+    advantages: Any
+    old_logp: Any
+    ref_logp: Any
 
-def load_policy(cfg: ExperimentConfig, mesh=None):
-    """``(model_config, params, tokenizer)`` of ``cfg.model`` (module doc of :mod:`config`). A random preset takes
-    its vocabulary size, EOS and pad ids from ``model.tokenizer``."""
-    from appo_jax.models.loading import load_model
-    from appo_jax.models.presets import PRESETS
-    m = cfg.model
-    overrides: dict[str, Any] = {}
-    if m.remat_policy:
-        overrides["remat_policy"] = m.remat_policy
-    tokenizer = load_tokenizer(m.tokenizer) if m.tokenizer else None
-    if m.name in PRESETS:
-        if tokenizer is None:
-            raise ValueError(f"model.name={m.name!r} is a randomly initialised preset without a tokenizer; set "
-                             "model.tokenizer (e.g. smollm2-135m-instruct, a .gguf file or an HF directory)")
-        eos = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-        overrides.update(vocab_size=len(tokenizer), eos_token_ids=eos, pad_token_id=pad)
-    config, params, own_tokenizer = load_model(m.name, mesh, m.dtype or "float32", m.param_dtype or None,
-                                               rng=jax.random.PRNGKey(m.init_seed), **overrides)
-    tokenizer = tokenizer or own_tokenizer
-    if tokenizer is None:
-        raise ValueError(f"model {m.name!r} has no tokenizer; set model.tokenizer")
-    return config, params, tokenizer
+    @property
+    def batch(self):
+        return self.sampled.batch
 
+    @property
+    def train_rows(self) -> int:
+        return self.sampled.train_rows
 
-def build_tools(cfg: ExperimentConfig):
-    from appo_jax.tools.registry import build_registry
-    r = cfg.rollout
-    search = {"backend_kwargs": {"path": r.search_cache}} if r.search_cache else {}
-    return build_registry(("python", "search"), max_workers=r.tool_workers,
-                          python={"timeout_s": r.tool_timeout_s}, search=search)
-
-
-class RewardCache:
-    """The engine's reward function: scores a response with the prompt's named reward and remembers the
-    answer accuracy for the metrics (thread-safe; cleared every iteration)."""
-
-    def __init__(self, override: Callable | None = None):
-        self.override = override
-        self._acc: dict[tuple, float] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, item, text: str) -> float:
-        if self.override is not None:
-            score = float(self.override(item, text))
-            acc = float(score >= 1.0)
-        else:
-            from appo_jax.rewards.registry import get_reward_fn
-            out = get_reward_fn(item.reward)(text, item.ground_truths)
-            score, acc = float(out.score), float(out.accuracy)
-        with self._lock:
-            self._acc[(id(item), text)] = acc
-        return score
-
-    def accuracy(self, item, text: str) -> float:
-        with self._lock:
-            hit = self._acc.get((id(item), text))
-        if hit is None:
-            self(item, text)
-            with self._lock:
-                hit = self._acc[(id(item), text)]
-        return hit
-
-    def clear(self) -> None:
-        with self._lock:
-            self._acc.clear()
+    @property
+    def branching(self):
+        return self.sampled.branching
 
 
 @functools.lru_cache(maxsize=8)
 def _candidate_table(tokenizer, vocab_size: int) -> np.ndarray:
     """The branch-candidate table of the tokenizer, padded with False up to the model's vocabulary size."""
-    from appo_jax.core.candidates import candidate_token_table
     table = candidate_token_table(tokenizer)
     if table.size < vocab_size:
         table = np.concatenate([table, np.zeros(vocab_size - table.size, bool)])
     return table[:vocab_size]
+
+
+@functools.partial(jax.jit, static_argnames=("name", "num_groups", "num_trees", "options"))
+def _advantages(traj, tree_ids, *, name: str, num_groups: int, num_trees: int, options: tuple):
+    """``advantages_from_trajectory(name, traj, num_groups, tree_ids, num_trees, **options)``, jitted."""
+    return advantages_from_trajectory(name, traj, num_groups, tree_ids=tree_ids, num_trees=num_trees,
+                                      **dict(options))
 
 
 @jax.jit
@@ -147,17 +102,11 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _copy_tree(tree):
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
-
-
-# ------------------------------------------------------------------------------------------------ trainer
 class Trainer:
-    """Builds and runs an experiment (module doc). ``reward_fn(item, text) -> float`` replaces the reward
-    registry (custom tasks); ``log`` receives progress lines."""
+    """Builds and runs an experiment (module doc); ``log`` receives progress lines."""
 
     def __init__(self, cfg: ExperimentConfig, *, workdir: str | None = None, resume: bool = False,
-                 reward_fn: Callable | None = None, log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print):
         validate(cfg, jax.device_count())
         self.cfg, self.spec, self.log = cfg, algorithm_spec(cfg), log
         self.workdir = Path(workdir or cfg.workdir).absolute()
@@ -166,67 +115,56 @@ class Trainer:
         self._check_workdir()
 
         # the data first: a missing dataset fails before minutes of model loading
-        records = load_records(cfg.data.train, data_dir=cfg.data.data_dir, limit=cfg.data.limit, seed=cfg.data.seed)
-        data, fsdp, tensor = resolve_mesh_shape(cfg, jax.device_count())
-        self.mesh = None  # one device: plain jit on the default device
-        if data * fsdp * tensor > 1:
-            from appo_jax.parallel.mesh import make_mesh
-            devices = jax.devices()
-            self.mesh = make_mesh(data, fsdp, tensor, devices=None if data * fsdp * tensor == len(devices)
-                                  else devices[:data * fsdp * tensor])
-        self.placer = Placer(self.mesh)
+        records = load_dataset(cfg.data.train, limit=cfg.data.limit or None, seed=cfg.data.seed,
+                               data_dir=cfg.data.data_dir or None)
+        self.mesh = self._make_mesh()
+        self.placement = Placement(self.mesh)
+        m = cfg.model
+        overrides = {"remat_policy": m.remat_policy} if m.remat_policy else {}
+        self.model_config, params, self.tokenizer = load_policy(
+            m.name, m.tokenizer, self.mesh, m.dtype or "float32", m.param_dtype or None, init_seed=m.init_seed,
+            **overrides)
+        prompts, too_long = encode_records(records, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
+                                           system_prompt=cfg.data.system_prompt)
+        if too_long:
+            log(f"data: dropped {len(too_long)} prompts longer than rollout.max_prompt_len="
+                f"{cfg.rollout.max_prompt_len}")
+        self.prompts = PromptIterator(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
 
-        self.model_config, params, self.tokenizer = load_policy(cfg, self.mesh)
-        items, dropped = encode_prompts(records, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
-                                        reward=cfg.data.reward, system_prompt=cfg.data.system_prompt)
-        if dropped:
-            log(f"data: dropped {dropped} prompts longer than rollout.max_prompt_len={cfg.rollout.max_prompt_len}")
-        self.prompts = PromptIterator(items, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-
-        updates_per_step = (cfg.train.prompts_per_step // cfg.train.mini_batch_prompts) * cfg.train.ppo_epochs
-        self.lr_schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps * updates_per_step)
-        self.tx = make_optimizer(cfg.optimizer, cfg.train.steps * updates_per_step)
-        self.state, self.shardings = init_train_state(params, self.tx, cfg.train.seed, mesh=self.mesh,
+        t = cfg.train
+        updates_per_step = (t.prompts_per_step // t.mini_batch_prompts) * t.ppo_epochs
+        self.lr_schedule = learning_rate_schedule(cfg.optimizer, t.steps * updates_per_step)
+        self.tx = make_optimizer(cfg.optimizer, t.steps * updates_per_step)
+        self.state, self.shardings = init_train_state(params, self.tx, t.seed, mesh=self.mesh,
                                                       model_config=self.model_config)
         loss = resolved_loss(cfg)
         self.kl_coef = loss["kl_coef"]
-        need_ref = self.kl_coef > 0 or cfg.algorithm.omega_baseline == "reference"
-        self.ref_params = None
-        if need_ref:
-            self.ref_params = self._load_reference(params)
+        a = cfg.algorithm
+        micro = t.micro_batch_rows or rows_per_mini_batch(cfg)
+        need_reference = self.kl_coef > 0 or a.omega_baseline == "reference"
+        self.policies = Policies(self.model_config, self.placement, chunk=t.logprob_chunk,
+                                 temperature=cfg.rollout.temperature, micro_rows=micro, baseline=a.omega_baseline,
+                                 lag=a.omega_lag, reference=self._load_reference(params) if need_reference else None)
         del params
 
-        rows = rows_per_mini_batch(cfg)
-        micro = cfg.train.micro_batch_rows or rows
-        self.step_cfg = StepConfig.make(self.model_config, loss, mini_batches=cfg.train.prompts_per_step //
-                                        cfg.train.mini_batch_prompts, micro_batches=rows // micro,
-                                        epochs=cfg.train.ppo_epochs, logprob_chunk=cfg.train.logprob_chunk,
-                                        temperature=cfg.rollout.temperature)
+        self.step_cfg = StepConfig.make(self.model_config, loss, mini_batches=t.prompts_per_step // t.mini_batch_prompts,
+                                        micro_batches=rows_per_mini_batch(cfg) // micro, epochs=t.ppo_epochs,
+                                        logprob_chunk=t.logprob_chunk, temperature=cfg.rollout.temperature)
         self.runner = TrainStepRunner(self.step_cfg, mesh=self.mesh, lr_schedule=self.lr_schedule,
                                       shardings=self.shardings)
-        self.logprob_fn = make_logprob_fn(self.model_config, chunk=cfg.train.logprob_chunk,
-                                          temperature=cfg.rollout.temperature, micro_rows=micro)
-
-        from appo_jax.rollout.engine import RolloutConfig, RolloutEngine
-        table = _candidate_table(self.tokenizer, self.model_config.vocab_size)
-        self.tools = build_tools(cfg)
-        self.rewards = RewardCache(reward_fn)
-        r = cfg.rollout
-        rows_per_step = cfg.train.prompts_per_step * cfg.algorithm.n
-        self.rollout_cfg = RolloutConfig(
-            max_prompt_len=r.max_prompt_len, max_response_len=r.max_response_len, tool_call_limit=r.tool_call_limit,
-            temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, num_slots=r.num_slots or rows_per_step,
-            decode_chunk=r.decode_chunk, tool_workers=r.tool_workers, tool_timeout_s=r.tool_timeout_s
-        ).fitted(items, rows_per_step)  # prompt length and slots of this dataset, not the configured maxima
-        self.engine = RolloutEngine(self.model_config, self.state.params, self.tokenizer, self.tools,
-                                    self.rollout_cfg, mesh=self.mesh, reward_fn=self.rewards)
-        self.collector = Collector(cfg, self.spec, self.engine, self.logprob_fn, table, self.placer,
-                                   accuracy_of=self.rewards.accuracy)
-        self.lagged: deque = deque(maxlen=cfg.algorithm.omega_lag)
+        self.strategy = self.spec.strategy(
+            a, cfg.rollout, table=jnp.asarray(_candidate_table(self.tokenizer, self.model_config.vocab_size)),
+            logprobs=self.policies.current_and_baseline, place=self.placement.tree)
+        self.tools = default_tools(cfg.rollout)
+        # the sampler holds the prompt length and slots of this dataset, not the configured maxima
+        rollout_cfg = cfg.rollout.fitted(prompts, t.prompts_per_step * self.strategy.rollouts_per_prompt)
+        self.engine = RolloutEngine(self.model_config, self.state.params, self.tokenizer, self.tools, rollout_cfg,
+                                    mesh=self.mesh, reward_fn=RecordReward(cfg.data.reward))
+        self.advantage_options = tuple(sorted(self.spec.advantage_options(a).items()))
         self.iteration = 0
         self.sft_done = False
         self._nonfinite = None
-        self._last_collected = None
+        self._last_collected: Collected | None = None
         self.checkpointer = Checkpointer(self.ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self._eval_engine = None
         if self.resume:
@@ -243,77 +181,74 @@ class Trainer:
                                 "continue that run or choose another --workdir (nothing was changed)")
         self.workdir.mkdir(parents=True, exist_ok=True)
 
+    def _make_mesh(self):
+        """None for one device (plain jit on the default device), else a mesh over the first devices."""
+        data, fsdp, tensor = resolve_mesh_shape(self.cfg, jax.device_count())
+        size = data * fsdp * tensor
+        if size == 1:
+            return None
+        devices = jax.devices()
+        return make_mesh(data, fsdp, tensor, devices=None if size == len(devices) else devices[:size])
+
     def _load_reference(self, params):
         ref_name = self.cfg.model.reference
         if not ref_name:
             return params  # the loaded initial policy (the train state holds its own copy)
-        from appo_jax.models.loading import load_model
         m = self.cfg.model
-        config, ref, _ = load_model(ref_name, self.mesh, m.dtype or "float32", m.param_dtype or None)
+        _, ref, _ = load_model(ref_name, self.mesh, m.dtype or "float32", m.param_dtype or None)
         if jax.tree.structure(ref) != jax.tree.structure(params) or any(
                 a.shape != b.shape for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params))):
             raise ValueError(f"model.reference={ref_name!r} does not have the policy's parameter shapes")
         return ref
 
-    def _extra_tree(self) -> dict:
-        extra = {}
-        if self.cfg.algorithm.omega_baseline == "lagged" and self.lagged:
-            extra["lagged"] = {str(i): p for i, p in enumerate(self.lagged)}
-        if self.sft_done and self.ref_params is not None:
-            extra["reference"] = self.ref_params
-        return extra
-
     def _restore(self) -> None:
         meta = self.checkpointer.read_meta()
-        extra_target = {}
-        lagged_count = int(meta.get("lagged", 0))
-        if lagged_count:
-            extra_target["lagged"] = {str(i): self.state.params for i in range(lagged_count)}
-        if meta.get("sft_done") and self.ref_params is not None:
-            extra_target["reference"] = self.ref_params
-        state, meta, extra = self.checkpointer.restore(self.state, extra_target=extra_target)
+        target = self.policies.restore_target(int(meta.get("lagged", 0)), bool(meta.get("sft_done")),
+                                              self.state.params)
+        state, meta, extra = self.checkpointer.restore(self.state, extra_target=target)
         self.state = state
         self.engine.set_params(self.state.params)
         self.iteration = int(meta["iteration"])
         self.prompts.restore(meta["data"])
         self.sft_done = bool(meta.get("sft_done"))
-        if "reference" in extra:
-            self.ref_params = extra["reference"]
-        for i in range(lagged_count):
-            self.lagged.append(extra["lagged"][str(i)])
+        self.policies.restore(extra)
         self.log(f"resumed from {self.ckpt_dir}/{self.iteration} (iteration {self.iteration}, "
                  f"optimizer step {int(self.state.step)})")
 
     # -- SFT -------------------------------------------------------------------------------------------------
-    def run_sft(self, writer: MetricsWriter | None = None) -> list[float]:
-        """Cold-start SFT (``cfg.sft``) on the current params; the reference policy becomes the SFT result."""
-        from appo_jax.training.sft import encode_examples, load_sft_examples, make_sft_step, sft_batches
-        s = self.cfg.sft
-        if s.data == "toy_arithmetic":
-            from appo_jax.training.toy_task import arithmetic_records, arithmetic_traces
-            examples = arithmetic_traces(arithmetic_records(s.examples, seed=self.cfg.data.seed + 1000), self.tools)
-        else:
+    def _sft_examples(self) -> list[dict]:
+        s, data = self.cfg.sft, self.cfg.data
+        task = get_task(s.data)
+        if task is None:
             examples = load_sft_examples(s.data)
-        if self.cfg.data.system_prompt:
+        else:
+            examples = task.sft_traces(task.records(task.splits[0], s.examples, data.seed + 1000), self.tools)
+        if data.system_prompt:
             for ex in examples:
                 if ex["messages"] and ex["messages"][0]["role"] == "system":
-                    ex["messages"][0] = {"role": "system", "content": self.cfg.data.system_prompt}
+                    ex["messages"][0] = {"role": "system", "content": data.system_prompt}
+        return examples
+
+    def run_sft(self) -> list[float]:
+        """Cold-start SFT (``cfg.sft``) on the current params; the reference policy becomes the SFT result."""
+        s = self.cfg.sft
+        examples = self._sft_examples()
         arrays = encode_examples(examples, self.tokenizer, max_prompt_len=self.cfg.rollout.max_prompt_len,
                                  max_response_len=s.max_response_len, pad_id=self.engine.pad_id)
         opt = dataclasses.replace(self.cfg.optimizer, lr=s.lr, schedule="constant", warmup_steps=0)
-        tx = make_optimizer(opt, s.steps)
-        sft_state, sh = init_train_state(self.state.params, tx, self.cfg.train.seed, mesh=self.mesh,
-                                         model_config=self.model_config)
+        sft_state, sh = init_train_state(self.state.params, make_optimizer(opt, s.steps), self.cfg.train.seed,
+                                         mesh=self.mesh, model_config=self.model_config)
         step = make_sft_step(self.model_config, self.cfg.train.logprob_chunk, sh)
         losses = []
-        batches = sft_batches(arrays, min(s.batch_size, len(examples)), seed=self.cfg.data.seed)
-        self.log(f"cold-start SFT: {s.steps} steps x {min(s.batch_size, len(examples))} of {len(examples)} "
-                 f"examples ({s.data}), lr {s.lr:g}, responses <= {s.max_response_len} tokens")
+        batch_size = min(s.batch_size, len(examples))
+        batches = sft_batches(arrays, batch_size, seed=self.cfg.data.seed)
+        self.log(f"cold-start SFT: {s.steps} steps x {batch_size} of {len(examples)} examples ({s.data}), "
+                 f"lr {s.lr:g}, responses <= {s.max_response_len} tokens")
         tokens, t0 = 0.0, time.perf_counter()
         with progress_bar(s.steps, "sft", "step", enabled=self.cfg.logging.progress) as bar:
             for i in range(s.steps):
-                batch = {k: self.placer.rows(v) for k, v in next(batches).items()}
-                with self.placer.context():
+                batch = self.placement.tree(next(batches))
+                with self.placement.context():
                     sft_state, m = step(sft_state, batch)
                 losses.append(float(m["sft/loss"]))
                 if not math.isfinite(losses[-1]):
@@ -326,36 +261,64 @@ class Trainer:
         # RL starts from the SFT weights with a fresh optimizer; the reference becomes the SFT policy.
         self.state, self.shardings = init_train_state(sft_state.params, self.tx, self.cfg.train.seed,
                                                       mesh=self.mesh, model_config=self.model_config)
-        if self.ref_params is not None:
-            self.ref_params = _copy_tree(self.state.params)
+        if self.policies.reference is not None:
+            self.policies.reference = copy_tree(self.state.params)
         self.engine.set_params(self.state.params)
         self.sft_done = True
         return losses
 
-    # -- the loop --------------------------------------------------------------------------------------------
+    # -- one iteration ---------------------------------------------------------------------------------------
     def _save(self) -> None:
         meta = {"iteration": self.iteration, "data": self.prompts.state(), "sft_done": self.sft_done,
-                "lagged": len(self.lagged) if self.cfg.algorithm.omega_baseline == "lagged" else 0,
-                "config": to_dict(self.cfg)}
-        self.checkpointer.save(self.iteration, self.state, meta, extra=self._extra_tree())
+                "lagged": len(self.policies.lagged), "config": to_dict(self.cfg)}
+        self.checkpointer.save(self.iteration, self.state, meta,
+                               extra=self.policies.checkpoint_extras(with_reference=self.sft_done))
+
+    def collect(self, key) -> Collected:
+        """Rollouts of one iteration and what the update needs: old / reference log-probs and advantages of
+        the rows that train."""
+        cfg = self.cfg
+        num_prompts = cfg.train.prompts_per_step
+        self.policies.current = self.state.params
+        sampled = self.strategy.sample(self.engine, self.prompts.next, num_prompts, key)
+        self.policies.iteration_done()
+        n = sampled.train_rows
+        traj = jax.tree.map(lambda x: np.asarray(x)[:n], sampled.batch.traj)
+        t0 = time.perf_counter()
+        old = sampled.old_logp if sampled.old_logp is not None else self.policies.logprobs(self.state.params, traj)
+        ref = self.policies.reference_logprobs(traj) if self.kl_coef else None
+        jax.block_until_ready((old, ref))
+        sampled.metrics["time/logprobs_s"] = sampled.metrics.get("time/logprobs_s", 0.0) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        full = sampled.batch
+        adv = _advantages(self.placement.tree(full.traj), self.placement.rows(full.tree_id), name=self.spec.advantage,
+                          num_groups=num_prompts, num_trees=full.traj.num_rows, options=self.advantage_options)[:n]
+        jax.block_until_ready(adv)
+        sampled.metrics["time/advantages_s"] = time.perf_counter() - t0
+        return Collected(sampled, adv, old, ref)
+
+    def _iteration_metrics(self, col: Collected, batch: TrainBatch) -> dict:
+        sampled = col.sampled
+        metrics = dict(sampled.metrics)
+        metrics.update(batch_metrics(sampled.batch.traj, sampled.batch.accuracy, sampled.train_rows))
+        if sampled.branching is not None:
+            init_rows = jax.tree.map(lambda x: np.asarray(x)[:sampled.train_rows], sampled.batch.traj)
+            metrics.update(branching_metrics(sampled.branching, init_rows))
+        metrics.update(advantage_metrics(col.advantages, batch.loss_mask))
+        rollout_s = metrics.get("time/rollout_s", 0.0) + metrics.get("time/branch_rollout_s", 0.0)
+        metrics["throughput/rollout_tokens_per_s"] = float(
+            np.asarray(sampled.batch.traj.gen_mask).sum() / max(rollout_s, 1e-9))
+        return metrics
 
     def train_iteration(self) -> dict:
         """One RL iteration (module doc); returns its metrics."""
         cfg = self.cfg
         it = self.iteration + 1
         t_start = time.perf_counter()
-        key = jax.random.fold_in(jnp.asarray(self.state.rng), it)
-        lagged = self.lagged[0] if (cfg.algorithm.omega_baseline == "lagged" and
-                                    len(self.lagged) == cfg.algorithm.omega_lag) else None
-        self.rewards.clear()
-        col = self.collector.collect(self.prompts.next, self.state.params, self.ref_params, lagged, key)
-        if cfg.algorithm.omega_baseline == "lagged":
-            self.lagged.append(_copy_tree(self.state.params))
-
-        n = col.train_rows
-        traj = jax.tree_util.tree_map(lambda x: np.asarray(x)[:n], col.batch.traj)
-        batch = make_train_batch(traj, col.advantages, col.old_logp,
-                                 col.ref_logp if self.kl_coef else None, train_branches=col.train_branches)
+        col = self.collect(jax.random.fold_in(jnp.asarray(self.state.rng), it))
+        traj = jax.tree.map(lambda x: np.asarray(x)[:col.train_rows], col.batch.traj)
+        batch = TrainBatch.from_trajectory(traj, col.advantages, col.old_logp, col.ref_logp,
+                                           train_branches=self.spec.train_branches)
         t0 = time.perf_counter()
         self.state, step_metrics = self.runner(self.state, batch)
         step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -363,10 +326,10 @@ class Trainer:
         self.engine.set_params(self.state.params)
         self.iteration = it
 
-        metrics = dict(col.metrics)
+        metrics = self._iteration_metrics(col, batch)
         metrics.update({f"train/{k}": v for k, v in step_metrics.items()})
         metrics["time/update_s"] = t_update
-        trained_tokens = float(np.asarray(batch["loss_mask"]).sum()) * cfg.train.ppo_epochs
+        trained_tokens = float(np.asarray(batch.loss_mask).sum()) * cfg.train.ppo_epochs
         metrics["throughput/train_tokens_per_s"] = trained_tokens / max(t_update, 1e-9)
         metrics["time/step_s"] = time.perf_counter() - t_start
         metrics["train/optimizer_step"] = float(int(self.state.step))
@@ -377,17 +340,17 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict:
-        from appo_jax.training.evaluation import evaluate_pass1
         cfg = self.cfg.logging
         names = [b.strip() for b in cfg.eval_benchmarks.split(",") if b.strip()]
         results = evaluate_pass1(self.model_config, self.state.params, self.tokenizer, self.tools, names,
                                  limit=cfg.eval_limit or None, runs=cfg.eval_runs, rollout=self.cfg.rollout,
                                  mesh=self.mesh, data_dir=self.cfg.data.data_dir, engine=self._eval_engine,
-                                 system_prompt=self.cfg.data.system_prompt)
+                                 system_prompt=self.cfg.data.system_prompt, log=self.log, progress=cfg.progress)
         self._eval_engine = results.pop("_engine", self._eval_engine)
         results.pop("_counts", None)
         return {f"eval/{k}": v for k, v in results.items()}
 
+    # -- the loop --------------------------------------------------------------------------------------------
     def run(self) -> dict:
         """Run (or continue) the experiment to ``train.steps`` iterations; returns a summary dict."""
         cfg = self.cfg
@@ -409,14 +372,7 @@ class Trainer:
                 if it % cfg.logging.every == 0 or self._nonfinite:
                     writer.write(it, metrics)
                 if self._nonfinite:
-                    _, m = self._nonfinite
-                    last = self.checkpointer.latest_step()
-                    raise TrainingError(
-                        f"non-finite loss or gradient at iteration {it} (loss={m.get('loss')}, "
-                        f"grad_norm={m.get('grad_norm')}, non-finite log-prob tokens={m.get('nonfinite_tokens')}):"
-                        f" the run stopped and nothing was saved for this iteration; the last complete checkpoint is "
-                        f"{'none' if last is None else f'{self.ckpt_dir}/{last}'}. Lower optimizer.lr or check "
-                        "the data / rewards.")
+                    self._stop_nonfinite(it)
                 if cfg.logging.dump_rollouts_every and it % cfg.logging.dump_rollouts_every == 0:
                     self.dump_rollouts(it)
                 if (cfg.checkpoint.every and it % cfg.checkpoint.every == 0) or it == cfg.train.steps:
@@ -427,19 +383,28 @@ class Trainer:
             self.log = print
         return self.summary(sft_losses)
 
+    def _stop_nonfinite(self, it: int) -> None:
+        _, m = self._nonfinite
+        last = self.checkpointer.latest_step()
+        raise TrainingError(
+            f"non-finite loss or gradient at iteration {it} (loss={m.get('loss')}, grad_norm={m.get('grad_norm')}, "
+            f"non-finite log-prob tokens={m.get('nonfinite_tokens')}): the run stopped and nothing was saved for "
+            f"this iteration; the last complete checkpoint is "
+            f"{'none' if last is None else f'{self.ckpt_dir}/{last}'}. Lower optimizer.lr or check the data / "
+            "rewards.")
+
     def plan(self) -> str:
         """What the run is about to do: algorithm, batch layout, token budgets, sampler memory, outputs."""
         cfg, a, t = self.cfg, self.cfg.algorithm, self.cfg.train
-        per_prompt = (f"{a.n_init} initial + {a.n - a.n_init} branch rollouts" if self.spec.rollout == "appo"
-                      else f"{a.n} rollouts")
+        per_prompt = f"{self.strategy.rollouts_per_prompt} concurrent rollouts, {self.strategy.train_rows_per_prompt} trained"
         sft = f"cold-start SFT {cfg.sft.steps} steps, then " if cfg.sft.steps and not self.sft_done else ""
         mesh = dict(self.mesh.shape) if self.mesh is not None else "one device"
-        return (f"train {cfg.name}: {sft}{cfg.algorithm.name} iterations {self.iteration + 1}..{t.steps}, each "
-                f"{t.prompts_per_step} prompts x ({per_prompt}), {t.prompts_per_step // t.mini_batch_prompts} "
-                f"update(s) x {t.ppo_epochs} epoch(s); {self.engine.describe()}; mesh {mesh}; workdir {self.workdir}")
+        return (f"train {cfg.name}: {sft}{a.name} iterations {self.iteration + 1}..{t.steps}, each "
+                f"{t.prompts_per_step} prompts x ({per_prompt}, n = {a.n}), "
+                f"{t.prompts_per_step // t.mini_batch_prompts} update(s) x {t.ppo_epochs} epoch(s); "
+                f"{self.engine.describe()}; mesh {mesh}; workdir {self.workdir}")
 
     def dump_rollouts(self, it: int) -> Path:
-        from appo_jax.training.rollout_dump import write_rollout_dump
         path = self.workdir / "rollouts" / f"step_{it:06d}.html"
         write_rollout_dump(path, self._last_collected, self.tokenizer, title=f"{self.cfg.name} iteration {it}")
         return path

@@ -1,0 +1,78 @@
+"""Host-side statistics of one iteration's rollouts, branch points and advantages (flat ``group/name`` floats)."""
+from __future__ import annotations
+
+import numpy as np
+
+from appo_jax.core.branch_points import BranchPoints
+from appo_jax.core.trajectory import FINISH_NAMES, KIND_INIT, Trajectory
+
+
+def _mean(x, mask) -> float:
+    x, mask = np.asarray(x, np.float64), np.asarray(mask, bool)
+    return float(x[mask].mean()) if mask.any() else 0.0
+
+
+def _std(x, mask) -> float:
+    x, mask = np.asarray(x, np.float64), np.asarray(mask, bool)
+    return float(x[mask].std()) if mask.any() else 0.0
+
+
+def rollout_metrics(traj: Trajectory, rows: np.ndarray, accuracy: np.ndarray, prefix: str = "") -> dict:
+    """Reward / accuracy / length / tool / entropy / finish statistics over the valid rows among ``rows``."""
+    valid = np.asarray(traj.row_valid, bool) & rows
+    gen, obs = np.asarray(traj.gen_mask, bool), np.asarray(traj.obs_mask, bool)
+    out = {
+        f"{prefix}reward/mean": _mean(traj.reward, valid),
+        f"{prefix}reward/std": _std(traj.reward, valid),
+        f"{prefix}reward/accuracy": _mean(accuracy, valid),
+        f"{prefix}response/length": _mean((gen | obs).sum(1), valid),
+        f"{prefix}response/generated_tokens": _mean(gen.sum(1), valid),
+        f"{prefix}tools/calls_per_rollout": _mean(traj.tool_calls, valid),
+        f"{prefix}entropy/mean": _mean(traj.entropy, gen & valid[:, None]),
+        f"{prefix}rollouts/count": float(valid.sum()),
+    }
+    for code, name in enumerate(FINISH_NAMES):
+        if code:
+            out[f"{prefix}finish/{name}_frac"] = _mean(np.asarray(traj.finish_reason) == code, valid)
+    return out
+
+
+def batch_metrics(traj: Trajectory, accuracy: np.ndarray, train_rows: int) -> dict:
+    """`rollout_metrics` of the ``train_rows`` leading rows (the rows the update trains on); the other rows' (APPO's
+    branches) reward and count under ``branch_*``; ``branch/count``: valid branch rows."""
+    trained = np.arange(traj.num_rows) < train_rows
+    out = rollout_metrics(traj, trained, accuracy)
+    if not trained.all():
+        rest = rollout_metrics(traj, ~trained, accuracy, "branch_")
+        out.update({k: v for k, v in rest.items() if k.startswith("branch_reward/") or k == "branch_rollouts/count"})
+    out["branch/count"] = float((np.asarray(traj.kind) != KIND_INIT)[np.asarray(traj.row_valid, bool)].sum())
+    return out
+
+
+def branching_metrics(points: BranchPoints, init: Trajectory) -> dict:
+    """Branch-point statistics of APPO's selection (host arrays) over the initial rollouts ``init``."""
+    valid = np.asarray(points.valid, bool)
+    rows, positions = np.asarray(points.rows), np.asarray(points.positions)
+    scores = np.asarray(points.selected_scores)
+    omega = np.asarray(points.omega)
+    gen0 = np.asarray(init.gen_mask) & np.asarray(init.row_valid)[:, None]
+    strict_at = np.asarray(points.strict)[rows.clip(0), positions.clip(0)]
+    return {
+        "branch/groups_without_candidates": float((~valid.any(axis=1)).sum()) if valid.shape[1] else 0.0,
+        "branch/score_mean": _mean(scores, valid),
+        "branch/score_max": float(scores[valid].max()) if valid.any() else 0.0,
+        "branch/score_min": float(scores[valid].min()) if valid.any() else 0.0,
+        "branch/strict_frac": _mean(strict_at, valid),
+        "branch/position_mean": _mean(positions, valid),
+        "branch/candidates_per_rollout": _mean(np.asarray(points.candidates).sum(1), np.asarray(init.row_valid)),
+        "omega/mean": _mean(omega, gen0),
+        "omega/min": float(omega[gen0].min()) if gen0.any() else 0.0,
+        "omega/max": float(omega[gen0].max()) if gen0.any() else 0.0,
+    }
+
+
+def advantage_metrics(advantages, mask) -> dict:
+    """Mean, mean |A| and the share of non-zero advantages over ``mask``."""
+    a, m = np.asarray(advantages), np.asarray(mask, bool)
+    return {"advantage/mean": _mean(a, m), "advantage/abs_mean": _mean(np.abs(a), m),
+            "advantage/nonzero_frac": _mean(a != 0, m)}
