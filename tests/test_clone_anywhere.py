@@ -31,7 +31,8 @@ EXPECTED_RECORDS = {"aime24": 30, "aime25": 30, "math500": 500, "gsm8k": 1319, "
 
 
 def _env(tmp: Path, pythonpath: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("APPO_DATA_DIR", "PYTHONPATH")}
+    # as a user runs it: no data dir, no extra import path, and the machine's own devices (not the tests' 8 fakes)
+    env = {k: v for k, v in os.environ.items() if k not in ("APPO_DATA_DIR", "PYTHONPATH", "XLA_FLAGS")}
     env.update(PYTHONPATH=str(pythonpath), APPO_TFDS_DIR=str(tmp / "tfds"), HOME=str(tmp / "home"))
     return env
 

@@ -17,7 +17,7 @@ from appo_jax.tools import python_sandbox
 from appo_jax.tools.python_sandbox import PythonSandbox, SandboxConfig, strip_code_fence
 
 TIMEOUT = 3.0
-MARGIN = 2.5  # start-up, teardown and a loaded 2-core CI machine
+MARGIN = 4.0  # start-up, teardown (a fork bomb takes seconds to reap) and a loaded 2-core CI machine
 REPO = Path(__file__).resolve().parents[1]
 
 
