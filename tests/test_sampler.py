@@ -344,7 +344,7 @@ def test_prefill_pieces():
 
 # ------------------------------------------------------------------------------------------- token selection
 @settings(max_examples=25)
-@given(seed=st.integers(0, 2**31 - 1), vocab=st.sampled_from([5, 24]), top_k=st.integers(0, 30),
+@given(seed=st.integers(0, 2**31 - 1), vocab=st.sampled_from([5, 24, 3000]), top_k=st.integers(0, 30),
        top_p=st.sampled_from([1.0, 0.99, 0.9, 0.5, 0.2, 1e-3]), scale=st.sampled_from([0.1, 1.0, 5.0]),
        ties=st.booleans())
 def test_allowed_set_matches_reference(seed, vocab, top_k, top_p, scale, ties):
