@@ -74,9 +74,10 @@ EXPECTED_LOSS = {"grpo": ("dual_clip", 0.2), "dapo": ("ppo", 0.28), "arpo": ("du
 def test_algorithm_resolution_follows_the_design():
     assert set(ALGORITHMS) == {"grpo", "dapo", "arpo", "aepo", "tree_grpo", "appo", "appo_entropy_only",
                                "appo_omega_only", "appo_no_prefix_credit", "appo_no_procedure_scaling",
-                               "appo_no_future_kl"}
+                               "appo_no_future_kl", "appo_oracle"}
     for name in ALGORITHMS:
-        cfg = apply_overrides(_small(), [f"algorithm.name={name}"])
+        labelled = ["data.train=arith_program"] if ALGORITHMS[name].score == "oracle" else []  # needs decision labels
+        cfg = apply_overrides(_small(), [f"algorithm.name={name}", *labelled])
         validate(cfg, num_devices=1)
         loss = resolved_loss(cfg)
         assert (loss["mode"], loss["clip_high"]) == EXPECTED_LOSS.get(name, ("future_kl", 0.28)), name

@@ -7,7 +7,10 @@
 
 The score mode makes the Branching Score's ablations a value, not a code path: ``appo`` uses both signals,
 ``entropy`` sets Omega' = 1 (BS = Z(H)), ``omega`` sets H' = 1 (BS = Z(Omega)); `branching_scores` handles a
-constant signal by ranking with the other one. This is the only place the selection is assembled: the trainer
+constant signal by ranking with the other one. ``oracle`` (the upper bound of the mini reproduction,
+docs/mini_reproduction.md) needs the decision-token labels D [N, L]: a branch at t keeps token t and resamples
+from t + 1, so the candidates are the generated t with D[t + 1], H'_t = H_{t+1} (the entropy of the decision
+being resampled) and Omega' = 1 — branch before the labelled decisions, the most uncertain first. This is the only place the selection is assembled: the trainer
 and the ``rollout`` CLI both call it.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from appo_jax.core.trajectory import Trajectory
 Array = jax.Array
 
 #: Which signals a score mode keeps: (entropy, Omega).
-SCORE_MODES = {"appo": (True, True), "entropy": (True, False), "omega": (False, True)}
+SCORE_MODES = {"appo": (True, True), "entropy": (True, False), "omega": (False, True), "oracle": (True, False)}
 
 
 @flax.struct.dataclass
@@ -46,17 +49,25 @@ class BranchPoints:
 
 @partial(jax.jit, static_argnames=("num_groups", "budget", "score", "gamma", "clip_eps"))
 def choose_branch_points(traj: Trajectory, lc, lb, table, *, num_groups: int, budget: int, score: str = "appo",
-                         gamma: float = 1.0, clip_eps: float = 0.2) -> BranchPoints:
+                         gamma: float = 1.0, clip_eps: float = 0.2, decisions=None) -> BranchPoints:
     """Branch points of the initial rollouts ``traj`` (module doc): ``lc`` / ``lb`` ``[N, L]`` are the current
     and behaviour log-probs, ``table`` the ``bool[V]`` candidate-token table; ``budget`` branches per prompt
-    group (``num_groups`` groups; rows with ``row_valid`` False take no part). ``score`` in `SCORE_MODES`."""
+    group (``num_groups`` groups; rows with ``row_valid`` False take no part). ``score`` in `SCORE_MODES`;
+    ``decisions`` (bool [N, L], the decision-token labels) is required by ``oracle`` and ignored otherwise."""
     if score not in SCORE_MODES:
         raise ValueError(f"unknown branching score {score!r}; known: {', '.join(SCORE_MODES)}")
     use_entropy, use_omega = SCORE_MODES[score]
     gen = traj.gen_mask & traj.row_valid[:, None]
     omega = future_values(lc - lb, traj.gen_mask, gamma, clip_eps)
-    cand = candidate_mask(traj.tokens, gen, table, traj.tokens.shape[1])
     ent = traj.entropy if use_entropy else jnp.ones_like(traj.entropy)
+    if score == "oracle":
+        if decisions is None:
+            raise ValueError("the oracle branching score needs the decision-token labels (decisions [N, L])")
+        shift = lambda x: jnp.pad(x[:, 1:], ((0, 0), (0, 1)))  # noqa: E731 - x_{t+1} at t
+        cand = gen & shift(jnp.asarray(decisions, bool) & gen)
+        ent = shift(traj.entropy)
+    else:
+        cand = candidate_mask(traj.tokens, gen, table, traj.tokens.shape[1])
     om = omega if use_omega else jnp.ones_like(omega)
     scores, strict = branching_scores(ent, om, cand)
     group = jnp.where(traj.row_valid, traj.group_id, -1)

@@ -1,31 +1,75 @@
 """Generated tasks: datasets made deterministically from a seed instead of read from a file.
 
-A `Task` names its splits, makes ``count`` records of a split from a seed, and can write cold-start SFT traces
-for its records (tool-use transcripts in the protocol of docs/protocol.md, with the tool outputs produced by
-actually running the tools). Tasks are loaded like any dataset (`appo_jax.data.loading.load_dataset`).
+A `Task` names its splits, makes ``count`` records of a split from a seed and its difficulty options, can write
+cold-start SFT traces for its records (tool-use transcripts in the protocol of docs/protocol.md, with the tool
+outputs produced by actually running the tools), and — for the tasks with known decision points — labels the
+decision tokens of any response (docs/mini_reproduction.md). Tasks are loaded like any dataset
+(`appo_jax.data.loading.load_dataset`); ``NAME:SPLIT`` selects a split.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+import hashlib
+from typing import Any, Callable, Mapping, Sequence
 
 from appo_jax.data.records import Record
 
 
+def hash_split(text: str) -> str:
+    """``"heldout"`` for one question in five (by the SHA-256 of its text), else ``"train"``: disjoint splits that
+    do not depend on how many questions are drawn or in which order."""
+    return "heldout" if int(hashlib.sha256(text.encode()).hexdigest(), 16) % 5 == 0 else "train"
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A generated dataset. ``generate(split, count, seed) -> list[Record]``; ``sft_traces(records, tools) ->
+    """A generated dataset.
+
+    ``generate(split, count, seed, options) -> list[Record]``; ``sft_traces(records, tools, options, seed) ->
     examples`` (``{"messages", "segments"}``, see `appo_jax.training.sft`; ``tools`` has ``call(name, input)``);
-    ``default_count``: records made when no limit is given."""
+    ``options_type``: the frozen dataclass of its difficulty knobs (None: no knobs); ``decision_spans(record,
+    response) -> [(start, end)]``: character spans of the response's decision tokens (None: not labelled);
+    ``search_backend``: the registered search backend its tool loop needs (``""``: the default), built with the
+    task's options as keyword arguments; ``default_count``: records made when no count is given."""
 
     name: str
     splits: tuple[str, ...]
-    generate: Callable[[str, int, int], list[Record]]
-    sft_traces: Callable[[Sequence[Record], Any], list[dict]] | None = None
+    generate: Callable[[str, int, int, Any], list[Record]]
+    sft_traces: Callable[[Sequence[Record], Any, Any, int], list[dict]] | None = None
     default_count: int = 64
+    options_type: type | None = None
+    decision_spans: Callable[[Record, str], list[tuple[int, int]]] | None = None
+    search_backend: str = ""
 
-    def records(self, split: str, count: int | None = None, seed: int = 0) -> list[Record]:
+    def options(self, overrides: Mapping[str, Any] | None = None):
+        """The task's options with ``overrides`` applied (lists become tuples); ``ValueError`` naming an unknown
+        knob or a task without knobs."""
+        overrides = dict(overrides or {})
+        if self.options_type is None:
+            if overrides:
+                raise ValueError(f"task {self.name!r} has no options, got {sorted(overrides)}")
+            return None
+        known = {f.name for f in dataclasses.fields(self.options_type)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"task {self.name!r} has no option(s) {unknown}; its options: {', '.join(sorted(known))}")
+        return self.options_type(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+
+    def records(self, split: str, count: int | None = None, seed: int = 0,
+                options: Mapping[str, Any] | None = None) -> list[Record]:
         """``count`` (default `default_count`) records of ``split``; ``ValueError`` for a split it lacks."""
         if split not in self.splits:
             raise ValueError(f"task {self.name!r} has the splits {', '.join(self.splits)}, not {split!r}")
-        return self.generate(split, self.default_count if count is None else count, seed)
+        return self.generate(split, self.default_count if count is None else count, seed, self.options(options))
+
+    def traces(self, records: Sequence[Record], tools: Any, options: Mapping[str, Any] | None = None,
+               seed: int = 0) -> list[dict]:
+        """SFT demonstrations of ``records`` (``ValueError`` for a task without traces)."""
+        if self.sft_traces is None:
+            raise ValueError(f"task {self.name!r} has no SFT traces")
+        return self.sft_traces(records, tools, self.options(options), seed)
+
+    def backend_kwargs(self, options: Mapping[str, Any] | None = None) -> dict:
+        """Keyword arguments of the task's search backend: its options as a dict."""
+        opts = self.options(options)
+        return {} if opts is None else dataclasses.asdict(opts)

@@ -63,5 +63,5 @@ def arithmetic_traces(records: Sequence[Record], tools: Any) -> list[dict]:
     return out
 
 
-TOY_ARITHMETIC = Task("toy_arithmetic", ("train",), lambda split, count, seed: arithmetic_records(count, seed),
-                      arithmetic_traces)
+TOY_ARITHMETIC = Task("toy_arithmetic", ("train",), lambda split, count, seed, options: arithmetic_records(count, seed),
+                      lambda records, tools, options, seed: arithmetic_traces(records, tools))

@@ -72,10 +72,17 @@ def _hf_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+#: Tokenizers shipped with the package (``appo_jax/models/tokenizers/NAME``), loadable by name.
+SHIPPED_TOKENIZERS = ("mini-tasks",)
+
+
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(source: str):
-    """The tokenizer of ``smollm2-135m-instruct`` / ``smollm2``, a ``.gguf`` file or an HF directory (cached per
-    source: tokenizers are never modified after loading). ``FileNotFoundError`` naming the source otherwise."""
+    """The tokenizer of ``smollm2-135m-instruct`` / ``smollm2``, a shipped tokenizer (`SHIPPED_TOKENIZERS`), a
+    ``.gguf`` file or an HF directory (cached per source: tokenizers are never modified after loading).
+    ``FileNotFoundError`` naming the source otherwise."""
+    if source in SHIPPED_TOKENIZERS:
+        source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizers", source)
     source = _resolve(source)
     if source.endswith(".gguf"):
         if not os.path.isfile(source):

@@ -50,6 +50,13 @@ PRESETS: dict[str, ModelConfig] = {
     "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, 8, tied=True),
     "qwen3-8b": _qwen3(4096, 12288, 36, 32, 8, tied=False),
     "qwen3-14b": _qwen3(5120, 17408, 40, 40, 8, tied=False),
+    # The policy of the mini reproduction (experiments/mini): trained from scratch with the shipped "mini-tasks"
+    # tokenizer (512 ids: 0 <|endoftext|> = padding, 1 <|im_start|>, 2 <|im_end|> = EOS).
+    "mini-tasks": ModelConfig(
+        vocab_size=512, hidden_size=96, intermediate_size=256, num_layers=3, num_heads=4, num_kv_heads=2,
+        head_dim=24, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        max_position_embeddings=1024, bos_token_id=1, eos_token_ids=(2,), pad_token_id=0, model_type="llama",
+    ),
     # Tiny configs for tests and CPU experiments.
     "tiny-llama": ModelConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -69,11 +69,14 @@ def concat_batches(a: RolloutBatch, b: RolloutBatch) -> RolloutBatch:
                         np.concatenate([a.accuracy, b.accuracy]), np.concatenate([a.tree_id, b.tree_id]))
 
 
-def default_tools(cfg: RolloutConfig) -> ToolRegistry:
+def default_tools(cfg: RolloutConfig, search_backend: tuple[str, dict] | None = None) -> ToolRegistry:
     """The built-in tool registry (python sandbox + offline search) sized by ``cfg``: ``cfg.tool_workers``
     pool threads, python wall-clock limit ``cfg.tool_timeout_s``, search over ``cfg.search_cache`` (empty: the
-    shipped cache). Close it (or use ``with``) when done."""
+    shipped cache) or, when given, the registered backend ``search_backend = (name, kwargs)`` (a generated
+    task's own search engine). Close it (or use ``with``) when done."""
     search = {"backend_kwargs": {"path": cfg.search_cache}} if cfg.search_cache else {}
+    if search_backend is not None:
+        search = {"backend": search_backend[0], "backend_kwargs": dict(search_backend[1])}
     return build_registry(("python", "search"), max_workers=cfg.tool_workers,
                           python={"timeout_s": cfg.tool_timeout_s}, search=search)
 

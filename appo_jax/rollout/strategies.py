@@ -198,6 +198,7 @@ class AppoBranching:
     gamma: float = 1.0
     clip_eps: float = 0.2
     place: Callable[[Trajectory], Trajectory] = lambda t: t
+    labeller: Callable[[Trajectory, Sequence], np.ndarray] | None = None
 
     def __post_init__(self):
         _check_budget(self.n, self.n_init, branches=True)
@@ -216,9 +217,15 @@ class AppoBranching:
         prompts = next_prompts(num_prompts)
         init = _timed(metrics, "time/rollout_s", engine.initial_batch, prompts, self.n_init, k_init, progress)
         lc, lb = _timed(metrics, "time/logprobs_s", self.logprobs, init.traj)
+        decisions = None
+        if self.score == "oracle":
+            if self.labeller is None:
+                raise ValueError("the oracle branching score needs a decision-token labeller (a generated task with "
+                                 "labelled decisions, e.g. kb_multihop or arith_program)")
+            decisions = self.labeller(init.traj, prompts)
         points = _timed(metrics, "time/branching_s", choose_branch_points, self.place(init.traj), lc, lb,
                         self.table, num_groups=num_prompts, budget=self.n - self.n_init, score=self.score,
-                        gamma=self.gamma, clip_eps=self.clip_eps)
+                        gamma=self.gamma, clip_eps=self.clip_eps, decisions=decisions)
         points = jax.device_get(points)
         branches = _timed(metrics, "time/branch_rollout_s", engine.branches_batch, init.traj, prompts,
                           points.rows, points.positions, points.selected_scores, points.valid, k_branch, progress)
@@ -262,11 +269,12 @@ class TreeSearch(_EveryRowTrains):
 
 
 #: ``STRATEGIES.get(name)(**options)``: options ``n``, ``n_init``, ``table``, ``logprobs``, ``score``,
-#: ``gamma``, ``clip_eps``, ``place``, ``aepo_penalty`` (each strategy takes what it needs).
+#: ``gamma``, ``clip_eps``, ``place``, ``aepo_penalty``, ``labeller`` (each strategy takes what it needs).
 STRATEGIES = Registry("rollout strategy")
 STRATEGIES.register("independent", lambda *, n, **_: Independent(n))
 STRATEGIES.register("appo", lambda *, n, n_init, table, logprobs, score="appo", gamma=1.0, clip_eps=0.2,
-                    place=lambda t: t, **_: AppoBranching(n, n_init, table, logprobs, score, gamma, clip_eps, place))
+                    place=lambda t: t, labeller=None, **_: AppoBranching(n, n_init, table, logprobs, score, gamma,
+                                                                         clip_eps, place, labeller))
 STRATEGIES.register("arpo", lambda *, n, n_init, **_: ArpoBranching(n, n_init, 0.0))
 STRATEGIES.register("aepo", lambda *, n, n_init, aepo_penalty, **_: ArpoBranching(n, n_init, aepo_penalty))
 STRATEGIES.register("tree", lambda *, n, n_init, **_: TreeSearch(n, n_init))

@@ -62,13 +62,13 @@ class AlgorithmSpec:
                     entropy_alpha=algorithm.aepo_entropy_alpha)
 
     def strategy(self, algorithm, rollout, *, table=None, logprobs: Callable | None = None,
-                 place: Callable | None = None) -> RolloutStrategy:
+                 place: Callable | None = None, labeller: Callable | None = None) -> RolloutStrategy:
         """The rollout strategy of this algorithm for the config's ``algorithm`` / ``rollout`` sections;
-        ``table`` (branch-candidate tokens), ``logprobs(traj) -> (lc, lb)`` and ``place`` serve branching
-        strategies."""
+        ``table`` (branch-candidate tokens), ``logprobs(traj) -> (lc, lb)``, ``place`` and ``labeller`` (decision
+        tokens, for the oracle) serve branching strategies."""
         options = dict(n=algorithm.n, n_init=algorithm.n_init, table=table, logprobs=logprobs, score=self.score,
                        gamma=float(algorithm.omega_gamma), clip_eps=float(algorithm.omega_clip),
-                       aepo_penalty=rollout.aepo_penalty)
+                       aepo_penalty=rollout.aepo_penalty, labeller=labeller)
         if place is not None:
             options["place"] = place
         strategy = STRATEGIES.get(self.rollout)(**options)
@@ -109,5 +109,6 @@ for _spec in (
     AlgorithmSpec("appo_no_prefix_credit", **_APPO, prefix_credit=False),
     AlgorithmSpec("appo_no_procedure_scaling", **_APPO, procedure_scaling="none"),
     AlgorithmSpec("appo_no_future_kl", **{**_APPO, "loss_mode": "dual_clip"}),
+    AlgorithmSpec("appo_oracle", **_APPO, score="oracle"),  # branches at labelled decision tokens (mini tasks)
 ):
     register_algorithm(_spec)

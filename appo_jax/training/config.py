@@ -25,6 +25,7 @@ from typing import Any
 from appo_jax.core.advantages import PROCEDURE_SCALING
 from appo_jax.core.losses import AGGS, KL_KINDS
 from appo_jax.core.registry import POLICY_LOSSES
+from appo_jax.data.loading import TASKS, get_task
 from appo_jax.rollout.config import RolloutConfig
 from appo_jax.training.algorithms import ALGORITHMS, AlgorithmSpec, get_algorithm
 from appo_jax.training.policies import OMEGA_BASELINES
@@ -63,7 +64,9 @@ class DataSection:
     K records (0 = all; a generated task's default count); ``shuffle`` reshuffles every epoch with ``seed``
     (which also seeds a generated task); ``data_dir`` overrides the raw-data directory; ``reward``: a name of
     ``appo_jax.rewards.registry`` for every prompt, or ``auto`` (``arpo_math`` for math, ``arpo_f1`` for QA);
-    ``system_prompt``: replaces the data's system prompt when non-empty."""
+    ``system_prompt``: replaces the data's system prompt when non-empty; ``task_options``: the difficulty knobs of
+    a generated task (e.g. ``{"hops": (2, 3), "distractors": 2, "wrong_fraction": 0.3}`` for ``kb_multihop``; on
+    the command line as JSON: ``--set 'data.task_options={"hops": [3, 4]}'``)."""
 
     train: str = "train_10k"
     limit: int = 0
@@ -72,6 +75,7 @@ class DataSection:
     data_dir: str = ""
     reward: str = "auto"
     system_prompt: str = ""
+    task_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -153,7 +157,12 @@ class TrainSection:
 class SFTSection:
     """Optional cold-start SFT before RL (``appo_jax.training.sft``): ``steps`` optimizer steps (0 = none) on
     ``data`` (``toy_arithmetic`` traces made with the real python tool, or a JSONL file of examples) with
-    ``examples`` toy examples, ``batch_size`` rows per step and AdamW learning rate ``lr``."""
+    ``examples`` toy examples, ``batch_size`` rows per step and AdamW learning rate ``lr``. ``cache_dir``: when
+    set, the SFT result is saved there under a hash of everything it depends on (model, tokenizer, data, options,
+    seeds, this section) and reused by every run with the same hash — the runs of a grid that differ only in the
+    RL algorithm start from one SFT policy. ``seed``: the seed of the SFT examples and batches (-1: the run's
+    ``data.seed`` / ``train.seed``); a fixed seed makes the SFT policy independent of the run's seeds (with the
+    same ``model.init_seed``, runs of different seeds then share it)."""
 
     steps: int = 0
     data: str = "toy_arithmetic"
@@ -161,6 +170,8 @@ class SFTSection:
     batch_size: int = 8
     lr: float = 1e-4
     max_response_len: int = 128
+    cache_dir: str = ""
+    seed: int = -1
 
 
 @dataclass
@@ -185,8 +196,9 @@ class CheckpointSection:
 @dataclass
 class LoggingSection:
     """metrics.jsonl + TensorBoard every ``every`` steps; progress bar; a rollout HTML dump every
-    ``dump_rollouts_every`` steps (0 = never); evaluation every ``eval_every`` steps (0 = never) on
-    ``eval_benchmarks`` (comma-separated) with ``eval_limit`` questions each."""
+    ``dump_rollouts_every`` steps (0 = never); evaluation every ``eval_every`` steps (0 = never, and before the first
+    step when set) on ``eval_benchmarks`` (comma-separated; ``TASK:heldout`` for a generated task's held-out
+    split) with ``eval_limit`` questions each, ``eval_runs`` runs, greedy decoding when ``eval_greedy``."""
 
     every: int = 1
     tensorboard: bool = True
@@ -196,6 +208,7 @@ class LoggingSection:
     eval_benchmarks: str = ""
     eval_limit: int = 0
     eval_runs: int = 1
+    eval_greedy: bool = False
 
 
 @dataclass
@@ -274,6 +287,14 @@ def _coerce(text: str, tp, key: str):
             return float(text)
         except ValueError:
             raise ConfigError(f"--set {key}={text!r}: expected a number") from None
+    if tp is dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise ConfigError(f"--set {key}={text!r}: expected a JSON object, e.g. '{{\"hops\": [2, 3]}}'")
+        return value
     return text
 
 
@@ -403,6 +424,19 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
     """
     a, t, loss, opt = cfg.algorithm, cfg.train, cfg.loss, cfg.optimizer
     algorithm_spec(cfg)  # unknown algorithm
+    task = get_task(cfg.data.train)
+    if cfg.data.task_options and task is None:
+        raise ConfigError(f"data.task_options is set but data.train={cfg.data.train!r} is not a generated task "
+                          f"({', '.join(TASKS)})")
+    if algorithm_spec(cfg).score == "oracle" and (task is None or task.decision_spans is None):
+        raise ConfigError(f"algorithm.name={a.name!r} branches at labelled decision tokens: data.train must be a "
+                          f"generated task with labels ({', '.join(t for t, v in TASKS.items() if v.decision_spans)}), "
+                          f"not {cfg.data.train!r}")
+    if task is not None:
+        try:
+            task.options(cfg.data.task_options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"data.task_options={cfg.data.task_options!r}: {exc}") from None
     _choice("algorithm.omega_baseline", a.omega_baseline, OMEGA_BASELINES)
     _choice("algorithm.procedure_scaling", a.procedure_scaling, ("auto",) + PROCEDURE_SCALING)
     _choice("loss.mode", loss.mode, ("auto", *POLICY_LOSSES.names()))

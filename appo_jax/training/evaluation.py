@@ -15,7 +15,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from appo_jax.data import encode_records, load_dataset
+from appo_jax.data import encode_records, get_task, load_dataset
 from appo_jax.progress import RolloutProgress
 from appo_jax.rewards.answers import last_boxed
 from appo_jax.rewards.judge import make_judge
@@ -49,12 +49,15 @@ def markdown_table(results: dict[str, float], counts: dict[str, int] | None = No
     return "\n".join(lines)
 
 
-def eval_rollout_config(rollout: RolloutConfig, prompts, rollouts: int) -> RolloutConfig:
+def eval_rollout_config(rollout: RolloutConfig, prompts, rollouts: int, greedy: bool = False) -> RolloutConfig:
     """The engine's config for an evaluation: ``rollout`` (lengths, tool limit, tool pool) with the evaluation
-    sampling settings, fitted to ``prompts`` and ``rollouts`` concurrent rollouts (at most
-    ``rollout.num_slots`` when that is non-zero)."""
-    cfg = dataclasses.replace(rollout, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, top_k=0,
-                              repetition_penalty=EVAL_REPETITION_PENALTY)
+    sampling settings (``greedy``: temperature 0 and no repetition penalty instead), fitted to ``prompts`` and
+    ``rollouts`` concurrent rollouts (at most ``rollout.num_slots`` when that is non-zero)."""
+    if greedy:
+        cfg = dataclasses.replace(rollout, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
+    else:
+        cfg = dataclasses.replace(rollout, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, top_k=0,
+                                  repetition_penalty=EVAL_REPETITION_PENALTY)
     return cfg.fitted(prompts, rollouts)
 
 
@@ -65,7 +68,8 @@ def _correct(record, text: str) -> float:
 
 def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[str], *, limit: int | None = None,
                    runs: int = EVAL_RUNS, rollout: RolloutConfig | None = None, mesh=None, data_dir: str = "",
-                   engine=None, seed: int = 0, system_prompt: str = "", log=print, progress: bool = True) -> dict:
+                   engine=None, seed: int = 0, system_prompt: str = "", log=print, progress: bool = True,
+                   greedy: bool = False, task_options: dict | None = None) -> dict:
     """``{benchmark: pass@1, "_counts": {benchmark: questions}, "_engine": engine}`` (module doc). Questions
     whose prompt exceeds ``rollout.max_prompt_len`` are skipped (and not counted).
 
@@ -73,19 +77,22 @@ def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[
     length and slots fit) is sized to the longest prompt and to ``questions x runs`` concurrent rollouts (at most
     ``rollout.num_slots`` when set), ``log`` receives the plan (questions, runs, token budgets, KV cache) before
     sampling starts, and each benchmark shows a progress bar (finished rollouts, tokens/s, ETA) unless
-    ``progress`` is False."""
+    ``progress`` is False. ``greedy``: temperature 0 without a repetition penalty (one run is then enough);
+    ``task_options``: the difficulty knobs of generated tasks (``kb_multihop:heldout``)."""
     rollout = rollout or RolloutConfig()
     prompts_of = {}
     for name in benchmarks:
-        records = load_dataset(name, limit=limit or None, seed=seed, data_dir=data_dir or None)
+        records = load_dataset(name, limit=limit or None, seed=seed, data_dir=data_dir or None,
+                               task_options=task_options if get_task(name) is not None else None)
         prompts, _ = encode_records(records, tokenizer, max_prompt_len=rollout.max_prompt_len,
                                     system_prompt=system_prompt)
         if not prompts:
             raise ValueError(f"benchmark {name!r}: no question fits rollout.max_prompt_len={rollout.max_prompt_len}")
         prompts_of[name] = prompts
     every = [p for prompts in prompts_of.values() for p in prompts]
-    cfg = eval_rollout_config(rollout, every, max(len(v) for v in prompts_of.values()) * runs)
-    if engine is not None and (engine.cfg.max_prompt_len < cfg.max_prompt_len or engine.cfg.num_slots < cfg.num_slots):
+    cfg = eval_rollout_config(rollout, every, max(len(v) for v in prompts_of.values()) * runs, greedy)
+    if engine is not None and (engine.cfg.max_prompt_len < cfg.max_prompt_len or engine.cfg.num_slots < cfg.num_slots
+                               or engine.cfg.temperature != cfg.temperature):
         engine.close()
         engine = None
     if engine is None:
@@ -93,9 +100,10 @@ def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[
     else:
         engine.set_params(params)
     total = len(every) * runs
+    sampling = ("greedy" if greedy else f"temperature {EVAL_TEMPERATURE}, top_p {EVAL_TOP_P}, repetition penalty "
+                                        f"{EVAL_REPETITION_PENALTY}")
     log(f"eval: {', '.join(f'{n} ({len(v)} questions)' for n, v in prompts_of.items())} x {runs} run(s) = {total} "
-        f"rollouts; temperature {EVAL_TEMPERATURE}, top_p {EVAL_TOP_P}, repetition penalty "
-        f"{EVAL_REPETITION_PENALTY}; {engine.describe()}")
+        f"rollouts; {sampling}; {engine.describe()}")
     out: dict = {}
     counts = {}
     for b, (name, prompts) in enumerate(prompts_of.items()):

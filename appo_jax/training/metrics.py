@@ -59,9 +59,9 @@ class MetricsWriter:
             from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="iteration", dynamic_ncols=True)
 
-    def write(self, step: int, metrics: dict[str, Any]) -> dict[str, float]:
+    def write(self, step: int, metrics: dict[str, Any], advance: bool = True) -> dict[str, float]:
         """Log the scalar entries of ``metrics`` at ``step``; non-finite values are written as null (JSON) and
-        skipped in TensorBoard. Returns the record written."""
+        skipped in TensorBoard; the progress bar moves one step when ``advance``. Returns the record written."""
         record: dict[str, Any] = {"step": int(step)}
         for key in sorted(metrics):
             v = _scalar(metrics[key])
@@ -74,7 +74,7 @@ class MetricsWriter:
         self._file.flush()
         if self._tb is not None:
             self._tb.flush()
-        if self._bar is not None:
+        if self._bar is not None and advance:
             names = {"reward/mean": "reward", "throughput/rollout_tokens_per_s": "rollout tok/s"}
             shown = {names.get(k, k.split("/")[-1]): f"{record[k]:.3g}" for k in PROGRESS_KEYS
                      if record.get(k) is not None}

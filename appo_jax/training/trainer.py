@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,7 @@ from appo_jax.parallel.mesh import make_mesh
 from appo_jax.parallel.placement import Placement
 from appo_jax.progress import progress_bar
 from appo_jax.rewards.registry import RecordReward
+from appo_jax.rollout.decision_labels import DecisionLabeller
 from appo_jax.rollout.engine import RolloutEngine, default_tools
 from appo_jax.rollout.strategies import Sampled
 from appo_jax.training.batch import TrainBatch
@@ -115,8 +119,10 @@ class Trainer:
         self._check_workdir()
 
         # the data first: a missing dataset fails before minutes of model loading
+        self.task = get_task(cfg.data.train)
         records = load_dataset(cfg.data.train, limit=cfg.data.limit or None, seed=cfg.data.seed,
-                               data_dir=cfg.data.data_dir or None)
+                               data_dir=cfg.data.data_dir or None,
+                               task_options=cfg.data.task_options if self.task is not None else None)
         self.mesh = self._make_mesh()
         self.placement = Placement(self.mesh)
         m = cfg.model
@@ -154,8 +160,11 @@ class Trainer:
                                       shardings=self.shardings)
         self.strategy = self.spec.strategy(
             a, cfg.rollout, table=jnp.asarray(_candidate_table(self.tokenizer, self.model_config.vocab_size)),
-            logprobs=self.policies.current_and_baseline, place=self.placement.tree)
-        self.tools = default_tools(cfg.rollout)
+            logprobs=self.policies.current_and_baseline, place=self.placement.tree,
+            labeller=DecisionLabeller(self.task, self.tokenizer) if self.task and self.task.decision_spans else None)
+        task = self.task
+        self.tools = default_tools(cfg.rollout, (task.search_backend, task.backend_kwargs(cfg.data.task_options))
+                                   if task is not None and task.search_backend else None)
         # the sampler holds the prompt length and slots of this dataset, not the configured maxima
         rollout_cfg = cfg.rollout.fitted(prompts, t.prompts_per_step * self.strategy.rollouts_per_prompt)
         self.engine = RolloutEngine(self.model_config, self.state.params, self.tokenizer, self.tools, rollout_cfg,
@@ -222,26 +231,67 @@ class Trainer:
         if task is None:
             examples = load_sft_examples(s.data)
         else:
-            examples = task.sft_traces(task.records(task.splits[0], s.examples, data.seed + 1000), self.tools)
+            options = data.task_options if task is self.task else None
+            seed = self._sft_seed()
+            examples = task.traces(task.records(task.splits[0], s.examples, seed + 1000, options), self.tools,
+                                   options, seed=seed)
         if data.system_prompt:
             for ex in examples:
                 if ex["messages"] and ex["messages"][0]["role"] == "system":
                     ex["messages"][0] = {"role": "system", "content": data.system_prompt}
         return examples
 
+    def _sft_seed(self) -> int:
+        return self.cfg.sft.seed if self.cfg.sft.seed >= 0 else self.cfg.data.seed
+
+    def _sft_cache_file(self) -> Path | None:
+        """``<sft.cache_dir>/sft-<hash>.npz``: the hash covers everything the SFT result depends on."""
+        c = self.cfg
+        if not c.sft.cache_dir:
+            return None
+        data = dataclasses.asdict(c.data)
+        if c.sft.seed >= 0:  # SFT does not depend on the run's own seeds
+            data.pop("seed")
+        key = json.dumps({"model": dataclasses.asdict(c.model), "data": data,
+                          "sft": {k: v for k, v in dataclasses.asdict(c.sft).items() if k != "cache_dir"},
+                          "seed": c.train.seed if c.sft.seed < 0 else None, "logprob_chunk": c.train.logprob_chunk,
+                          "max_prompt_len": c.rollout.max_prompt_len, "optimizer": dataclasses.asdict(c.optimizer)},
+                         sort_keys=True, default=str)
+        return Path(c.sft.cache_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+    def _start_rl_from(self, params) -> None:
+        """RL starts from ``params`` with a fresh optimizer; the reference becomes that policy."""
+        self.state, self.shardings = init_train_state(params, self.tx, self.cfg.train.seed,
+                                                      mesh=self.mesh, model_config=self.model_config)
+        if self.policies.reference is not None:
+            self.policies.reference = copy_tree(self.state.params)
+        self.engine.set_params(self.state.params)
+        self.sft_done = True
+
     def run_sft(self) -> list[float]:
-        """Cold-start SFT (``cfg.sft``) on the current params; the reference policy becomes the SFT result."""
+        """Cold-start SFT (``cfg.sft``) on the current params, or its cached result (``sft.cache_dir``); the
+        reference policy becomes the SFT result."""
         s = self.cfg.sft
+        cache = self._sft_cache_file()
+        if cache is not None and cache.is_file():
+            with np.load(cache) as f:
+                losses = [float(x) for x in f["__losses__"]]
+                leaves = [f[f"leaf_{i}"] for i in range(len(jax.tree.leaves(self.state.params)))]
+            params = jax.tree.unflatten(jax.tree.structure(self.state.params), leaves)
+            self.log(f"cold-start SFT: reusing {cache} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+            self._start_rl_from(self.placement.tree(params) if self.mesh is not None else jax.device_put(params))
+            return losses
         examples = self._sft_examples()
         arrays = encode_examples(examples, self.tokenizer, max_prompt_len=self.cfg.rollout.max_prompt_len,
                                  max_response_len=s.max_response_len, pad_id=self.engine.pad_id)
         opt = dataclasses.replace(self.cfg.optimizer, lr=s.lr, schedule="constant", warmup_steps=0)
-        sft_state, sh = init_train_state(self.state.params, make_optimizer(opt, s.steps), self.cfg.train.seed,
+        sft_state, sh = init_train_state(self.state.params, make_optimizer(opt, s.steps),
+                                         s.seed if s.seed >= 0 else self.cfg.train.seed,
                                          mesh=self.mesh, model_config=self.model_config)
         step = make_sft_step(self.model_config, self.cfg.train.logprob_chunk, sh)
         losses = []
         batch_size = min(s.batch_size, len(examples))
-        batches = sft_batches(arrays, batch_size, seed=self.cfg.data.seed)
+        batches = sft_batches(arrays, batch_size, seed=self._sft_seed())
         self.log(f"cold-start SFT: {s.steps} steps x {batch_size} of {len(examples)} examples ({s.data}), "
                  f"lr {s.lr:g}, responses <= {s.max_response_len} tokens")
         tokens, t0 = 0.0, time.perf_counter()
@@ -258,13 +308,13 @@ class Trainer:
                                     refresh=False)
                 bar.update(1)
         self.log(f"cold-start SFT loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
-        # RL starts from the SFT weights with a fresh optimizer; the reference becomes the SFT policy.
-        self.state, self.shardings = init_train_state(sft_state.params, self.tx, self.cfg.train.seed,
-                                                      mesh=self.mesh, model_config=self.model_config)
-        if self.policies.reference is not None:
-            self.policies.reference = copy_tree(self.state.params)
-        self.engine.set_params(self.state.params)
-        self.sft_done = True
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(sft_state.params))}
+            tmp = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
+            np.savez(tmp, __losses__=np.asarray(losses), **leaves)
+            os.replace(tmp, cache)  # atomic: concurrent runs never read half a file
+        self._start_rl_from(sft_state.params)
         return losses
 
     # -- one iteration ---------------------------------------------------------------------------------------
@@ -306,8 +356,9 @@ class Trainer:
             metrics.update(branching_metrics(sampled.branching, init_rows))
         metrics.update(advantage_metrics(col.advantages, batch.loss_mask))
         rollout_s = metrics.get("time/rollout_s", 0.0) + metrics.get("time/branch_rollout_s", 0.0)
-        metrics["throughput/rollout_tokens_per_s"] = float(
-            np.asarray(sampled.batch.traj.gen_mask).sum() / max(rollout_s, 1e-9))
+        generated = float(np.asarray(sampled.batch.traj.gen_mask).sum())
+        metrics["rollout/generated_tokens"] = generated  # every sampled row's, trained or not: the budget spent
+        metrics["throughput/rollout_tokens_per_s"] = generated / max(rollout_s, 1e-9)
         return metrics
 
     def train_iteration(self) -> dict:
@@ -345,7 +396,8 @@ class Trainer:
         results = evaluate_pass1(self.model_config, self.state.params, self.tokenizer, self.tools, names,
                                  limit=cfg.eval_limit or None, runs=cfg.eval_runs, rollout=self.cfg.rollout,
                                  mesh=self.mesh, data_dir=self.cfg.data.data_dir, engine=self._eval_engine,
-                                 system_prompt=self.cfg.data.system_prompt, log=self.log, progress=cfg.progress)
+                                 system_prompt=self.cfg.data.system_prompt, log=self.log, progress=cfg.progress,
+                                 greedy=cfg.eval_greedy, task_options=self.cfg.data.task_options)
         self._eval_engine = results.pop("_engine", self._eval_engine)
         results.pop("_counts", None)
         return {f"eval/{k}": v for k, v in results.items()}
@@ -364,6 +416,8 @@ class Trainer:
         try:
             if cfg.sft.steps and not self.sft_done and start == 0:
                 sft_losses = self.run_sft()
+            if start == 0 and cfg.logging.eval_every and cfg.logging.eval_benchmarks:
+                writer.write(0, self.evaluate(), advance=False)  # the starting point of the learning curve
             while self.iteration < cfg.train.steps:
                 metrics = self.train_iteration()
                 it = self.iteration
@@ -423,6 +477,9 @@ class Trainer:
             out["rollout_dumps"] = [str(p) for p in dumps]
         if sft_losses:
             out["sft_loss"] = {"first": sft_losses[0], "last": sft_losses[-1]}
+        evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+        if evals:
+            out["final_eval"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
         return out
 
     def close(self) -> None:

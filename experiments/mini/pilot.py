@@ -1,0 +1,188 @@
+"""The pilot analysis of the mini reproduction: where the decision tokens are, and which branch-point rule finds them.
+
+    python experiments/mini/pilot.py --task arith_program --seed 1 --grid runs/mini/grid \\
+        --out experiments/mini/pilot_arith_program.json
+
+On the task's SFT policy (the grid's cached one) after ``--rl-steps`` APPO iterations (so that the lagged policy
+differs from the current one), ``--prompts`` training prompts x 4 initial rollouts are sampled, and:
+
+(a) every decision token (docs/mini_reproduction.md) is located relative to the tool-call boundaries: its distance
+    in tokens to the nearest observation edge, and the share within one token of one;
+(b) for each rule — the Branching Score with the lagged / sampler / reference Omega baselines, entropy only, Omega
+    only (lagged), ARPO's rule (right after a tool result), uniformly random generated positions, and the oracle —
+    4 branch points per prompt are chosen and reported: the share that hit a decision token (a branch at t
+    resamples t + 1; a hit is a decision token at t, t + 1 or t + 2), and the outcome variance of ``--k``
+    continuations re-sampled from each chosen point (the mean over points of the variance of their 0/1
+    accuracy, and the share of points whose continuations disagree). The standard deviation of Omega under each
+    baseline shows whether the Branching Score can use it at all.
+Prints and writes one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def _config(task: str, seed: int, grid: Path):
+    from appo_jax.training.config import apply_overrides
+
+    spec = importlib.util.spec_from_file_location("mini_config", HERE / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return apply_overrides(module.get_config(f"appo,{task},{seed}"),
+                           [f"sft.cache_dir={grid / 'sft'}", "logging.eval_every=0", "logging.progress=false"])
+
+
+def _arpo_points(traj, groups: int, budget: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ARPO's rule: branch right after a tool result (t = the first generated token after an observation)."""
+    gen, obs = np.asarray(traj.gen_mask), np.asarray(traj.obs_mask)
+    group = np.asarray(traj.group_id)
+    cands = {g: [] for g in range(groups)}
+    for r in range(gen.shape[0]):
+        after = np.flatnonzero(gen[r, 1:] & obs[r, :-1]) + 1
+        cands[int(group[r])] += [(r, int(t)) for t in after if t + 1 < gen.shape[1] and gen[r, t + 1]]
+    return _pick(cands, groups, budget, rng)
+
+
+def _random_points(traj, groups: int, budget: int, rng):
+    gen = np.asarray(traj.gen_mask)
+    group = np.asarray(traj.group_id)
+    cands = {g: [] for g in range(groups)}
+    for r in range(gen.shape[0]):
+        ts = np.flatnonzero(gen[r, :-1] & gen[r, 1:])
+        cands[int(group[r])] += [(r, int(t)) for t in ts]
+    return _pick(cands, groups, budget, rng)
+
+
+def _pick(cands, groups, budget, rng):
+    rows, pos, valid = (np.zeros((groups, budget), np.int32) for _ in range(2)) + (np.zeros((groups, budget), bool),)
+    for g in range(groups):
+        c = cands[g]
+        if not c:
+            continue
+        idx = rng.choice(len(c), budget, replace=len(c) < budget)
+        for j, i in enumerate(idx):
+            rows[g, j], pos[g, j] = c[int(i)]
+            valid[g, j] = True
+    return rows, pos, valid
+
+
+def _hits(decisions: np.ndarray, rows, pos, valid) -> float:
+    length = decisions.shape[1]
+    hit = [decisions[r, t:min(t + 3, length)].any() for r, t, v in zip(rows.ravel(), pos.ravel(), valid.ravel()) if v]
+    return float(np.mean(hit)) if hit else float("nan")
+
+
+def _boundary_distances(decisions: np.ndarray, traj) -> list[int]:
+    """Per decision token: tokens to the nearest observation edge (first token after / last before a result)."""
+    obs, gen = np.asarray(traj.obs_mask), np.asarray(traj.gen_mask)
+    out = []
+    for r in range(decisions.shape[0]):
+        edges = list(np.flatnonzero(obs[r, :-1] & ~obs[r, 1:]) + 1) + list(np.flatnonzero(~obs[r, :-1] & obs[r, 1:]))
+        if not edges:
+            continue
+        edges = np.asarray(edges)
+        for t in np.flatnonzero(decisions[r] & gen[r]):
+            out.append(int(np.abs(edges - t).min()))
+    return out
+
+
+def main(argv=None) -> None:
+    from appo_jax.core.branch_points import choose_branch_points
+    from appo_jax.rollout.decision_labels import DecisionLabeller
+    from appo_jax.training.trainer import Trainer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", default="arith_program")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--grid", type=Path, default=Path("runs/mini/grid"), help="its sft/ cache is reused")
+    ap.add_argument("--rl-steps", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--k", type=int, default=4, help="continuations re-sampled per chosen point")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    cfg = _config(args.task, args.seed, args.grid)
+    cfg.train.steps = args.rl_steps
+    cfg.algorithm.omega_baseline = "lagged"
+    workdir = Path(f"/tmp/appo_pilot_{args.task}_{args.seed}_{int(time.time())}")
+    trainer = Trainer(cfg, workdir=str(workdir), log=lambda s: None)
+    try:
+        trainer.run_sft()
+        for _ in range(args.rl_steps):
+            trainer.train_iteration()
+        pol, engine, n_init, budget = trainer.policies, trainer.engine, 4, 4
+        prompts = trainer.prompts.next(args.prompts)
+        key = jax.random.PRNGKey(1000 + args.seed)
+        init = engine.initial_batch(prompts, n_init, key)
+        traj = init.traj
+        decisions = DecisionLabeller(trainer.task, trainer.tokenizer)(traj, prompts)
+        lc = np.asarray(pol.logprobs(trainer.state.params, traj))
+        baselines = {"lagged": np.asarray(pol.logprobs(pol.lagged[0], traj)),
+                     "sampler": np.asarray(traj.behavior_logp)}
+        if pol.reference is not None:
+            baselines["reference"] = np.asarray(pol.logprobs(pol.reference, traj))
+        gen = np.asarray(traj.gen_mask) & np.asarray(traj.row_valid)[:, None]
+        omega_std = {}
+        rules = {}
+        table = trainer.strategy.table
+        for name, lb in baselines.items():
+            pts = choose_branch_points(trainer.placement.tree(traj), jnp.asarray(lc), jnp.asarray(lb), table,
+                                       num_groups=len(prompts), budget=budget, score="appo")
+            om = np.asarray(pts.omega)
+            omega_std[name] = float(np.mean([om[r][gen[r]].std() for r in range(om.shape[0]) if gen[r].any()]))
+            rules[f"branching_score_{name}"] = pts
+        for score in ("entropy", "omega"):
+            rules[f"{score}_only"] = choose_branch_points(
+                traj, jnp.asarray(lc), jnp.asarray(baselines["lagged"]), table, num_groups=len(prompts),
+                budget=budget, score=score)
+        rules["oracle"] = choose_branch_points(traj, jnp.asarray(lc), jnp.asarray(lc), table,
+                                               num_groups=len(prompts), budget=budget, score="oracle",
+                                               decisions=jnp.asarray(decisions))
+        rng = np.random.default_rng(args.seed)
+        chosen = {name: (np.asarray(p.rows), np.asarray(p.positions), np.asarray(p.valid)) for name, p in rules.items()}
+        chosen["arpo_after_tool_call"] = _arpo_points(traj, len(prompts), budget, rng)
+        chosen["random"] = _random_points(traj, len(prompts), budget, rng)
+        out_rules = {}
+        for i, (name, (rows, pos, valid)) in enumerate(chosen.items()):
+            rep = lambda x: np.repeat(x, args.k, axis=1)  # noqa: E731 - k continuations per point
+            cont = engine.branches_batch(traj, prompts, rep(rows), rep(pos), np.zeros(rep(rows).shape, np.float32),
+                                         rep(valid), jax.random.fold_in(key, i + 1))
+            acc = np.asarray(cont.accuracy, np.float64).reshape(len(prompts), budget, args.k)
+            ok = valid.astype(bool)
+            out_rules[name] = {"decision_hit_rate": _hits(decisions, rows, pos, valid),
+                               "outcome_variance": float(acc.var(axis=2)[ok].mean()) if ok.any() else None,
+                               "outcome_changes": float((acc.min(2) != acc.max(2))[ok].mean()) if ok.any() else None,
+                               "continuation_accuracy": float(acc.mean(2)[ok].mean()) if ok.any() else None,
+                               "points": int(ok.sum())}
+        dist = _boundary_distances(decisions, traj)
+        result = {
+            "task": args.task, "seed": args.seed, "rl_steps_before": args.rl_steps, "prompts": len(prompts),
+            "initial_rollouts": int(np.asarray(traj.row_valid).sum()), "k": args.k,
+            "initial_accuracy": float(np.mean(init.accuracy)),
+            "decision_tokens": {"share_of_generated": float(decisions[gen].mean()),
+                                "median_tokens_to_tool_boundary": float(np.median(dist)) if dist else None,
+                                "share_within_1_token_of_boundary": float(np.mean(np.asarray(dist) <= 1)) if dist
+                                else None, "count": int(decisions.sum())},
+            "omega_std_per_baseline": omega_std, "rules": out_rules,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "command": "python experiments/mini/pilot.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    finally:
+        trainer.close()
+    print(json.dumps(result))
+    if args.out is not None:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

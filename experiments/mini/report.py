@@ -1,0 +1,240 @@
+"""Build the report of a mini-reproduction grid: ``DIR/RESULTS.md``, ``DIR/results.json`` and learning-curve PNGs.
+
+    python experiments/mini/report.py runs/mini/grid
+
+Per task and method, over seeds: held-out accuracy before RL (the SFT policy), at the end and at its best, each
+as ``{mean, ci95: [lo, hi], per_seed}`` (Student-t interval of the mean; one seed: no interval); tool calls per
+rollout, generated tokens and seconds per RL iteration. Comparisons: APPO minus each baseline (Welch interval of
+the difference of means). The verdict at the top of RESULTS.md says, for APPO vs GRPO and APPO vs ARPO: reproduced
+(the interval of the difference lies above 0), refuted (below 0) or inconclusive (it contains 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..30 (df > 30: normal 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t975(df: float) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (interpolated; >= 1)."""
+    if df >= len(_T975):
+        return 1.96
+    lo = max(int(math.floor(df)), 1)
+    hi = min(lo + 1, len(_T975))
+    w = df - lo
+    return (1 - w) * _T975[lo - 1] + w * _T975[hi - 1]
+
+
+def mean_ci(values) -> dict:
+    """``{mean, ci95: [lo, hi] | None, per_seed}``: Student-t 95% interval of the mean (None for one value)."""
+    x = np.asarray(values, np.float64)
+    out = {"mean": float(x.mean()) if x.size else None, "ci95": None, "per_seed": [float(v) for v in x]}
+    if x.size >= 2:
+        half = t975(x.size - 1) * x.std(ddof=1) / math.sqrt(x.size)
+        out["ci95"] = [float(x.mean() - half), float(x.mean() + half)]
+    return out
+
+
+def diff_ci(a, b) -> dict | None:
+    """Welch 95% interval of mean(a) - mean(b) (None when a side has < 2 values)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.size < 2 or b.size < 2:
+        return None
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    d = float(a.mean() - b.mean())
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {"diff": d, "ci95": [d, d]}
+    df = (va + vb) ** 2 / ((va ** 2 / (a.size - 1) if a.size > 1 else 0) + (vb ** 2 / (b.size - 1) if b.size > 1 else 0))
+    half = t975(df) * se
+    return {"diff": d, "ci95": [d - half, d + half]}
+
+
+def read_runs(root: Path) -> list[dict]:
+    """Every finished run under ``root`` (``TASK/METHOD/seedS/result.json``) with its metrics records."""
+    runs = []
+    for done in sorted(root.glob("*/*/seed*/result.json")):
+        result = json.loads(done.read_text())
+        records = [json.loads(line) for line in (done.parent / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        runs.append({**result, "records": records})
+    return runs
+
+
+def _curve(records, key):
+    """(steps, values, cumulative generated tokens, cumulative seconds) at the records holding ``key``."""
+    steps, values, tokens, seconds = [], [], [], []
+    tok = sec = 0.0
+    for r in records:
+        tok += r.get("rollout/generated_tokens") or 0.0
+        sec += r.get("time/step_s") or 0.0
+        if r.get(key) is not None:
+            steps.append(r["step"])
+            values.append(r[key])
+            tokens.append(tok)
+            seconds.append(sec)
+    return steps, values, tokens, seconds
+
+
+def summarize_method(runs: list[dict], task: str) -> dict:
+    key = f"eval/{task}:heldout"
+    initial, final, best, calls, gen, step_s, seeds = [], [], [], [], [], [], []
+    for run in runs:
+        steps, values, _, _ = _curve(run["records"], key)
+        if not values:
+            continue
+        seeds.append(run["seed"])
+        initial.append(values[0] if steps[0] == 0 else float("nan"))
+        final.append(values[-1])
+        best.append(max(values))
+        it = [r for r in run["records"] if r["step"] > 0 and r.get("time/step_s") is not None]
+        calls.append(float(np.mean([r.get("tools/calls_per_rollout", 0.0) for r in it])) if it else 0.0)
+        gen.append(float(sum(r.get("rollout/generated_tokens") or 0.0 for r in it)))
+        step_s.append(float(np.mean([r["time/step_s"] for r in it])) if it else 0.0)
+    return {"seeds": seeds, "initial_heldout_accuracy": mean_ci(initial), "final_heldout_accuracy": mean_ci(final),
+            "best_heldout_accuracy": mean_ci(best), "tool_calls_per_rollout": mean_ci(calls),
+            "generated_tokens": mean_ci(gen), "seconds_per_iteration": mean_ci(step_s)}
+
+
+def _fmt(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = f"{scale * stat['mean']:.{digits}f}"
+    if stat["ci95"] is not None:
+        text += f" [{scale * stat['ci95'][0]:.{digits}f}, {scale * stat['ci95'][1]:.{digits}f}]"
+    return text
+
+
+def verdict(diff: dict | None) -> str:
+    if diff is None:
+        return "inconclusive (fewer than 2 seeds on a side)"
+    lo, hi = diff["ci95"]
+    if lo > 0:
+        return "reproduced"
+    if hi < 0:
+        return "refuted"
+    return "inconclusive"
+
+
+def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[str]:
+    """Two PNGs: mean held-out accuracy against generated tokens and against wall time (seconds of RL)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    key = f"eval/{task}:heldout"
+    for axis, label, idx in (("tokens", "generated tokens (all rollouts)", 2), ("time", "RL wall time (s)", 3)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method, runs in sorted(by_method.items()):
+            curves = [_curve(r["records"], key) for r in runs]
+            curves = [c for c in curves if c[1]]
+            if not curves:
+                continue
+            n = min(len(c[1]) for c in curves)
+            x = np.mean([c[idx][:n] for c in curves], axis=0)
+            y = 100 * np.mean([c[1][:n] for c in curves], axis=0)
+            ax.plot(x, y, marker="o", ms=3, label=f"{method} ({len(curves)} seeds)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_title(f"{task}: held-out accuracy vs {axis} (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        name = f"{task}_vs_{axis}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def regenerate_command(root: Path, runs: list[dict]) -> str:
+    """The run_grid command of the runs present (methods, seeds, tasks, and the grid's overrides)."""
+    marker = root / "grid.json"
+    overrides = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
+    methods = ",".join(dict.fromkeys(r["method"] for r in runs))
+    seeds = ",".join(str(s) for s in sorted({r["seed"] for r in runs}))
+    tasks = ",".join(sorted({r["task"] for r in runs}))
+    sets = "".join(f" --set {o}" for o in overrides)
+    return (f"python experiments/mini/run_grid.py --methods {methods} --seeds {seeds} --tasks {tasks} "
+            f"--out {root}{sets}")
+
+
+def build_report(root: Path) -> dict:
+    runs = read_runs(root)
+    if not runs:
+        raise SystemExit(f"report: no finished runs under {root} (expected TASK/METHOD/seedS/result.json)")
+    results: dict = {"grid": str(root), "tasks": {}}
+    lines = ["# Mini reproduction: results", ""]
+    body = []
+    verdicts = []
+    for task in sorted({r["task"] for r in runs}):
+        by_method: dict[str, list[dict]] = {}
+        for r in runs:
+            if r["task"] == task:
+                by_method.setdefault(r["method"], []).append(r)
+        table = {m: summarize_method(rs, task) for m, rs in sorted(by_method.items())}
+        comparisons = {}
+        if "appo" in table:
+            for base in sorted(table):
+                if base != "appo":
+                    comparisons[f"appo - {base}"] = diff_ci(table["appo"]["final_heldout_accuracy"]["per_seed"],
+                                                            table[base]["final_heldout_accuracy"]["per_seed"])
+        for base in ("grpo", "arpo"):
+            if f"appo - {base}" in comparisons:
+                d = comparisons[f"appo - {base}"]
+                v = verdict(d)
+                ci = "" if d is None else f" (difference {100 * d['diff']:+.1f} points, 95% CI [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}])"
+                verdicts.append(f"- **{task}, APPO vs {base.upper()}: {v}**{ci}")
+        plots = plot_curves(task, by_method, root)
+        results["tasks"][task] = {"methods": table, "comparisons": comparisons, "plots": plots}
+        body += [f"## {task}", "",
+                 "Held-out accuracy (%, greedy, mean [95% CI] over seeds); tool calls per rollout, generated tokens "
+                 "per run, seconds per RL iteration.", "",
+                 "| method | seeds | before RL | final | best | tool calls / rollout | generated tokens | s / iteration |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for m, s in table.items():
+            body.append(f"| {m} | {len(s['seeds'])} | {_fmt(s['initial_heldout_accuracy'])} | "
+                        f"{_fmt(s['final_heldout_accuracy'])} | {_fmt(s['best_heldout_accuracy'])} | "
+                        f"{_fmt(s['tool_calls_per_rollout'], 1.0, 2)} | {_fmt(s['generated_tokens'], 1.0, 0)} | "
+                        f"{_fmt(s['seconds_per_iteration'], 1.0, 1)} |")
+        if comparisons:
+            body += ["", "APPO minus each method, final held-out accuracy (points, Welch 95% CI):", ""]
+            for name, d in comparisons.items():
+                body.append(f"- {name}: " + ("fewer than 2 seeds" if d is None else
+                                               f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, "
+                                               f"{100 * d['ci95'][1]:+.1f}]"))
+        body += ["", *[f"![{p}]({p})" for p in plots], ""]
+    lines += ["## Verdict", "", *(verdicts or ["- no APPO-vs-baseline comparison in this grid"]), "",
+              "Reproduced = the 95% interval of the difference of final held-out accuracy lies above 0; refuted = "
+              "below 0; inconclusive = it contains 0.", ""]
+    lines += ["## Regenerate", "", "```", regenerate_command(root, runs), f"python experiments/mini/report.py {root}",
+              "```", "", f"{len(runs)} runs, {sum(r['seconds'] for r in runs) / 60:.1f} minutes of training in all "
+              f"(sum of the runs' wall times, SFT included where a run trained it).", ""]
+    lines += body
+    results["verdicts"] = verdicts
+    (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (root / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dir", type=Path)
+    args = ap.parse_args(argv)
+    if not args.dir.is_dir():
+        raise SystemExit(f"report: {args.dir} is not a directory")
+    results = build_report(args.dir)
+    print(f"report: wrote {args.dir / 'RESULTS.md'} and results.json ({len(results['tasks'])} task(s))")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

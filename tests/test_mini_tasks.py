@@ -1,0 +1,253 @@
+"""The mini reproduction's tasks (kb_multihop, arith_program): splits, traces, tools, decision-token labels, the
+shipped tokenizer, the oracle branch-point selection and the report's statistics."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from appo_jax.core.branch_points import choose_branch_points
+from appo_jax.core.trajectory import TrajectoryBuilder
+from appo_jax.data import get_task, load_dataset
+from appo_jax.data import arith_program, kb_multihop
+from appo_jax.models.loading import load_tokenizer
+from appo_jax.rewards.registry import RecordReward
+from appo_jax.rollout.decision_labels import DecisionLabeller, label_tokens
+from appo_jax.tools import build_registry
+from appo_jax.training.config import ConfigError, ExperimentConfig, apply_overrides, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _kb_tools(options=None):
+    task = get_task("kb_multihop")
+    return build_registry(("python", "search"), search={"backend": "kb", "backend_kwargs": task.backend_kwargs(options)})
+
+
+@pytest.mark.parametrize("name", ["kb_multihop", "arith_program"])
+def test_splits_are_disjoint_and_deterministic(name):
+    train = load_dataset(f"{name}:train", limit=300, seed=3)
+    held = load_dataset(f"{name}:heldout", limit=60, seed=3)
+    assert {r.question for r in train}.isdisjoint({r.question for r in held})
+    again = load_dataset(name, split="train", limit=300, seed=3)
+    assert [r.question for r in again] == [r.question for r in train]
+    assert [r.question for r in load_dataset(f"{name}:train", limit=20, seed=4)] != [r.question for r in train[:20]]
+
+
+def test_kb_answers_follow_the_world():
+    opts = kb_multihop.KbOptions(hops=(3, 4))
+    world = kb_multihop.make_world(opts)
+    for rec in load_dataset("kb_multihop", limit=50, task_options={"hops": [3, 4]}):
+        start, chain = kb_multihop.parse_question(world, rec.question)
+        assert 3 <= len(chain) <= 4
+        e = start
+        for r in chain:  # independent loop over the world's table
+            e = int(world.target[e, r])
+        assert rec.ground_truths == [world.names[e]]
+    assert all(world.target[e, r] != e for e in range(opts.entities) for r in range(opts.relations))
+
+
+def test_kb_search_backend_pages():
+    with _kb_tools({"distractors": 3}) as tools:
+        world = kb_multihop.make_world(kb_multihop.KbOptions(distractors=3))
+        text = tools.call("search", f"{world.relations[1]} of {world.names[5]}").text
+        pages = [line for line in text.splitlines() if line.startswith("Page")]
+        assert len(pages) == 4
+        assert sum(world.fact(5, 1) in p for p in pages) == 1
+        assert tools.call("search", f"{world.relations[1]} of {world.names[5]}").text == text  # deterministic
+        assert "No search results" in tools.call("search", "zzz qqq").text
+
+
+def test_traces_are_right_or_take_one_wrong_decision():
+    records = load_dataset("kb_multihop", limit=40, seed=1)
+    task = get_task("kb_multihop")
+    reward = RecordReward("auto")
+    with _kb_tools() as tools:
+        right = task.traces(records, tools, {"wrong_fraction": 0.0})
+        wrong = task.traces(records, tools, {"wrong_fraction": 1.0})
+    for rec, ex in zip(records, right):
+        text = "".join(s["text"] for s in ex["segments"])
+        assert reward(rec, text).accuracy == 1.0
+    wrong_acc = [reward(rec, "".join(s["text"] for s in ex["segments"])).accuracy for rec, ex in zip(records, wrong)]
+    assert np.mean(wrong_acc) < 0.3  # a wrong relation almost always changes the answer
+
+
+def test_arith_traces_run_the_real_python_tool():
+    records = load_dataset("arith_program", limit=6, seed=2)
+    task = get_task("arith_program")
+    reward = RecordReward("auto")
+    with build_registry(("python",)) as tools:
+        right = task.traces(records, tools, {"wrong_fraction": 0.0})
+    for rec, ex in zip(records, right):
+        program = arith_program.parse_question(rec.question)
+        assert eval(arith_program.expression(program)) == int(rec.ground_truths[0])  # noqa: S307 - our own text
+        assert ex["segments"][1]["text"].strip() == f"<result>\n{rec.ground_truths[0]}\n</result>"
+        assert reward(rec, "".join(s["text"] for s in ex["segments"])).accuracy == 1.0
+
+
+def test_decision_spans_follow_the_rule():
+    text = ("<think>Plan: friend, then boss.</think>\n<search>friend of Rilo</search><result>\nPage 1: The boss of "
+            "Kesa is Mori.\n</result>\n<search>boss of Kesa</search><result>\nx\n</result>\n<answer>\\boxed{Mori}"
+            "</answer>")
+    got = [text[a:b] for a, b in kb_multihop.decision_spans(None, text)]
+    assert got == ["friend", "boss", "friend", "Rilo", "boss", "Kesa", "Mori"]  # never inside the observation
+    text = "<think>Plan: add, subtract from.</think>\n<python>print(50 - (7 + 5))</python><result>\n38\n</result>"
+    got = [text[a:b] for a, b in arith_program.decision_spans(None, text)]
+    assert got == ["add", "subtract", "from", "50", "-", "7", "+", "5"]
+
+
+def test_shipped_tokenizer_round_trips_and_labels_tokens():
+    tok = load_tokenizer("mini-tasks")
+    assert len(tok) == 512 and tok.eos_token_id == 2 and tok.pad_token_id == 0
+    with _kb_tools() as tools:
+        records = load_dataset("kb_multihop", limit=10)
+        ex = get_task("kb_multihop").traces(records, tools)
+    for rec, e in zip(records, ex):
+        text = "".join(s["text"] for s in e["segments"])
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+        labels = label_tokens(tok, ids, kb_multihop.decision_spans(rec, text))
+        # slow reference: a token is a decision token iff one of its characters lies in a span
+        spans = kb_multihop.decision_spans(rec, text)
+        pos = 0
+        for i, t in enumerate(ids):
+            piece = tok.decode([t])
+            inside = any(a < pos + len(piece) and pos < b for a, b in spans)
+            assert labels[i] == inside
+            pos += len(piece)
+        assert labels.any()
+
+
+def test_tokenizer_build_is_deterministic(tmp_path):
+    build = _module(ROOT / "experiments" / "mini" / "build_tokenizer.py")
+    a = build.build(tmp_path / "a", count=8)
+    b = build.build(tmp_path / "b", count=8)
+    assert a.get_vocab() == b.get_vocab()
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+
+
+def _traj(tokens, gen, entropy):
+    n, length = tokens.shape
+    b = TrajectoryBuilder(n, length, 2)
+    for r in range(n):
+        b.set_row(r, prompt_ids=[1, 1], tokens=tokens[r], gen_mask=gen[r], obs_mask=np.zeros(length, bool),
+                  behavior_logp=np.full(length, -1.0), entropy=entropy[r], reward=float(r), group=0, kind=0)
+    return b.build()
+
+
+def test_oracle_branches_before_the_labelled_decisions():
+    rng = np.random.default_rng(0)
+    n, length = 4, 12
+    tokens = rng.integers(10, 60, (n, length)).astype(np.int32)
+    gen = np.ones((n, length), bool)
+    entropy = rng.random((n, length)).astype(np.float32)
+    decisions = np.zeros((n, length), bool)
+    decisions[0, [3, 7]] = True
+    decisions[2, 5] = True
+    traj = _traj(tokens, gen, entropy)
+    lp = jnp.zeros((n, length))
+    pts = choose_branch_points(traj, lp, lp, jnp.ones(64, bool), num_groups=1, budget=3, score="oracle",
+                               decisions=jnp.asarray(decisions))
+    chosen = {(int(r), int(t)) for r, t in zip(pts.rows[0], pts.positions[0])}
+    assert chosen == {(0, 2), (0, 6), (2, 4)}  # t = decision - 1: the branch resamples the decision token
+    with pytest.raises(ValueError, match="decision-token labels"):
+        choose_branch_points(traj, lp, lp, jnp.ones(64, bool), num_groups=1, budget=3, score="oracle")
+
+
+def test_labeller_marks_generated_tokens_only():
+    tok = load_tokenizer("mini-tasks")
+    rec = load_dataset("kb_multihop", limit=1)[0]
+    gen_text, obs_text = "<think>Plan: friend, then boss.</think>\n<search>friend of Rilo</search>", \
+        "<result>\nPage 1: The friend of Rilo is Mori.\n</result>"
+    g, o = tok.encode(gen_text, add_special_tokens=False), tok.encode(obs_text, add_special_tokens=False)
+    ids = np.array(g + o + [0] * 4, np.int32)
+    gen = np.array([True] * len(g) + [False] * (len(o) + 4))
+    obs = np.array([False] * len(g) + [True] * len(o) + [False] * 4)
+    labels = DecisionLabeller(get_task("kb_multihop"), tok).row(rec, ids, gen | obs, gen)
+    assert labels.any() and not labels[~gen].any()
+    picked = [tok.decode([int(t)]).strip() for t in ids[labels]]
+    assert "friend" in picked and "boss" in picked
+
+
+def test_task_options_are_validated():
+    c = ExperimentConfig()
+    c.data.train, c.data.task_options = "kb_multihop:train", {"hops": [2, 9]}
+    with pytest.raises(ConfigError, match="hops"):
+        validate(c)
+    c.data.task_options = {"nope": 1}
+    with pytest.raises(ConfigError, match="nope"):
+        validate(c)
+    c = apply_overrides(ExperimentConfig(), ["data.train=arith_program", 'data.task_options={"steps": [3, 4]}'])
+    assert c.data.task_options == {"steps": [3, 4]}
+    c.data.train = "gsm8k"
+    with pytest.raises(ConfigError, match="not a generated task"):
+        validate(c)
+
+
+def test_mini_config_rows_and_bad_names():
+    cfg = _module(ROOT / "experiments" / "mini" / "config.py")
+    for method in cfg.METHODS:
+        for task in cfg.TASKS:
+            c = cfg.get_config(f"{method},{task},2")
+            validate(c, 1)
+            assert c.train.seed == 2 and c.algorithm.n == 8
+    with pytest.raises(ConfigError, match="METHOD,TASK,SEED"):
+        cfg.get_config("nope,kb_multihop,1")
+    c = cfg.get_config("appo_oracle,kb_multihop,1")
+    c.data.train, c.data.task_options = "gsm8k", {}
+    with pytest.raises(ConfigError, match="labelled decision tokens"):
+        validate(c, 1)
+
+
+def test_report_statistics_against_formulas():
+    report = _module(ROOT / "experiments" / "mini" / "report.py")
+    x = [0.2, 0.4, 0.3, 0.5]
+    s = report.mean_ci(x)
+    half = 3.182 * np.std(x, ddof=1) / math.sqrt(4)
+    assert s["mean"] == pytest.approx(0.35) and s["ci95"] == pytest.approx([0.35 - half, 0.35 + half])
+    assert report.mean_ci([0.3])["ci95"] is None
+    d = report.diff_ci([0.5, 0.6, 0.7], [0.1, 0.2, 0.3])
+    assert d["diff"] == pytest.approx(0.4) and d["ci95"][0] > 0 and report.verdict(d) == "reproduced"
+    assert report.verdict(report.diff_ci([0.1, 0.5], [0.2, 0.4])) == "inconclusive"
+    assert report.verdict(None).startswith("inconclusive")
+
+
+def test_grid_smoke(tmp_path):
+    """The CI smoke of the grid: 1 seed, 2 steps, GRPO, APPO and the oracle on arith_program, then the report."""
+    out = tmp_path / "grid"
+    sets = ["--set", "train.steps=2", "--set", "sft.steps=8", "--set", "sft.examples=32", "--set",
+            "logging.eval_limit=8", "--set", "logging.eval_every=2", "--set", "train.prompts_per_step=4",
+            "--set", "train.mini_batch_prompts=4", "--set", "logging.progress=false"]
+    cmd = [sys.executable, str(ROOT / "experiments" / "mini" / "run_grid.py"), "--methods", "grpo,appo,appo_oracle", "--seeds",
+           "1", "--tasks", "arith_program", "--out", str(out), *sets]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (out / "arith_program" / "appo" / "seed1" / "result.json").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0 and again.stdout.count("done before") == 3  # resumable, nothing overwritten
+    other = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert other.returncode != 0 and "another grid" in other.stderr
+    bad = subprocess.run(cmd[:3] + ["grpo,nope"] + cmd[4:], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert bad.returncode != 0 and "nope" in bad.stderr
+    rep = subprocess.run([sys.executable, str(ROOT / "experiments" / "mini" / "report.py"), str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    final = results["tasks"]["arith_program"]["methods"]["appo"]["final_heldout_accuracy"]
+    assert set(final) == {"mean", "ci95", "per_seed"} and len(final["per_seed"]) == 1
+    assert (out / "RESULTS.md").read_text().startswith("# Mini reproduction")
+    assert (out / "arith_program_vs_tokens.png").stat().st_size > 1000
