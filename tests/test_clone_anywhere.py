@@ -81,12 +81,15 @@ def test_a_wheel_built_in_the_clone_carries_the_data(clone, tmp_path):
         counts = {{name: len(load_split(name, get_spec(name).split)) for name in DATASETS}}
         with build_registry(("search",)) as tools:
             result = tools.call("search", "Campfire Tales director")
-        print(json.dumps({{"counts": counts, "search_ok": result.ok, "search": result.text[:200]}}))
+        from appo_jax.models.loading import load_tokenizer  # the shipped tokenizer of the mini tasks
+        vocab = len(load_tokenizer("mini-tasks"))
+        print(json.dumps({{"counts": counts, "search_ok": result.ok, "search": result.text[:200], "vocab": vocab}}))
     """)
     out = _run([sys.executable, "-c", script], elsewhere, _env(tmp_path, site), 900)
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["counts"] == EXPECTED_RECORDS
     assert report["search_ok"] and report["search"].startswith("Page 1:")
+    assert report["vocab"] == 512
 
 
 def test_the_demo_config_trains_in_the_clone(clone, tmp_path):

@@ -237,6 +237,7 @@ def test_grid_smoke(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (out / "arith_program" / "appo" / "seed1" / "result.json").is_file()
+    assert len(list((out / "sft").glob("sft-*.npz"))) == 1  # one SFT policy, shared by the three methods
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and again.stdout.count("done before") == 3  # resumable, nothing overwritten
     other = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -251,3 +252,10 @@ def test_grid_smoke(tmp_path):
     assert set(final) == {"mean", "ci95", "per_seed"} and len(final["per_seed"]) == 1
     assert (out / "RESULTS.md").read_text().startswith("# Mini reproduction")
     assert (out / "arith_program_vs_tokens.png").stat().st_size > 1000
+    pilot = subprocess.run([sys.executable, str(ROOT / "experiments" / "mini" / "pilot.py"), "--task", "arith_program",
+                            "--grid", str(out), "--rl-steps", "1", "--prompts", "2", "--k", "2"],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert pilot.returncode == 0, pilot.stderr[-3000:]
+    result = json.loads(pilot.stdout.strip().splitlines()[-1])
+    assert set(result["rules"]) >= {"branching_score_lagged", "entropy_only", "oracle", "arpo_after_tool_call", "random"}
+    assert set(result["omega_std_per_baseline"]) == {"lagged", "sampler", "reference"}

@@ -279,7 +279,7 @@ class Trainer:
                 leaves = [f[f"leaf_{i}"] for i in range(len(jax.tree.leaves(self.state.params)))]
             params = jax.tree.unflatten(jax.tree.structure(self.state.params), leaves)
             self.log(f"cold-start SFT: reusing {cache} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
-            self._start_rl_from(self.placement.tree(params) if self.mesh is not None else jax.device_put(params))
+            self._start_rl_from(jax.tree.map(jnp.asarray, params))  # init_train_state shards it on the mesh
             return losses
         examples = self._sft_examples()
         arrays = encode_examples(examples, self.tokenizer, max_prompt_len=self.cfg.rollout.max_prompt_len,

@@ -79,7 +79,7 @@ def get_config(arg: str = "appo,kb_multihop,1") -> ExperimentConfig:
     c.loss.kl_coef = 0.0
 
     s = c.sft
-    s.steps, s.data, s.examples, s.batch_size, s.lr, s.seed = 800, task, 2048, 16, 3e-3, 0
+    s.steps, s.data, s.examples, s.batch_size, s.lr, s.seed = 2000, task, 2048, 16, 1e-3, 0
     s.max_response_len, s.cache_dir = RESPONSE_LEN[task], "runs/mini/sft"
 
     c.mesh.data = 1

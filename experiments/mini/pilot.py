@@ -3,7 +3,7 @@
     python experiments/mini/pilot.py --task arith_program --seed 1 --grid runs/mini/grid \\
         --out experiments/mini/pilot_arith_program.json
 
-On the task's SFT policy (the grid's cached one) after ``--rl-steps`` APPO iterations (so that the lagged policy
+On the task's SFT policy (the grid's cached one; the grid's ``--set`` overrides from ``grid.json`` apply) after ``--rl-steps`` APPO iterations (so that the lagged policy
 differs from the current one), ``--prompts`` training prompts x 4 initial rollouts are sampled, and:
 
 (a) every decision token (docs/mini_reproduction.md) is located relative to the tool-call boundaries: its distance
@@ -39,8 +39,11 @@ def _config(task: str, seed: int, grid: Path):
     spec = importlib.util.spec_from_file_location("mini_config", HERE / "config.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    marker = grid / "grid.json"  # the grid's own overrides, so that its cached SFT policy is the one reused
+    overrides = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
     return apply_overrides(module.get_config(f"appo,{task},{seed}"),
-                           [f"sft.cache_dir={grid / 'sft'}", "logging.eval_every=0", "logging.progress=false"])
+                           [*overrides, f"sft.cache_dir={grid / 'sft'}", "logging.eval_every=0",
+                            "logging.progress=false"])
 
 
 def _arpo_points(traj, groups: int, budget: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,7 +68,8 @@ def _random_points(traj, groups: int, budget: int, rng):
 
 
 def _pick(cands, groups, budget, rng):
-    rows, pos, valid = (np.zeros((groups, budget), np.int32) for _ in range(2)) + (np.zeros((groups, budget), bool),)
+    rows, pos = np.zeros((groups, budget), np.int32), np.zeros((groups, budget), np.int32)
+    valid = np.zeros((groups, budget), bool)
     for g in range(groups):
         c = cands[g]
         if not c:
@@ -100,6 +104,7 @@ def _boundary_distances(decisions: np.ndarray, traj) -> list[int]:
 def main(argv=None) -> None:
     from appo_jax.core.branch_points import choose_branch_points
     from appo_jax.rollout.decision_labels import DecisionLabeller
+    from appo_jax.training.policies import copy_tree
     from appo_jax.training.trainer import Trainer
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,6 +124,7 @@ def main(argv=None) -> None:
     trainer = Trainer(cfg, workdir=str(workdir), log=lambda s: None)
     try:
         trainer.run_sft()
+        sft_params = copy_tree(trainer.state.params)  # the reference policy of the runs: the SFT result
         for _ in range(args.rl_steps):
             trainer.train_iteration()
         pol, engine, n_init, budget = trainer.policies, trainer.engine, 4, 4
@@ -129,9 +135,8 @@ def main(argv=None) -> None:
         decisions = DecisionLabeller(trainer.task, trainer.tokenizer)(traj, prompts)
         lc = np.asarray(pol.logprobs(trainer.state.params, traj))
         baselines = {"lagged": np.asarray(pol.logprobs(pol.lagged[0], traj)),
-                     "sampler": np.asarray(traj.behavior_logp)}
-        if pol.reference is not None:
-            baselines["reference"] = np.asarray(pol.logprobs(pol.reference, traj))
+                     "sampler": np.asarray(traj.behavior_logp),
+                     "reference": np.asarray(pol.logprobs(sft_params, traj))}
         gen = np.asarray(traj.gen_mask) & np.asarray(traj.row_valid)[:, None]
         omega_std = {}
         rules = {}

@@ -168,6 +168,35 @@ def regenerate_command(root: Path, runs: list[dict]) -> str:
             f"--out {root}{sets}")
 
 
+def pilot_section(pilots: list[dict]) -> list[str]:
+    """The pilot analysis (experiments/mini/pilot.py outputs ``DIR/pilot_*.json``) as markdown."""
+    out = ["## Pilot analysis: where the decision tokens are, and which rule finds them", ""]
+    for p in pilots:
+        d = p["decision_tokens"]
+        out += [f"### {p['task']} (seed {p['seed']}, SFT policy + {p['rl_steps_before']} APPO steps; {p['prompts']} "
+                f"prompts x 4 initial rollouts, initial accuracy {100 * p['initial_accuracy']:.1f}%; "
+                f"{p['k']} continuations per chosen point)", "",
+                f"`{p['command']}`", "",
+                f"(a) Decision tokens: {d['count']} ({100 * d['share_of_generated']:.1f}% of generated tokens); median "
+                f"distance to a tool-call boundary {d['median_tokens_to_tool_boundary']} tokens; "
+                f"{100 * (d['share_within_1_token_of_boundary'] or 0):.1f}% within one token of one.", "",
+                "Omega's standard deviation over a rollout's tokens, per baseline: "
+                + ", ".join(f"{k} {v:.3g}" for k, v in p["omega_std_per_baseline"].items())
+                + " (0 means Omega is constant and the Branching Score degrades to entropy).", "",
+                "(b) Branch-point rules, 4 points per prompt:", "",
+                "| rule | points | decision hit rate | outcome variance | outcome changes | continuation accuracy |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for name, r in p["rules"].items():
+            f = lambda v, pct=True: "-" if v is None or v != v else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")  # noqa: E731
+            out.append(f"| {name} | {r['points']} | {f(r['decision_hit_rate'])} | {f(r['outcome_variance'], False)} | "
+                       f"{f(r['outcome_changes'])} | {f(r['continuation_accuracy'])} |")
+        out.append("")
+    out += ["Hit: a decision token at t, t + 1 or t + 2 of a branch point t (a branch keeps t and resamples from t + 1). "
+            "Outcome variance: variance of the 0/1 accuracy of the continuations from one point, averaged over "
+            "points; outcome changes: share of points whose continuations disagree.", ""]
+    return out
+
+
 def build_report(root: Path) -> dict:
     runs = read_runs(root)
     if not runs:
@@ -220,6 +249,10 @@ def build_report(root: Path) -> dict:
               "```", "", f"{len(runs)} runs, {sum(r['seconds'] for r in runs) / 60:.1f} minutes of training in all "
               f"(sum of the runs' wall times, SFT included where a run trained it).", ""]
     lines += body
+    pilots = [json.loads(p.read_text()) for p in sorted(root.glob("pilot_*.json"))]
+    if pilots:
+        results["pilot"] = pilots
+        lines += pilot_section(pilots)
     results["verdicts"] = verdicts
     (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (root / "RESULTS.md").write_text("\n".join(lines) + "\n")

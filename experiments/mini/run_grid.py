@@ -77,7 +77,7 @@ def run_one(module, task: str, method: str, seed: int, out: Path, overrides: lis
     done = workdir / "result.json"
     if done.is_file():
         result = json.loads(done.read_text())
-        if result.get("config") != to_dict(cfg):
+        if result.get("config") != json.loads(json.dumps(to_dict(cfg), default=float)):  # as stored (tuples -> lists)
             raise SystemExit(f"run_grid: {workdir} is a finished run of another config (seed collision); it is "
                              "never overwritten: choose another --out or other seeds")
         return result
