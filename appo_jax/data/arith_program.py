@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from appo_jax.data.records import Record
-from appo_jax.data.tasks import hash_split
+from appo_jax.data.tasks import check_options, hash_split
 from appo_jax.data.templates import question_messages
 from appo_jax.protocol import format_observation
 
@@ -58,13 +58,9 @@ class ArithOptions:
     wrong_fraction: float = 0.3
 
     def __post_init__(self):
-        lo, hi = self.steps
-        if not 1 <= lo <= hi <= 6:
-            raise ValueError(f"arith_program steps must satisfy 1 <= min <= max <= 6, got {self.steps}")
-        if not 2 <= self.max_operand <= 99:
-            raise ValueError(f"arith_program max_operand must be in [2, 99], got {self.max_operand}")
-        if not 0.0 <= self.wrong_fraction <= 1.0:
-            raise ValueError(f"arith_program wrong_fraction must be in [0, 1], got {self.wrong_fraction}")
+        check_options("arith_program", {"max_operand": (self.max_operand, 2, 99),
+                                        "wrong_fraction": (self.wrong_fraction, 0.0, 1.0)},
+                      {"steps": (self.steps, 1, 6)})
 
 
 Program = tuple[int, tuple[tuple[str, int], ...]]  # start value, ((operation, operand), ...)

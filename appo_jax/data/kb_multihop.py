@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from appo_jax.data.records import Record
-from appo_jax.data.tasks import hash_split
+from appo_jax.data.tasks import check_options, hash_split
 from appo_jax.data.templates import question_messages
 from appo_jax.protocol import format_observation
 
@@ -64,17 +64,10 @@ class KbOptions:
     world_seed: int = 0
 
     def __post_init__(self):
-        lo, hi = self.hops
-        if not 1 <= lo <= hi <= 6:
-            raise ValueError(f"kb_multihop hops must satisfy 1 <= min <= max <= 6, got {self.hops}")
-        if not 2 <= self.relations <= len(RELATIONS):
-            raise ValueError(f"kb_multihop relations must be in [2, {len(RELATIONS)}], got {self.relations}")
-        if not 4 <= self.entities <= 200:
-            raise ValueError(f"kb_multihop entities must be in [4, 200], got {self.entities}")
-        if not 0 <= self.distractors <= 8:
-            raise ValueError(f"kb_multihop distractors must be in [0, 8], got {self.distractors}")
-        if not 0.0 <= self.wrong_fraction <= 1.0:
-            raise ValueError(f"kb_multihop wrong_fraction must be in [0, 1], got {self.wrong_fraction}")
+        check_options("kb_multihop", {"relations": (self.relations, 2, len(RELATIONS)),
+                                      "entities": (self.entities, 4, 200), "distractors": (self.distractors, 0, 8),
+                                      "wrong_fraction": (self.wrong_fraction, 0.0, 1.0)},
+                      {"hops": (self.hops, 1, 6)})
 
 
 @dataclasses.dataclass(frozen=True)

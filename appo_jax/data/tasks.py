@@ -21,6 +21,19 @@ def hash_split(text: str) -> str:
     return "heldout" if int(hashlib.sha256(text.encode()).hexdigest(), 16) % 5 == 0 else "train"
 
 
+def check_options(task: str, ranges: dict[str, tuple[Any, float, float]], pairs: dict[str, tuple] | None = None
+                  ) -> None:
+    """Difficulty options in range: ``ranges`` maps a knob to ``(value, lo, hi)`` (``lo <= value <= hi``),
+    ``pairs`` a (min, max) knob to ``(value, lo, hi)`` (``lo <= min <= max <= hi``); ``ValueError`` naming the
+    task, the knob, the value and the range otherwise."""
+    for name, (value, lo, hi) in ranges.items():
+        if not lo <= value <= hi:
+            raise ValueError(f"{task} {name} must be in [{lo}, {hi}], got {value}")
+    for name, ((a, b), lo, hi) in (pairs or {}).items():
+        if not lo <= a <= b <= hi:
+            raise ValueError(f"{task} {name} must satisfy {lo} <= min <= max <= {hi}, got {(a, b)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """A generated dataset.

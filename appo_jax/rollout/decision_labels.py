@@ -17,16 +17,18 @@ from appo_jax.data.records import Record
 from appo_jax.data.tasks import Task
 
 
-def token_offsets(tokenizer, ids: Sequence[int]) -> np.ndarray:
-    """int [n + 1]: the character offset where each token's text starts in the concatenated decode (last entry:
-    the total length)."""
-    lengths = [len(tokenizer.decode([int(t)])) for t in ids]
-    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+def token_pieces(tokenizer, ids: Sequence[int]) -> tuple[str, np.ndarray]:
+    """``(text, offsets)``: the concatenation of the tokens' decoded pieces and int [n + 1], the character offset
+    where each piece starts (last entry: the total length). Text and offsets come from the same pieces, so spans
+    found in the text always line up with the tokens."""
+    pieces = [tokenizer.decode([int(t)]) for t in ids]
+    return "".join(pieces), np.concatenate([[0], np.cumsum([len(p) for p in pieces])]).astype(np.int64)
 
 
-def label_tokens(tokenizer, ids: Sequence[int], spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """bool [n]: token i overlaps a character span [start, end) of the text decoded from ``ids``."""
-    off = token_offsets(tokenizer, ids)
+def label_tokens(tokenizer, ids: Sequence[int], spans: Sequence[tuple[int, int]], offsets=None) -> np.ndarray:
+    """bool [n]: token i overlaps a character span [start, end) of the text of `token_pieces` (``offsets``:
+    its offsets when already computed)."""
+    off = token_pieces(tokenizer, ids)[1] if offsets is None else offsets
     out = np.zeros(len(ids), bool)
     for start, end in spans:
         out |= (off[:-1] < end) & (off[1:] > start)
@@ -46,9 +48,9 @@ class DecisionLabeller:
         """bool [L] for one row: ``tokens`` [L], ``response_mask`` (generated or observation) and ``gen_mask``."""
         n = int(response_mask.sum())
         ids = tokens[:n]
-        text = self.tokenizer.decode([int(t) for t in ids])
+        text, offsets = token_pieces(self.tokenizer, ids)  # one decode per token, shared by spans and labels
         out = np.zeros(tokens.shape[0], bool)
-        out[:n] = label_tokens(self.tokenizer, ids, self.task.decision_spans(record, text))
+        out[:n] = label_tokens(self.tokenizer, ids, self.task.decision_spans(record, text), offsets)
         return out & gen_mask
 
     def __call__(self, traj: Trajectory, prompts: Sequence[Record]) -> np.ndarray:

@@ -13,20 +13,20 @@ import re
 
 import numpy as np
 
-from appo_jax.data.kb_multihop import KbOptions, make_world
+from appo_jax.data.kb_multihop import make_world
+from appo_jax.data.loading import KB_MULTIHOP
 from appo_jax.tools.search import SearchHit
 
 _QUERY = re.compile(r"^\s*(\w+)\s+of\s+(\w+)\s*$", re.IGNORECASE)
 
 
 class KbSearchBackend:
-    """`SearchBackend` over the world of ``KbOptions(**options)`` (module doc)."""
+    """`SearchBackend` over the world of the `kb_multihop` task with ``options`` (module doc)."""
 
     name = "kb"
 
     def __init__(self, **options):
-        opts = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-        self.options = KbOptions(**opts)
+        self.options = KB_MULTIHOP.options(options)  # the task's own checks and list -> tuple normalisation
         self.world = make_world(self.options)
         self._names = {n.lower(): i for i, n in enumerate(self.world.names)}
         self._rels = {r: i for i, r in enumerate(self.world.relations)}

@@ -33,12 +33,17 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
+def _run_grid():
+    spec = importlib.util.spec_from_file_location("mini_run_grid", HERE / "run_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _config(task: str, seed: int, grid: Path):
     from appo_jax.training.config import apply_overrides
 
-    spec = importlib.util.spec_from_file_location("mini_config", HERE / "config.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _run_grid()._load_config_module()
     marker = grid / "grid.json"  # the grid's own overrides, so that its cached SFT policy is the one reused
     overrides = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
     return apply_overrides(module.get_config(f"appo,{task},{seed}"),
