@@ -94,7 +94,7 @@ def ref_reward_scale(bs, br, par, pos, m, discount, valid=None, g=None):
                 continue
             vals = []
             for j in kids:
-                f = bs[j] / mx if (finite[j] and mx > 0) else 0.0
+                f = bs[j] / mx if (finite[j] and bs[j] > 0 and mx > 0) else 0.0
                 vals.append(1.0 + f * discount ** (pos[j] - t) if t <= pos[j] else 1.0)
             out[i, t] = sum(vals) / len(vals)
     return out
@@ -281,8 +281,30 @@ def test_reward_scale_hand_example():
         m2 = 1 + 1.0 * 0.9 ** (2 - t) if t <= 2 else 1.0
         m3 = 1 + 0.5 * 0.9 ** (4 - t) if t <= 4 else 1.0
         want[0, t] = (m2 + m3) / 2
-        want[1, t] = 1 - 0.5 * 0.9 ** (1 - t) if t <= 1 else 1.0
+    # row 1's only branch scored -1.0 (a fallback selection): factor 0, M = 1 -- never below 1
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_reward_scale_negative_score_regression():
+    """The minimal case of the negative-score bug: initial rewards 1, 0, 0.9; row 0 has branches scored 2.0 at
+    position 3 and -0.5 at position 5 (its last token). The official implementation gives M = 1 at position 5
+    and initial advantages [0.815, -1.408, 0.593]; the bug (factor -0.5 / 2) gave M = 0.875 and
+    [0.677, -1.414, 0.737]."""
+    r = np.array([1.0, 0.0, 0.9, 1.0, 0.0], np.float32)
+    g = np.zeros(5, np.int32)
+    br = np.array([0, 0, 0, 1, 1], bool)
+    par = np.array([-1, -1, -1, 0, 0], np.int32)
+    pos = np.array([-1, -1, -1, 3, 5], np.int32)
+    bs = np.array([0, 0, 0, 2.0, -0.5], np.float32)
+    m = np.ones((5, 6), bool)
+    scale = np.asarray(reward_scale(bs, br, par, pos, m, discount=0.9, group_ids=g))
+    assert scale[0, 5] == 1.0
+    # t <= 3: the mean of 1 + 0.9^(3 - t) (score 2.0 / max 2.0) and 1 (score -0.5 -> factor 0)
+    np.testing.assert_allclose(scale[0, :4], [(2 + 0.9 ** (3 - t)) / 2 for t in range(4)], rtol=1e-6)
+    np.testing.assert_array_equal(scale[1:], 1.0)
+    adv = np.asarray(compute_advantages("appo", rewards=r, group_ids=g, is_branch=br, parent=par, branch_pos=pos,
+                                        gen_mask=m, num_groups=1, branch_scores=bs, prefix_credit=False))
+    np.testing.assert_allclose(adv[:3, 5], [0.815, -1.408, 0.593], atol=1e-3)
 
 
 def test_reward_scale_degenerate_max_is_one():

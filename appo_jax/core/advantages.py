@@ -173,9 +173,10 @@ def reward_scale(branch_scores, is_branch, parent, branch_pos, gen_mask, *,
         M^j_t = 1 + (BS_j / max_batch BS) * discount^(t_j - t)   for t <= t_j,   1 for t > t_j
         M_t   = mean_j M^j_t  =  1 + (1/K_i) sum_j (BS_j / max_batch BS) discount^(t_j - t) [t <= t_j]
 
-    ``max_batch BS`` is the maximum score over the landed branches of the whole batch. Degenerate cases
-    (documented choices): when that maximum is <= 0 (or no branch landed) every factor is 0, so M = 1;
-    a landed branch with a non-finite score counts in K_i with factor 0 (its M^j = 1). M = 1 for rows
+    ``max_batch BS`` is the maximum score over the landed branches of the whole batch. A landed branch whose
+    score is <= 0 (a fallback selection) or non-finite counts in K_i with factor 0 (its M^j = 1), as in the
+    official implementation (a negative factor would push M below 1); when the maximum is <= 0 (or no branch
+    landed) every factor is 0, so M = 1. M = 1 for rows
     without landed branches, for branch rows and wherever ``gen_mask`` is false. "Landed" follows
     :func:`landed_branches` (the reward plays no part here); without ``group_ids`` the same-group check
     is skipped, with ``num_groups`` group ids must also be < num_groups. O(L): impulses at ``t_j``, then
@@ -189,7 +190,7 @@ def reward_scale(branch_scores, is_branch, parent, branch_pos, gen_mask, *,
     bs = jnp.asarray(branch_scores, jnp.float32)
     finite = landed & jnp.isfinite(bs)
     max_bs = jnp.max(jnp.where(finite, bs, -jnp.inf))
-    factor = jnp.where(finite & (max_bs > 0), bs / jnp.where(max_bs > 0, max_bs, 1.0), 0.0)
+    factor = jnp.where(finite & (bs > 0) & (max_bs > 0), bs / jnp.where(max_bs > 0, max_bs, 1.0), 0.0)
     impulses = _attach(factor, landed, rows, pos, n, length)
     total = reverse_discounted_cumsum(impulses, discount, axis=-1)
     k = jax.ops.segment_sum(landed.astype(jnp.float32), jnp.where(landed, rows, n), num_segments=n)
