@@ -86,10 +86,10 @@ def ref_agg(v, m, agg):
 
 def ref_policy_loss(lp, old, A, m, mode, el=EL, eh=EH, c=C, decay=64.0, fclip=0.2, high_only=True, b=1.0,
                     safety=6.0, agg="token-mean", ref=None, kl_coef=0.0, kl_kind="low_var_kl", ent=None,
-                    ent_coef=0.0):
+                    ent_coef=0.0, beh=None, tis_cap=None):
     n, L = lp.shape
     A = np.broadcast_to(A if A.ndim == 2 else A[:, None], (n, L))
-    valid = ref_valid(lp, old, A, m, ref, ent)
+    valid = ref_valid(lp, old, A, m, ref, ent, beh if tis_cap is not None else None)
     w = ref_fkl(lp, old, A, m, decay, fclip, high_only, c, safety, valid=valid) if mode == "future_kl" else None
     tok = np.zeros((n, L))
     ndual = [0] * n
@@ -105,6 +105,8 @@ def ref_policy_loss(lp, old, A, m, mode, el=EL, eh=EH, c=C, decay=64.0, fclip=0.
             else:
                 tok[i, t] = min(-a * c, lc)
                 ndual[i] += lc > -a * c
+            if tis_cap is not None:  # truncated importance sampling: min(exp(lc - lb), C), a constant
+                tok[i, t] *= min(math.exp(min(max(old[i, t] - beh[i, t], -20.0), 20.0)), tis_cap)
     final = valid.copy()
     if mode == "future_kl":
         for i in range(n):
@@ -475,3 +477,46 @@ def test_sharded_equals_unsharded():
     want, _, _ = ref_policy_loss(*(x.astype(float) for x in (lp, old, A)), m, "future_kl",
                                  ref=ref.astype(float), kl_coef=0.001)
     assert float(out_s[0]) == pytest.approx(want, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------- truncated importance sampling
+@settings(max_examples=30)
+@given(shapes, st.integers(0, 10_000), st.sampled_from(MODES), st.sampled_from(AGGS), st.booleans(),
+       st.sampled_from([0.5, 1.0, 2.0, 10.0]))
+def test_tis_matches_loop(shape, seed, mode, agg, bad, cap):
+    lp, old, A, m, ref = loss_batch(seed, *shape, bad=bad, scale=1.2)
+    rng = np.random.default_rng(seed + 7)
+    beh = (old + rng.normal(0.0, 0.8, old.shape)).astype(np.float32)  # sampler log-probs: ratios up to ~10
+    loss, met = policy_loss(lp, old, A, m, mode=mode, agg=agg, behavior_logp=beh, tis_cap=cap)
+    want, final, valid = ref_policy_loss(*(x.astype(float) for x in (lp, old, A)), m, mode, agg=agg,
+                                         beh=beh.astype(float), tis_cap=cap)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-4, atol=1e-5)
+    with np.errstate(invalid="ignore"):
+        w = np.minimum(np.exp(np.clip(old.astype(float) - beh, -20, 20)), cap)
+    np.testing.assert_allclose(float(met["tis_weight_mean"]), w[valid].mean() if valid.any() else 0.0,
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(met["tis_capped_frac"]), (w[valid] >= cap).mean() if valid.any() else 0.0,
+                               atol=1e-6)
+
+
+def test_tis_scales_each_tokens_gradient_by_its_detached_weight():
+    lp, old, A, m, _ = loss_batch(3, 4, 6, scale=1.2)
+    beh = (old + np.random.default_rng(0).normal(0.0, 0.8, old.shape)).astype(np.float32)
+    for mode in MODES:
+        plain = loss_grad(lp, old, A, m, mode=mode)
+        with_tis = np.asarray(jax.grad(lambda x: policy_loss(x, old, A, m, mode=mode, behavior_logp=beh,
+                                                             tis_cap=2.0)[0])(jnp.asarray(lp)))
+        w = np.where(m, np.minimum(np.exp(old - beh), 2.0), 0.0)
+        np.testing.assert_allclose(with_tis, plain * w, rtol=1e-4, atol=1e-6)
+        # off by default: the loss does not look at behavior_logp
+        np.testing.assert_allclose(float(policy_loss(lp, old, A, m, mode=mode, behavior_logp=beh)[0]),
+                                   float(policy_loss(lp, old, A, m, mode=mode)[0]))
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("nan"), float("inf")])
+def test_tis_bad_cap_names_the_value(cap):
+    lp, old, A, m, _ = loss_batch(0, 2, 3)
+    with pytest.raises(ValueError, match="loss.tis_cap="):
+        policy_loss(lp, old, A, m, behavior_logp=old, tis_cap=cap)
+    with pytest.raises(ValueError, match="behaviour log-probs"):
+        policy_loss(lp, old, A, m, tis_cap=2.0)

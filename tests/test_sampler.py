@@ -573,3 +573,62 @@ def test_decoding_a_few_slots_equals_decoding_them_with_all_slots_active(llama):
     np.testing.assert_array_equal(rest_few.tokens, rest_every.tokens)
     np.testing.assert_allclose(rest_few.logprobs, rest_every.logprobs, atol=1e-5)
     assert [few.sequence(s) for s in range(8)] == [every.sequence(s) for s in range(8)]
+
+
+def np_topk_entropy(z, tokens, k, mode):
+    """Slow reference of `topk_entropy` from logits z [B, V] (sorting each row; ties -> lower id)."""
+    out = []
+    for row, a in zip(z.astype(np.float64), tokens):
+        lp = np_log_softmax(row)
+        top = sorted(range(row.size), key=lambda v: (-lp[v], v))[:k]
+        if mode == "topk":
+            q = np.exp(lp[top]) / np.exp(lp[top]).sum()
+            out.append(-sum(x * np.log(x) for x in q if x > 0))
+        else:
+            keep = set(top) | {int(a)}
+            out.append(-sum(np.exp(lp[v]) * lp[v] for v in keep if np.isfinite(lp[v])))
+    return np.array(out)
+
+
+@settings(max_examples=15)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([1, 3, 10, 64]),
+       mode=st.sampled_from(["topk", "official_topk"]), temperature=st.sampled_from([0.7, 1.0]))
+def test_topk_entropy_matches_reference(seed, k, mode, temperature):
+    rng = np.random.default_rng(seed)
+    z = (rng.normal(size=(6, 64)) * 3).astype(np.float32)
+    z[0, :5] = -np.inf
+    params = SamplingParams(temperature, entropy=mode, entropy_k=k)
+    tokens, logp, ent = jax.jit(select_tokens, static_argnums=2)(
+        jnp.asarray(z), jax.random.split(jax.random.key(seed % 1000), 6), params)
+    want = np_topk_entropy(z / temperature, np.asarray(tokens), k, mode)
+    np.testing.assert_allclose(np.asarray(ent), want, atol=1e-5)
+    exact = np_entropy(z.astype(np.float64) / temperature)
+    if mode == "official_topk":
+        assert (np.asarray(ent) <= exact + 1e-5).all()  # a partial sum of the exact entropy's terms
+    if k == 64 and mode == "topk":
+        np.testing.assert_allclose(np.asarray(ent), exact, atol=1e-5)  # the whole vocabulary: exact
+    # the behaviour log-prob does not depend on the entropy mode
+    np.testing.assert_allclose(np.asarray(logp), np_log_softmax(z.astype(np.float64) / temperature)[
+        np.arange(6), np.asarray(tokens)], atol=1e-5)
+
+
+def test_topk_entropy_in_the_sampler_equals_full_forward():
+    config, params = tiny("tiny-llama")
+    sampling = SamplingParams(1.0, entropy="topk", entropy_k=5)
+    s = new_sampler(config, params, sampling=sampling, eos_token_ids=())
+    prompt = [1, 5, 9, 33]
+    s.start([0], [prompt], [jax.random.key(3)])
+    out = s.decode(np.array([True, False, False, False]), 12)
+    seq = s.sequence(0)
+    z = ref_logits(config, params, seq)[len(prompt) - 1:len(prompt) - 1 + 12]
+    np.testing.assert_allclose(out.entropies[0][:12], np_topk_entropy(z, out.tokens[0][:12], 5, "topk"), atol=2e-4)
+
+
+def test_bad_entropy_settings():
+    with pytest.raises(ValueError, match="entropy must be one of"):
+        SamplingParams(1.0, entropy="approx")
+    with pytest.raises(ValueError, match="entropy_k"):
+        SamplingParams(1.0, entropy="topk", entropy_k=0)
+    with pytest.raises(ValueError, match="entropy_k=99"):
+        select_tokens(jnp.zeros((1, 8)), jax.random.split(jax.random.key(0), 1),
+                      SamplingParams(1.0, entropy="topk", entropy_k=99))

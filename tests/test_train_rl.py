@@ -116,3 +116,44 @@ def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
     last = read_metrics(tmp_path / "metrics.jsonl")[-1]
     assert last["step"] == 2 and (last["train/update_skipped"] >= 1 or last["train/nonfinite_tokens"] > 0)
+
+
+def test_official_fidelity_runs_and_records_top_k_entropy(tmp_path):
+    """APPO with every switch of appo_jax.training.fidelity.OFFICIAL: official branching parity and the official
+    top-10 entropy (a lower bound of the exact entropy the trainer does not need: Omega uses log-probs only)."""
+    from appo_jax.training.fidelity import official_fidelity
+    from appo_jax.training.trainer import Trainer
+    cfg = official_fidelity(tiny_config(tmp_path, "appo", steps=1))
+    assert (cfg.algorithm.branching_parity, cfg.rollout.entropy, cfg.rollout.entropy_k) == ("official",
+                                                                                          "official_topk", 10)
+    trainer = Trainer(cfg, log=lambda _: None)
+    try:
+        metrics = trainer.train_iteration()
+        traj = trainer._last_collected.batch.traj
+        h = np.asarray(traj.entropy)[np.asarray(traj.gen_mask)]
+        assert (h >= 0).all() and h.max() <= np.log(11) + 1e-4  # 10 + 1 terms of -p log p, total mass <= 1
+        # random text fills the 12-token budget: a point at the last position is dropped, as officially
+        assert metrics["branch/count"] + metrics["branch/dropped_last_position"] == 4
+        assert np.isfinite(metrics["train/loss"])
+    finally:
+        trainer.close()
+
+
+def test_bf16_sampler_mismatch_is_visible_and_tis_corrects_it(tmp_path):
+    """A bf16 sampler against the fp32 trainer: the mismatch metrics are non-zero (they are ~0 for an fp32
+    sampler, same code and weights), and loss.tis_cap weights each token by min(exp(lc - lb), C)."""
+    from appo_jax.training.trainer import Trainer
+    out = {}
+    for dtype, cap in (("", None), ("bfloat16", 2.0)):
+        cfg = tiny_config(tmp_path / (dtype or "fp32"), "grpo", steps=1)
+        cfg.rollout.dtype, cfg.loss.tis_cap = dtype, cap
+        trainer = Trainer(cfg, log=lambda _: None)
+        try:
+            out[dtype] = trainer.train_iteration()
+        finally:
+            trainer.close()
+    fp32, bf16 = out[""], out["bfloat16"]
+    assert fp32["mismatch/abs_logp_diff_mean"] < 1e-3 and fp32["train/tis_weight_mean"] == 0.0
+    assert bf16["mismatch/abs_logp_diff_mean"] > 10 * max(fp32["mismatch/abs_logp_diff_mean"], 1e-6)
+    assert bf16["mismatch/kl"] > 0 and bf16["mismatch/ratio_max"] > 1
+    assert 0 < bf16["train/tis_weight_mean"] <= 2.0

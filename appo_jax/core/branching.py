@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from appo_jax.core.scan import reverse_discounted_cumsum
-from appo_jax.core.stats import ZSCORE_STD_FLOOR, masked_std, masked_zscore
+from appo_jax.core.stats import ZSCORE_STD_FLOOR, masked_std, masked_zscore, official_zscore
 
 Array = jax.Array
 
@@ -42,6 +42,41 @@ def token_entropy(logits, temperature=1.0) -> Array:
     # p_v = 0 (masked or underflowed entry) contributes 0: `where` keeps 0 * -inf (and its gradient) out of the
     # sum, while a NaN p still propagates (NaN * 0 = NaN).
     return jnp.sum(p * jnp.where(p > 0, -log_p, 0.0), axis=-1)
+
+
+#: ``rollout.entropy``: what the sampler records as H_t (`topk_entropy`; ``exact`` = `token_entropy`).
+ENTROPY_MODES = ("exact", "topk", "official_topk")
+
+
+def topk_entropy(log_p, tokens, k: int, mode: str = "topk") -> Array:
+    """Entropy from the ``k`` most likely tokens instead of the full vocabulary (``rollout.entropy``).
+
+    ``log_p`` ``[B, V]`` are the log-probs of the sampling distribution, ``tokens`` ``[B]`` the sampled ids; T_k
+    the ``k`` largest entries of a row (``lax.top_k``; ties -> lower id).
+
+    * ``topk``: renormalised over T_k, ``q_v = p_v / sum_{u in T_k} p_u``, ``H = -sum_{v in T_k} q_v log q_v``
+      (in [0, log k]);
+    * ``official_topk``: what the official code computes from vLLM's ``logprobs=k`` (the k most likely entries
+      plus the sampled token a when it is not among them), not renormalised:
+      ``H = -sum_{v in T_k u {a}} p_v log p_v`` (a lower bound of the exact entropy).
+
+    ``ValueError`` for ``k`` < 1 or larger than the vocabulary, or an unknown ``mode``. Returns float32 ``[B]``.
+    """
+    if mode not in ("topk", "official_topk"):
+        raise ValueError(f"topk_entropy: mode must be 'topk' or 'official_topk', got {mode!r}")
+    lp = jnp.asarray(log_p).astype(jnp.float32)
+    if not 1 <= k <= lp.shape[-1]:
+        raise ValueError(f"rollout.entropy_k={k}: must be in [1, {lp.shape[-1]}] (the vocabulary size)")
+    vals, idx = jax.lax.top_k(lp, k)
+    if mode == "topk":
+        lq = vals - jax.nn.logsumexp(vals, axis=-1, keepdims=True)
+        q = jnp.exp(lq)
+        return jnp.sum(jnp.where(q > 0, -q * lq, 0.0), axis=-1)
+    term = lambda v: jnp.where(v > -jnp.inf, -jnp.exp(v) * v, 0.0)  # noqa: E731 - -p log p, 0 for p = 0
+    a = jnp.asarray(tokens, jnp.int32)
+    in_top = jnp.any(idx == a[:, None], axis=-1)
+    la = jnp.take_along_axis(lp, a[:, None], axis=-1)[:, 0]
+    return jnp.sum(term(vals), axis=-1) + jnp.where(in_top, 0.0, term(la))
 
 
 def future_log_ratio(log_ratio, mask, gamma=1.0) -> Array:
@@ -110,6 +145,35 @@ def branching_scores(entropy, omega, candidate_mask) -> tuple[Array, Array]:
     omega_only = h_const & ~o_const
     scores = jnp.where(entropy_only, z_h, jnp.where(omega_only, z_o, z_h * z_o))
     strict = jnp.where(entropy_only, z_h > 0, jnp.where(omega_only, z_o > 0, (z_h > 0) & (z_o > 0)))
+    return jnp.where(valid, scores, 0.0), valid & strict
+
+
+def official_branching_scores(entropy, omega, zscore_mask, candidate_mask, use_entropy: bool = True,
+                              use_omega: bool = True) -> tuple[Array, Array]:
+    """The official implementation's Branching Score (``branching_parity = "official"``,
+    docs/official_differences.md): Z-scores over ``zscore_mask`` (every loss-mask token of the rollout),
+    ``Z(v) = (v - mean) / (std + 1e-6)`` (`appo_jax.core.stats.official_zscore`, no constant-row rule), then
+
+        BS_t = Z(H)_t * Z(Omega)_t,  strict_t = Z(H)_t > 0 & Z(Omega)_t > 0 & BS_t > 0     (both signals)
+        BS_t = Z(S)_t,               strict_t = Z(S)_t > 0                                (one signal S)
+
+    restricted to ``candidate_mask`` (the official whitespace-only filter, applied after the Z-scores). A
+    constant row gives Z = 0 (or rounding noise), so its selection falls back to the earliest tokens or the
+    noise's sign, as in the official code. Non-finite H or Omega are dropped from both masks (the official code
+    would propagate them). Returns ``(scores, strict_mask)`` as :func:`branching_scores`."""
+    h = jnp.asarray(entropy).astype(jnp.float32)
+    o = jnp.asarray(omega).astype(jnp.float32)
+    finite = jnp.isfinite(h) & jnp.isfinite(o)
+    zmask = jnp.asarray(zscore_mask).astype(bool) & finite
+    valid = jnp.asarray(candidate_mask).astype(bool) & finite
+    z_h = official_zscore(h, zmask)
+    z_o = official_zscore(o, zmask)
+    if use_entropy and use_omega:
+        scores = z_h * z_o
+        strict = (z_h > 0) & (z_o > 0) & (scores > 0)
+    else:
+        scores = z_h if use_entropy else z_o
+        strict = scores > 0
     return jnp.where(valid, scores, 0.0), valid & strict
 
 

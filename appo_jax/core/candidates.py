@@ -72,14 +72,30 @@ def token_texts(tokenizer) -> list[str]:
     return [tokenizer.convert_tokens_to_string([p]) if p is not None else "" for p in pieces]
 
 
-def candidate_token_table(tokenizer) -> np.ndarray:
+def official_candidate_table_from_strings(token_texts) -> np.ndarray:
+    """The official implementation's filter (``branching_parity = "official"``): ``table[i] = token_texts[i].strip()
+    != ""`` -- only empty and whitespace-only tokens are dropped; punctuation and special tokens stay candidates."""
+    return np.fromiter((bool(t.strip()) for t in token_texts), dtype=bool, count=len(token_texts))
+
+
+#: ``algorithm.branching_parity`` -> ``rule(token_texts, special_ids) -> bool[V]``.
+CANDIDATE_RULES = {
+    "appo_jax": candidate_table_from_strings,
+    "official": lambda texts, special_ids: official_candidate_table_from_strings(texts),
+}
+
+
+def candidate_token_table(tokenizer, rule: str = "appo_jax") -> np.ndarray:
     """Host ``bool[V]`` table (V = ``len(tokenizer)``) of candidate token ids for a Hugging Face tokenizer.
 
-    ``table[i]`` is False for special, empty, whitespace-only and punctuation-only tokens (module doc). Build it
-    once per tokenizer and pass it to :func:`candidate_mask`. Ids >= V (padding rows of an enlarged embedding)
-    are treated as non-candidates by :func:`candidate_mask`.
+    ``rule = "appo_jax"``: ``table[i]`` is False for special, empty, whitespace-only and punctuation-only tokens
+    (module doc); ``"official"``: False only for empty and whitespace-only tokens
+    (`official_candidate_table_from_strings`). Build it once per tokenizer and pass it to :func:`candidate_mask`.
+    Ids >= V (padding rows of an enlarged embedding) are treated as non-candidates by :func:`candidate_mask`.
     """
-    return candidate_table_from_strings(token_texts(tokenizer), _special_ids(tokenizer))
+    if rule not in CANDIDATE_RULES:
+        raise ValueError(f"unknown candidate rule {rule!r}; known: {', '.join(CANDIDATE_RULES)}")
+    return CANDIDATE_RULES[rule](token_texts(tokenizer), _special_ids(tokenizer))
 
 
 @jax.jit

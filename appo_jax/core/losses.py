@@ -225,6 +225,8 @@ def loss_metrics(parts: tuple[dict, dict, dict], dropped, loss, pg) -> dict:
         "fkl_weight_max": hi("fkl_weight"),
         "kl": mean("kl"),
         "entropy": mean("entropy"),
+        "tis_weight_mean": mean("tis_weight"),
+        "tis_capped_frac": mean("tis_capped"),
         "dropped_row_frac": jnp.sum(dropped & rows_with_tokens, dtype=dt)
         / jnp.maximum(jnp.sum(rows_with_tokens, dtype=dt), 1.0),
         "valid_tokens": jnp.sum(jnp.where(rows_with_tokens & ~dropped, row_count, zero)),
@@ -232,7 +234,8 @@ def loss_metrics(parts: tuple[dict, dict, dict], dropped, loss, pg) -> dict:
     }
 
 
-def _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_logp, entropy_coef, entropy):
+def _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_logp, entropy_coef, entropy,
+                   tis_cap=None, behavior_logp=None):
     if mode not in MODES:
         raise ValueError(f"unknown policy loss mode {mode!r}; known: {', '.join(MODES)}")
     if agg not in AGGS:
@@ -247,13 +250,31 @@ def _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_lo
         raise ValueError("kl_coef != 0 needs ref_logp")
     if entropy is None and not (isinstance(entropy_coef, (int, float)) and entropy_coef == 0):
         raise ValueError("entropy_coef != 0 needs entropy")
+    if tis_cap is not None:
+        if not (isinstance(tis_cap, (int, float)) and math.isfinite(tis_cap) and tis_cap > 0):
+            raise ValueError(f"loss.tis_cap={tis_cap!r}: the truncated importance-sampling cap must be a number > 0 "
+                             f"(None = off)")
+        if behavior_logp is None:
+            raise ValueError("loss.tis_cap needs the sampler's behaviour log-probs (behavior_logp)")
+
+
+def tis_weights(old_logp, behavior_logp, mask, cap: float) -> Array:
+    """Token-level truncated importance sampling (sampler / trainer mismatch, ``loss.tis_cap``)::
+
+        w_t = sg(min(exp(clip(lc_t - lb_t, -20, 20)), C))     where mask_t, else 0
+
+    ``lc`` = ``old_logp`` (the trainer's log-prob of the token before the update), ``lb`` = ``behavior_logp``
+    (the sampler's), ``C`` = ``cap`` > 0. The policy-gradient term of each token is multiplied by w_t."""
+    d = jnp.clip(_float(old_logp) - _float(behavior_logp), -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+    return jax.lax.stop_gradient(jnp.where(_bool(mask), jnp.minimum(jnp.exp(d), cap), 0.0))
 
 
 def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", clip_low: float = 0.2,
                 clip_high: float = 0.28, clip_ratio_c: float = 3.0, decay_rate: float = 64.0,
                 fkl_clip: float = 0.2, fkl_high_only: bool = True, fkl_weight: float = 1.0,
                 safety_thresh: float = 6.0, agg: str = "token-mean", ref_logp=None, kl_coef: float = 0.0,
-                kl_kind: str = "low_var_kl", entropy=None, entropy_coef: float = 0.0):
+                kl_kind: str = "low_var_kl", entropy=None, entropy_coef: float = 0.0, behavior_logp=None,
+                tis_cap: float | None = None):
     """Clipped policy-gradient loss (docs/algorithm.md §1.6); returns ``(loss, metrics)``.
 
     Per valid token (``d_t = clip(lp_t - lp_old_t, -20, 20)``, ``r_t = exp(d_t)``, A the advantage)::
@@ -271,6 +292,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
                       r > 1 + clip_high the token contributes ``-A (1 + clip_high) grad log pi`` instead of 0.
                       The low clip and the dual clip are unchanged.
 
+    With ``tis_cap = C`` (off by default: None) each ``loss_t`` is multiplied by the truncated importance weight
+    ``w_t = sg(min(exp(lp_old_t - behavior_logp_t), C))`` of :func:`tis_weights` (the sampler / trainer
+    mismatch correction; ``behavior_logp`` required; a non-finite one removes the token like any other input).
+
     Then ``loss = aggregate(loss_t, m, agg) + kl_coef * aggregate(kl_penalty(logp, ref_logp, kl_kind), m,
     agg) - entropy_coef * aggregate(entropy, m, agg)`` where m is the final mask (after the non-finite
     removal and the row drop). ``kl_coef`` (APPO config default 0.001) needs ``ref_logp``; ``entropy_coef``
@@ -280,12 +305,15 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
     ``clip_frac_low`` (A < 0, r < 1 - clip_low), ``clip_frac_high`` (A > 0, r > 1 + clip_high),
     ``clip_frac_dual`` (lower-dual-clipped; 0 for "ppo"), ``ratio_mean/min/max``, ``approx_kl``
     (mean of lp_old - lp), ``fkl_weight_mean/min/max`` (0 unless mode "future_kl"), ``kl`` (mean KL
-    penalty, 0 without ref_logp), ``entropy`` (mean, 0 without entropy), ``dropped_row_frac`` (dropped rows
+    penalty, 0 without ref_logp), ``entropy`` (mean, 0 without entropy), ``tis_weight_mean`` / ``tis_capped_frac``
+    (mean w_t and the share of tokens at the cap; 0 without ``tis_cap``), ``dropped_row_frac`` (dropped rows
     / rows with a valid token), ``valid_tokens`` (final mask), ``nonfinite_tokens``, ``pg_loss``, ``loss``.
     Zero-valued statistics where nothing is valid. Unknown mode / agg / kl_kind -> ``ValueError``.
     """
-    _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_logp, entropy_coef, entropy)
-    lp, old, adv, m, nonfinite, ref, ent = _sanitise(logp, old_logp, advantages, mask, ref_logp, entropy)
+    _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_logp, entropy_coef, entropy,
+                   tis_cap, behavior_logp)
+    lp, old, adv, m, nonfinite, ref, ent, beh = _sanitise(logp, old_logp, advantages, mask, ref_logp, entropy,
+                                                          behavior_logp if tis_cap is not None else None)
     ref = None if ref is None else jax.lax.stop_gradient(ref)
     d = _log_ratio(lp, old)
     r = jnp.exp(d)
@@ -309,6 +337,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
         tok = jnp.where(adv < 0, jnp.minimum(l3, lc), lc)
         dual = m & (adv < 0) & (lc > l3)
 
+    w_tis = None
+    if tis_cap is not None:
+        w_tis = tis_weights(old, beh, m, tis_cap)
+        tok = tok * w_tis
     kl_tok = None if ref is None else kl_penalty(lp, ref, kl_kind)
     # every statistic (and the per-row dual-clip counts of the row drop) in one fused pass over [N, L]
     sg = jax.lax.stop_gradient
@@ -327,6 +359,9 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
         sums["kl"] = jnp.where(m, sg(kl_tok), zero)
     if ent is not None:
         sums["entropy"] = jnp.where(m, sg(ent), zero)
+    if w_tis is not None:
+        sums["tis_weight"] = w_tis.astype(dt)
+        sums["tis_capped"] = (m & (w_tis >= tis_cap)).astype(dt)
     parts = _partial_reduce(sums, mins, maxs)
     dropped = jnp.zeros(m.shape[:1], bool)
     if mode == "future_kl":

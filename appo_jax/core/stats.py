@@ -70,6 +70,21 @@ def masked_std(x, mask, axis=-1) -> Array:
     return jnp.squeeze(sd, axis)
 
 
+def official_zscore(x, mask, axis=-1, eps: float = 1e-6) -> Array:
+    """The official implementation's Z-score: ``Z(x)_i = (x_i - mu) / (sigma + eps)`` over the valid entries,
+    ``mu = sum_m(x) / n`` and ``sigma = sqrt(sum_m((x - mu)^2) / n)`` in plain float32 (no shift, no floor), 0
+    outside ``mask``. A constant row gives 0 or the rounding noise of ``mu`` divided by ``sigma + eps`` (e.g.
+    +-0.056 for seven 0.7s), as the official code does; the sign of that noise depends on the summation order,
+    so it is not reproducible bit for bit across frameworks (docs/official_differences.md)."""
+    m = _bool(mask)
+    v = jnp.where(m, _f32(x), 0.0)
+    n = jnp.maximum(masked_count(m, axis), 1.0)
+    mu = jnp.expand_dims(jnp.sum(v, axis=axis) / n, axis)
+    dev = jnp.where(m, v - mu, 0.0)
+    sigma = jnp.expand_dims(jnp.sqrt(jnp.sum(dev * dev, axis=axis) / n), axis)
+    return jnp.where(m, (v - mu) / (sigma + eps), 0.0)
+
+
 def masked_zscore(x, mask, axis=-1, std_floor: float = ZSCORE_STD_FLOOR) -> Array:
     """``Z(x)_i = (x_i - mean_m(x)) / s`` with ``s = std_m(x)`` if ``std_m(x) >= std_floor`` else ``s = 1``.
 

@@ -10,6 +10,8 @@ import dataclasses
 import math
 from typing import Sequence
 
+from appo_jax.core.branching import ENTROPY_MODES
+
 
 @dataclasses.dataclass
 class RolloutConfig:
@@ -23,7 +25,12 @@ class RolloutConfig:
     host check; ``tool_workers`` / ``tool_timeout_s``: the tool pool and the python tool's wall-clock limit;
     ``search_cache``: the search corpus (a query-cache JSON; empty = the shipped one);
     ``probe_len``, ``arpo_alpha``, ``arpo_beta``, ``arpo_beam``, ``aepo_penalty``: ARPO / AEPO branching
-    (docs/algorithm.md §1.7); ``tree_rounds``: Tree-GRPO expansion rounds.
+    (docs/algorithm.md §1.7); ``tree_rounds``: Tree-GRPO expansion rounds. ``entropy`` / ``entropy_k``: the
+    recorded token entropy H_t: ``exact`` (full vocabulary, default), ``topk`` (renormalised over the k most
+    likely tokens) or ``official_topk`` (the official code's, from vLLM's top-k log-probs;
+    `appo_jax.core.branching.topk_entropy`). ``dtype``: the sampler's compute dtype (``""`` = the model's;
+    ``bfloat16`` samples in bf16 against an fp32 trainer, the mismatch the ``mismatch/*`` metrics and
+    ``loss.tis_cap`` are about).
     """
 
     max_prompt_len: int = 2048
@@ -44,6 +51,9 @@ class RolloutConfig:
     arpo_beam: int = 2
     aepo_penalty: float = 0.05
     tree_rounds: int = 1
+    entropy: str = "exact"
+    entropy_k: int = 10
+    dtype: str = ""
 
     def __post_init__(self):
         self.validate()
@@ -54,7 +64,7 @@ class RolloutConfig:
             raise ValueError(f"rollout.{name}={getattr(self, name)!r}; expected {what}")
 
         for name in ("max_prompt_len", "max_response_len", "decode_chunk", "tool_workers", "probe_len",
-                     "tree_rounds"):
+                     "tree_rounds", "entropy_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(name, "a positive integer")
@@ -75,6 +85,10 @@ class RolloutConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not ok(value):
                 bad(name, what)
+        if self.dtype not in ("", "float32", "bfloat16", "float16"):
+            bad("dtype", "'' (the model's), float32, bfloat16 or float16")
+        if self.entropy not in ENTROPY_MODES:
+            bad("entropy", f"one of {', '.join(ENTROPY_MODES)}")
         if not isinstance(self.search_cache, str):
             bad("search_cache", "a path (empty = the shipped search cache)")
 

@@ -21,6 +21,7 @@ itself for initial rows; Tree-GRPO's tree groups).
 """
 from __future__ import annotations
 
+import dataclasses
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -155,12 +156,17 @@ class RolloutEngine:
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.pad_id = int(pad)
         self.vocab_size = int(getattr(model_config, "vocab_size", None) or len(tokenizer))
+        if cfg.entropy != "exact" and cfg.entropy_k > self.vocab_size:
+            raise ValueError(f"rollout.entropy_k={cfg.entropy_k} is larger than the vocabulary ({self.vocab_size})")
         if policy is None:
+            if cfg.dtype:  # the sampler computes in its own precision (e.g. bf16 against an fp32 trainer)
+                model_config = dataclasses.replace(model_config, dtype=cfg.dtype)
             policy = make_sampler_policy(model_config, params, tokenizer, num_slots=cfg.num_slots,
                                          max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                                          tool_call_limit=cfg.tool_call_limit, temperature=cfg.temperature,
                                          top_p=cfg.top_p, top_k=cfg.top_k,
-                                         repetition_penalty=cfg.repetition_penalty, decode_chunk=cfg.decode_chunk)
+                                         repetition_penalty=cfg.repetition_penalty, entropy=cfg.entropy,
+                                         entropy_k=cfg.entropy_k, decode_chunk=cfg.decode_chunk)
         self.policy = policy
         self.reward_fn = reward_fn if reward_fn is not None else RecordReward("auto")
         self._reward_pool = ThreadPoolExecutor(max(1, min(4, cfg.tool_workers)), thread_name_prefix="reward")

@@ -63,19 +63,21 @@ def rollout_cache_len(max_prompt_len: int, max_response_len: int, tool_call_limi
 
 def make_sampler_policy(model_config, params, tokenizer, *, num_slots: int, max_prompt_len: int,
                         max_response_len: int, tool_call_limit: int, temperature: float = 1.0, top_p: float = 1.0,
-                        top_k: int = 0, repetition_penalty: float = 1.0, decode_chunk: int = 16,
-                        prefill_chunk: int = 128,
+                        top_k: int = 0, repetition_penalty: float = 1.0, entropy: str = "exact",
+                        entropy_k: int = 10, decode_chunk: int = 16, prefill_chunk: int = 128,
                         stop_strings: Sequence[str] = STOP_STRINGS) -> Sampler:
     """The jitted :class:`Sampler` set up as the tool loop's :class:`SlotPolicy`: stop strings (default: the
     protocol's, :data:`~appo_jax.protocol.STOP_STRINGS`) detected on the tokenizer's text, EOS ids
-    from ``model_config``, ``SamplingParams(temperature, top_p, top_k, repetition_penalty)``, and a cache row of
+    from ``model_config``, ``SamplingParams(temperature, top_p, top_k, repetition_penalty, entropy, entropy_k)``,
+    and a cache row of
     :func:`rollout_cache_len` slots."""
     def detokenize(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
 
     return Sampler(model_config, params, num_slots=num_slots,
                    max_len=rollout_cache_len(max_prompt_len, max_response_len, tool_call_limit, prefill_chunk),
-                   sampling=SamplingParams(float(temperature), float(top_p), int(top_k), float(repetition_penalty)),
+                   sampling=SamplingParams(float(temperature), float(top_p), int(top_k), float(repetition_penalty),
+                                           entropy, int(entropy_k)),
                    stop_strings=tuple(stop_strings), detokenize=detokenize, decode_chunk=decode_chunk,
                    prefill_chunk=prefill_chunk)
 

@@ -88,8 +88,10 @@ def _run(args: argparse.Namespace) -> int:
                         jnp.asarray(traj.tokens), jnp.asarray(traj.response_mask))
         return lc, jnp.asarray(traj.behavior_logp)
 
-    strategy = STRATEGIES.get(args.branch)(n=args.n, n_init=args.n_init, table=candidate_token_table(tokenizer),
-                                            logprobs=current_and_sampler, aepo_penalty=cfg.aepo_penalty)
+    strategy = STRATEGIES.get(args.branch)(n=args.n, n_init=args.n_init,
+                                            table=candidate_token_table(tokenizer, args.branching_parity),
+                                            logprobs=current_and_sampler, aepo_penalty=cfg.aepo_penalty,
+                                            parity=args.branching_parity)
     cfg = cfg.fitted(prompts, len(prompts) * strategy.rollouts_per_prompt)  # the KV cache holds what this call needs
     t0 = time.perf_counter()
     with default_tools(cfg) as tools, RolloutProgress(f"rollout ({args.branch})") as progress:
@@ -133,6 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--branch", default="independent",
                    help="rollout strategy of appo_jax.rollout.strategies: independent (default), appo, arpo, aepo, "
                         "tree")
+    p.add_argument("--branching-parity", default="appo_jax", choices=("appo_jax", "official"),
+                   help="arithmetic of the Branching Score for --branch appo (docs/official_differences.md)")
     p.add_argument("--max-prompt-len", type=int, default=1024)
     p.add_argument("--max-response-len", type=int, default=1024)
     p.add_argument("--tool-call-limit", type=int, default=3)

@@ -42,18 +42,24 @@ import math
 import jax
 import jax.numpy as jnp
 
+from appo_jax.core.branching import ENTROPY_MODES, topk_entropy
+
 Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How tokens are chosen. temperature = 0 means greedy (argmax); top_p in (0, 1] (1 = off); top_k >= 0
-    (0 = off). Hashable: the sampler compiles one decode loop per distinct SamplingParams."""
+    (0 = off). ``entropy`` / ``entropy_k``: the recorded H_t, ``exact`` (full vocabulary) or from the k most
+    likely tokens (`appo_jax.core.branching.topk_entropy`). Hashable: the sampler compiles one decode loop per
+    distinct SamplingParams."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     repetition_penalty: float = 1.0
+    entropy: str = "exact"
+    entropy_k: int = 10
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
@@ -68,6 +74,10 @@ class SamplingParams:
                 and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
             raise ValueError(f"SamplingParams.repetition_penalty must be a finite number > 0 (1 = off), "
                              f"got {self.repetition_penalty!r}")
+        if self.entropy not in ENTROPY_MODES:
+            raise ValueError(f"SamplingParams.entropy must be one of {', '.join(ENTROPY_MODES)}, got {self.entropy!r}")
+        if not (isinstance(self.entropy_k, int) and not isinstance(self.entropy_k, bool) and self.entropy_k >= 1):
+            raise ValueError(f"SamplingParams.entropy_k must be an int >= 1, got {self.entropy_k!r}")
 
     @property
     def greedy(self) -> bool:
@@ -221,8 +231,8 @@ def select_tokens(logits: Array, keys: Array, params: SamplingParams,
     iff ``params.penalizes``).
 
     Returns (tokens int32 [B], log-prob float32 [B] of the chosen token under softmax(l' / T_rec),
-    entropy float32 [B] of that distribution), l' the logits after the repetition penalty, T_rec =
-    `params.record_temperature` (module doc).
+    entropy float32 [B] of that distribution -- exact, or from its top-k per ``params.entropy``), l' the logits
+    after the repetition penalty, T_rec = `params.record_temperature` (module doc).
     """
     if params.penalizes:
         if seen is None:
@@ -237,4 +247,6 @@ def select_tokens(logits: Array, keys: Array, params: SamplingParams,
         u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
         tokens = inverse_cdf_tokens(p, u)
     token_log_p = jnp.take_along_axis(log_p, tokens[:, None], axis=-1)[:, 0]
+    if params.entropy != "exact":
+        entropy = topk_entropy(log_p, tokens, params.entropy_k, params.entropy)
     return tokens, token_log_p, entropy

@@ -186,9 +186,9 @@ def select_groups(groups: Sequence[tuple[RolloutBatch, int]], n: int, num_groups
 class AppoBranching:
     """APPO (docs/algorithm.md §1.1-§1.3): ``n_init`` initial rollouts per prompt; ``logprobs`` gives their
     current and baseline log-probs; `choose_branch_points` picks ``n - n_init`` branch points per prompt with
-    the ``score`` mode; the branches continue their parents' prefixes. Only the initial rows train; their
-    current log-probs are returned as ``old_logp``. ``place`` puts a host Trajectory where the jitted selection
-    runs (the trainer's mesh)."""
+    the ``score`` mode and the ``parity`` arithmetic; the branches continue their parents' prefixes. Only the
+    initial rows train; their current log-probs are returned as ``old_logp``. ``place`` puts a host Trajectory
+    where the jitted selection runs (the trainer's mesh)."""
 
     n: int
     n_init: int
@@ -199,6 +199,7 @@ class AppoBranching:
     clip_eps: float = 0.2
     place: Callable[[Trajectory], Trajectory] = lambda t: t
     labeller: Callable[[Trajectory, Sequence], np.ndarray] | None = None
+    parity: str = "appo_jax"
 
     def __post_init__(self):
         _check_budget(self.n, self.n_init, branches=True)
@@ -225,7 +226,7 @@ class AppoBranching:
             decisions = self.labeller(init.traj, prompts)
         points = _timed(metrics, "time/branching_s", choose_branch_points, self.place(init.traj), lc, lb,
                         self.table, num_groups=num_prompts, budget=self.n - self.n_init, score=self.score,
-                        gamma=self.gamma, clip_eps=self.clip_eps, decisions=decisions)
+                        gamma=self.gamma, clip_eps=self.clip_eps, decisions=decisions, parity=self.parity)
         points = jax.device_get(points)
         branches = _timed(metrics, "time/branch_rollout_s", engine.branches_batch, init.traj, prompts,
                           points.rows, points.positions, points.selected_scores, points.valid, k_branch, progress)
@@ -269,12 +270,13 @@ class TreeSearch(_EveryRowTrains):
 
 
 #: ``STRATEGIES.get(name)(**options)``: options ``n``, ``n_init``, ``table``, ``logprobs``, ``score``,
-#: ``gamma``, ``clip_eps``, ``place``, ``aepo_penalty``, ``labeller`` (each strategy takes what it needs).
+#: ``gamma``, ``clip_eps``, ``place``, ``aepo_penalty``, ``labeller``, ``parity`` (each strategy takes what it
+#: needs).
 STRATEGIES = Registry("rollout strategy")
 STRATEGIES.register("independent", lambda *, n, **_: Independent(n))
 STRATEGIES.register("appo", lambda *, n, n_init, table, logprobs, score="appo", gamma=1.0, clip_eps=0.2,
-                    place=lambda t: t, labeller=None, **_: AppoBranching(n, n_init, table, logprobs, score, gamma,
-                                                                         clip_eps, place, labeller))
+                    place=lambda t: t, labeller=None, parity="appo_jax", **_: AppoBranching(
+                        n, n_init, table, logprobs, score, gamma, clip_eps, place, labeller, parity))
 STRATEGIES.register("arpo", lambda *, n, n_init, **_: ArpoBranching(n, n_init, 0.0))
 STRATEGIES.register("aepo", lambda *, n, n_init, aepo_penalty, **_: ArpoBranching(n, n_init, aepo_penalty))
 STRATEGIES.register("tree", lambda *, n, n_init, **_: TreeSearch(n, n_init))

@@ -68,7 +68,7 @@ class AlgorithmSpec:
         tokens, for the oracle) serve branching strategies."""
         options = dict(n=algorithm.n, n_init=algorithm.n_init, table=table, logprobs=logprobs, score=self.score,
                        gamma=float(algorithm.omega_gamma), clip_eps=float(algorithm.omega_clip),
-                       aepo_penalty=rollout.aepo_penalty, labeller=labeller)
+                       aepo_penalty=rollout.aepo_penalty, labeller=labeller, parity=algorithm.branching_parity)
         if place is not None:
             options["place"] = place
         strategy = STRATEGIES.get(self.rollout)(**options)

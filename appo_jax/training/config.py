@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from appo_jax.core.advantages import PROCEDURE_SCALING
+from appo_jax.core.branch_points import PARITIES
 from appo_jax.core.losses import AGGS, KL_KINDS
 from appo_jax.core.registry import POLICY_LOSSES
 from appo_jax.data.loading import TASKS, get_task
@@ -87,6 +88,8 @@ class AlgorithmSection:
     ``lagged``; omega_gamma / omega_clip: gamma and eps of Omega. procedure_scaling: ``auto`` (the algorithm's
     default), none, reward or advantage; reward_scale_discount: lambda. dynamic_sampling: None = the algorithm's
     default; max_resample_rounds bounds DAPO's refills; aepo_entropy_alpha: AEPO's entropy weight.
+    branching_parity: ``appo_jax`` (default) or ``official``, the arithmetic of the Branching Score and its
+    candidates (docs/official_differences.md).
     """
 
     name: str = "appo"
@@ -102,11 +105,14 @@ class AlgorithmSection:
     dynamic_sampling: bool | None = None
     max_resample_rounds: int = 3
     aepo_entropy_alpha: float = 0.2
+    branching_parity: str = "appo_jax"
 
 
 @dataclass
 class LossSection:
-    """Policy loss (docs/algorithm.md §1.6). mode ``auto`` and clip_high ``None`` take the algorithm's defaults."""
+    """Policy loss (docs/algorithm.md §1.6). mode ``auto`` and clip_high ``None`` take the algorithm's defaults.
+    tis_cap: truncated importance sampling of the sampler / trainer mismatch (None = off; C > 0 multiplies each
+    token's policy-gradient loss by ``min(exp(lc - lb), C)``, detached)."""
 
     mode: str = "auto"
     clip_low: float = 0.2
@@ -120,6 +126,7 @@ class LossSection:
     agg: str = "token-mean"
     kl_coef: float = 0.001
     kl_kind: str = "low_var_kl"
+    tis_cap: float | None = None
 
 
 @dataclass
@@ -389,7 +396,7 @@ def resolved_loss(cfg: ExperimentConfig) -> dict:
         mode=spec.loss_mode, clip_low=loss.clip_low, clip_high=spec.clip_high, clip_ratio_c=loss.clip_ratio_c,
         decay_rate=loss.decay_rate, fkl_clip=loss.fkl_clip, fkl_high_only=loss.fkl_high_only,
         fkl_weight=loss.fkl_weight, safety_thresh=loss.safety_thresh, agg=loss.agg,
-        kl_coef=loss.kl_coef, kl_kind=loss.kl_kind,
+        kl_coef=loss.kl_coef, kl_kind=loss.kl_kind, tis_cap=loss.tis_cap,
     )
 
 
@@ -438,6 +445,7 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"data.task_options={cfg.data.task_options!r}: {exc}") from None
     _choice("algorithm.omega_baseline", a.omega_baseline, OMEGA_BASELINES)
+    _choice("algorithm.branching_parity", a.branching_parity, tuple(PARITIES))
     _choice("algorithm.procedure_scaling", a.procedure_scaling, ("auto",) + PROCEDURE_SCALING)
     _choice("loss.mode", loss.mode, ("auto", *POLICY_LOSSES.names()))
     _choice("loss.agg", loss.agg, AGGS)
@@ -463,6 +471,8 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
                        ("logging.eval_every", cfg.logging.eval_every), ("logging.eval_limit", cfg.logging.eval_limit),
                        ("logging.dump_rollouts_every", cfg.logging.dump_rollouts_every)):
         _positive(key, value, allow_zero=True)
+    if loss.tis_cap is not None:
+        _positive("loss.tis_cap", loss.tis_cap)
     if cfg.sft.steps:
         for key, value in (("sft.batch_size", cfg.sft.batch_size), ("sft.lr", cfg.sft.lr),
                            ("sft.examples", cfg.sft.examples), ("sft.max_response_len", cfg.sft.max_response_len)):

@@ -49,6 +49,24 @@ def batch_metrics(traj: Trajectory, accuracy: np.ndarray, train_rows: int) -> di
     return out
 
 
+def mismatch_metrics(trainer_logp, sampler_logp, mask) -> dict:
+    """How far the sampler's log-probs ``lb`` are from the trainer's ``lc`` for the same tokens and weights
+    (precision, kernels, a stale sampler), over the ``mask`` tokens (d = lc - lb, r = exp(d))::
+
+        mismatch/abs_logp_diff_mean = mean |d|
+        mismatch/kl                 = mean (r - 1 - d)       (k3 estimate of KL(sampler || trainer), >= 0)
+        mismatch/ratio_gt2_frac     = share of tokens with r > 2
+        mismatch/ratio_max          = max r
+
+    ``loss.tis_cap`` corrects for it (`appo_jax.core.losses.tis_weights`). Zeros where nothing is valid."""
+    m = np.asarray(mask, bool)
+    d = np.clip(np.asarray(trainer_logp, np.float64) - np.asarray(sampler_logp, np.float64), -20.0, 20.0)
+    m = m & np.isfinite(d)
+    r = np.exp(d)
+    return {"mismatch/abs_logp_diff_mean": _mean(np.abs(d), m), "mismatch/kl": _mean(r - 1.0 - d, m),
+            "mismatch/ratio_gt2_frac": _mean(r > 2.0, m), "mismatch/ratio_max": float(r[m].max()) if m.any() else 0.0}
+
+
 def branching_metrics(points: BranchPoints, init: Trajectory) -> dict:
     """Branch-point statistics of APPO's selection (host arrays) over the initial rollouts ``init``."""
     valid = np.asarray(points.valid, bool)
@@ -59,6 +77,7 @@ def branching_metrics(points: BranchPoints, init: Trajectory) -> dict:
     strict_at = np.asarray(points.strict)[rows.clip(0), positions.clip(0)]
     return {
         "branch/groups_without_candidates": float((~valid.any(axis=1)).sum()) if valid.shape[1] else 0.0,
+        "branch/dropped_last_position": float(np.asarray(points.dropped, bool).sum()),
         "branch/score_mean": _mean(scores, valid),
         "branch/score_max": float(scores[valid].max()) if valid.any() else 0.0,
         "branch/score_min": float(scores[valid].min()) if valid.any() else 0.0,

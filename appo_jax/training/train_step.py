@@ -105,7 +105,8 @@ def train_step_fn(cfg: StepConfig, lr_schedule=None, param_shardings=None):
         logp, _ = token_logprobs(params, mb.prompt_tokens, mb.prompt_mask, mb.tokens, mb.response_mask,
                                  config=cfg.model, chunk=cfg.logprob_chunk, temperature=cfg.temperature)
         loss, metrics = policy_loss(logp, mb.old_logp, mb.advantages, mb.loss_mask,
-                                    ref_logp=mb.ref_logp if kl_coef else None, **opts)
+                                    ref_logp=mb.ref_logp if kl_coef else None, behavior_logp=mb.behavior_logp,
+                                    **opts)
         norm = jax.lax.stop_gradient(_normaliser(metrics, mb.loss_mask, agg))
         metrics.pop("entropy", None)  # no entropy is passed to the loss (the sampler's is logged by the loop)
         return loss * norm, (metrics, norm)

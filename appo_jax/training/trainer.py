@@ -52,7 +52,8 @@ from appo_jax.training.metrics import MetricsWriter, read_metrics, summarize
 from appo_jax.training.policies import Policies, copy_tree
 from appo_jax.training.prompt_iterator import PromptIterator
 from appo_jax.training.rollout_dump import write_rollout_dump
-from appo_jax.training.rollout_metrics import advantage_metrics, batch_metrics, branching_metrics
+from appo_jax.training.rollout_metrics import (advantage_metrics, batch_metrics, branching_metrics,
+                                               mismatch_metrics)
 from appo_jax.training.sft import encode_examples, load_sft_examples, make_sft_step, sft_batches
 from appo_jax.training.state import learning_rate_schedule, make_optimizer
 from appo_jax.training.train_step import StepConfig, TrainStepRunner, init_train_state
@@ -86,9 +87,10 @@ class Collected:
 
 
 @functools.lru_cache(maxsize=8)
-def _candidate_table(tokenizer, vocab_size: int) -> np.ndarray:
-    """The branch-candidate table of the tokenizer, padded with False up to the model's vocabulary size."""
-    table = candidate_token_table(tokenizer)
+def _candidate_table(tokenizer, vocab_size: int, rule: str) -> np.ndarray:
+    """The branch-candidate table of the tokenizer under ``rule`` (the branching parity), padded with False up to
+    the model's vocabulary size."""
+    table = candidate_token_table(tokenizer, rule)
     if table.size < vocab_size:
         table = np.concatenate([table, np.zeros(vocab_size - table.size, bool)])
     return table[:vocab_size]
@@ -159,7 +161,8 @@ class Trainer:
         self.runner = TrainStepRunner(self.step_cfg, mesh=self.mesh, lr_schedule=self.lr_schedule,
                                       shardings=self.shardings)
         self.strategy = self.spec.strategy(
-            a, cfg.rollout, table=jnp.asarray(_candidate_table(self.tokenizer, self.model_config.vocab_size)),
+            a, cfg.rollout, table=jnp.asarray(_candidate_table(self.tokenizer, self.model_config.vocab_size,
+                                                                 a.branching_parity)),
             logprobs=self.policies.current_and_baseline, place=self.placement.tree,
             labeller=DecisionLabeller(self.task, self.tokenizer) if self.task and self.task.decision_spans else None)
         task = self.task
@@ -355,6 +358,9 @@ class Trainer:
             init_rows = jax.tree.map(lambda x: np.asarray(x)[:sampled.train_rows], sampled.batch.traj)
             metrics.update(branching_metrics(sampled.branching, init_rows))
         metrics.update(advantage_metrics(col.advantages, batch.loss_mask))
+        train_traj = jax.tree.map(lambda x: np.asarray(x)[:sampled.train_rows], sampled.batch.traj)
+        metrics.update(mismatch_metrics(col.old_logp, train_traj.behavior_logp,
+                                        train_traj.gen_mask & train_traj.row_valid[:, None]))
         rollout_s = metrics.get("time/rollout_s", 0.0) + metrics.get("time/branch_rollout_s", 0.0)
         generated = float(np.asarray(sampled.batch.traj.gen_mask).sum())
         metrics["rollout/generated_tokens"] = generated  # every sampled row's, trained or not: the budget spent
@@ -369,7 +375,8 @@ class Trainer:
         col = self.collect(jax.random.fold_in(jnp.asarray(self.state.rng), it))
         traj = jax.tree.map(lambda x: np.asarray(x)[:col.train_rows], col.batch.traj)
         batch = TrainBatch.from_trajectory(traj, col.advantages, col.old_logp, col.ref_logp,
-                                           train_branches=self.spec.train_branches)
+                                           train_branches=self.spec.train_branches,
+                                           with_behavior=cfg.loss.tis_cap is not None)
         t0 = time.perf_counter()
         self.state, step_metrics = self.runner(self.state, batch)
         step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}

@@ -15,9 +15,10 @@ run; the tiny model is what the CPU grid uses).
 """
 import os
 
-from appo_jax.training.config import ConfigError, ExperimentConfig
+from appo_jax.training.config import ConfigError, ExperimentConfig, set_value
+from appo_jax.training.fidelity import OFFICIAL
 
-#: method -> (algorithm name, {config field: value} beyond the algorithm)
+#: method -> (algorithm name, {algorithm field or dotted config key: value} beyond the algorithm)
 METHODS = {
     "grpo": ("grpo", {}),
     "dapo": ("dapo", {}),
@@ -33,6 +34,8 @@ METHODS = {
     "appo_sampler": ("appo", {"omega_baseline": "sampler"}),
     "appo_reference": ("appo", {"omega_baseline": "reference"}),
     "appo_oracle": ("appo_oracle", {}),
+    # APPO with the official implementation's Branching Score (docs/official_differences.md)
+    "appo_official": ("appo", dict(OFFICIAL)),
 }
 TASKS = {
     # difficulty: 2-3 hops, 2 distractor pages per search, 30% of the SFT traces take one wrong decision
@@ -70,7 +73,10 @@ def get_config(arg: str = "appo,kb_multihop,1") -> ExperimentConfig:
     a.name, a.n, a.n_init = algorithm, 8, 4
     a.omega_baseline = "lagged"
     for key, value in extra.items():
-        setattr(a, key, value)
+        if "." in key:
+            set_value(c, key, str(value))
+        else:
+            setattr(a, key, value)
 
     t = c.train
     t.steps, t.prompts_per_step, t.mini_batch_prompts, t.ppo_epochs, t.logprob_chunk = 12, 8, 4, 1, 256
