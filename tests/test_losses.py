@@ -100,7 +100,11 @@ def ref_policy_loss(lp, old, A, m, mode, el=EL, eh=EH, c=C, decay=64.0, fclip=0.
             a = A[i, t] * (1 + b * w[i, t]) if mode == "future_kl" else A[i, t]
             r = math.exp(ref_dlog(lp, old, i, t))
             lc = max(-a * r, -a * min(max(r, 1 - el), 1 + eh))
-            if mode == "ppo" or a >= 0:
+            if mode == "gppo":  # the value of the PPO clip (no dual clip)
+                tok[i, t] = lc
+            elif mode == "cispo":  # -sg(min(r, 1 + eh)) A lp
+                tok[i, t] = -min(r, 1 + eh) * a * lp[i, t]
+            elif mode == "ppo" or a >= 0:
                 tok[i, t] = lc
             else:
                 tok[i, t] = min(-a * c, lc)
@@ -437,7 +441,7 @@ def test_registry():
         a = get_policy_loss(mode)(lp, old, A, m, agg="seq-mean-token-mean")[0]
         b = policy_loss(lp, old, A, m, mode=mode, agg="seq-mean-token-mean")[0]
         assert float(a) == float(b)
-    with pytest.raises(UnknownNameError, match="known: aepo, dual_clip, future_kl, ppo"):
+    with pytest.raises(UnknownNameError, match="known: aepo, cispo, dual_clip, future_kl, gppo, ppo"):
         get_policy_loss("trpo")
 
 
@@ -520,3 +524,31 @@ def test_tis_bad_cap_names_the_value(cap):
         policy_loss(lp, old, A, m, behavior_logp=old, tis_cap=cap)
     with pytest.raises(ValueError, match="behaviour log-probs"):
         policy_loss(lp, old, A, m, tis_cap=2.0)
+
+
+def test_gppo_keeps_a_bounded_gradient_where_ppo_clips():
+    """GPPO: the value of the PPO clip; where PPO clips (A > 0, r > 1 + eh or A < 0, r < 1 - el) the gradient
+    d loss_t / d lp_t is -A (1 + eh) resp. -A (1 - el) instead of 0, elsewhere it equals PPO's (-A r)."""
+    lp = np.array([[0.5, -0.5, 0.5, -0.5, 0.1, 0.0]], np.float32)
+    old = np.zeros_like(lp)
+    A = np.array([[1.0, -1.0, -1.0, 1.0, 1.0, -1.0]], np.float32)
+    m = np.ones_like(lp, bool)
+    g = np.asarray(jax.grad(lambda x: policy_loss(x, old, A, m, mode="gppo", agg="seq-mean-token-sum")[0])(
+        jnp.asarray(lp)))[0]
+    r = np.exp(lp[0])
+    want = [-1.0 * (1 + EH), 1.0 * (1 - EL), -(-1.0) * r[2], -1.0 * r[3], -1.0 * r[4], 1.0 * r[5]]
+    np.testing.assert_allclose(g, want, rtol=1e-5)
+    ppo = np.asarray(jax.grad(lambda x: policy_loss(x, old, A, m, mode="ppo", agg="seq-mean-token-sum")[0])(
+        jnp.asarray(lp)))[0]
+    np.testing.assert_allclose(ppo[:2], 0.0)  # PPO: no gradient at the clipped tokens
+    np.testing.assert_allclose(ppo[2:], g[2:], rtol=1e-5)
+
+
+def test_cispo_gradient_is_the_clipped_detached_weight_times_the_advantage():
+    lp = np.array([[0.5, -0.5, 0.1, -2.0]], np.float32)
+    old = np.zeros_like(lp)
+    A = np.array([[1.0, -1.0, -2.0, 0.5]], np.float32)
+    m = np.ones_like(lp, bool)
+    g = np.asarray(jax.grad(lambda x: policy_loss(x, old, A, m, mode="cispo", agg="seq-mean-token-sum")[0])(
+        jnp.asarray(lp)))[0]
+    np.testing.assert_allclose(g, -np.minimum(np.exp(lp[0]), 1 + EH) * A[0], rtol=1e-5)  # no token dropped

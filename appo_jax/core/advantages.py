@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from appo_jax.core.registry import ADVANTAGES
 from appo_jax.core.scan import reverse_discounted_cumsum
-from appo_jax.core.stats import masked_mean, masked_zscore, segment_zscore
+from appo_jax.core.stats import masked_mean, masked_zscore, segment_mean, segment_zscore
 
 Array = jax.Array
 
@@ -329,6 +329,42 @@ def _aepo(*, rewards, group_ids, gen_mask, num_groups, entropy=None, valid=None,
     z = jax.lax.stop_gradient(entropy_zscore(entropy, gen_mask, scope=entropy_scope, group_ids=group_ids,
                                              num_groups=num_groups, valid=valid))
     return base * (1.0 + entropy_alpha * z)
+
+
+def reinforce_pp_advantages(rewards, group_ids, gen_mask, num_groups: int, valid=None, baseline: bool = False
+                            ) -> Array:
+    """REINFORCE++ (Hu 2025, arXiv 2501.03262) with the outcome reward and the KL in the loss (``kl_coef``), not in
+    the reward: the return of every generated token is the row's reward (gamma = 1), whitened over the whole
+    batch's valid tokens::
+
+        G_t = R'_i m_t,   R'_i = R_i  (or R_i - mean_{group(i)} R with ``baseline``: REINFORCE++-baseline)
+        A_t = (G_t - mu) / sqrt(var + 1e-8),   mu, var = token-weighted mean and population variance of G
+                                                          over the valid tokens of the batch
+
+    Rows that do not take part (invalid, group out of range, non-finite reward) get 0 and are left out of mu
+    and var. O(N L)."""
+    ok = _row_ok(rewards, group_ids, num_groups, valid)
+    r = jnp.where(ok, jnp.asarray(rewards, jnp.float32), 0.0)
+    if baseline:
+        g = jnp.clip(jnp.asarray(group_ids, jnp.int32), 0, num_groups - 1)
+        r = r - segment_mean(r, group_ids, num_groups, mask=ok)[g]
+    m = jnp.asarray(gen_mask).astype(bool) & ok[:, None]
+    returns = jnp.broadcast_to(r[:, None], m.shape)
+    mu = masked_mean(returns.reshape(-1), m.reshape(-1))
+    var = masked_mean(((returns - mu) ** 2).reshape(-1), m.reshape(-1))
+    return jnp.where(m, (returns - mu) / jnp.sqrt(var + 1e-8), 0.0)
+
+
+@ADVANTAGES.register("reinforce_pp")
+def _reinforce_pp(*, rewards, group_ids, gen_mask, num_groups, valid=None, **_):
+    """REINFORCE++: :func:`reinforce_pp_advantages` (batch-whitened outcome returns)."""
+    return reinforce_pp_advantages(rewards, group_ids, gen_mask, num_groups, valid)
+
+
+@ADVANTAGES.register("reinforce_pp_baseline")
+def _reinforce_pp_baseline(*, rewards, group_ids, gen_mask, num_groups, valid=None, **_):
+    """REINFORCE++-baseline: the prompt group's mean reward subtracted, then batch-whitened."""
+    return reinforce_pp_advantages(rewards, group_ids, gen_mask, num_groups, valid, baseline=True)
 
 
 def compute_advantages(name: str, **fields) -> Array:

@@ -30,7 +30,7 @@ Array = jax.Array
 LOG_RATIO_CLIP = 20.0
 KL_CLAMP = 10.0
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
-MODES = ("ppo", "dual_clip", "future_kl", "aepo")
+MODES = ("ppo", "dual_clip", "future_kl", "aepo", "gppo", "cispo")
 AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 _DUAL_CLIP_MODES = ("dual_clip", "future_kl", "aepo")
 
@@ -291,6 +291,13 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
                       the clipped value, but the gradient is kept and rescaled: for A > 0 and
                       r > 1 + clip_high the token contributes ``-A (1 + clip_high) grad log pi`` instead of 0.
                       The low clip and the dual clip are unchanged.
+        "gppo":       GPPO (Klear-Reasoner, Su et al. 2025, arXiv 2508.07629), gradient-preserving clipping on
+                      both sides: ``loss_t = -A q`` with ``q = (1 + clip_high) r / sg(r)`` where A > 0 and
+                      r > 1 + clip_high, ``q = (1 - clip_low) r / sg(r)`` where A < 0 and r < 1 - clip_low,
+                      else ``q = r`` (the value of the PPO clip, a bounded gradient for clipped tokens; no
+                      dual clip).
+        "cispo":      CISPO (MiniMax-M1, arXiv 2506.13585): ``loss_t = -sg(min(r, 1 + clip_high)) A lp``, the
+                      importance weight clipped from above only and detached; no token is dropped.
 
     With ``tis_cap = C`` (off by default: None) each ``loss_t`` is multiplied by the truncated importance weight
     ``w_t = sg(min(exp(lp_old_t - behavior_logp_t), C))`` of :func:`tis_weights` (the sampler / trainer
@@ -323,13 +330,22 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
                                clip_ratio_c=clip_ratio_c, safety_thresh=safety_thresh)
         adv = adv * (1.0 + fkl_weight * w)
     hi = 1.0 + clip_high
+    keep = jnp.exp(d - jax.lax.stop_gradient(d))  # value 1, gradient of log r: x * keep = x with r's gradient
     if mode == "aepo":
-        r_clip = jnp.where(r > hi, hi * jnp.exp(d - jax.lax.stop_gradient(d)), jnp.clip(r, 1.0 - clip_low, hi))
+        r_clip = jnp.where(r > hi, hi * keep, jnp.clip(r, 1.0 - clip_low, hi))
     else:
         r_clip = jnp.clip(r, 1.0 - clip_low, hi)
     l1 = -adv * r
     lc = jnp.maximum(l1, -adv * r_clip)
-    if mode == "ppo":
+    if mode == "gppo":
+        q = jnp.where((adv > 0) & (r > hi), hi * keep, jnp.where((adv < 0) & (r < 1.0 - clip_low),
+                                                                 (1.0 - clip_low) * keep, r))
+        tok = -adv * q
+        dual = jnp.zeros_like(m)
+    elif mode == "cispo":
+        tok = -jax.lax.stop_gradient(jnp.minimum(r, hi)) * adv * lp
+        dual = jnp.zeros_like(m)
+    elif mode == "ppo":
         tok = lc
         dual = jnp.zeros_like(m)
     else:

@@ -99,6 +99,12 @@ _APPO = dict(rollout="appo", advantage="appo", loss_mode="future_kl", clip_high=
 for _spec in (
     AlgorithmSpec("grpo", "independent", "grpo", "dual_clip", 0.2, procedure_scaling="none"),
     AlgorithmSpec("dapo", "independent", "grpo", "ppo", 0.28, procedure_scaling="none", dynamic_sampling=True),
+    # the paper's other baselines (docs/algorithm.md §1.9)
+    AlgorithmSpec("reinforce_pp", "independent", "reinforce_pp", "ppo", 0.2, procedure_scaling="none"),
+    AlgorithmSpec("reinforce_pp_baseline", "independent", "reinforce_pp_baseline", "ppo", 0.2,
+                  procedure_scaling="none"),
+    AlgorithmSpec("gppo", "independent", "grpo", "gppo", 0.28, procedure_scaling="none"),
+    AlgorithmSpec("cispo", "independent", "grpo", "cispo", 0.28, procedure_scaling="none"),
     AlgorithmSpec("arpo", "arpo", "arpo", "dual_clip", 0.2, procedure_scaling="none", train_branches=True),
     AlgorithmSpec("aepo", "aepo", "aepo", "aepo", 0.2, procedure_scaling="none", train_branches=True),
     AlgorithmSpec("tree_grpo", "tree", "tree_grpo", "dual_clip", 0.2, procedure_scaling="none",

@@ -22,6 +22,9 @@ from appo_jax.training.fidelity import OFFICIAL
 METHODS = {
     "grpo": ("grpo", {}),
     "dapo": ("dapo", {}),
+    "reinforce_pp": ("reinforce_pp", {}),
+    "gppo": ("gppo", {}),
+    "cispo": ("cispo", {}),
     "arpo": ("arpo", {}),
     "aepo": ("aepo", {}),
     "tree_grpo": ("tree_grpo", {}),

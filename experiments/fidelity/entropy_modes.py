@@ -3,8 +3,8 @@ row 6): the same rollouts sampled three times with the same keys (the tokens are
 changes what is recorded), recording H_t exactly, renormalised over the top k (``topk``) and as the official code
 (``official_topk``: vLLM's top-k log-probs plus the sampled token, not renormalised).
 
-    python experiments/entropy_modes.py --model smollm2-135m-instruct --dataset gsm8k --prompts 8 --n 4 \\
-        --out experiments/results/entropy_modes.json
+    python experiments/fidelity/entropy_modes.py --model smollm2-135m-instruct --dataset gsm8k --prompts 8 --n 4 \\
+        --out experiments/fidelity/entropy_modes.json
 
 Prints one JSON line: per top-k mode, the Spearman rank correlation with the exact entropy over the generated
 tokens, the mean absolute difference, and the overlap of the branch points each entropy selects (entropy-only
