@@ -68,7 +68,6 @@ def main(argv=None) -> None:
     ap.add_argument("--max-response-len", type=int, default=384)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--debug", action="store_true")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -98,9 +97,6 @@ def main(argv=None) -> None:
     if pad > 0:
         ours, official = (np.concatenate([x, np.zeros(pad, bool)]) for x in (ours, official))
     base = _chosen(exact, h["exact"], ours, len(prompts), args.budget, "appo_jax")
-    if args.debug:
-        for mode in MODES:
-            print(mode, _chosen(exact, h[mode], ours, len(prompts), args.budget, "appo_jax"))
     out = {"model": args.model, "dataset": args.dataset, "prompts": len(prompts), "rollouts_per_prompt": args.n,
            "generated_tokens": int(gen.sum()), "k": args.k, "budget": args.budget,
            "processor": _processor()}
