@@ -70,14 +70,14 @@ def test_batch_must_divide_the_mesh():
 EXPECTED_LOSS = {"grpo": ("dual_clip", 0.2), "dapo": ("ppo", 0.28), "arpo": ("dual_clip", 0.2),
                  "aepo": ("aepo", 0.2), "tree_grpo": ("dual_clip", 0.2), "appo_no_future_kl": ("dual_clip", 0.28),
                  "reinforce_pp": ("ppo", 0.2), "reinforce_pp_baseline": ("ppo", 0.2), "gppo": ("gppo", 0.28),
-                 "cispo": ("cispo", 0.28)}
+                 "cispo": ("cispo", 0.28), "gigpo": ("dual_clip", 0.2)}
 
 
 def test_algorithm_resolution_follows_the_design():
     assert set(ALGORITHMS) == {"grpo", "dapo", "arpo", "aepo", "tree_grpo", "appo", "appo_entropy_only",
                                "appo_omega_only", "appo_no_prefix_credit", "appo_no_procedure_scaling",
                                "appo_no_future_kl", "appo_oracle", "reinforce_pp", "reinforce_pp_baseline", "gppo",
-                               "cispo"}
+                               "cispo", "gigpo"}
     for name in ALGORITHMS:
         labelled = ["data.train=arith_program"] if ALGORITHMS[name].score == "oracle" else []  # needs decision labels
         cfg = apply_overrides(_small(), [f"algorithm.name={name}", *labelled])

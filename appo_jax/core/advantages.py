@@ -263,7 +263,8 @@ def entropy_zscore(entropy, gen_mask, *, scope: str = "token", group_ids=None, n
 ADVANTAGE_FIELDS = frozenset({
     "rewards", "group_ids", "is_branch", "parent", "branch_pos", "gen_mask", "num_groups", "valid",
     "norm_by_std", "branch_scores", "entropy", "tree_ids", "num_trees", "procedure_scaling",
-    "reward_scale_discount", "prefix_credit", "entropy_alpha", "entropy_scope",
+    "reward_scale_discount", "prefix_credit", "entropy_alpha", "entropy_scope", "obs_mask", "tokens",
+    "gigpo_gamma", "gigpo_step_weight",
 })
 
 
@@ -380,9 +381,10 @@ def compute_advantages(name: str, **fields) -> Array:
 
 def advantages_from_trajectory(name: str, traj, num_groups: int, **options) -> Array:
     """:func:`compute_advantages` with the fields read from a ``Trajectory`` batch (reward, group_id,
-    kind, parent, branch_pos, gen_mask, row_valid, branch_score, entropy); ``options`` adds the rest
+    kind, parent, branch_pos, gen_mask, row_valid, branch_score, entropy, obs_mask, tokens); ``options`` adds the rest
     (``norm_by_std``, ``procedure_scaling``, ``tree_ids``/``num_trees``, ...)."""
     return compute_advantages(
         name, rewards=traj.reward, group_ids=traj.group_id, is_branch=traj.is_branch, parent=traj.parent,
         branch_pos=traj.branch_pos, gen_mask=traj.gen_mask, valid=traj.row_valid,
-        branch_scores=traj.branch_score, entropy=traj.entropy, num_groups=num_groups, **options)
+        branch_scores=traj.branch_score, entropy=traj.entropy, obs_mask=traj.obs_mask, tokens=traj.tokens,
+        num_groups=num_groups, **options)

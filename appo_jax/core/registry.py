@@ -25,14 +25,14 @@ class Registry:
     names the registry and lists every known name.
     """
 
-    def __init__(self, kind: str, provider: str | None = None):
+    def __init__(self, kind: str, provider: str | tuple[str, ...] | None = None):
         self.kind = kind
-        self._provider = provider
+        self._providers = (provider,) if isinstance(provider, str) else tuple(provider or ())
         self._items: dict[str, Callable] = {}
 
     def _load(self) -> None:
-        if self._provider is not None:
-            importlib.import_module(self._provider)
+        for module in self._providers:  # the modules whose import registers the built-in entries
+            importlib.import_module(module)
 
     def register(self, name: str, fn: Callable | None = None, *, override: bool = False):
         if not isinstance(name, str) or not name:
@@ -63,7 +63,7 @@ class Registry:
 
 
 #: Token-advantage estimators: ``fn(**fields) -> [N, L]`` (see ``appo_jax.core.advantages``).
-ADVANTAGES = Registry("advantage estimator", provider="appo_jax.core.advantages")
+ADVANTAGES = Registry("advantage estimator", provider=("appo_jax.core.advantages", "appo_jax.core.gigpo"))
 #: Policy losses: ``fn(logp, old_logp, advantages, mask, **options) -> (loss, metrics)``.
 POLICY_LOSSES = Registry("policy loss", provider="appo_jax.core.losses")
 

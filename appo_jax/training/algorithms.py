@@ -59,7 +59,8 @@ class AlgorithmSpec:
         config's ``algorithm`` section."""
         return dict(norm_by_std=algorithm.norm_by_std, procedure_scaling=self.procedure_scaling,
                     reward_scale_discount=algorithm.reward_scale_discount, prefix_credit=self.prefix_credit,
-                    entropy_alpha=algorithm.aepo_entropy_alpha)
+                    entropy_alpha=algorithm.aepo_entropy_alpha, gigpo_gamma=algorithm.gigpo_gamma,
+                    gigpo_step_weight=algorithm.gigpo_step_weight)
 
     def strategy(self, algorithm, rollout, *, table=None, logprobs: Callable | None = None,
                  place: Callable | None = None, labeller: Callable | None = None) -> RolloutStrategy:
@@ -105,6 +106,7 @@ for _spec in (
                   procedure_scaling="none"),
     AlgorithmSpec("gppo", "independent", "grpo", "gppo", 0.28, procedure_scaling="none"),
     AlgorithmSpec("cispo", "independent", "grpo", "cispo", 0.28, procedure_scaling="none"),
+    AlgorithmSpec("gigpo", "independent", "gigpo", "dual_clip", 0.2, procedure_scaling="none"),
     AlgorithmSpec("arpo", "arpo", "arpo", "dual_clip", 0.2, procedure_scaling="none", train_branches=True),
     AlgorithmSpec("aepo", "aepo", "aepo", "aepo", 0.2, procedure_scaling="none", train_branches=True),
     AlgorithmSpec("tree_grpo", "tree", "tree_grpo", "dual_clip", 0.2, procedure_scaling="none",

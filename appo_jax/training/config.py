@@ -89,7 +89,8 @@ class AlgorithmSection:
     default), none, reward or advantage; reward_scale_discount: lambda. dynamic_sampling: None = the algorithm's
     default; max_resample_rounds bounds DAPO's refills; aepo_entropy_alpha: AEPO's entropy weight.
     branching_parity: ``appo_jax`` (default) or ``official``, the arithmetic of the Branching Score and its
-    candidates (docs/official_differences.md).
+    candidates (docs/official_differences.md). gigpo_gamma / gigpo_step_weight: GiGPO's step discount and the
+    weight omega of its step-level advantage (docs/algorithm.md §1.9).
     """
 
     name: str = "appo"
@@ -106,6 +107,8 @@ class AlgorithmSection:
     max_resample_rounds: int = 3
     aepo_entropy_alpha: float = 0.2
     branching_parity: str = "appo_jax"
+    gigpo_gamma: float = 0.95
+    gigpo_step_weight: float = 1.0
 
 
 @dataclass

@@ -25,6 +25,7 @@ METHODS = {
     "reinforce_pp": ("reinforce_pp", {}),
     "gppo": ("gppo", {}),
     "cispo": ("cispo", {}),
+    "gigpo": ("gigpo", {}),
     "arpo": ("arpo", {}),
     "aepo": ("aepo", {}),
     "tree_grpo": ("tree_grpo", {}),

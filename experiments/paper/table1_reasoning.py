@@ -5,16 +5,17 @@
 
 The argument selects a row: ``<backbone>,<method>``. Backbones: ``qwen2.5-7b`` (Qwen2.5-7B-Instruct) and
 ``llama3.1-8b`` (Llama-3.1-8B-Instruct), read from ``$APPO_MODELS/<HF repo name>`` (default ``~/models``) or
-``--set model.name=/path``. Methods: ``grpo``, ``reinforce_pp``, ``dapo``, ``gppo``, ``cispo``, ``arpo``,
-``appo`` (the paper's GiGPO row is not implemented yet). Every method runs with the same budget: 96 prompts per step and
-16 rollouts per prompt (APPO and ARPO: 8 initial), on the 10k mixed math + QA RL set with python and search tools.
+``--set model.name=/path``. Methods: ``grpo``, ``reinforce_pp``, ``dapo``, ``gppo``, ``cispo``, ``gigpo``,
+``arpo``, ``appo`` (the RL methods the paper compares in Table 1). Every method runs with the same budget: 96
+prompts per step and 16 rollouts per prompt (APPO and ARPO: 8 initial), on the 10k mixed math + QA RL set with
+python and search tools.
 """
 import os
 
 from appo_jax.training.config import ConfigError, ExperimentConfig
 
 BACKBONES = {"qwen2.5-7b": "Qwen2.5-7B-Instruct", "llama3.1-8b": "Llama-3.1-8B-Instruct"}
-METHODS = ("grpo", "reinforce_pp", "dapo", "gppo", "cispo", "arpo", "appo")
+METHODS = ("grpo", "reinforce_pp", "dapo", "gppo", "cispo", "gigpo", "arpo", "appo")
 ROWS = tuple(f"{b},{m}" for b in BACKBONES for m in METHODS)
 
 
