@@ -157,15 +157,22 @@ def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[
 
 
 def regenerate_command(root: Path, runs: list[dict]) -> str:
-    """The run_grid command of the runs present (methods, seeds, tasks, and the grid's overrides)."""
+    """The run_grid commands of exactly the runs present: one line per distinct (tasks, seeds) set of methods,
+    with the grid's overrides."""
     marker = root / "grid.json"
     overrides = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
-    methods = ",".join(dict.fromkeys(r["method"] for r in runs))
-    seeds = ",".join(str(s) for s in sorted({r["seed"] for r in runs}))
-    tasks = ",".join(sorted({r["task"] for r in runs}))
     sets = "".join(f" --set {o}" for o in overrides)
-    return (f"python experiments/mini/run_grid.py --methods {methods} --seeds {seeds} --tasks {tasks} "
-            f"--out {root}{sets}")
+    per_method: dict[str, tuple] = {}
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        per_method[method] = (tuple(sorted({r["task"] for r in mine})), tuple(sorted({r["seed"] for r in mine})))
+    lines = []
+    for key in dict.fromkeys(per_method.values()):
+        methods = ",".join(m for m, k in per_method.items() if k == key)
+        tasks, seeds = ",".join(key[0]), ",".join(str(s) for s in key[1])
+        lines.append(f"python experiments/mini/run_grid.py --methods {methods} --seeds {seeds} --tasks {tasks} "
+                     f"--out {root}{sets}")
+    return "\n".join(lines)
 
 
 def pilot_section(pilots: list[dict]) -> list[str]:
