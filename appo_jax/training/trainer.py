@@ -65,10 +65,11 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Collected:
-    """One iteration's rollouts and what the update used: ``sampled`` (the strategy's output), the
-    ``advantages`` / ``old_logp`` / ``ref_logp`` of its ``train_rows`` leading rows."""
+    """One iteration's rollouts and what the update used: ``sampled`` (the strategy's output), ``train_traj``
+    (its ``train_rows`` leading rows, host arrays) and their ``advantages`` / ``old_logp`` / ``ref_logp``."""
 
     sampled: Sampled
+    train_traj: Any
     advantages: Any
     old_logp: Any
     ref_logp: Any
@@ -348,17 +349,16 @@ class Trainer:
                           num_groups=num_prompts, num_trees=full.traj.num_rows, options=self.advantage_options)[:n]
         jax.block_until_ready(adv)
         sampled.metrics["time/advantages_s"] = time.perf_counter() - t0
-        return Collected(sampled, adv, old, ref)
+        return Collected(sampled, traj, adv, old, ref)
 
     def _iteration_metrics(self, col: Collected, batch: TrainBatch) -> dict:
         sampled = col.sampled
         metrics = dict(sampled.metrics)
         metrics.update(batch_metrics(sampled.batch.traj, sampled.batch.accuracy, sampled.train_rows))
+        train_traj = col.train_traj
         if sampled.branching is not None:
-            init_rows = jax.tree.map(lambda x: np.asarray(x)[:sampled.train_rows], sampled.batch.traj)
-            metrics.update(branching_metrics(sampled.branching, init_rows))
+            metrics.update(branching_metrics(sampled.branching, train_traj))
         metrics.update(advantage_metrics(col.advantages, batch.loss_mask))
-        train_traj = jax.tree.map(lambda x: np.asarray(x)[:sampled.train_rows], sampled.batch.traj)
         metrics.update(mismatch_metrics(col.old_logp, train_traj.behavior_logp,
                                         train_traj.gen_mask & train_traj.row_valid[:, None]))
         rollout_s = metrics.get("time/rollout_s", 0.0) + metrics.get("time/branch_rollout_s", 0.0)
@@ -373,8 +373,7 @@ class Trainer:
         it = self.iteration + 1
         t_start = time.perf_counter()
         col = self.collect(jax.random.fold_in(jnp.asarray(self.state.rng), it))
-        traj = jax.tree.map(lambda x: np.asarray(x)[:col.train_rows], col.batch.traj)
-        batch = TrainBatch.from_trajectory(traj, col.advantages, col.old_logp, col.ref_logp,
+        batch = TrainBatch.from_trajectory(col.train_traj, col.advantages, col.old_logp, col.ref_logp,
                                            train_branches=self.spec.train_branches,
                                            with_behavior=cfg.loss.tis_cap is not None)
         t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import os
 from appo_jax.training.config import ConfigError, ExperimentConfig, set_value
 from appo_jax.training.fidelity import OFFICIAL
 
-#: method -> (algorithm name, {algorithm field or dotted config key: value} beyond the algorithm)
+#: method -> (algorithm name, {dotted config key: value} beyond the algorithm)
 METHODS = {
     "grpo": ("grpo", {}),
     "dapo": ("dapo", {}),
@@ -35,8 +35,8 @@ METHODS = {
     "appo_no_prefix_credit": ("appo_no_prefix_credit", {}),
     "appo_no_procedure_scaling": ("appo_no_procedure_scaling", {}),
     "appo_no_future_kl": ("appo_no_future_kl", {}),
-    "appo_sampler": ("appo", {"omega_baseline": "sampler"}),
-    "appo_reference": ("appo", {"omega_baseline": "reference"}),
+    "appo_sampler": ("appo", {"algorithm.omega_baseline": "sampler"}),
+    "appo_reference": ("appo", {"algorithm.omega_baseline": "reference"}),
     "appo_oracle": ("appo_oracle", {}),
     # APPO with the official implementation's Branching Score (docs/official_differences.md)
     "appo_official": ("appo", dict(OFFICIAL)),
@@ -77,10 +77,7 @@ def get_config(arg: str = "appo,kb_multihop,1") -> ExperimentConfig:
     a.name, a.n, a.n_init = algorithm, 8, 4
     a.omega_baseline = "lagged"
     for key, value in extra.items():
-        if "." in key:
-            set_value(c, key, str(value))
-        else:
-            setattr(a, key, value)
+        set_value(c, key, str(value))
 
     t = c.train
     t.steps, t.prompts_per_step, t.mini_batch_prompts, t.ppo_epochs, t.logprob_chunk = 12, 8, 4, 1, 256
