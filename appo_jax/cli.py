@@ -20,7 +20,7 @@ COMMAND_MODULES = (
     "appo_jax.training.commands",
     "appo_jax.tools.commands",
     "appo_jax.data.commands",
-    "appo_jax.models.commands",
+    "appo_jax.training.plan_commands",
 )
 
 

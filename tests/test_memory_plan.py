@@ -1,4 +1,5 @@
-"""Memory plan: exact param / cache bytes against directly counted shards on a real 8-device mesh."""
+"""Memory plan: exact param / cache bytes against directly counted shards on a real 8-device mesh, and the plan
+against XLA's compiled memory analysis of the real train step."""
 import math
 
 import jax
@@ -7,7 +8,8 @@ import pytest
 from appo_jax.models.decoder import init_params
 from appo_jax.models.kv_cache import init_cache
 from appo_jax.models.presets import get_config
-from appo_jax.models.commands import register
+from appo_jax.training.plan_commands import register
+from appo_jax.training.compiled_memory import compare_with_xla
 from appo_jax.models.memory_plan import plan_memory
 from appo_jax.parallel.mesh import make_mesh
 from appo_jax.models.sharding import cache_shardings, shard_params
@@ -63,3 +65,35 @@ def test_plan_cli_prints_json(capsys):
     assert out["bytes_per_device"]["kv_cache"] > 0 and out["gib_per_device"]["total"] > 0
     with pytest.raises(SystemExit):
         parser.parse_args(["plan", "--model", "x", "--mesh", "1,2"])
+
+
+# Float32 compute: XLA:CPU computes bfloat16 in float32, so only float32 checks the activation coefficients.
+@pytest.mark.parametrize("remat, mesh_shape", [("full", (1, 1, 1)), ("none", (2, 2, 2))])
+def test_plan_within_10_percent_of_xla_compiled_memory(remat, mesh_shape):
+    data, fsdp, tensor = mesh_shape
+    cfg = get_config("tiny-llama").replace(remat_policy=remat)
+    out = compare_with_xla(cfg, data=data, fsdp=fsdp, tensor=tensor, batch=16, seq_len=256)
+    xla, err = out["xla"], out["relative_error"]
+    assert xla["argument_is_per_device"]  # the analysis is per device: arguments = the inputs' local shards
+    assert xla["params"] == out["plan"]["params"]
+    assert 0 <= xla["optimizer"] - out["plan"]["optimizer"] <= 16  # + the int32 step counts of AdamW and clip
+    assert abs(err["activations"]) < 0.10, out
+    assert abs(err["temp"]) < 0.10, out  # gradients + gathered weights + activations vs XLA's temp bytes
+
+
+def test_plan_cli_compare_xla(capsys):
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    # The first config of the test above (its compilation is reused when both run in one session).
+    args = parser.parse_args(["plan", "--model", "tiny-llama", "--batch", "16", "--seq-len", "256", "--dtype",
+                              "float32", "--remat", "full", "--compare-xla"])
+    assert args.func(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["relative_error"]["params"] == 0 and out["xla"]["argument_is_per_device"]
+    assert set(out["relative_error"]) == {"params", "optimizer", "activations", "temp"}
+    args = parser.parse_args(["plan", "--model", "tiny-llama", "--mesh", "4,4,4", "--compare-xla"])
+    assert args.func(args) == 2  # 64 devices are not there
+    assert "xla_force_host_platform_device_count=64" in capsys.readouterr().err
