@@ -1,8 +1,10 @@
-"""Where host arrays go: rows (axis 0) over the mesh's ``data x fsdp`` axes, or the default device.
+"""Where host arrays go: rows (axis 0) over the mesh's ``data x fsdp`` axes, or the default device; and back.
 
 One `Placement` per run (the trainer's mesh, or None for one device) places every batch-shaped array: rollouts
 for the log-prob recomputation, advantages, train batches, SFT batches. ``context()`` is the scope in which a
-jitted model call must be traced so that its logical-axis activation constraints apply to that mesh.
+jitted model call must be traced so that its logical-axis activation constraints apply to that mesh. In a
+multi-process run every process places the same host arrays (each keeps its own devices' rows) and ``host``
+brings results back to every process.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from appo_jax.parallel.multihost import to_host
 from appo_jax.parallel.rules import activation_sharding, batch_sharding
 
 
@@ -31,6 +34,12 @@ class Placement:
     def tree(self, tree):
         """Every leaf of a pytree of batch-shaped arrays placed with :meth:`rows`."""
         return jax.tree_util.tree_map(self.rows, tree)
+
+    @staticmethod
+    def host(tree):
+        """Numpy values of a pytree of results on every process (`appo_jax.parallel.multihost.to_host`: rows
+        spread over several hosts are gathered)."""
+        return to_host(tree)
 
     def context(self):
         """The scope for tracing model calls on this mesh (a no-op without a mesh)."""

@@ -168,6 +168,9 @@ class RolloutEngine:
                                          repetition_penalty=cfg.repetition_penalty, entropy=cfg.entropy,
                                          entropy_k=cfg.entropy_k, decode_chunk=cfg.decode_chunk)
         self.policy = policy
+        #: added to the group index of every row key (fold_in(fold_in(key, group + offset), local)): a host that
+        #: samples groups [o, o + G) of a multi-host batch draws exactly what one process would (host_sharded.py)
+        self.key_group_offset = 0
         self.reward_fn = reward_fn if reward_fn is not None else RecordReward("auto")
         self._reward_pool = ThreadPoolExecutor(max(1, min(4, cfg.tool_workers)), thread_name_prefix="reward")
         self.loop = AgentLoop(policy, tokenizer,
@@ -222,7 +225,8 @@ class RolloutEngine:
                  prefix: Prefix | None = None, kind: int = KIND_INIT, parent: int = -1, branch_pos: int = -1,
                  score: float = 0.0) -> RolloutRequest:
         return RolloutRequest(list(item.prompt_ids if prompt_ids is None else prompt_ids),
-                              jax.random.fold_in(jax.random.fold_in(key, group), local), prefix,
+                              jax.random.fold_in(jax.random.fold_in(key, group + self.key_group_offset), local),
+                              prefix,
                               meta=dict(item=item, group=group, local=local, kind=kind, parent=parent,
                                         branch_pos=branch_pos, score=score))
 

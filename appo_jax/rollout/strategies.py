@@ -200,6 +200,7 @@ class AppoBranching:
     place: Callable[[Trajectory], Trajectory] = lambda t: t
     labeller: Callable[[Trajectory, Sequence], np.ndarray] | None = None
     parity: str = "appo_jax"
+    to_host: Callable = jax.device_get
 
     def __post_init__(self):
         _check_budget(self.n, self.n_init, branches=True)
@@ -217,7 +218,7 @@ class AppoBranching:
         metrics: dict = {}
         prompts = next_prompts(num_prompts)
         init = _timed(metrics, "time/rollout_s", engine.initial_batch, prompts, self.n_init, k_init, progress)
-        lc, lb = _timed(metrics, "time/logprobs_s", self.logprobs, init.traj)
+        lc, lb = self.to_host(_timed(metrics, "time/logprobs_s", self.logprobs, init.traj))
         decisions = None
         if self.score == "oracle":
             if self.labeller is None:
@@ -227,7 +228,7 @@ class AppoBranching:
         points = _timed(metrics, "time/branching_s", choose_branch_points, self.place(init.traj), lc, lb,
                         self.table, num_groups=num_prompts, budget=self.n - self.n_init, score=self.score,
                         gamma=self.gamma, clip_eps=self.clip_eps, decisions=decisions, parity=self.parity)
-        points = jax.device_get(points)
+        points = self.to_host(points)
         branches = _timed(metrics, "time/branch_rollout_s", engine.branches_batch, init.traj, prompts,
                           points.rows, points.positions, points.selected_scores, points.valid, k_branch, progress)
         metrics["omega/abs_log_ratio_mean"] = _masked_abs_mean(np.asarray(lc) - np.asarray(lb), init.traj)
@@ -270,13 +271,13 @@ class TreeSearch(_EveryRowTrains):
 
 
 #: ``STRATEGIES.get(name)(**options)``: options ``n``, ``n_init``, ``table``, ``logprobs``, ``score``,
-#: ``gamma``, ``clip_eps``, ``place``, ``aepo_penalty``, ``labeller``, ``parity`` (each strategy takes what it
-#: needs).
+#: ``gamma``, ``clip_eps``, ``place``, ``aepo_penalty``, ``labeller``, ``parity``, ``to_host`` (each strategy
+#: takes what it needs).
 STRATEGIES = Registry("rollout strategy")
 STRATEGIES.register("independent", lambda *, n, **_: Independent(n))
 STRATEGIES.register("appo", lambda *, n, n_init, table, logprobs, score="appo", gamma=1.0, clip_eps=0.2,
-                    place=lambda t: t, labeller=None, parity="appo_jax", **_: AppoBranching(
-                        n, n_init, table, logprobs, score, gamma, clip_eps, place, labeller, parity))
+                    place=lambda t: t, labeller=None, parity="appo_jax", to_host=jax.device_get, **_: AppoBranching(
+                        n, n_init, table, logprobs, score, gamma, clip_eps, place, labeller, parity, to_host))
 STRATEGIES.register("arpo", lambda *, n, n_init, **_: ArpoBranching(n, n_init, 0.0))
 STRATEGIES.register("aepo", lambda *, n, n_init, aepo_penalty, **_: ArpoBranching(n, n_init, aepo_penalty))
 STRATEGIES.register("tree", lambda *, n, n_init, **_: TreeSearch(n, n_init))

@@ -63,15 +63,18 @@ class AlgorithmSpec:
                     gigpo_step_weight=algorithm.gigpo_step_weight)
 
     def strategy(self, algorithm, rollout, *, table=None, logprobs: Callable | None = None,
-                 place: Callable | None = None, labeller: Callable | None = None) -> RolloutStrategy:
+                 place: Callable | None = None, labeller: Callable | None = None,
+                 to_host: Callable | None = None) -> RolloutStrategy:
         """The rollout strategy of this algorithm for the config's ``algorithm`` / ``rollout`` sections;
-        ``table`` (branch-candidate tokens), ``logprobs(traj) -> (lc, lb)``, ``place`` and ``labeller`` (decision
-        tokens, for the oracle) serve branching strategies."""
+        ``table`` (branch-candidate tokens), ``logprobs(traj) -> (lc, lb)``, ``place`` / ``to_host`` (to the mesh
+        and back) and ``labeller`` (decision tokens, for the oracle) serve branching strategies."""
         options = dict(n=algorithm.n, n_init=algorithm.n_init, table=table, logprobs=logprobs, score=self.score,
                        gamma=float(algorithm.omega_gamma), clip_eps=float(algorithm.omega_clip),
                        aepo_penalty=rollout.aepo_penalty, labeller=labeller, parity=algorithm.branching_parity)
         if place is not None:
             options["place"] = place
+        if to_host is not None:
+            options["to_host"] = to_host
         strategy = STRATEGIES.get(self.rollout)(**options)
         if self.dynamic_sampling:
             strategy = DynamicSampling(strategy, algorithm.max_resample_rounds)

@@ -14,13 +14,20 @@ from appo_jax.rollout.config import RolloutConfig
 
 def _train(args) -> int:
     # deferred: the trainer's imports (orbax, tensorboard, ...) take seconds; other commands need not pay them
-    from appo_jax.parallel.multihost import initialize_distributed
+    from appo_jax.parallel.multihost import DistributedError, initialize_distributed
     from appo_jax.training.checkpoint import CheckpointError
     from appo_jax.training.config import apply_overrides, load_config
     from appo_jax.training.trainer import Trainer, TrainingError
 
-    # Multi-host (TPU pods): before any other JAX use; a no-op for one process without a coordinator address.
-    initialize_distributed(auto_detect=args.distributed)
+    # Multi-host (TPU pods, several CPU processes): before any other JAX use; a no-op for one process without a
+    # coordinator address.
+    try:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id,
+                               auto_detect=args.distributed, heartbeat_timeout_s=args.heartbeat_timeout,
+                               initialization_timeout_s=args.init_timeout)
+    except (DistributedError, ValueError) as err:
+        print(f"appo-jax train: error: {err}", file=sys.stderr)
+        return 1
     cfg = apply_overrides(load_config(args.config), args.set or [])
     if args.workdir:
         cfg.workdir = args.workdir
@@ -100,6 +107,15 @@ def register(subparsers) -> None:
                         "experiments/paper/table1_reasoning.py:qwen2.5-7b,appo)")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host job (TPU pod): jax.distributed.initialize with cluster auto-detection")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0 for a multi-process job without cluster "
+                                         "auto-detection (e.g. 127.0.0.1:12355 for several CPU processes)")
+    p.add_argument("--num-processes", type=int, help="processes in the job (with --coordinator)")
+    p.add_argument("--process-id", type=int, help="this process's index in [0, --num-processes)")
+    p.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
+                   help="a process silent for S seconds is declared dead and every other process exits with an "
+                        "error (default 100)")
+    p.add_argument("--init-timeout", type=int, default=300, metavar="S",
+                   help="seconds to wait for the coordinator and every process at start-up (default 300)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optimizer.lr=1e-5 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workdir")

@@ -36,11 +36,16 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 class MetricsWriter:
-    """Writes metrics (module doc). ``start_step``: last completed step of a resumed run (0 for a new one)."""
+    """Writes metrics (module doc). ``start_step``: last completed step of a resumed run (0 for a new one);
+    ``primary=False`` (a process other than 0 of a multi-host run) writes nothing and shows no progress bar."""
 
     def __init__(self, workdir: str | Path, *, total_steps: int | None = None, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, primary: bool = True):
         self.workdir = Path(workdir)
+        self.primary = primary
+        self._file = self._tb = self._bar = None
+        if not primary:  # another process of a multi-host run: process 0 writes the (global) metrics
+            return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / "metrics.jsonl"
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
@@ -70,6 +75,8 @@ class MetricsWriter:
             record[key] = v if math.isfinite(v) else None
             if self._tb is not None and math.isfinite(v):
                 self._tb.add_scalar(key, v, int(step))
+        if not self.primary:
+            return record
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -90,7 +97,8 @@ class MetricsWriter:
             print(message, flush=True)
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._bar is not None:

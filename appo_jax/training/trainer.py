@@ -10,6 +10,11 @@ weights to the engine -> metrics (JSONL + TensorBoard + progress bar), rollout d
 their schedules. The PRNG key of iteration ``it`` is ``fold_in(state.rng, it)``, so with fixed seeds a resumed run
 repeats the uninterrupted run's iterations exactly.
 
+Several processes (a TPU pod; CPU processes with gloo): each samples its block of the prompts on its own devices
+(`HostShardedEngine`), every process then holds the whole batch and the log-probs, branch selection, advantages
+and the update run as global jitted ops on the global mesh; process 0 writes metrics, config and rollout dumps,
+every process writes its shards of the checkpoints (docs/multihost.md).
+
 Safety: a workdir that already holds checkpoints is only continued with ``resume=True`` (never overwritten);
 a non-finite loss or gradient skips the update inside the step and stops the run with an error before
 anything is saved for that iteration; checkpoint failures (e.g. a full disk) stop the run with
@@ -36,12 +41,15 @@ from appo_jax.core.advantages import advantages_from_trajectory
 from appo_jax.core.candidates import candidate_token_table
 from appo_jax.data import encode_records, get_task, load_dataset
 from appo_jax.models.loading import load_model, load_policy
+from appo_jax.models.sharding import shard_params
 from appo_jax.parallel.mesh import make_mesh
+from appo_jax.parallel.multihost import reduce_timings, to_host
 from appo_jax.parallel.placement import Placement
 from appo_jax.progress import progress_bar
 from appo_jax.rewards.registry import RecordReward
 from appo_jax.rollout.decision_labels import DecisionLabeller
 from appo_jax.rollout.engine import RolloutEngine, default_tools
+from appo_jax.rollout.host_sharded import HostShardedEngine
 from appo_jax.rollout.strategies import Sampled
 from appo_jax.training.batch import TrainBatch
 from appo_jax.training.checkpoint import Checkpointer
@@ -115,6 +123,10 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, *, workdir: str | None = None, resume: bool = False,
                  log: Callable[[str], None] = print):
         validate(cfg, jax.device_count())
+        self.processes, self.primary = jax.process_count(), jax.process_index() == 0
+        if cfg.train.prompts_per_step % self.processes:
+            raise TrainingError(f"train.prompts_per_step={cfg.train.prompts_per_step} does not split over the "
+                                f"{self.processes} processes of this job (each samples an equal block of prompts)")
         self.cfg, self.spec, self.log = cfg, algorithm_spec(cfg), log
         self.workdir = Path(workdir or cfg.workdir).absolute()
         self.ckpt_dir = self.workdir / "checkpoints"
@@ -164,15 +176,15 @@ class Trainer:
         self.strategy = self.spec.strategy(
             a, cfg.rollout, table=jnp.asarray(_candidate_table(self.tokenizer, self.model_config.vocab_size,
                                                                  a.branching_parity)),
-            logprobs=self.policies.current_and_baseline, place=self.placement.tree,
+            logprobs=self.policies.current_and_baseline, place=self.placement.tree, to_host=self.placement.host,
             labeller=DecisionLabeller(self.task, self.tokenizer) if self.task and self.task.decision_spans else None)
         task = self.task
         self.tools = default_tools(cfg.rollout, (task.search_backend, task.backend_kwargs(cfg.data.task_options))
                                    if task is not None and task.search_backend else None)
-        # the sampler holds the prompt length and slots of this dataset, not the configured maxima
-        rollout_cfg = cfg.rollout.fitted(prompts, t.prompts_per_step * self.strategy.rollouts_per_prompt)
-        self.engine = RolloutEngine(self.model_config, self.state.params, self.tokenizer, self.tools, rollout_cfg,
-                                    mesh=self.mesh, reward_fn=RecordReward(cfg.data.reward))
+        # the sampler holds the prompt length and slots of this dataset (this host's share), not the maxima
+        rollout_cfg = cfg.rollout.fitted(
+            prompts, t.prompts_per_step // self.processes * self.strategy.rollouts_per_prompt)
+        self.engine = self._make_engine(rollout_cfg, RecordReward(cfg.data.reward))
         self.advantage_options = tuple(sorted(self.spec.advantage_options(a).items()))
         self.iteration = 0
         self.sft_done = False
@@ -203,6 +215,36 @@ class Trainer:
         devices = jax.devices()
         return make_mesh(data, fsdp, tensor, devices=None if size == len(devices) else devices[:size])
 
+    def _make_engine(self, rollout_cfg, reward_fn):
+        """The rollout engine: on the trainer's mesh for one process; with several processes each samples its
+        block of prompts on a sampler over its own devices (`HostShardedEngine`, docs/multihost.md)."""
+        if self.processes == 1:
+            return RolloutEngine(self.model_config, self.state.params, self.tokenizer, self.tools, rollout_cfg,
+                                 mesh=self.mesh, reward_fn=reward_fn)
+        local = jax.local_devices()
+        _, fsdp, tensor = resolve_mesh_shape(self.cfg, jax.device_count())
+        if len(local) % (fsdp * tensor):
+            raise TrainingError(f"each host samples with a full copy of the policy on its {len(local)} devices, "
+                                f"which mesh.fsdp x mesh.tensor = {fsdp} x {tensor} does not divide")
+        mesh = None if len(local) == 1 else make_mesh(len(local) // (fsdp * tensor), fsdp, tensor, devices=local)
+
+        def place(host_params):
+            if mesh is None:
+                return jax.device_put(host_params, local[0])
+            return shard_params(host_params, mesh, self.model_config)
+
+        params = place(to_host(self.state.params))
+        inner = RolloutEngine(self.model_config, params, self.tokenizer, self.tools, rollout_cfg, mesh=mesh,
+                              reward_fn=reward_fn)
+        self.local_mesh = mesh
+        return HostShardedEngine(inner, jax.process_index(), self.processes, place, params)
+
+    def _sampler_params(self):
+        """The parameters and mesh the sampler uses (this host's copy in a multi-process run)."""
+        if self.processes == 1:
+            return self.state.params, self.mesh
+        return self.engine.params, self.local_mesh
+
     def _load_reference(self, params):
         ref_name = self.cfg.model.reference
         if not ref_name:
@@ -222,6 +264,11 @@ class Trainer:
         self.state = state
         self.engine.set_params(self.state.params)
         self.iteration = int(meta["iteration"])
+        written_by = int(meta.get("processes", 1))
+        if written_by != self.processes:
+            self.log(f"checkpoint {self.iteration} was written by {written_by} process(es), resuming on "
+                     f"{self.processes}: the parameters are resharded onto this mesh and every process draws the "
+                     "same global prompt sequence, so the run continues where it stopped")
         self.prompts.restore(meta["data"])
         self.sft_done = bool(meta.get("sft_done"))
         self.policies.restore(extra)
@@ -313,8 +360,9 @@ class Trainer:
                 bar.update(1)
         self.log(f"cold-start SFT loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
         if cache is not None:
+            leaves = {f"leaf_{i}": x for i, x in enumerate(to_host(jax.tree.leaves(sft_state.params)))}
+        if cache is not None and self.primary:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            leaves = {f"leaf_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(sft_state.params))}
             tmp = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
             np.savez(tmp, __losses__=np.asarray(losses), **leaves)
             os.replace(tmp, cache)  # atomic: concurrent runs never read half a file
@@ -324,7 +372,7 @@ class Trainer:
     # -- one iteration ---------------------------------------------------------------------------------------
     def _save(self) -> None:
         meta = {"iteration": self.iteration, "data": self.prompts.state(), "sft_done": self.sft_done,
-                "lagged": len(self.policies.lagged), "config": to_dict(self.cfg)}
+                "lagged": len(self.policies.lagged), "config": to_dict(self.cfg), "processes": self.processes}
         self.checkpointer.save(self.iteration, self.state, meta,
                                extra=self.policies.checkpoint_extras(with_reference=self.sft_done))
 
@@ -341,13 +389,13 @@ class Trainer:
         t0 = time.perf_counter()
         old = sampled.old_logp if sampled.old_logp is not None else self.policies.logprobs(self.state.params, traj)
         ref = self.policies.reference_logprobs(traj) if self.kl_coef else None
-        jax.block_until_ready((old, ref))
+        old, ref = self.placement.host((old, ref))
         sampled.metrics["time/logprobs_s"] = sampled.metrics.get("time/logprobs_s", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
         full = sampled.batch
-        adv = _advantages(self.placement.tree(full.traj), self.placement.rows(full.tree_id), name=self.spec.advantage,
-                          num_groups=num_prompts, num_trees=full.traj.num_rows, options=self.advantage_options)[:n]
-        jax.block_until_ready(adv)
+        adv = self.placement.host(_advantages(
+            self.placement.tree(full.traj), self.placement.rows(full.tree_id), name=self.spec.advantage,
+            num_groups=num_prompts, num_trees=full.traj.num_rows, options=self.advantage_options))[:n]
         sampled.metrics["time/advantages_s"] = time.perf_counter() - t0
         return Collected(sampled, traj, adv, old, ref)
 
@@ -380,16 +428,22 @@ class Trainer:
         self.state, step_metrics = self.runner(self.state, batch)
         step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         t_update = time.perf_counter() - t0
+        t0 = time.perf_counter()
         self.engine.set_params(self.state.params)
+        t_copy = time.perf_counter() - t0
         self.iteration = it
 
         metrics = self._iteration_metrics(col, batch)
         metrics.update({f"train/{k}": v for k, v in step_metrics.items()})
         metrics["time/update_s"] = t_update
+        metrics["time/param_copy_s"] = t_copy  # new weights to the sampler (to every host's sampler)
+        if self.processes > 1:
+            metrics["time/host_gather_s"], self.engine.gather_s = self.engine.gather_s, 0.0
         trained_tokens = float(np.asarray(batch.loss_mask).sum()) * cfg.train.ppo_epochs
         metrics["throughput/train_tokens_per_s"] = trained_tokens / max(t_update, 1e-9)
         metrics["time/step_s"] = time.perf_counter() - t_start
         metrics["train/optimizer_step"] = float(int(self.state.step))
+        metrics = reduce_timings(metrics)
         self._last_collected = col
         if (step_metrics.get("update_skipped", 0.0) > 0 or step_metrics.get("nonfinite_tokens", 0.0) > 0
                 or not math.isfinite(step_metrics.get("loss", 0.0)) or not _all_finite(self.state.params)):
@@ -399,9 +453,10 @@ class Trainer:
     def evaluate(self) -> dict:
         cfg = self.cfg.logging
         names = [b.strip() for b in cfg.eval_benchmarks.split(",") if b.strip()]
-        results = evaluate_pass1(self.model_config, self.state.params, self.tokenizer, self.tools, names,
+        params, mesh = self._sampler_params()  # every host evaluates the whole benchmark with its own copy
+        results = evaluate_pass1(self.model_config, params, self.tokenizer, self.tools, names,
                                  limit=cfg.eval_limit or None, runs=cfg.eval_runs, rollout=self.cfg.rollout,
-                                 mesh=self.mesh, data_dir=self.cfg.data.data_dir, engine=self._eval_engine,
+                                 mesh=mesh, data_dir=self.cfg.data.data_dir, engine=self._eval_engine,
                                  system_prompt=self.cfg.data.system_prompt, log=self.log, progress=cfg.progress,
                                  greedy=cfg.eval_greedy, task_options=self.cfg.data.task_options)
         self._eval_engine = results.pop("_engine", self._eval_engine)
@@ -413,9 +468,11 @@ class Trainer:
         """Run (or continue) the experiment to ``train.steps`` iterations; returns a summary dict."""
         cfg = self.cfg
         start = self.iteration
-        (self.workdir / "config.json").write_text(to_json(cfg))
+        if self.primary:
+            (self.workdir / "config.json").write_text(to_json(cfg))
         writer = MetricsWriter(self.workdir, total_steps=cfg.train.steps, start_step=start,
-                               tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress)
+                               tensorboard=cfg.logging.tensorboard, progress=cfg.logging.progress,
+                               primary=self.primary)
         self.log = writer.log_text
         self.log(self.plan())
         sft_losses = []
@@ -433,7 +490,7 @@ class Trainer:
                     writer.write(it, metrics)
                 if self._nonfinite:
                     self._stop_nonfinite(it)
-                if cfg.logging.dump_rollouts_every and it % cfg.logging.dump_rollouts_every == 0:
+                if cfg.logging.dump_rollouts_every and it % cfg.logging.dump_rollouts_every == 0 and self.primary:
                     self.dump_rollouts(it)
                 if (cfg.checkpoint.every and it % cfg.checkpoint.every == 0) or it == cfg.train.steps:
                     self._save()
@@ -459,6 +516,8 @@ class Trainer:
         per_prompt = f"{self.strategy.rollouts_per_prompt} concurrent rollouts, {self.strategy.train_rows_per_prompt} trained"
         sft = f"cold-start SFT {cfg.sft.steps} steps, then " if cfg.sft.steps and not self.sft_done else ""
         mesh = dict(self.mesh.shape) if self.mesh is not None else "one device"
+        if self.processes > 1:
+            mesh = f"{mesh} over {self.processes} processes"
         return (f"train {cfg.name}: {sft}{a.name} iterations {self.iteration + 1}..{t.steps}, each "
                 f"{t.prompts_per_step} prompts x ({per_prompt}, n = {a.n}), "
                 f"{t.prompts_per_step // t.mini_batch_prompts} update(s) x {t.ppo_epochs} epoch(s); "

