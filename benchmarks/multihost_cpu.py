@@ -59,6 +59,17 @@ CONFIG = textwrap.dedent('''
 ''')
 
 
+def processor_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -244,7 +255,7 @@ def compare(processes: int = 2, devices: int = 8, steps: int = 3, out: Path | No
               "resume_ok": resume_ok, "resumed_from": resume_from, "param_copy_s": round(copy_s, 4),
               "host_gather_s": round(gather_s, 4), **extra,
               "seconds_single_process": round(t_single, 1), "seconds_multi_process": round(t_multi, 1),
-              "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
+              "processor": processor_name(), "cpus": os.cpu_count()}
     if tmp is not None:
         tmp.cleanup()
     return result

@@ -42,10 +42,11 @@ def test_two_processes_equal_one_process_survive_a_kill_and_resume_anywhere(tmp_
     assert steps == [1, 2, 3, 4]
 
 
-def _train(tmp_path, port, num, pid, devices=4, timeout=120):
+def _train(tmp_path, port, num, pid, *extra, devices=4):
     env = multihost_cpu.process_env(devices)
     cmd = multihost_cpu.train_command(tmp_path / "cfg.py", tmp_path / "run", "--coordinator", f"127.0.0.1:{port}",
-                                      "--num-processes", str(num), "--process-id", str(pid), "--init-timeout", "10")
+                                      "--num-processes", str(num), "--process-id", str(pid), "--init-timeout", "10",
+                                      *extra)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -69,6 +70,17 @@ def test_mismatched_process_counts_stop_every_process_with_one_line(tmp_path):
         assert p.returncode == 1, out[-2000:]
         assert "started with different --num-processes [2, 3]" in out
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+@needs_tokenizer
+def test_a_mesh_that_leaves_out_a_process_is_one_clear_line(tmp_path):
+    (tmp_path / "cfg.py").write_text(multihost_cpu.CONFIG)
+    port = multihost_cpu.free_port()
+    procs = [_train(tmp_path, port, 2, i, "--set", "mesh.data=4") for i in range(2)]
+    for p in procs:
+        out = p.communicate(timeout=180)[0]
+        assert p.returncode == 1, out[-2000:]
+        assert "mesh data x fsdp x tensor = 4 x 1 x 1 = 4 does not cover the 8 devices of the 2 processes" in out
 
 
 def test_bad_process_ids_and_addresses_fail_before_joining():

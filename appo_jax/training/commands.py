@@ -14,7 +14,9 @@ from appo_jax.rollout.config import RolloutConfig
 
 def _train(args) -> int:
     # deferred: the trainer's imports (orbax, tensorboard, ...) take seconds; other commands need not pay them
-    from appo_jax.parallel.multihost import DistributedError, initialize_distributed
+    import jax
+
+    from appo_jax.parallel.multihost import DistributedError, initialize_distributed, process_summary
     from appo_jax.training.checkpoint import CheckpointError
     from appo_jax.training.config import apply_overrides, load_config
     from appo_jax.training.trainer import Trainer, TrainingError
@@ -28,6 +30,10 @@ def _train(args) -> int:
     except (DistributedError, ValueError) as err:
         print(f"appo-jax train: error: {err}", file=sys.stderr)
         return 1
+    if jax.process_count() > 1:
+        print(f"appo-jax train: {process_summary()}; a process silent for {args.heartbeat_timeout} s stops every "
+              "process ('another task died'); continue with --resume from the last complete checkpoint",
+              file=sys.stderr, flush=True)
     cfg = apply_overrides(load_config(args.config), args.set or [])
     if args.workdir:
         cfg.workdir = args.workdir

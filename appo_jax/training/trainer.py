@@ -210,6 +210,10 @@ class Trainer:
         """None for one device (plain jit on the default device), else a mesh over the first devices."""
         data, fsdp, tensor = resolve_mesh_shape(self.cfg, jax.device_count())
         size = data * fsdp * tensor
+        if self.processes > 1 and size != jax.device_count():
+            raise TrainingError(f"mesh data x fsdp x tensor = {data} x {fsdp} x {tensor} = {size} does not cover the "
+                                f"{jax.device_count()} devices of the {self.processes} processes; with several "
+                                "processes the mesh spans every device (use -1 for one axis)")
         if size == 1:
             return None
         devices = jax.devices()
