@@ -90,3 +90,13 @@ def test_bad_process_ids_and_addresses_fail_before_joining():
         initialize_distributed("no-port", 2, 1, initialization_timeout_s=1)
     with pytest.raises(ValueError, match="without a coordinator_address"):
         initialize_distributed(None, 2, 1)
+
+
+def test_a_url_workdir_is_refused_before_any_work(tmp_path):
+    from appo_jax.training.trainer import Trainer, TrainingError
+
+    ns: dict = {}
+    exec(multihost_cpu.CONFIG, ns)
+    with pytest.raises(TrainingError, match="'gs://bucket/run' is a URL; .* mount the bucket"):
+        Trainer(ns["get_config"](), workdir="gs://bucket/run")
+    assert not os.path.exists("gs:")

@@ -128,6 +128,10 @@ class Trainer:
             raise TrainingError(f"train.prompts_per_step={cfg.train.prompts_per_step} does not split over the "
                                 f"{self.processes} processes of this job (each samples an equal block of prompts)")
         self.cfg, self.spec, self.log = cfg, algorithm_spec(cfg), log
+        if "://" in str(workdir or cfg.workdir):
+            raise TrainingError(f"workdir {str(workdir or cfg.workdir)!r} is a URL; the trainer writes through the file "
+                                "system: mount the bucket (gcsfuse) or shared storage at the same path on every "
+                                "process and give that path")
         self.workdir = Path(workdir or cfg.workdir).absolute()
         self.ckpt_dir = self.workdir / "checkpoints"
         self.resume = resume
