@@ -22,7 +22,8 @@ RUNNABLE = ["create.sh", "setup.sh", "launch.sh", "logs.sh", "status.sh", "stop.
 SETTINGS = ("TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "QR_NAME", "QUEUED", "WORKDIR",
             "DRY_RUN", "LOCAL_DATA", "FINAL_STEP", "REPO_DIR", "DATA_DIR", "JAX_TPU", "INTERVAL", "MAX_RESTARTS",
             "GRACE", "POLL", "PYTHON_VERSION")
-BASE = {"TPU_NAME": "t", "ZONE": "z", "ACCELERATOR_TYPE": "v5p-64", "PROJECT": "p", "WORKDIR": "gs://b/run1"}
+BASE = {"TPU_NAME": "t", "ZONE": "z", "ACCELERATOR_TYPE": "v5p-64", "PROJECT": "p", "WORKDIR": "/mnt/gcs/run1"}
+GS = BASE | {"WORKDIR": "gs://b/run1"}  # a run read from a bucket (status, fetch); the trainer needs a mount
 CONFIG = "experiments/paper/table1_reasoning.py:qwen2.5-7b,appo"
 # the arguments each script needs beyond the settings
 ARGS = {"launch.sh": [CONFIG], "watch.sh": [CONFIG]}
@@ -186,12 +187,12 @@ def test_launch(fake_bin):
     (cmd,) = dry("launch.sh", CONFIG, "--set", "optimizer.lr=2e-6", "--resume", fake_bin=fake_bin)
     assert cmd.startswith("gcloud compute tpus tpu-vm ssh t --worker=all --command ")
     assert (f"nohup env --default-signal=INT $HOME/appo-jax/.venv/bin/appo-jax train --config {CONFIG} "
-            "--workdir gs://b/run1 --distributed --set optimizer.lr=2e-6 --resume > ~/appo-train.log") in cmd
+            "--workdir /mnt/gcs/run1 --distributed --set optimizer.lr=2e-6 --resume > ~/appo-train.log") in cmd
     (cmd,) = dry("launch.sh", CONFIG, fake_bin=fake_bin, env=BASE | {"WORKDIR": "/mnt/shared/run1"})
     assert "--workdir /mnt/shared/run1 --distributed >" in cmd and "--resume" not in cmd
 
 
-@pytest.mark.parametrize("workdir", ["runs/x", "~/x", ""])
+@pytest.mark.parametrize("workdir", ["runs/x", "~/x", "", "gs://b/run1"])
 def test_launch_needs_a_shared_workdir(workdir, fake_bin):
     r = script("launch.sh", CONFIG, fake_bin=fake_bin, env=BASE | {"WORKDIR": workdir})
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "WORKDIR" in r.stderr
@@ -207,7 +208,7 @@ def test_logs(fake_bin):
 
 
 def test_status(fake_bin):
-    cmds = dry("status.sh", fake_bin=fake_bin)
+    cmds = dry("status.sh", fake_bin=fake_bin, env=GS)
     one(cmds, "queued-resources describe t --format 'value(state.state)'")
     one(cmds, "tpu-vm describe t --format 'value(state)'")
     assert "pgrep -f" in one(cmds, "--worker=all")
@@ -221,9 +222,9 @@ def test_stop_interrupts_then_kills_and_keeps_the_vm(fake_bin):
 
 
 def test_fetch(fake_bin, tmp_path):
-    cmds = dry("fetch.sh", str(tmp_path / "out"), fake_bin=fake_bin)
+    cmds = dry("fetch.sh", str(tmp_path / "out"), fake_bin=fake_bin, env=GS)
     assert cmds[-1] == f"gcloud storage cp -r gs://b/run1 {tmp_path}/out/"
-    cmds = dry("fetch.sh", "--metrics-only", fake_bin=fake_bin)
+    cmds = dry("fetch.sh", "--metrics-only", fake_bin=fake_bin, env=GS)
     assert cmds[-1] == "gcloud storage cp gs://b/run1/metrics.jsonl gs://b/run1/config.json runs/tpu/run1/"
     cmds = dry("fetch.sh", fake_bin=fake_bin, env=BASE | {"WORKDIR": "/mnt/shared/run1"})
     assert cmds[-1] == "gcloud compute tpus tpu-vm scp --recurse t:/mnt/shared/run1 runs/tpu/ --worker=0 --zone z --project p"
@@ -233,14 +234,14 @@ def test_fetch(fake_bin, tmp_path):
 # -- watch -------------------------------------------------------------------------------------------------------
 def test_watch_dry_run_shows_one_round_and_the_recovery(fake_bin):
     cmds = dry("watch.sh", "--spot", CONFIG, "--set", "a=1", fake_bin=fake_bin)
-    order = ["gcloud storage cat gs://b/run1/config.json", "commit_success.txt",
+    order = ["cat /mnt/gcs/run1/config.json", "test -d /mnt/gcs/run1/checkpoints/TRAIN_STEPS",
              "queued-resources describe t", "pgrep", "queued-resources delete t --force --quiet",
              "queued-resources create t --node-id t --accelerator-type v5p-64 --runtime-version v2-alpha-tpuv5 --spot",
              "tar -C", "uv pip install", "--distributed"]
     positions = [next(i for i, c in enumerate(cmds) if frag in c) for frag in order]
     assert positions == sorted(positions), cmds
     relaunch = cmds[positions[-1]]
-    assert f"train --config {CONFIG} --workdir gs://b/run1 --distributed --set a=1 --resume >" in relaunch
+    assert f"train --config {CONFIG} --workdir /mnt/gcs/run1 --distributed --set a=1 --resume >" in relaunch
     assert relaunch == cmds[-1]  # one round only
 
 

@@ -97,6 +97,13 @@ check_workdir() {
   esac
 }
 
+# The trainer writes its workdir through the file system: launching needs a mounted path, not a URL.
+check_trainer_workdir() {
+  check_workdir
+  [[ "$WORKDIR" != gs://* ]] || die "WORKDIR=$WORKDIR: appo-jax train writes the workdir through the file system; \
+mount the bucket on every worker (gcsfuse, or use Filestore) and set WORKDIR to that absolute path"
+}
+
 # The runtime version of $ACCELERATOR_TYPE's family, unless RUNTIME_VERSION is set.
 runtime_version() {
   if [[ -n "${RUNTIME_VERSION:-}" ]]; then echo "$RUNTIME_VERSION"; return; fi

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Start one experiment on every worker of the slice: `appo-jax train --distributed` in the background (nohup),
 # logging to ~/appo-train.log on each worker (the previous log moves to ~/appo-train.log.1).
-#   TPU_NAME=appo ZONE=us-east5-a WORKDIR=gs://BUCKET/appo/run1 tpu_scripts/launch.sh CONFIG [TRAIN_ARGS...]
+#   TPU_NAME=appo ZONE=us-east5-a WORKDIR=/mnt/gcs/appo/run1 tpu_scripts/launch.sh CONFIG [TRAIN_ARGS...]
 #   e.g. tpu_scripts/launch.sh experiments/paper/table1_reasoning.py:qwen2.5-7b,appo --set optimizer.lr=2e-6 --resume
 # TRAIN_ARGS (--set KEY=VALUE, --resume, ...) go to `appo-jax train` unchanged. WORKDIR must be shared by all
-# workers (a gs:// bucket or an absolute path on a shared mount) so that they write one checkpoint.
+# workers (an absolute path on a shared mount: Filestore, a gcsfuse-mounted bucket) so that they write one
+# checkpoint; a gs:// URL is refused (the trainer writes through the file system).
 # --dry-run prints the gcloud command instead of running it (also DRY_RUN=1). Refuses to start a second trainer.
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
@@ -23,7 +24,7 @@ while (($#)); do
 done
 [[ -n "$config" ]] || die "give the experiment config: launch.sh CONFIG[:ARG] [TRAIN_ARGS...] (see --help)"
 require TPU_NAME ZONE WORKDIR
-check_workdir
+check_trainer_workdir
 
 # env --default-signal=INT: a background job of a non-interactive shell starts with SIGINT ignored, and stop.sh
 # stops the trainer with SIGINT (KeyboardInterrupt) first

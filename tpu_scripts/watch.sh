@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Keep a run going on Spot capacity: every INTERVAL seconds (default 300) look at the slice and the trainer.
-#   TPU_NAME=appo ZONE=us-east5-a ACCELERATOR_TYPE=v5p-64 WORKDIR=gs://BUCKET/appo/run1 \
+#   TPU_NAME=appo ZONE=us-east5-a ACCELERATOR_TYPE=v5p-64 WORKDIR=/mnt/gcs/appo/run1 \
 #     tpu_scripts/watch.sh [--spot] [--no-queue] [--preemptible] CONFIG [TRAIN_ARGS...]
 # CONFIG and TRAIN_ARGS are launch.sh's; --spot / --no-queue / --preemptible are create.sh's (used to recreate).
 #   - the final checkpoint WORKDIR/checkpoints/FINAL_STEP exists: the run is complete, exit 0 (FINAL_STEP
@@ -28,7 +28,7 @@ while (($#)); do
 done
 ((${#launch_args[@]})) || die "give the experiment config: watch.sh [CREATE_OPTIONS] CONFIG[:ARG] [TRAIN_ARGS...]"
 require TPU_NAME ZONE ACCELERATOR_TYPE WORKDIR
-check_workdir
+check_trainer_workdir
 runtime_version >/dev/null  # an unknown accelerator family fails now, not at the first preemption
 : "${INTERVAL:=300}" "${MAX_RESTARTS:=10}"
 [[ "$INTERVAL" =~ ^[0-9]+$ && "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "INTERVAL and MAX_RESTARTS must be whole numbers"
@@ -38,28 +38,19 @@ run_dir="${WORKDIR%/}"
 final_step() {
   local json
   if [[ -n "${FINAL_STEP:-}" ]]; then echo "$FINAL_STEP"; return; fi
-  if [[ "$run_dir" == gs://* ]]; then
-    json="$(run gcloud storage cat "$run_dir/config.json" 2>/dev/null || true)"
-  else
-    json="$(on_workers 0 "cat $(quote "$run_dir/config.json")" 2>/dev/null || true)"
-  fi
+  json="$(on_workers 0 "cat $(quote "$run_dir/config.json")" 2>/dev/null || true)"
   if is_dry_run; then echo TRAIN_STEPS; return; fi
   [[ -n "$json" ]] || return 0
   printf '%s' "$json" | python3 -c 'import json, sys; print(int(json.load(sys.stdin)["train"]["steps"]))' \
     2>/dev/null || true
 }
 
-# Whether the final checkpoint is complete (Orbax marks one on GCS with commit_success.txt and renames one into
-# place on a file system).
+# Whether the final checkpoint is complete (Orbax renames a checkpoint into place only once it is complete).
 finished() {
   local step
   step="$(final_step)"
   [[ -n "$step" ]] || return 1
-  if [[ "$run_dir" == gs://* ]]; then
-    run gcloud storage ls "$run_dir/checkpoints/$step/commit_success.txt" >/dev/null 2>&1 || return 1
-  else
-    on_workers 0 "test -d $(quote "$run_dir/checkpoints/$step")" >/dev/null 2>&1 || return 1
-  fi
+  on_workers 0 "test -d $(quote "$run_dir/checkpoints/$step")" >/dev/null 2>&1 || return 1
   ! is_dry_run
 }
 
