@@ -54,6 +54,20 @@ common_flag() {
   esac
 }
 
+# Parses the arguments of a script that takes only the common flags; with --queue-flag first, --no-queue too
+# (QUEUED=0). Anything else is an error.
+parse_common_flags() {
+  local queue_flag=0
+  if [[ "${1:-}" == --queue-flag ]]; then queue_flag=1; shift; fi
+  while (($#)); do
+    if ! common_flag "$1"; then
+      [[ "$queue_flag" == 1 && "$1" == --no-queue ]] || die "unknown argument $1 (see --help)"
+      QUEUED=0
+    fi
+    shift
+  done
+}
+
 # Shell-quotes the arguments into one line (plain words stay as they are).
 quote() {
   local out="" a q="'\\''"

@@ -6,14 +6,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
-while (($#)); do
-  if common_flag "$1"; then shift; continue; fi
-  case "$1" in
-    --no-queue) QUEUED=0 ;;
-    *) die "unknown argument $1 (see --help)" ;;
-  esac
-  shift
-done
+parse_common_flags --queue-flag "$@"
 require TPU_NAME ZONE
 
 if [[ "$QUEUED" == 1 ]]; then

@@ -10,10 +10,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
-while (($#)); do
-  common_flag "$1" || die "unknown argument $1 (see --help)"
-  shift
-done
+parse_common_flags "$@"
 require TPU_NAME ZONE
 : "${PYTHON_VERSION:=3.11}"
 if [[ -z "${JAX_TPU:-}" ]]; then

@@ -7,10 +7,7 @@ set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=common.sh
 source "$(dirname "$0")/common.sh"
 
-while (($#)); do
-  common_flag "$1" || die "unknown argument $1 (see --help)"
-  shift
-done
+parse_common_flags "$@"
 require TPU_NAME ZONE
 : "${GRACE:=60}"
 [[ "$GRACE" =~ ^[0-9]+$ ]] || die "GRACE=$GRACE must be a whole number of seconds"

@@ -43,7 +43,7 @@ from appo_jax.data import encode_records, get_task, load_dataset
 from appo_jax.models.loading import load_model, load_policy
 from appo_jax.models.sharding import shard_params
 from appo_jax.parallel.mesh import make_mesh
-from appo_jax.parallel.multihost import reduce_timings, to_host
+from appo_jax.parallel.multihost import reduce_timings
 from appo_jax.parallel.placement import Placement
 from appo_jax.progress import progress_bar
 from appo_jax.rewards.registry import RecordReward
@@ -241,7 +241,7 @@ class Trainer:
                 return jax.device_put(host_params, local[0])
             return shard_params(host_params, mesh, self.model_config)
 
-        params = place(to_host(self.state.params))
+        params = place(self.placement.host(self.state.params))
         inner = RolloutEngine(self.model_config, params, self.tokenizer, self.tools, rollout_cfg, mesh=mesh,
                               reward_fn=reward_fn)
         self.local_mesh = mesh
@@ -368,7 +368,7 @@ class Trainer:
                 bar.update(1)
         self.log(f"cold-start SFT loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
         if cache is not None:
-            leaves = {f"leaf_{i}": x for i, x in enumerate(to_host(jax.tree.leaves(sft_state.params)))}
+            leaves = {f"leaf_{i}": x for i, x in enumerate(self.placement.host(jax.tree.leaves(sft_state.params)))}
         if cache is not None and self.primary:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
