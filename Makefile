@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --maxschedchunk 2
 
 # A short APPO run of SmolLM2-135M-Instruct on CPU (cold-start SFT, then APPO on a generated arithmetic tool task);
 # each run gets a fresh workdir under runs/ (a workdir holding checkpoints is only reused with --resume).

@@ -226,6 +226,7 @@ def test_report_statistics_against_formulas():
     assert report.verdict(None).startswith("inconclusive")
 
 
+@pytest.mark.heavy(order=1)
 def test_grid_smoke(tmp_path):
     """The CI smoke of the grid: 1 seed, 2 steps, GRPO, APPO and the oracle on arith_program, then the report."""
     out = tmp_path / "grid"

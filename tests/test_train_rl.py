@@ -1,11 +1,13 @@
 """The RL loop on a tiny random model on CPU: one APPO iteration end to end, and every algorithm for two
 iterations (rollouts with the real jitted sampler and tool loop, branching, rewards, advantages, update)."""
 import importlib.util
+from collections import Counter
 
 import jax
 import numpy as np
 import pytest
 
+from appo_jax.compilation_cache import compile_counts
 from appo_jax.core.trajectory import KIND_BRANCH, KIND_INIT
 from appo_jax.rewards.arpo import RewardOutput
 from appo_jax.rewards.registry import register_reward
@@ -72,19 +74,69 @@ def test_one_appo_iteration_end_to_end_changes_params(tmp_path):
         trainer.close()
 
 
-@pytest.mark.parametrize("algorithm", [a for a, spec in ALGORITHMS.items() if spec.score != "oracle"])
-def test_every_algorithm_runs_two_iterations(tmp_path, algorithm):
-    """(The oracle needs a task with labelled decisions: tests/test_mini_tasks.py runs it.)"""
+def _full_loop_algorithms() -> list[str]:
+    """One algorithm per distinct rollout path (strategy, with or without DAPO's dynamic sampling)."""
+    first: dict = {}
+    for name, spec in ALGORITHMS.items():
+        if spec.score != "oracle":
+            first.setdefault((spec.rollout, spec.dynamic_sampling), name)
+    return list(first.values())
+
+
+FULL_LOOP = _full_loop_algorithms()
+
+
+def test_full_loop_covers_every_rollout_path():
+    assert {"grpo", "dapo", "arpo", "aepo", "tree_grpo", "appo"} <= set(FULL_LOOP)
+    assert {ALGORITHMS[a].rollout for a in FULL_LOOP} == {s.rollout for s in ALGORITHMS.values()}
+
+
+@pytest.mark.parametrize("algorithm", [a for a, spec in ALGORITHMS.items()
+                                       if spec.score != "oracle" and a not in FULL_LOOP])
+def test_every_algorithm_trains_one_iteration(tmp_path, algorithm):
+    """(The oracle needs a task with labelled decisions: tests/test_mini_tasks.py runs it. The algorithms that
+    share a rollout path with a full-loop one below only change the estimator / loss / score, each checked
+    against a slow loop in test_advantages / test_losses / test_branching: one iteration each.)"""
     from appo_jax.training.trainer import Trainer
-    cfg = tiny_config(tmp_path, algorithm)
-    if algorithm == "appo":  # periodic evaluation and rollout dumps, on one of the runs
-        cfg.logging.eval_every, cfg.logging.eval_benchmarks, cfg.logging.eval_limit = 2, "toy_arithmetic", 2
-        cfg.logging.dump_rollouts_every = 1
-    trainer = Trainer(cfg, log=lambda _: None)
+    trainer = Trainer(tiny_config(tmp_path, algorithm, steps=1), log=lambda _: None)
     try:
-        summary = trainer.run()
+        before = jax.tree.map(np.asarray, trainer.state.params)
+        r = trainer.train_iteration()
+        after = jax.tree.map(np.asarray, trainer.state.params)
     finally:
         trainer.close()
+    assert np.isfinite(r["train/loss"]) and r["train/update_skipped"] == 0 and r["rollouts/count"] > 0
+    if ALGORITHMS[algorithm].rollout == "appo":
+        assert r["branch/count"] == 4
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))) > 0
+
+
+@pytest.mark.parametrize("algorithm", FULL_LOOP)
+def test_full_loop_checkpoint_resume_metrics_per_rollout_path(tmp_path, algorithm):
+    """run() for one iteration with a checkpoint, then a new Trainer with resume=True continues to iteration 2:
+    metrics, TensorBoard events, checkpoints and (APPO) evaluation and rollout dumps."""
+    from appo_jax.training.trainer import Trainer
+
+    def run(steps, resume):
+        cfg = tiny_config(tmp_path, algorithm, steps=steps)
+        if algorithm == "appo":  # periodic evaluation and rollout dumps, on one of the runs
+            cfg.logging.eval_every, cfg.logging.eval_benchmarks, cfg.logging.eval_limit = 2, "toy_arithmetic", 2
+            cfg.logging.dump_rollouts_every = 1
+        trainer = Trainer(cfg, log=lambda _: None, resume=resume)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
+
+    first = run(1, False)
+    assert first["checkpoint_steps"] == [1] and first["startup"]["first_iteration_s"] > 0
+    before = compile_counts()
+    summary = run(2, True)
+    # the restored state is placed like a fresh one and the optimizer does not depend on train.steps (constant
+    # schedule): the resumed run reuses the compiled train step
+    compiled = compile_counts() - before
+    assert compiled.compiled["jit(train_step)"] + compiled.loaded["jit(train_step)"] == 0
+    assert summary["startup"]["train_step"] == "already compiled in this process"
     records = read_metrics(tmp_path / "metrics.jsonl")
     if algorithm == "appo":  # the evaluation before the first step starts the learning curve
         assert records[0]["step"] == 0 and set(records[0]) == {"step", "eval/toy_arithmetic"}
@@ -94,12 +146,30 @@ def test_every_algorithm_runs_two_iterations(tmp_path, algorithm):
         assert np.isfinite(r["train/loss"]) and r["train/update_skipped"] == 0
         assert r["rollouts/count"] > 0
     assert summary["checkpoint_steps"] == [1, 2] and summary["iterations"] == 2
+    assert records[1]["train/optimizer_step"] == 2  # the optimizer state came back with the checkpoint
     if ALGORITHMS[algorithm].rollout == "appo":
         assert all(r["branch/count"] == 4 for r in records)
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     if algorithm == "appo":
         assert "eval/toy_arithmetic" not in records[0] and 0.0 <= records[1]["eval/toy_arithmetic"] <= 1.0
         assert [p.rsplit("/", 1)[1] for p in summary["rollout_dumps"]] == ["step_000001.html", "step_000002.html"]
+
+
+def test_a_second_trainer_with_an_equal_config_compiles_nothing(tmp_path):
+    """Every jitted program (sampler, log-probs, branch selection, advantages, train step, state init) is cached on
+    what changes the program, not on a Python object's identity: a second Trainer of an equal config in the same
+    process compiles nothing and loads nothing from the persistent cache."""
+    from appo_jax.training.trainer import Trainer
+    deltas = []
+    for run in ("a", "b"):
+        before = compile_counts()
+        trainer = Trainer(tiny_config(tmp_path / run, "appo", steps=1), log=lambda _: None)
+        try:
+            trainer.train_iteration()
+        finally:
+            trainer.close()
+        deltas.append(compile_counts() - before)
+    assert deltas[1].compiled + deltas[1].loaded == Counter(), deltas[1]
 
 
 def test_nan_loss_stops_with_a_clear_error_and_saves_nothing(tmp_path):

@@ -24,9 +24,10 @@ from appo_jax.parallel.placement import Placement
 OMEGA_BASELINES = ("sampler", "lagged", "reference")
 
 
+@jax.jit
 def copy_tree(tree):
     """Fresh device buffers with the values of ``tree`` (so a later donation of ``tree`` cannot delete them)."""
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t))(tree)
+    return jax.tree.map(jnp.copy, tree)
 
 
 class Policies:

@@ -12,6 +12,7 @@ log-probs of :mod:`appo_jax.models.logprobs`.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -97,15 +98,25 @@ def sft_loss(params, batch: dict, *, config: ModelConfig, chunk: int = 512):
 
 
 def make_sft_step(config: ModelConfig, chunk: int = 512, out_shardings=None):
-    """Jitted ``(state, batch) -> (state, {"sft/loss", "sft/tokens", "sft/grad_norm"})`` (state donated)."""
-    def step(state: TrainState, batch: dict):
+    """Jitted ``(state, batch) -> (state, {"sft/loss", "sft/tokens", "sft/grad_norm"})`` (state donated); equal
+    settings share one jitted function (no compile per call)."""
+    key = None
+    if out_shardings is not None:
+        leaves, treedef = jax.tree.flatten(out_shardings)
+        key = (treedef, tuple(leaves))
+    return _sft_step(config, int(chunk), key)
+
+
+@functools.lru_cache(maxsize=16)
+def _sft_step(config: ModelConfig, chunk: int, shardings_key):
+    def sft_step(state: TrainState, batch: dict):
         (loss, count), grads = jax.value_and_grad(sft_loss, has_aux=True)(state.params, batch, config=config,
                                                                             chunk=chunk)
         state = state.apply_gradients(grads)
         return state, {"sft/loss": loss, "sft/tokens": count, "sft/grad_norm": optax.tree.norm(grads)}
 
-    out = None if out_shardings is None else (out_shardings, None)
-    return jax.jit(step, donate_argnums=0, out_shardings=out)
+    out = None if shardings_key is None else (jax.tree.unflatten(shardings_key[0], shardings_key[1]), None)
+    return jax.jit(sft_step, donate_argnums=0, out_shardings=out)
 
 
 def sft_batches(arrays: dict, batch_size: int, seed: int = 0):

@@ -44,7 +44,7 @@ def _key(opt: OptimizerSection) -> tuple:
 def learning_rate_schedule(opt: OptimizerSection, total_steps: int) -> optax.Schedule:
     """The lr schedule of :mod:`state` (module doc) as a function ``step -> lr``. Equal settings give the same
     function object (so jitted steps that close over it are reused, not recompiled)."""
-    return _schedule(_key(opt), int(total_steps))
+    return _schedule(_key(opt), _horizon(opt, total_steps))
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,7 +67,13 @@ def _schedule(key: tuple, total_steps: int) -> optax.Schedule:
 def make_optimizer(opt: OptimizerSection, total_steps: int) -> optax.GradientTransformation:
     """``clip_by_global_norm(grad_clip)`` (skipped when 0) then AdamW with :func:`learning_rate_schedule`.
     Equal settings give the same (static) transformation object, so a TrainState's jitted steps are reused."""
-    return _optimizer(_key(opt), int(total_steps))
+    return _optimizer(_key(opt), _horizon(opt, total_steps))
+
+
+def _horizon(opt: OptimizerSection, total_steps: int) -> int:
+    """``total_steps`` where the schedule depends on it (cosine), else 0: a constant schedule's optimizer is the
+    same object whatever the run's length (so extending a run with more steps compiles nothing again)."""
+    return int(total_steps) if opt.schedule == "cosine" else 0
 
 
 @functools.lru_cache(maxsize=64)
@@ -82,7 +88,7 @@ def _optimizer(key: tuple, total_steps: int) -> optax.GradientTransformation:
 
 
 def create_train_state(params, tx: optax.GradientTransformation, seed: int | jax.Array = 0) -> TrainState:
-    """A fresh state at step 0. ``seed``: an int or a raw uint32 key. Under ``jax.jit`` with
+    """A fresh state at step 0. ``seed``: an int (a Python or traced scalar) or a raw uint32 key. Under ``jax.jit`` with
     ``out_shardings`` the optimizer state inherits the parameter shardings (AdamW moments are like params)."""
-    rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else jnp.asarray(seed, jnp.uint32)
+    rng = jax.random.PRNGKey(seed) if jnp.ndim(seed) == 0 else jnp.asarray(seed, jnp.uint32)
     return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), rng=rng, tx=tx)

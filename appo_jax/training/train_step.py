@@ -143,7 +143,7 @@ def train_step_fn(cfg: StepConfig, lr_schedule=None, param_shardings=None):
             metrics["lr"] = jnp.asarray(lr_schedule(state.step), jnp.float32)
         return new, metrics
 
-    def step(state: TrainState, batch: TrainBatch):
+    def train_step(state: TrainState, batch: TrainBatch):
         n = batch.num_rows
         if n % (k * u):
             raise ValueError(f"train batch has {n} rows, not a multiple of mini_batches x micro_batches = {k * u}")
@@ -167,7 +167,7 @@ def train_step_fn(cfg: StepConfig, lr_schedule=None, param_shardings=None):
                 out[key] = jnp.mean(v)
         return state, out
 
-    return step
+    return train_step
 
 
 @dataclass
@@ -215,12 +215,25 @@ def state_shardings(state_shape: TrainState, param_shardings, mesh):
 
 def init_train_state(params, tx, seed: int = 0, mesh=None, model_config: ModelConfig | None = None):
     """A TrainState at step 0 placed on ``mesh`` (params / moments sharded by the model's logical axes;
-    ``model_config`` required with a mesh) or on the default device. Returns ``(state, shardings | None)``."""
+    ``model_config`` required with a mesh) or on the default device. Returns ``(state, shardings | None)``.
+    The jitted initialiser is shared by equal optimizers and shardings (no compile per call)."""
     if mesh is None:  # jit: fresh buffers, so donating the state never deletes the caller's params
-        return jax.jit(lambda p: create_train_state(p, tx, seed))(params), None
+        return _state_initialiser(tx, None)(params, seed), None
     p_sh = model_param_shardings(model_config, mesh)
     shape = jax.eval_shape(lambda p: create_train_state(p, tx, seed), params)
     shardings = state_shardings(shape, p_sh, mesh)
     params = jax.device_put(params, p_sh)
-    state = jax.jit(lambda p: create_train_state(p, tx, seed), out_shardings=shardings)(params)
-    return state, shardings
+    leaves, treedef = jax.tree.flatten(shardings)
+    return _state_initialiser(tx, (treedef, tuple(leaves)))(params, seed), shardings
+
+
+@functools.lru_cache(maxsize=32)
+def _state_initialiser(tx, shardings_key):
+    """Jitted ``(params, seed) -> create_train_state(params, tx, seed)`` with the state's out shardings
+    (``shardings_key`` = (treedef, leaves)), or committed to the default device when None: a state restored from a
+    checkpoint is committed too, and jit keys its compiled programs on that, so a resumed run reuses them."""
+    if shardings_key is None:
+        out = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    else:
+        out = jax.tree.unflatten(shardings_key[0], shardings_key[1])
+    return jax.jit(lambda p, seed: create_train_state(p, tx, seed), out_shardings=out)

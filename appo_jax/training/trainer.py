@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from appo_jax.compilation_cache import active_cache_dir, compile_counts
 from appo_jax.core.advantages import advantages_from_trajectory
 from appo_jax.core.candidates import candidate_token_table
 from appo_jax.data import encode_records, get_task, load_dataset
@@ -122,6 +123,8 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, *, workdir: str | None = None, resume: bool = False,
                  log: Callable[[str], None] = print):
+        self._started, self._compiles_at_start = time.perf_counter(), compile_counts()
+        self.startup: dict = {}
         validate(cfg, jax.device_count())
         self.processes, self.primary = jax.process_count(), jax.process_index() == 0
         if cfg.train.prompts_per_step % self.processes:
@@ -492,6 +495,8 @@ class Trainer:
             while self.iteration < cfg.train.steps:
                 metrics = self.train_iteration()
                 it = self.iteration
+                if it == start + 1:
+                    self.log(self._startup_report())
                 if cfg.logging.eval_every and it % cfg.logging.eval_every == 0 and cfg.logging.eval_benchmarks:
                     metrics.update(self.evaluate())
                 if it % cfg.logging.every == 0 or self._nonfinite:
@@ -517,6 +522,21 @@ class Trainer:
             f"this iteration; the last complete checkpoint is "
             f"{'none' if last is None else f'{self.ckpt_dir}/{last}'}. Lower optimizer.lr or check the data / "
             "rewards.")
+
+    def _startup_report(self) -> str:
+        """One line after the first iteration of this run: the time from the Trainer's start (loading, SFT and the
+        first evaluation included) and what was compiled, loaded from the persistent cache or reused."""
+        took = time.perf_counter() - self._started
+        counts = compile_counts() - self._compiles_at_start
+        step = ("compiled" if counts.compiled["jit(train_step)"] else
+                "loaded from the persistent compilation cache" if counts.loaded["jit(train_step)"] else
+                "already compiled in this process")
+        self.startup = {"first_iteration_s": took, "programs_compiled": sum(counts.compiled.values()),
+                        "programs_loaded": sum(counts.loaded.values()), "compile_s": counts.compile_s,
+                        "train_step": step}
+        cache = active_cache_dir()
+        where = f" (cache {cache})" if cache else " (persistent compilation cache off)"
+        return f"first iteration done {took:.1f} s after start; {counts.describe()}{where}; the train step was {step}"
 
     def plan(self) -> str:
         """What the run is about to do: algorithm, batch layout, token budgets, sampler memory, outputs."""
@@ -545,6 +565,8 @@ class Trainer:
                "tensorboard": str(self.workdir / "tensorboard"), "checkpoints": str(self.ckpt_dir),
                "checkpoint_steps": self.checkpointer.all_steps(), "trends": summarize(records, keys),
                "reward_per_iteration": [r.get("reward/mean") for r in records]}
+        if self.startup:
+            out["startup"] = self.startup
         dumps = sorted((self.workdir / "rollouts").glob("*.html")) if (self.workdir / "rollouts").is_dir() else []
         if dumps:
             out["rollout_dumps"] = [str(p) for p in dumps]
