@@ -74,7 +74,7 @@ def appo_iteration_breakdown() -> dict:
     from appo_jax.training.trainer import Trainer
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = load_config(os.path.join(root, "experiments", "demo_cpu.py"))
+    cfg = load_config(os.path.join(root, "experiments", "demo_smollm2.py"))
     cfg.sft.steps, cfg.train.steps, cfg.logging.progress = 0, 2, False
     cfg.logging.dump_rollouts_every, cfg.checkpoint.every = 0, 0
     with tempfile.TemporaryDirectory() as workdir:

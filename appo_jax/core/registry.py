@@ -1,9 +1,9 @@
 """Name -> function registries, so that an algorithm is a config choice (``advantage="appo"``,
 ``policy_loss="future_kl"``) instead of an ``if`` ladder in the trainer.
 
-Two registries exist: :data:`ADVANTAGES` (token-advantage estimators, filled by
-``appo_jax.core.advantages``) and :data:`POLICY_LOSSES` (policy-loss modes, filled by
-``appo_jax.core.losses``). Looking a name up imports its provider module first, so
+Three registries exist: :data:`ADVANTAGES` (token-advantage estimators, filled by
+``appo_jax.core.advantages``), :data:`POLICY_LOSSES` (policy-loss modes, filled by
+``appo_jax.core.losses``) and :data:`CONTROLS` (negative controls on the rewards, ``appo_jax.core.controls``). Looking a name up imports its provider module first, so
 ``get_advantage("appo")`` works without importing ``advantages`` yourself. Extra entries can be added
 from anywhere with ``@ADVANTAGES.register("my_estimator")``.
 """
@@ -66,6 +66,8 @@ class Registry:
 ADVANTAGES = Registry("advantage estimator", provider=("appo_jax.core.advantages", "appo_jax.core.gigpo"))
 #: Policy losses: ``fn(logp, old_logp, advantages, mask, **options) -> (loss, metrics)``.
 POLICY_LOSSES = Registry("policy loss", provider="appo_jax.core.losses")
+#: Negative controls: ``fn(rewards [N], group_ids [N], kind [N], key) -> rewards [N]`` (``appo_jax.core.controls``).
+CONTROLS = Registry("negative control", provider="appo_jax.core.controls")
 
 
 def get_advantage(name: str) -> Callable:

@@ -18,6 +18,12 @@ A *wrong* trace (share ``wrong_fraction`` of the SFT demonstrations) takes one w
 wrong operator, or the operands of a subtraction in the wrong order; the observation is the real output of that
 wrong program, and the boxed answer copies it.
 
+A *confused* trace (share ``order_confusion``, independently) comes from a teacher that reads "Subtract it from y"
+as "Subtract y": every such step is planned and written as ``x - y``. Unlike the random wrong decisions (spread
+over three wrong operators, so the most likely choice stays right), a confusion share above one half makes the
+wrong order the *most likely* choice after SFT: greedy decoding gets those questions wrong, and only the outcome
+reward can teach the right order (the RL regime of docs/mini_reproduction.md).
+
 Decision tokens (docs/mini_reproduction.md): the operation words of the plan, every operator and number inside
 the ``<python>`` code, and the boxed answer; `decision_spans` returns their character spans.
 
@@ -51,15 +57,18 @@ _NAMES = tuple(OPERATIONS)
 @dataclasses.dataclass(frozen=True)
 class ArithOptions:
     """Difficulty knobs: ``steps`` (min, max) operations after the start value; operands in [2, ``max_operand``];
-    ``wrong_fraction``: share of SFT demonstrations with one wrong decision."""
+    ``wrong_fraction``: share of SFT demonstrations with one wrong decision; ``order_confusion``: share of SFT
+    demonstrations that write every "subtract it from y" as ``x - y`` (module doc)."""
 
     steps: tuple[int, int] = (2, 3)
     max_operand: int = 9
     wrong_fraction: float = 0.3
+    order_confusion: float = 0.0
 
     def __post_init__(self):
         check_options("arith_program", {"max_operand": (self.max_operand, 2, 99),
-                                        "wrong_fraction": (self.wrong_fraction, 0.0, 1.0)},
+                                        "wrong_fraction": (self.wrong_fraction, 0.0, 1.0),
+                                        "order_confusion": (self.order_confusion, 0.0, 1.0)},
                       {"steps": (self.steps, 1, 6)})
 
 
@@ -152,13 +161,16 @@ def arith_traces(records: Sequence[Record], tools: Any, options: ArithOptions = 
                  ) -> list[dict]:
     """SFT demonstrations with observations from the python tool of ``tools`` (the real sandbox; calls run
     concurrently through ``tools.submit`` when the registry has it, else ``tools.call``); a share
-    ``options.wrong_fraction`` takes one wrong decision (module doc)."""
+    ``options.wrong_fraction`` takes one wrong decision, a share ``options.order_confusion`` writes every
+    "subtract it from" step as a subtraction (module doc)."""
     rng = np.random.default_rng([seed, 19])
     programs = []
     for rec in records:
         program = parse_question(rec.question)
         if rng.random() < options.wrong_fraction:
             program = _wrong(program, rng)
+        if rng.random() < options.order_confusion:
+            program = (program[0], tuple(("subtract" if o == "from" else o, y) for o, y in program[1]))
         programs.append(program)
     codes = [f"print({expression(p)})" for p in programs]
     if hasattr(tools, "submit"):

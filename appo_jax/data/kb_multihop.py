@@ -23,6 +23,12 @@ facts about the same entity or the same relation). The reference trace (the SFT 
 A *wrong* trace (a share ``wrong_fraction`` of the SFT demonstrations) takes one wrong decision at a random hop:
 the plan and the query name a wrong relation there, and the trace follows its consequences to a wrong answer.
 
+A *confused* trace (share ``order_confusion``, independently) comes from a teacher that resolves the relations in
+the order the question writes them (outermost first: "boss of the friend of Rilo" searched as ``boss of Rilo``,
+then ``friend of`` that), following the real search results to a wrong answer. A confusion share above one half
+makes the wrong order the most likely choice after SFT, which only the outcome reward can correct (the RL regime
+of docs/mini_reproduction.md).
+
 Decision tokens (docs/mini_reproduction.md): the relation words of the plan, the relation and the entity of every
 query, and the boxed answer; `decision_spans` returns their character spans in a response.
 
@@ -54,19 +60,22 @@ _QUERY = re.compile(r"^\s*(\w+) of (\w+)\s*$")
 class KbOptions:
     """Difficulty knobs. ``hops``: (min, max) relations per question; ``distractors``: wrong facts shown beside
     the right one on every search; ``entities`` / ``relations``: size of the world; ``wrong_fraction``: share of
-    SFT demonstrations that take one wrong decision; ``world_seed``: the knowledge base."""
+    SFT demonstrations that take one wrong decision; ``order_confusion``: share of SFT demonstrations that
+    resolve the relations outermost first (module doc); ``world_seed``: the knowledge base."""
 
     hops: tuple[int, int] = (2, 3)
     distractors: int = 2
     entities: int = 24
     relations: int = 4
     wrong_fraction: float = 0.3
+    order_confusion: float = 0.0
     world_seed: int = 0
 
     def __post_init__(self):
         check_options("kb_multihop", {"relations": (self.relations, 2, len(RELATIONS)),
                                       "entities": (self.entities, 4, 200), "distractors": (self.distractors, 0, 8),
-                                      "wrong_fraction": (self.wrong_fraction, 0.0, 1.0)},
+                                      "wrong_fraction": (self.wrong_fraction, 0.0, 1.0),
+                                      "order_confusion": (self.order_confusion, 0.0, 1.0)},
                       {"hops": (self.hops, 1, 6)})
 
 
@@ -169,7 +178,8 @@ def _trace_text(world: World, start: int, chain: Sequence[int], tools: Any) -> l
 def kb_traces(records: Sequence[Record], tools: Any, options: KbOptions = KbOptions(), seed: int = 0) -> list[dict]:
     """SFT demonstrations (``{"messages", "segments"}``) with observations from ``tools.call("search", query)``
     (a registry whose search backend is this world's ``kb`` backend); a share ``options.wrong_fraction`` replaces
-    the relation of one random hop by another (module doc)."""
+    the relation of one random hop by another, a share ``options.order_confusion`` resolves the relations
+    outermost first (module doc)."""
     world = make_world(options)
     rng = np.random.default_rng([seed, 13])
     out = []
@@ -179,6 +189,8 @@ def kb_traces(records: Sequence[Record], tools: Any, options: KbOptions = KbOpti
         if rng.random() < options.wrong_fraction:
             hop = int(rng.integers(len(chain)))
             chain[hop] = int((chain[hop] + rng.integers(1, len(world.relations))) % len(world.relations))
+        if rng.random() < options.order_confusion:
+            chain = chain[::-1]
         out.append({"messages": rec.prompt, "segments": _trace_text(world, start, chain, tools)})
     return out
 

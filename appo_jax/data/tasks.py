@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
+from appo_jax import protocol
 from appo_jax.data.records import Record
 
 
@@ -81,6 +84,18 @@ class Task:
         if self.sft_traces is None:
             raise ValueError(f"task {self.name!r} has no SFT traces")
         return self.sft_traces(records, tools, self.options(options), seed)
+
+    def fingerprint(self, options: Mapping[str, Any] | None = None) -> str:
+        """A hash of what the task's records and SFT traces depend on: the source of the modules defining its
+        generator, traces and search backend's options, the protocol's observation format, and the resolved
+        ``options`` (a change to any of them gives another fingerprint)."""
+        modules = {fn.__module__ for fn in (self.generate, self.sft_traces, self.decision_spans) if fn is not None}
+        h = hashlib.sha256(self.name.encode())
+        for name in sorted(modules | {protocol.__name__}):
+            h.update(inspect.getsource(sys.modules[name]).encode())
+        opts = self.options(options)
+        h.update(repr(None if opts is None else dataclasses.asdict(opts)).encode())
+        return h.hexdigest()[:16]
 
     def backend_kwargs(self, options: Mapping[str, Any] | None = None) -> dict:
         """Keyword arguments of the task's search backend: its options as a dict."""

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from appo_jax.rewards.answers import last_boxed
 from appo_jax.rewards.format_check import check_format
 from appo_jax.rewards.math_equivalence import default_math_verifier
-from appo_jax.rewards.qa_metrics import as_ground_truths, exact_match, f1_score
+from appo_jax.rewards.qa_metrics import as_ground_truths, exact_match, f1_score, literal_match
 
 FORMAT_PENALTY = -1.0
 TOOL_BONUS = 0.1
@@ -45,10 +45,11 @@ class RewardOutput:
 
 
 def math_accuracy(prediction: str | None, ground_truths: list[str]) -> float:
-    """1.0 if `prediction` equals a ground truth after normalisation or by math-verify, else 0.0."""
+    """1.0 if `prediction` equals a ground truth (`literal_match`: signs, decimals and fractions kept) or math-verify
+    finds them equivalent, else 0.0."""
     if prediction is None:
         return 0.0
-    if exact_match(prediction, ground_truths):
+    if literal_match(prediction, ground_truths):
         return 1.0
     return float(default_math_verifier().equal_any(prediction, ground_truths))
 

@@ -5,7 +5,7 @@ An LLM judge (e.g. a model asked "is this prediction equivalent to the reference
 evaluation code asks ``make_judge(name)`` and never needs to know which kind it got.
 
 `RuleBasedJudge` (name "rule", the default): correct iff the prediction matches a ground truth exactly after
-normalisation, or (``use_math``) math-verify finds them equivalent, or (``f1_threshold`` set) its token F1
+normalisation (`literal_match`: numeric answers keep their signs, decimal points and fraction bars), or (``use_math``) math-verify finds them equivalent, or (``f1_threshold`` set) its token F1
 reaches the threshold; ``score`` is 1.0 when correct, else the token F1.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from appo_jax.rewards.math_equivalence import default_math_verifier
-from appo_jax.rewards.qa_metrics import as_ground_truths, exact_match, f1_score
+from appo_jax.rewards.qa_metrics import as_ground_truths, f1_score, literal_match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +49,7 @@ class RuleBasedJudge:
         golds = as_ground_truths(ground_truths)
         if prediction is None:
             return JudgeVerdict(False, 0.0, "no answer")
-        if exact_match(prediction, golds):
+        if literal_match(prediction, golds):
             return JudgeVerdict(True, 1.0, "exact match after normalisation")
         if self.use_math and default_math_verifier().equal_any(prediction, golds):
             return JudgeVerdict(True, 1.0, "math-verify equivalent")

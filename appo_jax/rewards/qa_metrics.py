@@ -6,6 +6,9 @@
                   both token lists empty -> 1.0; exactly one empty -> 0.0
     f1_score    = max over ground truths of token_f1
     exact_match = 1.0 if normalize_answer(pred) == normalize_answer(gold) for some ground truth, else 0.0
+    literal_match = exact_match, except that when either side holds a digit the two are compared as written
+                  (case-folded, without whitespace and ``$``): the SQuAD normalisation drops punctuation, which
+                  would make -6 equal 6, 1.5 equal 15 and 3/4 equal 34
 
 A prediction of None (no answer could be extracted) scores 0 against everything.
 """
@@ -55,3 +58,22 @@ def exact_match(prediction: str | None, ground_truths: str | Sequence[str]) -> f
         return 0.0
     pred = normalize_answer(prediction)
     return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def _compact(text: str) -> str:
+    return "".join(text.split()).replace("$", "").casefold()
+
+
+def literal_match(prediction: str | None, ground_truths: str | Sequence[str]) -> float:
+    """`exact_match` that keeps signs, decimal points and fraction bars of numeric answers (module docstring):
+    the exact-match step before math-verify in the math reward and the rule judge."""
+    golds = as_ground_truths(ground_truths)
+    if prediction is None:
+        return 0.0
+    for gold in golds:
+        if any(c.isdigit() for c in prediction + gold):
+            if _compact(prediction) == _compact(gold):
+                return 1.0
+        elif normalize_answer(prediction) == normalize_answer(gold):
+            return 1.0
+    return 0.0

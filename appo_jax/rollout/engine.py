@@ -45,14 +45,16 @@ from appo_jax.tools.registry import ToolRegistry, build_registry
 @dataclass
 class RolloutBatch:
     """A Trajectory plus host-side per-row extras: decoded response ``texts``, ``tool_calls``, ``accuracy``
-    (float32 [N]: the reward's answer accuracy, 0 for padding rows) and ``tree_id`` (int32 [N]: row index of the
-    row's root, -1 for padding rows)."""
+    (float32 [N]: the reward's answer accuracy, 0 for padding rows), ``tree_id`` (int32 [N]: row index of the
+    row's root, -1 for padding rows) and ``format_ok`` (float32 [N]: 1 where the reward's format check passed,
+    0 elsewhere and for padding rows)."""
 
     traj: Trajectory
     texts: list[str]
     tool_calls: list[list[ToolCall]]
     accuracy: np.ndarray
     tree_id: np.ndarray
+    format_ok: np.ndarray
 
 
 def concat_trajectories(a: Trajectory, b: Trajectory) -> Trajectory:
@@ -67,7 +69,8 @@ def concat_trajectories(a: Trajectory, b: Trajectory) -> Trajectory:
 def concat_batches(a: RolloutBatch, b: RolloutBatch) -> RolloutBatch:
     """:func:`concat_trajectories` for :class:`RolloutBatch` (tree ids of ``b`` index rows of ``a`` too)."""
     return RolloutBatch(concat_trajectories(a.traj, b.traj), a.texts + b.texts, a.tool_calls + b.tool_calls,
-                        np.concatenate([a.accuracy, b.accuracy]), np.concatenate([a.tree_id, b.tree_id]))
+                        np.concatenate([a.accuracy, b.accuracy]), np.concatenate([a.tree_id, b.tree_id]),
+                        np.concatenate([a.format_ok, b.format_ok]))
 
 
 def default_tools(cfg: RolloutConfig, search_backend: tuple[str, dict] | None = None) -> ToolRegistry:
@@ -202,11 +205,13 @@ class RolloutEngine:
         self._reward_pool.shutdown(wait=True)
 
     def _score(self, request: RolloutRequest, text: str) -> float:
-        """The reward of a finished rollout (on a reward thread); its answer accuracy goes to
-        ``request.meta["accuracy"]`` (the caller data the loop carries to the result)."""
+        """The reward of a finished rollout (on a reward thread); its answer accuracy and format check go to
+        ``request.meta["accuracy"]`` / ``["format_ok"]`` (the caller data the loop carries to the result; a plain
+        float reward has no format check: ok)."""
         out = self.reward_fn(request.meta["item"], text)
         score, accuracy = (out.score, out.accuracy) if isinstance(out, RewardOutput) else (out, float(out) >= 1.0)
         request.meta["accuracy"] = float(accuracy)
+        request.meta["format_ok"] = float(out.format_ok) if isinstance(out, RewardOutput) else 1.0
         return float(score)
 
     def _submit_reward(self, rollout: Rollout) -> Future:
@@ -241,6 +246,7 @@ class RolloutEngine:
         texts: list[str] = []
         calls: list[list[ToolCall]] = []
         accuracy = np.zeros(len(rows), np.float32)
+        format_ok = np.zeros(len(rows), np.float32)
         for i, row in enumerate(rows):
             ro = row.rollout
             build.set_kind(i, row.kind)
@@ -249,6 +255,7 @@ class RolloutEngine:
                 calls.append([])
                 continue
             accuracy[i] = ro.request.meta.get("accuracy", 0.0)
+            format_ok[i] = ro.request.meta.get("format_ok", 0.0)
             build.set_row(i, prompt_ids=row.prompt_ids, tokens=ro.tokens, gen_mask=ro.gen_mask, obs_mask=ro.obs_mask,
                           behavior_logp=ro.logprobs, entropy=ro.entropies, group=row.group, kind=row.kind,
                           parent=row.parent, branch_pos=row.branch_pos, branch_score=row.branch_score,
@@ -257,7 +264,7 @@ class RolloutEngine:
             calls.append(ro.tool_calls)
         traj = build.build()
         tree = tree_ids(traj.parent, traj.row_valid) if parents_in_batch else np.full(len(rows), -1, np.int32)
-        return RolloutBatch(traj, texts, calls, accuracy, tree)
+        return RolloutBatch(traj, texts, calls, accuracy, tree, format_ok)
 
     def _rows_from_rollouts(self, rollouts: list[Rollout], num_rows: int, row_of) -> list[_Row]:
         rows: list[_Row] = [_Row(None, [], -1, KIND_BRANCH) for _ in range(num_rows)]

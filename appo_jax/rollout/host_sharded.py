@@ -79,14 +79,14 @@ class HostShardedEngine:
         t0 = time.perf_counter()
         t = batch.traj
         traj = t.replace(group_id=_shift(t.group_id, group_shift), parent=_shift(t.parent, row_shift))
-        arrays = gather_rows({"traj": traj, "accuracy": batch.accuracy,
+        arrays = gather_rows({"traj": traj, "accuracy": batch.accuracy, "format_ok": batch.format_ok,
                               "tree_id": _shift(batch.tree_id, row_shift)})
         texts, calls = [], []
         for p_texts, p_calls in gather_objects((batch.texts, batch.tool_calls)):
             texts += p_texts
             calls += p_calls
         self.gather_s += time.perf_counter() - t0
-        return RolloutBatch(arrays["traj"], texts, calls, arrays["accuracy"], arrays["tree_id"])
+        return RolloutBatch(arrays["traj"], texts, calls, arrays["accuracy"], arrays["tree_id"], arrays["format_ok"])
 
     # -- the engine's batch methods ----------------------------------------------------------------------------
     def initial_batch(self, prompts: Sequence[Record], n_init: int, key, progress=None) -> RolloutBatch:

@@ -172,14 +172,16 @@ def select_groups(groups: Sequence[tuple[RolloutBatch, int]], n: int, num_groups
     build = TrajectoryBuilder(num_groups * n, t.tokens.shape[1], t.prompt_tokens.shape[1], pad_id)
     texts, calls = [""] * (num_groups * n), [[] for _ in range(num_groups * n)]
     accuracy = np.zeros(num_groups * n, np.float32)
+    format_ok = np.zeros(num_groups * n, np.float32)
     for new_g, (batch, g) in enumerate(groups[:num_groups]):
         src, dst = slice(g * n, (g + 1) * n), slice(new_g * n, (new_g + 1) * n)
         build.copy_rows(dst, batch.traj, src, group=new_g)
         texts[dst], calls[dst] = batch.texts[src], batch.tool_calls[src]
         accuracy[dst] = batch.accuracy[src]
+        format_ok[dst] = batch.format_ok[src]
     traj = build.build()
     tree = np.where(traj.row_valid, np.arange(num_groups * n), -1).astype(np.int32)
-    return RolloutBatch(traj, texts, calls, accuracy, tree)
+    return RolloutBatch(traj, texts, calls, accuracy, tree, format_ok)
 
 
 @dataclass

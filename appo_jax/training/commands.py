@@ -68,6 +68,21 @@ def format_summary(summary: dict) -> str:
     rewards = summary.get("reward_per_iteration") or []
     if 0 < len(rewards) <= 30:
         lines.append("reward per iteration: " + " ".join("-" if r is None else f"{r:.3g}" for r in rewards))
+    for key, c in summary.get("heldout", {}).items():
+        if "change_ci95" not in c:
+            continue
+        (b_lo, b_hi), (a_lo, a_hi), (lo, hi) = c["before_ci95"], c["after_ci95"], c["change_ci95"]
+        lines.append(f"held-out {key[len('eval/'):]}: {100 * c['before']:.1f}% [{100 * b_lo:.1f}, {100 * b_hi:.1f}] "
+                     f"(iteration {c['first_step']}) -> {100 * c['after']:.1f}% [{100 * a_lo:.1f}, {100 * a_hi:.1f}] "
+                     f"(iteration {c['last_step']}): {100 * c['change']:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}], "
+                     f"{c['verdict']} (95% intervals over {c['n']} answers)")
+    for warning in summary.get("warnings", []):
+        lines.append(f"WARNING: {warning}")
+    if "startup" in summary:
+        lines.append(f"first iteration after {summary['startup']['first_iteration_s']:.1f} s "
+                     f"(train step {summary['startup']['train_step']})")
+    if "learning_curve" in summary:
+        lines.append(f"learning curve: {summary['learning_curve']}")
     lines.append(f"metrics:     {summary['metrics']}")
     lines.append(f"tensorboard: tensorboard --logdir {summary['tensorboard']}")
     lines.append(f"checkpoints: {summary['checkpoints']} (steps {summary['checkpoint_steps']})")

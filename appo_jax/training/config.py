@@ -25,10 +25,11 @@ from typing import Any
 from appo_jax.core.advantages import PROCEDURE_SCALING
 from appo_jax.core.branch_points import PARITIES
 from appo_jax.core.losses import AGGS, KL_KINDS
-from appo_jax.core.registry import POLICY_LOSSES
+from appo_jax.core.registry import CONTROLS, POLICY_LOSSES
 from appo_jax.data.loading import TASKS, get_task
 from appo_jax.rollout.config import RolloutConfig
 from appo_jax.training.algorithms import ALGORITHMS, AlgorithmSpec, get_algorithm
+from appo_jax.training.evaluation import EVAL_MODES
 from appo_jax.training.policies import OMEGA_BASELINES
 
 SCHEDULES = ("constant", "cosine")
@@ -90,7 +91,9 @@ class AlgorithmSection:
     default; max_resample_rounds bounds DAPO's refills; aepo_entropy_alpha: AEPO's entropy weight.
     branching_parity: ``appo_jax`` (default) or ``official``, the arithmetic of the Branching Score and its
     candidates (docs/official_differences.md). gigpo_gamma / gigpo_step_weight: GiGPO's step discount and the
-    weight omega of its step-level advantage (docs/algorithm.md §1.9).
+    weight omega of its step-level advantage (docs/algorithm.md §1.9). control: a negative control of
+    `appo_jax.core.controls` (``permute_rewards``, ``negate_rewards``) that takes the learning signal out of the
+    rewards the estimator sees; ``none`` for a real run.
     """
 
     name: str = "appo"
@@ -109,6 +112,7 @@ class AlgorithmSection:
     branching_parity: str = "appo_jax"
     gigpo_gamma: float = 0.95
     gigpo_step_weight: float = 1.0
+    control: str = "none"
 
 
 @dataclass
@@ -172,7 +176,9 @@ class SFTSection:
     seeds, this section) and reused by every run with the same hash — the runs of a grid that differ only in the
     RL algorithm start from one SFT policy. ``seed``: the seed of the SFT examples and batches (-1: the run's
     ``data.seed`` / ``train.seed``); a fixed seed makes the SFT policy independent of the run's seeds (with the
-    same ``model.init_seed``, runs of different seeds then share it)."""
+    same ``model.init_seed``, runs of different seeds then share it). ``eval_every``: evaluate the logging
+    section's benchmarks (every ``logging.eval_modes``) every that many SFT steps and after the last, into
+    ``sft_metrics.jsonl`` (0 = never): held-out accuracy as SFT goes."""
 
     steps: int = 0
     data: str = "toy_arithmetic"
@@ -182,6 +188,7 @@ class SFTSection:
     max_response_len: int = 128
     cache_dir: str = ""
     seed: int = -1
+    eval_every: int = 0
 
 
 @dataclass
@@ -208,7 +215,12 @@ class LoggingSection:
     """metrics.jsonl + TensorBoard every ``every`` steps; progress bar; a rollout HTML dump every
     ``dump_rollouts_every`` steps (0 = never); evaluation every ``eval_every`` steps (0 = never, and before the first
     step when set) on ``eval_benchmarks`` (comma-separated; ``TASK:heldout`` for a generated task's held-out
-    split) with ``eval_limit`` questions each, ``eval_runs`` runs, greedy decoding when ``eval_greedy``."""
+    split) with ``eval_limit`` questions each and ``eval_runs`` runs, once per sampling mode of ``eval_modes``
+    (comma-separated, `appo_jax.training.evaluation.EVAL_MODES`: ``greedy``, ``train`` = pass@1 at the training
+    temperature / top-p, ``paper`` = temperature 0.6, top-p 0.95, repetition penalty 1.1); metrics
+    ``eval/BENCH/MODE`` and ``eval/BENCH`` (the first mode). ``kl_to_start``: log the KL of the policy to the
+    policy RL started from (``kl/to_start``, k3 over the trained tokens; keeps a copy of that policy and costs one
+    more log-prob pass per iteration when the loss has no KL term)."""
 
     every: int = 1
     tensorboard: bool = True
@@ -218,7 +230,8 @@ class LoggingSection:
     eval_benchmarks: str = ""
     eval_limit: int = 0
     eval_runs: int = 1
-    eval_greedy: bool = False
+    eval_modes: str = "paper"
+    kl_to_start: bool = True
 
 
 @dataclass
@@ -426,6 +439,11 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value!r}; expected a {'non-negative' if allow_zero else 'positive'} number")
 
 
+def eval_modes(logging: LoggingSection) -> list[str]:
+    """The sampling modes of ``logging.eval_modes`` in order (empty entries dropped)."""
+    return [m.strip() for m in logging.eval_modes.split(",") if m.strip()]
+
+
 def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
     """Check every field (names, ranges, choices) and the batch layout against the mesh.
 
@@ -454,6 +472,11 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
     _choice("loss.agg", loss.agg, AGGS)
     _choice("loss.kl_kind", loss.kl_kind, KL_KINDS)
     _choice("optimizer.schedule", opt.schedule, SCHEDULES)
+    _choice("algorithm.control", a.control, tuple(CONTROLS.names()))
+    if not eval_modes(cfg.logging):
+        raise ConfigError("logging.eval_modes is empty; give one or more of " + ", ".join(EVAL_MODES))
+    for mode in eval_modes(cfg.logging):
+        _choice("logging.eval_modes", mode, tuple(EVAL_MODES))
     for key in ("dtype", "param_dtype"):
         _choice(f"model.{key}", getattr(cfg.model, key), DTYPES)
     if not cfg.model.name:
@@ -472,6 +495,7 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
                        ("data.limit", cfg.data.limit),
                        ("algorithm.max_resample_rounds", a.max_resample_rounds), ("sft.steps", cfg.sft.steps),
                        ("logging.eval_every", cfg.logging.eval_every), ("logging.eval_limit", cfg.logging.eval_limit),
+                       ("sft.eval_every", cfg.sft.eval_every),
                        ("logging.dump_rollouts_every", cfg.logging.dump_rollouts_every)):
         _positive(key, value, allow_zero=True)
     if loss.tis_cap is not None:

@@ -1,11 +1,16 @@
-"""pass@1 per benchmark with the evaluation sampling defaults of docs/algorithm.md §1.8.
+"""pass@1 per benchmark under a sampling mode (the paper's evaluation defaults of docs/algorithm.md §1.8, greedy, or
+the training sampling).
 
-For each benchmark question the policy runs the multi-turn tool loop ``runs`` times (temperature 0.6, top_p
-0.95, repetition penalty 1.1 over the whole sequence, as transformers applies it); a run is correct when the
-answer judge (``appo_jax.rewards.judge``, default the rule-based judge: exact match after normalisation or
-math-verify equivalence) accepts the last ``\\boxed{}`` of the response, and
+For each benchmark question the policy runs the multi-turn tool loop ``runs`` times with the sampling of the mode
+(:data:`EVAL_MODES`); a run is correct when the answer judge (``appo_jax.rewards.judge``, default the rule-based
+judge: exact match after normalisation or math-verify equivalence) accepts the last ``\\boxed{}`` of the response,
+and
 
     pass@1 = mean over questions of (correct runs / runs)
+
+Modes: ``paper`` (temperature 0.6, top_p 0.95, repetition penalty 1.1 over the whole sequence, as transformers
+applies it), ``greedy`` (temperature 0, no penalty) and ``train`` (the rollout config's own temperature / top-p /
+top-k / penalty: pass@1 of the policy as RL samples it).
 """
 from __future__ import annotations
 
@@ -49,16 +54,34 @@ def markdown_table(results: dict[str, float], counts: dict[str, int] | None = No
     return "\n".join(lines)
 
 
-def eval_rollout_config(rollout: RolloutConfig, prompts, rollouts: int, greedy: bool = False) -> RolloutConfig:
-    """The engine's config for an evaluation: ``rollout`` (lengths, tool limit, tool pool) with the evaluation
-    sampling settings (``greedy``: temperature 0 and no repetition penalty instead), fitted to ``prompts`` and
-    ``rollouts`` concurrent rollouts (at most ``rollout.num_slots`` when that is non-zero)."""
-    if greedy:
-        cfg = dataclasses.replace(rollout, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0)
-    else:
-        cfg = dataclasses.replace(rollout, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, top_k=0,
-                                  repetition_penalty=EVAL_REPETITION_PENALTY)
-    return cfg.fitted(prompts, rollouts)
+#: mode -> the rollout config with that mode's sampling (module doc)
+EVAL_MODES = {
+    "paper": lambda r: dataclasses.replace(r, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, top_k=0,
+                                           repetition_penalty=EVAL_REPETITION_PENALTY),
+    "greedy": lambda r: dataclasses.replace(r, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0),
+    "train": lambda r: r,
+}
+
+
+def sampling_text(cfg: RolloutConfig) -> str:
+    """``"greedy"`` or ``"temperature T, top_p P[, top_k K][, repetition penalty R]"``."""
+    if cfg.temperature == 0:
+        return "greedy"
+    text = f"temperature {cfg.temperature:g}, top_p {cfg.top_p:g}"
+    if cfg.top_k:
+        text += f", top_k {cfg.top_k}"
+    if cfg.repetition_penalty != 1.0:
+        text += f", repetition penalty {cfg.repetition_penalty:g}"
+    return text
+
+
+def eval_rollout_config(rollout: RolloutConfig, prompts, rollouts: int, mode: str = "paper") -> RolloutConfig:
+    """The engine's config for an evaluation: ``rollout`` (lengths, tool limit, tool pool) with the sampling of
+    ``mode`` (:data:`EVAL_MODES`), fitted to ``prompts`` and ``rollouts`` concurrent rollouts (at most
+    ``rollout.num_slots`` when that is non-zero)."""
+    if mode not in EVAL_MODES:
+        raise ValueError(f"evaluation mode {mode!r}; expected one of {', '.join(EVAL_MODES)}")
+    return EVAL_MODES[mode](rollout).fitted(prompts, rollouts)
 
 
 def _correct(record, text: str) -> float:
@@ -69,7 +92,7 @@ def _correct(record, text: str) -> float:
 def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[str], *, limit: int | None = None,
                    runs: int = EVAL_RUNS, rollout: RolloutConfig | None = None, mesh=None, data_dir: str = "",
                    engine=None, seed: int = 0, system_prompt: str = "", log=print, progress: bool = True,
-                   greedy: bool = False, task_options: dict | None = None) -> dict:
+                   mode: str = "paper", task_options: dict | None = None) -> dict:
     """``{benchmark: pass@1, "_counts": {benchmark: questions}, "_engine": engine}`` (module doc). Questions
     whose prompt exceeds ``rollout.max_prompt_len`` are skipped (and not counted).
 
@@ -77,7 +100,7 @@ def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[
     length and slots fit) is sized to the longest prompt and to ``questions x runs`` concurrent rollouts (at most
     ``rollout.num_slots`` when set), ``log`` receives the plan (questions, runs, token budgets, KV cache) before
     sampling starts, and each benchmark shows a progress bar (finished rollouts, tokens/s, ETA) unless
-    ``progress`` is False. ``greedy``: temperature 0 without a repetition penalty (one run is then enough);
+    ``progress`` is False. ``mode``: the sampling (:data:`EVAL_MODES`; with ``greedy`` one run is enough);
     ``task_options``: the difficulty knobs of generated tasks (``kb_multihop:heldout``)."""
     rollout = rollout or RolloutConfig()
     prompts_of = {}
@@ -90,9 +113,9 @@ def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[
             raise ValueError(f"benchmark {name!r}: no question fits rollout.max_prompt_len={rollout.max_prompt_len}")
         prompts_of[name] = prompts
     every = [p for prompts in prompts_of.values() for p in prompts]
-    cfg = eval_rollout_config(rollout, every, max(len(v) for v in prompts_of.values()) * runs, greedy)
+    cfg = eval_rollout_config(rollout, every, max(len(v) for v in prompts_of.values()) * runs, mode)
     if engine is not None and (engine.cfg.max_prompt_len < cfg.max_prompt_len or engine.cfg.num_slots < cfg.num_slots
-                               or engine.cfg.temperature != cfg.temperature):
+                               or sampling_text(engine.cfg) != sampling_text(cfg)):
         engine.close()
         engine = None
     if engine is None:
@@ -100,10 +123,8 @@ def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[
     else:
         engine.set_params(params)
     total = len(every) * runs
-    sampling = ("greedy" if greedy else f"temperature {EVAL_TEMPERATURE}, top_p {EVAL_TOP_P}, repetition penalty "
-                                        f"{EVAL_REPETITION_PENALTY}")
-    log(f"eval: {', '.join(f'{n} ({len(v)} questions)' for n, v in prompts_of.items())} x {runs} run(s) = {total} "
-        f"rollouts; {sampling}; {engine.describe()}")
+    log(f"eval ({mode}): {', '.join(f'{n} ({len(v)} questions)' for n, v in prompts_of.items())} x {runs} run(s) = "
+        f"{total} rollouts; {sampling_text(cfg)}; {engine.describe()}")
     out: dict = {}
     counts = {}
     for b, (name, prompts) in enumerate(prompts_of.items()):

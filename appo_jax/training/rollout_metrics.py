@@ -37,11 +37,29 @@ def rollout_metrics(traj: Trajectory, rows: np.ndarray, accuracy: np.ndarray, pr
     return out
 
 
-def batch_metrics(traj: Trajectory, accuracy: np.ndarray, train_rows: int) -> dict:
+def groups_with_variance(reward, group_id, valid) -> float:
+    """Share of prompt groups (among those with a valid row) whose valid rows' rewards are not all equal: the
+    groups a group-relative estimator can learn from (a group of equal rewards has zero advantages)."""
+    reward, group_id = np.asarray(reward, np.float64), np.asarray(group_id)
+    valid = np.asarray(valid, bool) & (group_id >= 0)
+    groups = np.unique(group_id[valid])
+    if not groups.size:
+        return 0.0
+    varied = [np.ptp(reward[valid & (group_id == g)]) > 0 for g in groups]
+    return float(np.mean(varied))
+
+
+def batch_metrics(traj: Trajectory, accuracy: np.ndarray, train_rows: int, format_ok: np.ndarray | None = None
+                  ) -> dict:
     """`rollout_metrics` of the ``train_rows`` leading rows (the rows the update trains on); the other rows' (APPO's
-    branches) reward and count under ``branch_*``; ``branch/count``: valid branch rows."""
+    branches) reward and count under ``branch_*``; ``branch/count``: valid branch rows;
+    ``reward/groups_with_variance`` over every row of a group (`groups_with_variance`); ``reward/format_ok``: share
+    of trained rows whose format check passed (when ``format_ok`` is given)."""
     trained = np.arange(traj.num_rows) < train_rows
     out = rollout_metrics(traj, trained, accuracy)
+    out["reward/groups_with_variance"] = groups_with_variance(traj.reward, traj.group_id, traj.row_valid)
+    if format_ok is not None:
+        out["reward/format_ok"] = _mean(format_ok, np.asarray(traj.row_valid, bool) & trained)
     if not trained.all():
         rest = rollout_metrics(traj, ~trained, accuracy, "branch_")
         out.update({k: v for k, v in rest.items() if k.startswith("branch_reward/") or k == "branch_rollouts/count"})

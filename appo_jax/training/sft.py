@@ -12,7 +12,9 @@ log-probs of :mod:`appo_jax.models.logprobs`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -26,6 +28,7 @@ import optax
 from appo_jax.data.encoding import encode_prompt
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.logprobs import token_logprobs
+from appo_jax.training.config import OptimizerSection
 from appo_jax.training.state import TrainState
 
 _RESULT = re.compile(r"<result>\n.*?\n</result>", re.S)
@@ -132,3 +135,37 @@ def sft_batches(arrays: dict, batch_size: int, seed: int = 0):
             idx = order[s:s + batch_size]
             yield {k: v[idx] for k, v in arrays.items()}
         epoch += 1
+
+
+def sft_optimizer(rl_optimizer: OptimizerSection, lr: float) -> OptimizerSection:
+    """The SFT optimizer: the run's AdamW settings (betas, eps, weight decay, clipping) at the constant rate
+    ``lr`` (``sft.lr``) without warmup."""
+    return dataclasses.replace(rl_optimizer, lr=lr, schedule="constant", warmup_steps=0, min_lr_ratio=0.0)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the tokenizer's whole definition (the ``tokenizers`` JSON of a fast tokenizer: vocabulary, merges,
+    pre-tokenizer, special tokens), else of its vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def sft_cache_key(cfg, tokenizer, task, task_options, seed: int) -> str:
+    """The hash under which an SFT result is cached: everything the SFT policy depends on and nothing else — the
+    model (architecture source, dtypes, init seed), the tokenizer (`tokenizer_fingerprint`), the data (a
+    generated task's `Task.fingerprint` with its options, or the bytes of the JSONL file), the system prompt and
+    prompt length the examples are encoded with, the SFT section (steps, examples, batch, lr, lengths), the SFT
+    optimizer (`sft_optimizer`) and the SFT seed. The RL settings (algorithm, RL learning rate, steps, ...) are not
+    in it, so runs that differ only there share one SFT policy."""
+    m, s = cfg.model, cfg.sft
+    if task is not None:
+        data = {"task": task.name, "fingerprint": task.fingerprint(task_options)}
+    else:
+        data = {"file": hashlib.sha256(Path(s.data).read_bytes()).hexdigest()[:16]}
+    key = {"model": {"name": m.name, "dtype": m.dtype, "param_dtype": m.param_dtype, "init_seed": m.init_seed},
+           "tokenizer": tokenizer_fingerprint(tokenizer), "data": data,
+           "system_prompt": cfg.data.system_prompt, "max_prompt_len": cfg.rollout.max_prompt_len,
+           "sft": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("cache_dir", "eval_every", "seed")},
+           "optimizer": dataclasses.asdict(sft_optimizer(cfg.optimizer, s.lr)), "seed": int(seed)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -22,9 +22,7 @@ anything is saved for that iteration; checkpoint failures (e.g. a full disk) sto
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -38,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from appo_jax.compilation_cache import active_cache_dir, compile_counts
+from appo_jax.core.registry import CONTROLS
 from appo_jax.core.advantages import advantages_from_trajectory
 from appo_jax.core.candidates import candidate_token_table
 from appo_jax.data import encode_records, get_task, load_dataset
@@ -55,15 +54,18 @@ from appo_jax.rollout.strategies import Sampled
 from appo_jax.training.batch import TrainBatch
 from appo_jax.training.checkpoint import Checkpointer
 from appo_jax.training.config import (ExperimentConfig, algorithm_spec, resolve_mesh_shape, resolved_loss,
-                                      rows_per_mini_batch, to_dict, to_json, validate)
+                                      eval_modes, rows_per_mini_batch, to_dict, to_json, validate)
 from appo_jax.training.evaluation import evaluate_pass1
+from appo_jax.training.learning_signals import (heldout_changes, kl_to_reference, plot_learning_curve, run_warnings,
+                                                signal_warnings)
 from appo_jax.training.metrics import MetricsWriter, read_metrics, summarize
 from appo_jax.training.policies import Policies, copy_tree
 from appo_jax.training.prompt_iterator import PromptIterator
 from appo_jax.training.rollout_dump import write_rollout_dump
 from appo_jax.training.rollout_metrics import (advantage_metrics, batch_metrics, branching_metrics,
                                                mismatch_metrics)
-from appo_jax.training.sft import encode_examples, load_sft_examples, make_sft_step, sft_batches
+from appo_jax.training.sft import (encode_examples, load_sft_examples, make_sft_step, sft_batches, sft_cache_key,
+                                   sft_optimizer)
 from appo_jax.training.state import learning_rate_schedule, make_optimizer
 from appo_jax.training.train_step import StepConfig, TrainStepRunner, init_train_state
 
@@ -169,7 +171,8 @@ class Trainer:
         self.kl_coef = loss["kl_coef"]
         a = cfg.algorithm
         micro = t.micro_batch_rows or rows_per_mini_batch(cfg)
-        need_reference = self.kl_coef > 0 or a.omega_baseline == "reference"
+        self.kl_to_start = cfg.logging.kl_to_start
+        need_reference = self.kl_coef > 0 or a.omega_baseline == "reference" or self.kl_to_start
         self.policies = Policies(self.model_config, self.placement, chunk=t.logprob_chunk,
                                  temperature=cfg.rollout.temperature, micro_rows=micro, baseline=a.omega_baseline,
                                  lag=a.omega_lag, reference=self._load_reference(params) if need_reference else None)
@@ -191,14 +194,20 @@ class Trainer:
         # the sampler holds the prompt length and slots of this dataset (this host's share), not the maxima
         rollout_cfg = cfg.rollout.fitted(
             prompts, t.prompts_per_step // self.processes * self.strategy.rollouts_per_prompt)
-        self.engine = self._make_engine(rollout_cfg, RecordReward(cfg.data.reward))
+        reward = RecordReward(cfg.data.reward)
+        self.engine = self._make_engine(rollout_cfg, reward)
         self.advantage_options = tuple(sorted(self.spec.advantage_options(a).items()))
         self.iteration = 0
         self.sft_done = False
         self._nonfinite = None
         self._last_collected: Collected | None = None
         self.checkpointer = Checkpointer(self.ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-        self._eval_engine = None
+        self._eval_engines: dict = {}
+        self._eval_counts: dict = {}
+        self.control = CONTROLS.get(a.control)
+        self.warnings = signal_warnings(cfg, self.strategy.rollouts_per_prompt, records, reward)
+        for warning in self.warnings:
+            log(f"warning: {warning}")
         if self.resume:
             if self.checkpointer.latest_step() is not None:
                 self._restore()
@@ -307,19 +316,14 @@ class Trainer:
         return self.cfg.sft.seed if self.cfg.sft.seed >= 0 else self.cfg.data.seed
 
     def _sft_cache_file(self) -> Path | None:
-        """``<sft.cache_dir>/sft-<hash>.npz``: the hash covers everything the SFT result depends on."""
+        """``<sft.cache_dir>/sft-<key>.npz`` with the key of `sft_cache_key` (what the SFT policy depends on)."""
         c = self.cfg
         if not c.sft.cache_dir:
             return None
-        data = dataclasses.asdict(c.data)
-        if c.sft.seed >= 0:  # SFT does not depend on the run's own seeds
-            data.pop("seed")
-        key = json.dumps({"model": dataclasses.asdict(c.model), "data": data,
-                          "sft": {k: v for k, v in dataclasses.asdict(c.sft).items() if k != "cache_dir"},
-                          "seed": c.train.seed if c.sft.seed < 0 else None, "logprob_chunk": c.train.logprob_chunk,
-                          "max_prompt_len": c.rollout.max_prompt_len, "optimizer": dataclasses.asdict(c.optimizer)},
-                         sort_keys=True, default=str)
-        return Path(c.sft.cache_dir) / f"sft-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+        task = get_task(c.sft.data)
+        key = sft_cache_key(c, self.tokenizer, task, c.data.task_options if task is self.task else None,
+                            self._sft_seed())
+        return Path(c.sft.cache_dir) / f"sft-{key}.npz"
 
     def _start_rl_from(self, params) -> None:
         """RL starts from ``params`` with a fresh optimizer; the reference becomes that policy."""
@@ -346,8 +350,8 @@ class Trainer:
         examples = self._sft_examples()
         arrays = encode_examples(examples, self.tokenizer, max_prompt_len=self.cfg.rollout.max_prompt_len,
                                  max_response_len=s.max_response_len, pad_id=self.engine.pad_id)
-        opt = dataclasses.replace(self.cfg.optimizer, lr=s.lr, schedule="constant", warmup_steps=0)
-        sft_state, sh = init_train_state(self.state.params, make_optimizer(opt, s.steps),
+        sft_state, sh = init_train_state(self.state.params, make_optimizer(sft_optimizer(self.cfg.optimizer, s.lr),
+                                                                           s.steps),
                                          s.seed if s.seed >= 0 else self.cfg.train.seed,
                                          mesh=self.mesh, model_config=self.model_config)
         step = make_sft_step(self.model_config, self.cfg.train.logprob_chunk, sh)
@@ -366,6 +370,8 @@ class Trainer:
                 if not math.isfinite(losses[-1]):
                     raise TrainingError(f"SFT loss became non-finite at SFT step {i + 1}; nothing was saved")
                 tokens += float(m["sft/tokens"])
+                if s.eval_every and ((i + 1) % s.eval_every == 0 or i + 1 == s.steps):
+                    self._sft_probe(i + 1, losses, sft_state.params)
                 bar.set_postfix_str(f"loss {losses[-1]:.4f}, {tokens / (time.perf_counter() - t0):.0f} tok/s",
                                     refresh=False)
                 bar.update(1)
@@ -379,6 +385,17 @@ class Trainer:
             os.replace(tmp, cache)  # atomic: concurrent runs never read half a file
         self._start_rl_from(sft_state.params)
         return losses
+
+    def _sft_probe(self, step: int, losses: list[float], params) -> None:
+        """Held-out accuracy of the SFT policy after ``step`` SFT steps, appended to ``sft_metrics.jsonl``."""
+        if self.processes > 1:  # each host evaluates with its own copy, as after an RL step
+            params = self.engine.place_params(self.placement.host(params))
+        record = {"sft_step": step, "sft/loss": float(np.mean(losses[-max(1, self.cfg.sft.eval_every):])),
+                  **self.evaluate(params)}
+        self.log("sft probe: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()))
+        if self.primary:
+            with open(self.workdir / "sft_metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     # -- one iteration ---------------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -399,21 +416,27 @@ class Trainer:
         traj = jax.tree.map(lambda x: np.asarray(x)[:n], sampled.batch.traj)
         t0 = time.perf_counter()
         old = sampled.old_logp if sampled.old_logp is not None else self.policies.logprobs(self.state.params, traj)
-        ref = self.policies.reference_logprobs(traj) if self.kl_coef else None
+        ref = self.policies.reference_logprobs(traj) if self.kl_coef or self.kl_to_start else None
         old, ref = self.placement.host((old, ref))
+        if self.kl_to_start:
+            sampled.metrics["kl/to_start"] = kl_to_reference(old, ref, traj.loss_mask & traj.row_valid[:, None])
         sampled.metrics["time/logprobs_s"] = sampled.metrics.get("time/logprobs_s", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        full = sampled.batch
+        full = sampled.batch.traj
+        if self.cfg.algorithm.control != "none":  # a negative control: the estimator sees no signal
+            full = full.replace(reward=np.asarray(self.control(full.reward, full.group_id, full.kind,
+                                                               jax.random.fold_in(key, 1))))
         adv = self.placement.host(_advantages(
-            self.placement.tree(full.traj), self.placement.rows(full.tree_id), name=self.spec.advantage,
-            num_groups=num_prompts, num_trees=full.traj.num_rows, options=self.advantage_options))[:n]
+            self.placement.tree(full), self.placement.rows(sampled.batch.tree_id), name=self.spec.advantage,
+            num_groups=num_prompts, num_trees=full.num_rows, options=self.advantage_options))[:n]
         sampled.metrics["time/advantages_s"] = time.perf_counter() - t0
-        return Collected(sampled, traj, adv, old, ref)
+        return Collected(sampled, traj, adv, old, ref if self.kl_coef else None)
 
     def _iteration_metrics(self, col: Collected, batch: TrainBatch) -> dict:
         sampled = col.sampled
         metrics = dict(sampled.metrics)
-        metrics.update(batch_metrics(sampled.batch.traj, sampled.batch.accuracy, sampled.train_rows))
+        metrics.update(batch_metrics(sampled.batch.traj, sampled.batch.accuracy, sampled.train_rows,
+                                     sampled.batch.format_ok))
         train_traj = col.train_traj
         if sampled.branching is not None:
             metrics.update(branching_metrics(sampled.branching, train_traj))
@@ -461,18 +484,26 @@ class Trainer:
             self._nonfinite = (it, step_metrics)
         return metrics
 
-    def evaluate(self) -> dict:
+    def evaluate(self, params=None) -> dict:
+        """Pass@1 on ``logging.eval_benchmarks`` under every mode of ``logging.eval_modes`` (of ``params``, default
+        the sampler's): ``{"eval/BENCH/MODE": acc, "eval/BENCH": acc of the first mode}``."""
         cfg = self.cfg.logging
         names = [b.strip() for b in cfg.eval_benchmarks.split(",") if b.strip()]
-        params, mesh = self._sampler_params()  # every host evaluates the whole benchmark with its own copy
-        results = evaluate_pass1(self.model_config, params, self.tokenizer, self.tools, names,
-                                 limit=cfg.eval_limit or None, runs=cfg.eval_runs, rollout=self.cfg.rollout,
-                                 mesh=mesh, data_dir=self.cfg.data.data_dir, engine=self._eval_engine,
-                                 system_prompt=self.cfg.data.system_prompt, log=self.log, progress=cfg.progress,
-                                 greedy=cfg.eval_greedy, task_options=self.cfg.data.task_options)
-        self._eval_engine = results.pop("_engine", self._eval_engine)
-        results.pop("_counts", None)
-        return {f"eval/{k}": v for k, v in results.items()}
+        sampler_params, mesh = self._sampler_params()  # every host evaluates the whole benchmark with its own copy
+        out = {}
+        for mode in eval_modes(cfg):
+            results = evaluate_pass1(self.model_config, sampler_params if params is None else params,
+                                     self.tokenizer, self.tools, names, limit=cfg.eval_limit or None,
+                                     runs=cfg.eval_runs, rollout=self.cfg.rollout, mesh=mesh,
+                                     data_dir=self.cfg.data.data_dir, engine=self._eval_engines.get(mode),
+                                     system_prompt=self.cfg.data.system_prompt, log=self.log, progress=cfg.progress,
+                                     mode=mode, task_options=self.cfg.data.task_options)
+            self._eval_engines[mode] = results.pop("_engine")
+            self._eval_counts.update(results.pop("_counts"))
+            for bench, value in results.items():
+                out[f"eval/{bench}/{mode}"] = value
+                out.setdefault(f"eval/{bench}", value)
+        return out
 
     # -- the loop --------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -575,6 +606,11 @@ class Trainer:
         evals = [r for r in records if any(k.startswith("eval/") for k in r)]
         if evals:
             out["final_eval"] = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
+        out["heldout"] = heldout_changes(records, self._eval_counts, self.cfg.logging.eval_runs)
+        out["warnings"] = self.warnings + run_warnings(records, out["heldout"])
+        if self.primary and records:
+            out["learning_curve"] = str(plot_learning_curve(records, self.workdir / "learning_curve.png",
+                                                            title=f"{self.cfg.name} ({self.cfg.algorithm.name})"))
         return out
 
     def close(self) -> None:
@@ -583,6 +619,6 @@ class Trainer:
             self.checkpointer.close()
         finally:
             self.engine.close()
-            if self._eval_engine is not None:
-                self._eval_engine.close()
+            for engine in self._eval_engines.values():
+                engine.close()
             self.tools.close()

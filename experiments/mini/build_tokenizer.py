@@ -4,7 +4,7 @@
 
 Trained with the ``tokenizers`` library on the chat-rendered prompts and SFT traces (right and wrong) of
 ``kb_multihop`` and ``arith_program`` (tool outputs from the real ``kb`` search backend and python sandbox).
-Byte-level, so any text round-trips exactly; ids 0, 1, 2 are ``<|endoftext|>`` (padding), ``<|im_start|>`` and
+Byte-level, so any text round-trips exactly; digits are single tokens (never merged with a neighbour); ids 0, 1, 2 are ``<|endoftext|>`` (padding), ``<|im_start|>`` and
 ``<|im_end|>`` (end of turn = EOS). Deterministic: the same corpus gives the same files.
 """
 from __future__ import annotations
@@ -48,7 +48,10 @@ def corpus(count: int = 300) -> list[str]:
 def build(out: Path, count: int = 300) -> Tokenizer:
     """Train the tokenizer on `corpus` and write ``tokenizer.json`` + ``tokenizer_config.json`` to ``out``."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # every digit is a token of its own, never merged with a space or a bracket: "Add 5." and "(7 + 5)" share the
+    # token "5", so writing an operand or a tool result into the answer is copying a token, not a lookup table
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())

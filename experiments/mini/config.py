@@ -21,6 +21,8 @@ from appo_jax.training.fidelity import OFFICIAL
 #: method -> (algorithm name, {dotted config key: value} beyond the algorithm)
 METHODS = {
     "grpo": ("grpo", {}),
+    # the negative control: GRPO with the rewards permuted inside each prompt group (no signal; must not learn)
+    "grpo_permuted": ("grpo", {"algorithm.control": "permute_rewards"}),
     "dapo": ("dapo", {}),
     "reinforce_pp": ("reinforce_pp", {}),
     "gppo": ("gppo", {}),
@@ -42,10 +44,12 @@ METHODS = {
     "appo_official": ("appo", dict(OFFICIAL)),
 }
 TASKS = {
-    # difficulty: 2-3 hops, 2 distractor pages per search, 30% of the SFT traces take one wrong decision
-    "kb_multihop": {"hops": (2, 3), "distractors": 2, "entities": 24, "relations": 4, "wrong_fraction": 0.3},
-    # 1-2 operations, 30% wrong decisions in SFT
-    "arith_program": {"steps": (1, 2), "max_operand": 9, "wrong_fraction": 0.3},
+    # 1-2 hops, 2 distractor pages per search; SFT teacher: 20% of its traces take one random wrong decision and
+    # 70% resolve the relations in the order the question writes them (outermost first: wrong for 2 hops)
+    "kb_multihop": {"hops": (1, 2), "distractors": 2, "entities": 24, "relations": 4, "wrong_fraction": 0.2,
+                    "order_confusion": 0.7},
+    # 1-2 operations; SFT teacher: 20% one random wrong decision, 70% write "subtract it from y" as x - y
+    "arith_program": {"steps": (1, 2), "max_operand": 9, "wrong_fraction": 0.2, "order_confusion": 0.7},
 }
 RESPONSE_LEN = {"kb_multihop": 192, "arith_program": 64}
 
@@ -80,7 +84,7 @@ def get_config(arg: str = "appo,kb_multihop,1") -> ExperimentConfig:
         set_value(c, key, str(value))
 
     t = c.train
-    t.steps, t.prompts_per_step, t.mini_batch_prompts, t.ppo_epochs, t.logprob_chunk = 12, 8, 4, 1, 256
+    t.steps, t.prompts_per_step, t.mini_batch_prompts, t.ppo_epochs, t.logprob_chunk = 60, 8, 4, 1, 256
     t.seed = seed
     c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.grad_clip = 3e-4, 0.0, 1.0
     c.loss.kl_coef = 0.0
@@ -92,6 +96,6 @@ def get_config(arg: str = "appo,kb_multihop,1") -> ExperimentConfig:
     c.mesh.data = 1
     c.checkpoint.every, c.checkpoint.keep, c.checkpoint.async_save = 0, 1, False
     lg = c.logging
-    lg.tensorboard, lg.eval_every, lg.eval_benchmarks = False, 4, f"{task}:heldout"
-    lg.eval_limit, lg.eval_runs, lg.eval_greedy = 64, 1, True
+    lg.tensorboard, lg.eval_every, lg.eval_benchmarks = False, 10, f"{task}:heldout"
+    lg.eval_limit, lg.eval_runs, lg.eval_modes = 128, 1, "greedy,train"
     return c

@@ -83,24 +83,42 @@ def _curve(records, key):
     return steps, values, tokens, seconds
 
 
-def summarize_method(runs: list[dict], task: str) -> dict:
-    key = f"eval/{task}:heldout"
-    initial, final, best, calls, gen, step_s, seeds = [], [], [], [], [], [], []
+def eval_modes(runs: list[dict], task: str) -> list[str]:
+    """The evaluation modes (``greedy``, ``train``, ...) of ``eval/TASK:heldout/MODE`` in the runs' records, greedy
+    first."""
+    prefix = f"eval/{task}:heldout/"
+    modes = {k[len(prefix):] for run in runs for r in run["records"] for k in r if k.startswith(prefix)}
+    return sorted(modes, key=lambda m: (m != "greedy", m))
+
+
+def summarize_method(runs: list[dict], task: str, modes: list[str]) -> dict:
+    """Per mode: held-out accuracy before RL, final, best and the gain (final - before), each a `mean_ci` over
+    seeds; tool calls per rollout, generated tokens, seconds per iteration. The first mode's before / final / best
+    are also ``initial_ / final_ / best_heldout_accuracy`` (the verdict's numbers)."""
+    per_mode = {}
+    for mode in modes:
+        key = f"eval/{task}:heldout/{mode}"
+        initial, final, best = [], [], []
+        for run in runs:
+            steps, values, _, _ = _curve(run["records"], key)
+            if values:
+                initial.append(values[0] if steps[0] == 0 else float("nan"))
+                final.append(values[-1])
+                best.append(max(values))
+        per_mode[mode] = {"initial": mean_ci(initial), "final": mean_ci(final), "best": mean_ci(best),
+                          "gain": mean_ci(np.asarray(final) - np.asarray(initial))}
+    seeds, calls, gen, step_s = [], [], [], []
     for run in runs:
-        steps, values, _, _ = _curve(run["records"], key)
-        if not values:
-            continue
         seeds.append(run["seed"])
-        initial.append(values[0] if steps[0] == 0 else float("nan"))
-        final.append(values[-1])
-        best.append(max(values))
         it = [r for r in run["records"] if r["step"] > 0 and r.get("time/step_s") is not None]
         calls.append(float(np.mean([r.get("tools/calls_per_rollout", 0.0) for r in it])) if it else 0.0)
         gen.append(float(sum(r.get("rollout/generated_tokens") or 0.0 for r in it)))
         step_s.append(float(np.mean([r["time/step_s"] for r in it])) if it else 0.0)
-    return {"seeds": seeds, "initial_heldout_accuracy": mean_ci(initial), "final_heldout_accuracy": mean_ci(final),
-            "best_heldout_accuracy": mean_ci(best), "tool_calls_per_rollout": mean_ci(calls),
-            "generated_tokens": mean_ci(gen), "seconds_per_iteration": mean_ci(step_s)}
+    first = per_mode[modes[0]] if modes else {"initial": mean_ci([]), "final": mean_ci([]), "best": mean_ci([])}
+    return {"seeds": seeds, "modes": per_mode, "initial_heldout_accuracy": first["initial"],
+            "final_heldout_accuracy": first["final"], "best_heldout_accuracy": first["best"],
+            "tool_calls_per_rollout": mean_ci(calls), "generated_tokens": mean_ci(gen),
+            "seconds_per_iteration": mean_ci(step_s)}
 
 
 def _fmt(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
@@ -131,7 +149,7 @@ def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[
     import matplotlib.pyplot as plt
 
     files = []
-    key = f"eval/{task}:heldout"
+    key = f"eval/{task}:heldout/{eval_modes([r for rs in by_method.values() for r in rs], task)[0]}"
     for axis, label, idx in (("tokens", "generated tokens (all rollouts)", 2), ("time", "RL wall time (s)", 3)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method, runs in sorted(by_method.items()):
@@ -217,7 +235,8 @@ def build_report(root: Path) -> dict:
         for r in runs:
             if r["task"] == task:
                 by_method.setdefault(r["method"], []).append(r)
-        table = {m: summarize_method(rs, task) for m, rs in sorted(by_method.items())}
+        modes = eval_modes([r for rs in by_method.values() for r in rs], task)
+        table = {m: summarize_method(rs, task, modes) for m, rs in sorted(by_method.items())}
         comparisons = {}
         if "appo" in table:
             for base in sorted(table):
@@ -233,14 +252,17 @@ def build_report(root: Path) -> dict:
         plots = plot_curves(task, by_method, root)
         results["tasks"][task] = {"methods": table, "comparisons": comparisons, "plots": plots}
         body += [f"## {task}", "",
-                 "Held-out accuracy (%, greedy, mean [95% CI] over seeds); tool calls per rollout, generated tokens "
-                 "per run, seconds per RL iteration.", "",
-                 "| method | seeds | before RL | final | best | tool calls / rollout | generated tokens | s / iteration |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 f"Held-out accuracy (%, mean [95% CI] over seeds) per evaluation mode ({', '.join(modes)}; "
+                 "`train` = pass@1 at the training temperature); gain = final - before RL, per seed. The verdicts use "
+                 f"the `{modes[0] if modes else '-'}` final accuracy.", "",
+                 "| method | seeds | mode | before RL | final | best | gain (points) |", "|---|---:|---|---:|---:|---:|---:|"]
         for m, s in table.items():
-            body.append(f"| {m} | {len(s['seeds'])} | {_fmt(s['initial_heldout_accuracy'])} | "
-                        f"{_fmt(s['final_heldout_accuracy'])} | {_fmt(s['best_heldout_accuracy'])} | "
-                        f"{_fmt(s['tool_calls_per_rollout'], 1.0, 2)} | {_fmt(s['generated_tokens'], 1.0, 0)} | "
+            for mode, st in s["modes"].items():
+                body.append(f"| {m} | {len(s['seeds'])} | {mode} | {_fmt(st['initial'])} | {_fmt(st['final'])} | "
+                            f"{_fmt(st['best'])} | {_fmt(st['gain'])} |")
+        body += ["", "| method | tool calls / rollout | generated tokens | s / iteration |", "|---|---:|---:|---:|"]
+        for m, s in table.items():
+            body.append(f"| {m} | {_fmt(s['tool_calls_per_rollout'], 1.0, 2)} | {_fmt(s['generated_tokens'], 1.0, 0)} | "
                         f"{_fmt(s['seconds_per_iteration'], 1.0, 1)} |")
         if comparisons:
             body += ["", "APPO minus each method, final held-out accuracy (points, Welch 95% CI):", ""]
