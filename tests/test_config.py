@@ -163,3 +163,19 @@ def test_adding_an_algorithm_as_the_docs_show(tmp_path):
         ALGORITHMS.pop("appo_mean_centred", None)
         from appo_jax.core.registry import ADVANTAGES
         ADVANTAGES._items.pop("appo_mean_centred", None)
+
+
+def test_candidate_rule_control_and_eval_modes_are_checked():
+    from appo_jax.training.config import candidate_rule, eval_modes
+    cfg = _small()
+    assert candidate_rule(cfg.algorithm) == "appo_jax"
+    assert candidate_rule(apply_overrides(cfg, ["algorithm.branching_parity=official"]).algorithm) == "official"
+    assert candidate_rule(apply_overrides(cfg, ["algorithm.candidate_rule=official"]).algorithm) == "official"
+    assert eval_modes(apply_overrides(cfg, ["logging.eval_modes=greedy, train"]).logging) == ["greedy", "train"]
+    for item, match in (("algorithm.candidate_rule=words", "algorithm.candidate_rule='words'.*'appo_jax', 'official'"),
+                        ("algorithm.control=shuffle", "algorithm.control='shuffle'.*'permute_rewards'"),
+                        ("logging.eval_modes=greedy,hot", "logging.eval_modes='hot'.*'greedy', 'train'"),
+                        ("logging.eval_modes=,", "logging.eval_modes is empty"),
+                        ("sft.eval_every=-1", "sft.eval_every")):
+        with pytest.raises(ConfigError, match=match):
+            validate(apply_overrides(cfg, [item]))

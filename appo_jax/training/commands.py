@@ -59,7 +59,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"cold-start SFT loss: {s['first']:.3f} -> {s['last']:.3f}")
     names = {"reward/mean": "reward (mean of initial rollouts)", "reward/accuracy": "answer accuracy",
              "response/length": "response length (tokens)", "tools/calls_per_rollout": "tool calls per rollout",
-             "branch/count": "branch rollouts per iteration", "train/kl": "KL to reference",
+             "branch/count": "branch rollouts per iteration", "train/kl": "KL to reference (loss term)",
+             "kl/to_start": "KL to the starting policy", "reward/groups_with_variance": "groups with reward variance",
+             "reward/format_ok": "well-formed responses", "entropy/mean": "entropy of generated tokens",
              "train/loss": "policy loss"}
     for key, label in names.items():
         t = summary["trends"].get(key)

@@ -24,6 +24,7 @@ from typing import Any
 
 from appo_jax.core.advantages import PROCEDURE_SCALING
 from appo_jax.core.branch_points import PARITIES
+from appo_jax.core.candidates import CANDIDATE_RULES
 from appo_jax.core.losses import AGGS, KL_KINDS
 from appo_jax.core.registry import CONTROLS, POLICY_LOSSES
 from appo_jax.data.loading import TASKS, get_task
@@ -93,7 +94,9 @@ class AlgorithmSection:
     candidates (docs/official_differences.md). gigpo_gamma / gigpo_step_weight: GiGPO's step discount and the
     weight omega of its step-level advantage (docs/algorithm.md §1.9). control: a negative control of
     `appo_jax.core.controls` (``permute_rewards``, ``negate_rewards``) that takes the learning signal out of the
-    rewards the estimator sees; ``none`` for a real run.
+    rewards the estimator sees; ``none`` for a real run. candidate_rule: which tokens may be branch points
+    (`appo_jax.core.candidates.CANDIDATE_RULES`: ``appo_jax`` drops whitespace-, punctuation-only and special
+    tokens, ``official`` only whitespace-only ones); ``auto`` = the branching parity's own rule.
     """
 
     name: str = "appo"
@@ -113,6 +116,7 @@ class AlgorithmSection:
     gigpo_gamma: float = 0.95
     gigpo_step_weight: float = 1.0
     control: str = "none"
+    candidate_rule: str = "auto"
 
 
 @dataclass
@@ -439,6 +443,11 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value!r}; expected a {'non-negative' if allow_zero else 'positive'} number")
 
 
+def candidate_rule(algorithm: AlgorithmSection) -> str:
+    """The branch-candidate rule in use: ``algorithm.candidate_rule``, or the branching parity's own when ``auto``."""
+    return algorithm.branching_parity if algorithm.candidate_rule == "auto" else algorithm.candidate_rule
+
+
 def eval_modes(logging: LoggingSection) -> list[str]:
     """The sampling modes of ``logging.eval_modes`` in order (empty entries dropped)."""
     return [m.strip() for m in logging.eval_modes.split(",") if m.strip()]
@@ -473,6 +482,7 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
     _choice("loss.kl_kind", loss.kl_kind, KL_KINDS)
     _choice("optimizer.schedule", opt.schedule, SCHEDULES)
     _choice("algorithm.control", a.control, tuple(CONTROLS.names()))
+    _choice("algorithm.candidate_rule", a.candidate_rule, ("auto", *CANDIDATE_RULES))
     if not eval_modes(cfg.logging):
         raise ConfigError("logging.eval_modes is empty; give one or more of " + ", ".join(EVAL_MODES))
     for mode in eval_modes(cfg.logging):

@@ -54,7 +54,7 @@ from appo_jax.rollout.strategies import Sampled
 from appo_jax.training.batch import TrainBatch
 from appo_jax.training.checkpoint import Checkpointer
 from appo_jax.training.config import (ExperimentConfig, algorithm_spec, resolve_mesh_shape, resolved_loss,
-                                      eval_modes, rows_per_mini_batch, to_dict, to_json, validate)
+                                      candidate_rule, eval_modes, rows_per_mini_batch, to_dict, to_json, validate)
 from appo_jax.training.evaluation import evaluate_pass1
 from appo_jax.training.learning_signals import (heldout_changes, kl_to_reference, plot_learning_curve, run_warnings,
                                                 signal_warnings)
@@ -100,7 +100,7 @@ class Collected:
 
 @functools.lru_cache(maxsize=8)
 def _candidate_table(tokenizer, vocab_size: int, rule: str) -> np.ndarray:
-    """The branch-candidate table of the tokenizer under ``rule`` (the branching parity), padded with False up to
+    """The branch-candidate table of the tokenizer under ``rule`` (`candidate_rule`), padded with False up to
     the model's vocabulary size."""
     table = candidate_token_table(tokenizer, rule)
     if table.size < vocab_size:
@@ -185,7 +185,7 @@ class Trainer:
                                       shardings=self.shardings)
         self.strategy = self.spec.strategy(
             a, cfg.rollout, table=jnp.asarray(_candidate_table(self.tokenizer, self.model_config.vocab_size,
-                                                                 a.branching_parity)),
+                                                                 candidate_rule(a))),
             logprobs=self.policies.current_and_baseline, place=self.placement.tree, to_host=self.placement.host,
             labeller=DecisionLabeller(self.task, self.tokenizer) if self.task and self.task.decision_spans else None)
         task = self.task
@@ -590,7 +590,8 @@ class Trainer:
     def summary(self, sft_losses=()) -> dict:
         records = read_metrics(self.workdir / "metrics.jsonl")
         keys = ("reward/mean", "reward/accuracy", "response/length", "tools/calls_per_rollout", "branch/count",
-                "branch/score_mean", "train/loss", "train/kl", "train/grad_norm", "time/step_s")
+                "branch/score_mean", "train/loss", "train/kl", "train/grad_norm", "time/step_s", "kl/to_start",
+                "reward/groups_with_variance", "reward/format_ok", "entropy/mean")
         out = {"experiment": self.cfg.name, "algorithm": self.cfg.algorithm.name, "iterations": self.iteration,
                "workdir": str(self.workdir), "metrics": str(self.workdir / "metrics.jsonl"),
                "tensorboard": str(self.workdir / "tensorboard"), "checkpoints": str(self.ckpt_dir),

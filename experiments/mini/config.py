@@ -42,6 +42,8 @@ METHODS = {
     "appo_oracle": ("appo_oracle", {}),
     # APPO with the official implementation's Branching Score (docs/official_differences.md)
     "appo_official": ("appo", dict(OFFICIAL)),
+    # APPO with the official candidate rule alone (only whitespace-only tokens excluded: operators can branch)
+    "appo_ws_candidates": ("appo", {"algorithm.candidate_rule": "official"}),
 }
 TASKS = {
     # 1-2 hops, 2 distractor pages per search; SFT teacher: 20% of its traces take one random wrong decision and
