@@ -4,8 +4,8 @@ and the demo config trains there.
 The repository is cloned (committed state) into an empty temporary directory. A wheel built from the clone is
 unpacked into a site directory and used from a working directory outside any source tree: every registered
 dataset loads through TFDS with its full row count and the offline search answers a query. Then, inside the
-clone, one training iteration of ``experiments/demo_cpu.py`` (SmolLM2, cold-start SFT + APPO) runs through the
-CLI. No ``$APPO_DATA_DIR`` is set and nothing outside the clone (and the virtualenv's dependencies) is used.
+clone, one training iteration of ``experiments/demo_cpu.py`` (the ``make demo`` config: cold-start SFT + APPO
+with the held-out evaluation, shortened) runs through the CLI. No ``$APPO_DATA_DIR`` is set and nothing outside the clone (and the virtualenv's dependencies) is used.
 """
 from __future__ import annotations
 
@@ -100,10 +100,12 @@ def test_the_demo_config_trains_in_the_clone(clone, tmp_path):
     workdir = tmp_path / "run"
     out = _run([sys.executable, "-m", "appo_jax.cli", "train", "--config", "experiments/demo_cpu.py",
                 "--workdir", str(workdir), "--set", "train.steps=1", "--set", "sft.steps=1",
+                "--set", "sft.examples=16", "--set", "logging.eval_limit=4", "--set", "logging.eval_every=1",
                 "--set", "logging.dump_rollouts_every=1"], clone, _env(tmp_path, clone), 900)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["iterations"] == 1 and summary["checkpoint_steps"] == [1]
     record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 1 and record["rollouts/count"] > 0 and record["branch/count"] > 0
     assert (workdir / "rollouts" / "step_000001.html").is_file()
+    assert (workdir / "learning_curve.png").is_file() and "held-out arith_program:heldout/greedy" in out.stdout
     assert "Traceback" not in out.stderr
