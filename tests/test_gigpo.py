@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,7 +27,8 @@ def ref_gigpo(r, g, gen, obs, tok, ng, valid, gamma, omega):
             sd = math.sqrt(sum((r[i] - mu) ** 2 for i in members) / len(members))
             for i in members:
                 ep[i] = (r[i] - mu) / (sd + 1e-6)
-    # step level: a step is a run of generated tokens; its anchor is (group, observations seen so far)
+    # step level: a step is the generated tokens between two observations (a gap that is not an observation does
+    # not split it); its anchor is (group, observations seen so far)
     steps = []  # (row, k, anchor, positions)
     for i in range(n):
         if not ok[i]:
@@ -40,7 +43,7 @@ def ref_gigpo(r, g, gen, obs, tok, ng, valid, gamma, omega):
             else:
                 span = None
             if gen[i, t]:
-                if t == 0 or not gen[i, t - 1]:
+                if not rows_steps or rows_steps[-1][0] != len(history):
                     rows_steps.append([len(history), (int(g[i]), tuple(tuple(s) for s in history)), []])
                 rows_steps[-1][2].append(t)
         last = max((s[0] for s in rows_steps), default=0)
@@ -64,7 +67,8 @@ def ref_gigpo(r, g, gen, obs, tok, ng, valid, gamma, omega):
 
 def random_agent_batch(seed, n, L, ng):
     """Rows of alternating generated runs and short observations drawn from a 2-token vocabulary, so that
-    identical observation histories (shared anchor states) are common."""
+    identical observation histories (shared anchor states) are common; about one generated token in eight is
+    masked out (neither generated nor observation: a gap inside a step)."""
     rng = np.random.default_rng(seed)
     gen, obs = np.zeros((n, L), bool), np.zeros((n, L), bool)
     tok = rng.integers(0, 50, (n, L)).astype(np.int32)
@@ -81,6 +85,7 @@ def random_agent_batch(seed, n, L, ng):
                 t += span
         end = int(rng.integers(L // 2, L + 1))
         gen[i, end:], obs[i, end:] = False, False
+    gen &= rng.random((n, L)) > 0.125
     r = rng.choice([0.0, 1.0, 0.5], n).astype(np.float32)
     g = rng.integers(0, ng, n).astype(np.int32)
     valid = rng.random(n) > 0.1
@@ -117,6 +122,42 @@ def test_gigpo_step_groups_by_observation_history_hand_example():
     np.testing.assert_allclose(got[:, 0], ep + z_first, rtol=1e-5)
     np.testing.assert_allclose(got[:, 3], ep + z_second, rtol=1e-5)
     assert (got[:, [2, 5]] == 0).all()  # observation and padding tokens
+
+
+def test_a_gap_that_is_not_an_observation_does_not_split_a_step():
+    """Row 0's first step is interrupted at position 1 by a token that is neither generated nor observation: it is
+    still one step, one member of the anchor group (prompt, no observation) with row 1's first step, and both of
+    its tokens take its value."""
+    gen = np.array([[1, 0, 1, 0, 1, 1], [1, 1, 1, 0, 1, 1]], bool)
+    obs = np.array([[0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 0, 0]], bool)
+    tok = np.array([[9, 0, 9, 5, 9, 9], [9, 9, 9, 5, 9, 9]], np.int32)
+    r = np.array([1.0, 0.0], np.float32)
+    g = np.zeros(2, np.int32)
+    got = np.asarray(compute_advantages("gigpo", rewards=r, group_ids=g, gen_mask=gen, obs_mask=obs, tokens=tok,
+                                        num_groups=1, gigpo_gamma=0.5, gigpo_step_weight=1.0))
+    ep = np.array([1.0, -1.0]) * (0.5 / (0.5 + 1e-6))
+    z_first = np.array([1.0, -1.0]) * (0.25 / (0.25 + 1e-6))  # returns R * 0.5 = [0.5, 0]: two members, not three
+    z_second = np.array([1.0, -1.0]) * (0.5 / (0.5 + 1e-6))  # returns R = [1, 0]
+    np.testing.assert_allclose(got[0, [0, 2]], ep[0] + z_first[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1, :3], ep[1] + z_first[1], rtol=1e-5)
+    np.testing.assert_allclose(got[:, 4:], (ep + z_second)[:, None] * np.ones((1, 2)), rtol=1e-5)
+    assert got[0, 1] == 0 and (got[:, 3] == 0).all()  # the gap and the observation
+    want = ref_gigpo(r.astype(float), g, gen, obs, tok, 1, np.ones(2, bool), 0.5, 1.0)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gigpo_under_x64_warns_nothing_and_matches_float32():
+    """Under ``jax_enable_x64`` (int64 defaults) no dtype warning is raised (e.g. int64 written into int32, which
+    future JAX makes an error) and the result equals the default (32-bit) one."""
+    r, g, gen, obs, tok, valid = random_agent_batch(3, 6, 12, 2)
+    fields = dict(rewards=r, group_ids=g, gen_mask=gen, obs_mask=obs, tokens=tok, num_groups=2, valid=valid)
+    want = np.asarray(compute_advantages("gigpo", **fields))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with jax.enable_x64(True):
+            got = np.asarray(compute_advantages("gigpo", **fields))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_observation_hash_depends_on_content_order_and_span_boundaries():

@@ -11,9 +11,11 @@ from hypothesis import strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from appo_jax.core.losses import (
-    AGGS, MODES, aggregate, future_kl_weights, kl_penalty, policy_loss,
+    AGGS, aggregate, future_kl_weights, kl_penalty, policy_loss,
 )
 from appo_jax.core.registry import POLICY_LOSSES, UnknownNameError, get_policy_loss
+
+MODES = POLICY_LOSSES.names()  # the built-in modes (the test that registers one removes it again)
 
 EL, EH, C = 0.2, 0.28, 3.0
 
@@ -552,3 +554,66 @@ def test_cispo_gradient_is_the_clipped_detached_weight_times_the_advantage():
     g = np.asarray(jax.grad(lambda x: policy_loss(x, old, A, m, mode="cispo", agg="seq-mean-token-sum")[0])(
         jnp.asarray(lp)))[0]
     np.testing.assert_allclose(g, -np.minimum(np.exp(lp[0]), 1 + EH) * A[0], rtol=1e-5)  # no token dropped
+
+
+def test_gppo_and_aepo_keep_the_clipped_gradient_beyond_the_log_ratio_guard():
+    """Log-ratios +-25 lie beyond the +-20 guard of r. The loss stays finite, and a token clipped on GPPO's side
+    keeps the published gradient: -(1 + eh) A where A > 0 and r > 1 + eh, -(1 - el) A where A < 0 and r < 1 - el
+    (times the token-mean weight 1/4). The other two take the unclipped -A r: at -25 its gradient -A e^-25 (~0),
+    at +25 the guard holds the value at -A e^20 and its gradient at 0 (as in every mode). AEPO shares the high
+    side."""
+    lp = np.array([[25.0, -25.0, 25.0, -25.0]], np.float32)
+    old = np.zeros_like(lp)
+    A = np.array([[1.5, -0.5, -1.0, 2.0]], np.float32)
+    m = np.ones_like(lp, bool)
+    loss, g = jax.value_and_grad(lambda x: policy_loss(x, old, A, m, mode="gppo")[0])(jnp.asarray(lp))
+    assert np.isfinite(float(loss))
+    np.testing.assert_allclose(np.asarray(g)[0], [-(1 + EH) * 1.5 / 4, -(1 - EL) * -0.5 / 4, 0.0,
+                                                  -2.0 * math.exp(-25.0) / 4], rtol=1e-6, atol=1e-9)
+    loss, g = jax.value_and_grad(lambda x: policy_loss(x, old, A, m, mode="aepo")[0])(jnp.asarray(lp))
+    assert np.isfinite(float(loss)) and float(g[0, 0]) == pytest.approx(-(1 + EH) * 1.5 / 4, rel=1e-6)
+
+
+def test_a_loss_registered_outside_the_package_validates_computes_and_trains():
+    """A token loss registered from here (REINFORCE, loss_t = -A_t lp_t) is a loss mode like the built-in ones: the
+    shared wrapper sanitises and aggregates it, the config accepts its name, the train step trains with it."""
+    import optax
+    from test_config import _small
+    from test_train_step import CFG, PARAMS, _batch
+
+    from appo_jax.training.batch import TrainBatch
+    from appo_jax.training.config import apply_overrides, resolved_loss, validate
+    from appo_jax.training.train_step import StepConfig, TrainStepRunner, init_train_state
+
+    name = "test_reinforce"
+
+    @POLICY_LOSSES.register(name)
+    def reinforce(lp, lp_old, adv, mask, **_):
+        """REINFORCE: ``loss_t = -A_t lp_t``."""
+        return -adv * lp, {}
+
+    try:
+        lp, old, A, m, _ = loss_batch(5, 4, 6, bad=True)
+        loss, met = policy_loss(lp, old, A, m, mode=name)
+        valid = ref_valid(lp, old, A, m)
+        want = ref_agg(-A.astype(float) * lp.astype(float), valid, "token-mean")
+        assert float(loss) == pytest.approx(want, rel=1e-5)
+        assert float(get_policy_loss(name)(lp, old, A, m)[0]) == float(loss)
+        assert float(met["valid_tokens"]) == valid.sum() and float(met["nonfinite_tokens"]) == (m & ~valid).sum()
+        assert float(met["clip_frac_dual"]) == 0.0 and float(met["dropped_row_frac"]) == 0.0
+        np.testing.assert_allclose(loss_grad(lp, old, A, m, mode=name), np.where(valid, -A / valid.sum(), 0.0),
+                                   rtol=1e-6)
+
+        cfg = apply_overrides(_small(), [f"loss.mode={name}"])
+        validate(cfg)
+        options = resolved_loss(cfg)
+        assert options["mode"] == name
+        step = StepConfig.make(CFG, options, micro_batches=2, logprob_chunk=4)
+        state, _ = init_train_state(PARAMS, optax.sgd(1.0))
+        batch = TrainBatch(**{k: jnp.asarray(v) for k, v in _batch().items()})
+        new, metrics = TrainStepRunner(step)(state, batch)
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["update_skipped"]) == 0.0
+        assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+                   for a, b in zip(jax.tree.leaves(PARAMS), jax.tree.leaves(new.params)))
+    finally:
+        POLICY_LOSSES._items.pop(name, None)

@@ -2,10 +2,12 @@
 arXiv 2505.10978): the episode-level GRPO advantage plus a step-level advantage over *anchor states*
 (docs/algorithm.md §1.9). Registered as the advantage estimator ``gigpo``.
 
-A *step* is one assistant segment: the generated tokens between two tool observations (step k follows k
-observations). Its *anchor state* is the prompt plus the exact sequence of observation tokens received before it
-(the environment's state, not the model's wording); two steps share an anchor group iff they belong to the same
-prompt group and saw identical observations. With S_i the steps of row i and k the step index::
+A *step* is one assistant segment: all the generated tokens between two tool observations (``obs_mask`` spans;
+step k follows k observations). Only an observation ends a step: generated tokens separated by anything else
+(padding, masked tokens that are neither generated nor observation) stay one step. Its *anchor state* is the
+prompt plus the exact sequence of observation tokens received before it (the environment's state, not the model's
+wording); two steps share an anchor group iff they belong to the same prompt group and saw identical observations.
+With S_i the steps of row i and k the step index::
 
     ret_{i,k}  = R_i * gamma^(S_i - 1 - k)                    (the outcome reward at the end, discounted per step)
     A_step     = (ret - mean_anchor ret) / (std_anchor ret + 1e-6)     over the steps of one anchor group;
@@ -69,9 +71,12 @@ def gigpo_step_advantages(rewards, group_ids, gen_mask, obs_mask, tokens, num_gr
     gen = jnp.asarray(gen_mask).astype(bool) & ok[:, None]
     obs = jnp.asarray(obs_mask).astype(bool)
     n, length = gen.shape
-    start = gen & ~_shift_right(gen)  # the first generated token of each step
-    k = jnp.cumsum(obs & ~_shift_right(obs), axis=1)  # observations received before position t
-    last = jnp.max(jnp.where(gen, k, -1), axis=1)  # S_i - 1
+    k = jnp.cumsum(obs & ~_shift_right(obs), axis=1, dtype=jnp.int32)  # observations received before position t
+    # the step of the latest generated token at or before t (k is non-decreasing); a step starts at the first
+    # generated token after an observation, whatever non-observation gaps lie between its tokens
+    seen = jax.lax.cummax(jnp.where(gen, k, -1), axis=1)
+    start = gen & (k > jnp.pad(seen[:, :-1], ((0, 0), (1, 0)), constant_values=-1))
+    last = seen[:, -1]  # the last step's k (S_i - 1)
     r = jnp.where(ok, jnp.asarray(rewards, jnp.float32), 0.0)
     ret = r[:, None] * jnp.float32(gamma) ** (last[:, None] - k).astype(jnp.float32)
     # anchor groups: sort the step starts by (prompt group, observation hash); equal neighbours share a group
@@ -81,7 +86,7 @@ def gigpo_step_advantages(rewards, group_ids, gen_mask, obs_mask, tokens, num_gr
     order = jnp.arange(n * length, dtype=jnp.int32)
     sg, sh, sidx = jax.lax.sort((key_g, key_h, order), num_keys=2)
     new = jnp.concatenate([jnp.ones((1,), bool), (sg[1:] != sg[:-1]) | (sh[1:] != sh[:-1])])
-    seg = jnp.zeros((n * length,), jnp.int32).at[sidx].set(jnp.cumsum(new) - 1)
+    seg = jnp.zeros((n * length,), jnp.int32).at[sidx].set(jnp.cumsum(new, dtype=jnp.int32) - 1)
     z = segment_zscore(ret.reshape(-1), seg, n * length, mask=start.reshape(-1), eps=STD_EPS,
                        norm_by_std=norm_by_std).reshape(n, length)
     # every token of a step takes the value at the step's first token

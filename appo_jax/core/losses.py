@@ -1,5 +1,5 @@
 """Policy losses: PPO clip (separate low / high epsilon), dual clip, the APPO future-KL loss, the AEPO
-stop-gradient clip-high, KL penalties and loss aggregation (docs/algorithm.md §1.6, §1.7).
+stop-gradient clip-high, GPPO, CISPO, KL penalties and loss aggregation (docs/algorithm.md §1.6, §1.7, §1.9).
 
 Conventions:
 
@@ -14,6 +14,31 @@ Conventions:
   reach the arithmetic (they are replaced with ``where`` *before* any operation: the double-where trick),
   so NaN / inf there changes neither the loss nor the gradients, and the gradient there is exactly 0.
   An all-masked batch gives loss 0 and an all-zero gradient.
+
+**Loss modes are token losses in a registry.** Each mode (``ppo``, ``dual_clip``, ``future_kl``, ``aepo``,
+``gppo``, ``cispo``) is a *token loss* registered under its name in
+:data:`appo_jax.core.registry.POLICY_LOSSES`; :func:`policy_loss` ``(..., mode=name)`` looks it up and wraps it with
+the parts every mode shares (non-finite removal, truncated importance sampling, KL and entropy terms,
+aggregation, metrics). A token loss is called as::
+
+    loss_t, stats = fn(lp, lp_old, A, m, *, clip_low, clip_high, clip_ratio_c, decay_rate, fkl_clip,
+                       fkl_high_only, fkl_weight, safety_thresh)
+
+with sanitised float ``[N, L]`` arrays (``m`` the mask after the non-finite removal, every value 0 where ``m`` is
+false; ``lp_old`` and ``A`` detached) and every mode option of :func:`policy_loss` as a keyword (a token loss
+takes the ones it uses and ``**_``). It returns the per-token loss ``loss_t`` ``[N, L]`` (values where ``m`` is
+false are ignored) and a dict ``stats`` with any of: ``"dual"`` (bool ``[N, L]``, the lower-dual-clipped tokens:
+metric ``clip_frac_dual``), ``"fkl_weight"`` (``[N, L]``, the future-KL weights: metrics ``fkl_weight_*``),
+``"drop_rows"`` (bool ``[N]``, rows removed from the final mask). A new mode is one decorated function::
+
+    @POLICY_LOSSES.register("reinforce")
+    def reinforce(lp, lp_old, A, m, **_):  # loss_t = -A_t lp_t
+        return -A * lp, {}
+
+after which ``loss.mode = "reinforce"`` validates and trains. The built-in token losses use the guarded ratio
+``r_t = exp(clip(lp_t - lp_old_t, -20, 20))``: the ±20 guard bounds the values (no overflow) but also removes the
+gradient of ``r`` beyond it, so the gradient-preserving clips (``aepo``, ``gppo``) carry theirs with
+``exp(lp - sg(lp))`` (value 1, gradient ``grad lp = grad log r``), which no guard touches.
 """
 from __future__ import annotations
 
@@ -30,9 +55,7 @@ Array = jax.Array
 LOG_RATIO_CLIP = 20.0
 KL_CLAMP = 10.0
 KL_KINDS = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
-MODES = ("ppo", "dual_clip", "future_kl", "aepo", "gppo", "cispo")
 AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-_DUAL_CLIP_MODES = ("dual_clip", "future_kl", "aepo")
 
 
 def _float(x) -> Array:
@@ -73,7 +96,9 @@ def _log_ratio(logp, old_logp) -> Array:
 
 
 def _future_kl_weights(d, adv, mask, *, decay_rate, clip_eps, high_only, clip_ratio_c, safety_thresh):
-    """:func:`future_kl_weights` on already-sanitised inputs (d finite everywhere)."""
+    """:func:`future_kl_weights` on already-sanitised inputs (d finite everywhere); ``decay_rate`` must be > 0."""
+    if isinstance(decay_rate, (int, float)) and decay_rate <= 0:
+        raise ValueError(f"decay_rate must be > 0, got {decay_rate}")
     d = jax.lax.stop_gradient(d)
     p = d <= jnp.log(clip_ratio_c)
     gamma = 2.0 ** (-1.0 / decay_rate)
@@ -234,18 +259,11 @@ def loss_metrics(parts: tuple[dict, dict, dict], dropped, loss, pg) -> dict:
     }
 
 
-def _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_logp, entropy_coef, entropy,
-                   tis_cap=None, behavior_logp=None):
-    if mode not in MODES:
-        raise ValueError(f"unknown policy loss mode {mode!r}; known: {', '.join(MODES)}")
+def _check_options(agg, kl_kind, kl_coef, ref_logp, entropy_coef, entropy, tis_cap, behavior_logp):
     if agg not in AGGS:
         raise ValueError(f"unknown loss aggregation {agg!r}; known: {', '.join(AGGS)}")
     if kl_kind not in KL_KINDS:
         raise ValueError(f"unknown kl_kind {kl_kind!r}; known: {', '.join(KL_KINDS)}")
-    if mode in _DUAL_CLIP_MODES and isinstance(clip_ratio_c, (int, float)) and clip_ratio_c <= 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1 for the dual clip of mode {mode!r}, got {clip_ratio_c}")
-    if isinstance(decay_rate, (int, float)) and decay_rate <= 0:
-        raise ValueError(f"decay_rate must be > 0, got {decay_rate}")
     if ref_logp is None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0):
         raise ValueError("kl_coef != 0 needs ref_logp")
     if entropy is None and not (isinstance(entropy_coef, (int, float)) and entropy_coef == 0):
@@ -269,6 +287,85 @@ def tis_weights(old_logp, behavior_logp, mask, cap: float) -> Array:
     return jax.lax.stop_gradient(jnp.where(_bool(mask), jnp.minimum(jnp.exp(d), cap), 0.0))
 
 
+# ------------------------------------------------------------------- token losses (module docstring)
+def _keep(lp) -> Array:
+    """``exp(lp - sg(lp))``: value 1, gradient ``grad lp`` (= ``grad log r``, lp_old being data), so ``c * _keep(lp)``
+    has the value c and the gradient ``c grad log r`` at any log-ratio, the ±20 guard of r included."""
+    return jnp.exp(lp - jax.lax.stop_gradient(lp))
+
+
+def _clip_objective(r, r_clip, adv) -> Array:
+    """``Lc = max(-A r, -A r_clip)``."""
+    return jnp.maximum(-adv * r, -adv * r_clip)
+
+
+def _dual_clip(lc, adv, mask, clip_ratio_c):
+    """``(loss_t, {"dual": ...})`` with ``loss_t = min(-A c, Lc)`` where A < 0, else Lc, and dual the masked tokens
+    with A < 0 and ``Lc > -A c`` (c = ``clip_ratio_c``, must be > 1)."""
+    if isinstance(clip_ratio_c, (int, float)) and clip_ratio_c <= 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 for the dual clip, got {clip_ratio_c}")
+    l3 = -adv * clip_ratio_c
+    return jnp.where(adv < 0, jnp.minimum(l3, lc), lc), {"dual": mask & (adv < 0) & (lc > l3)}
+
+
+@POLICY_LOSSES.register("ppo")
+def ppo_loss(lp, old, adv, mask, *, clip_low, clip_high, **_):
+    """``loss_t = Lc = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))``, ``r = exp(clip(lp - lp_old, -20, 20))``."""
+    r = jnp.exp(_log_ratio(lp, old))
+    return _clip_objective(r, jnp.clip(r, 1.0 - clip_low, 1.0 + clip_high), adv), {}
+
+
+@POLICY_LOSSES.register("dual_clip")
+def dual_clip_loss(lp, old, adv, mask, *, clip_low, clip_high, clip_ratio_c, **_):
+    """``loss_t = min(-A c, Lc)`` where A < 0, else Lc (Lc of :func:`ppo_loss`, c = ``clip_ratio_c`` > 1); the
+    tokens with A < 0 and ``Lc > -A c`` are ``stats["dual"]``."""
+    lc, _ = ppo_loss(lp, old, adv, mask, clip_low=clip_low, clip_high=clip_high)
+    return _dual_clip(lc, adv, mask, clip_ratio_c)
+
+
+@POLICY_LOSSES.register("future_kl")
+def future_kl_loss(lp, old, adv, mask, *, clip_low, clip_high, clip_ratio_c, decay_rate, fkl_clip, fkl_high_only,
+                   fkl_weight, safety_thresh, **_):
+    """APPO: :func:`dual_clip_loss` with ``A~ = A (1 + fkl_weight w)``, w = :func:`future_kl_weights` (no gradient);
+    rows with more than one lower-dual-clipped token (A~ < 0 and ``Lc > -A~ c``) are ``stats["drop_rows"]``."""
+    w = _future_kl_weights(_log_ratio(lp, old), adv, mask, decay_rate=decay_rate, clip_eps=fkl_clip,
+                           high_only=fkl_high_only, clip_ratio_c=clip_ratio_c, safety_thresh=safety_thresh)
+    tok, stats = dual_clip_loss(lp, old, adv * (1.0 + fkl_weight * w), mask, clip_low=clip_low, clip_high=clip_high,
+                                clip_ratio_c=clip_ratio_c)
+    return tok, {**stats, "fkl_weight": w, "drop_rows": jnp.sum(stats["dual"], axis=-1) > 1}
+
+
+@POLICY_LOSSES.register("aepo")
+def aepo_loss(lp, old, adv, mask, *, clip_low, clip_high, clip_ratio_c, **_):
+    """AEPO: :func:`dual_clip_loss` with ``Lc = max(-A r, -A r_clip)``, ``r_clip = (1 + clip_high) exp(lp - sg(lp))``
+    where ``r > 1 + clip_high``, else ``clip(r, 1 - clip_low, 1 + clip_high)`` (the clipped value, the gradient
+    ``-A (1 + clip_high) grad log pi`` for A > 0)."""
+    r = jnp.exp(_log_ratio(lp, old))
+    hi = 1.0 + clip_high
+    r_clip = jnp.where(r > hi, hi * _keep(lp), jnp.clip(r, 1.0 - clip_low, hi))
+    return _dual_clip(_clip_objective(r, r_clip, adv), adv, mask, clip_ratio_c)
+
+
+@POLICY_LOSSES.register("gppo")
+def gppo_loss(lp, old, adv, mask, *, clip_low, clip_high, **_):
+    """GPPO: ``loss_t = -A q`` with ``q = (1 + clip_high) exp(lp - sg(lp))`` where A > 0 and ``r > 1 + clip_high``,
+    ``q = (1 - clip_low) exp(lp - sg(lp))`` where A < 0 and ``r < 1 - clip_low``, else ``q = r`` (the PPO-clip
+    value; the clipped tokens' gradient ``-A (1 +- eps) grad log pi`` at any log-ratio)."""
+    r = jnp.exp(_log_ratio(lp, old))
+    hi, lo = 1.0 + clip_high, 1.0 - clip_low
+    keep = _keep(lp)
+    q = jnp.where((adv > 0) & (r > hi), hi * keep, jnp.where((adv < 0) & (r < lo), lo * keep, r))
+    return -adv * q, {}
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo_loss(lp, old, adv, mask, *, clip_high, **_):
+    """CISPO: ``loss_t = -sg(min(r, 1 + clip_high)) A lp``."""
+    r = jnp.exp(_log_ratio(lp, old))
+    return -jax.lax.stop_gradient(jnp.minimum(r, 1.0 + clip_high)) * adv * lp, {}
+
+
+# ----------------------------------------------------------------------------------------- the full loss
 def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", clip_low: float = 0.2,
                 clip_high: float = 0.28, clip_ratio_c: float = 3.0, decay_rate: float = 64.0,
                 fkl_clip: float = 0.2, fkl_high_only: bool = True, fkl_weight: float = 1.0,
@@ -277,7 +374,10 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
                 tis_cap: float | None = None):
     """Clipped policy-gradient loss (docs/algorithm.md §1.6); returns ``(loss, metrics)``.
 
-    Per valid token (``d_t = clip(lp_t - lp_old_t, -20, 20)``, ``r_t = exp(d_t)``, A the advantage)::
+    ``loss_t`` comes from the token loss registered as ``mode`` in ``POLICY_LOSSES`` (module docstring; unknown
+    ``mode`` -> ``UnknownNameError``, a ``ValueError``, listing the known ones), called with every mode option
+    below. The built-in modes, per valid token (``d_t = clip(lp_t - lp_old_t, -20, 20)``, ``r_t = exp(d_t)``, A the
+    advantage, ``k_t = exp(lp_t - sg(lp_t))``: value 1, gradient ``grad log r`` at any log-ratio)::
 
         L1 = -A r,   L2 = -A clip(r, 1 - clip_low, 1 + clip_high),   Lc = max(L1, L2)
         "ppo":        loss_t = Lc
@@ -287,15 +387,15 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
                       (A~ < 0 and Lc > -A~ c) are dropped from the mask
         "aepo":       the dual clip, with L2's high clip replaced by the stop-gradient version of AEPO
                       (Dong et al. 2025, arXiv 2510.14545, "entropy clipping-balanced"): where
-                      r > 1 + clip_high the clipped ratio is ``(1 + clip_high) * r / sg(r)``. Its value is
+                      r > 1 + clip_high the clipped ratio is ``(1 + clip_high) k``. Its value is
                       the clipped value, but the gradient is kept and rescaled: for A > 0 and
                       r > 1 + clip_high the token contributes ``-A (1 + clip_high) grad log pi`` instead of 0.
                       The low clip and the dual clip are unchanged.
         "gppo":       GPPO (Klear-Reasoner, Su et al. 2025, arXiv 2508.07629), gradient-preserving clipping on
-                      both sides: ``loss_t = -A q`` with ``q = (1 + clip_high) r / sg(r)`` where A > 0 and
-                      r > 1 + clip_high, ``q = (1 - clip_low) r / sg(r)`` where A < 0 and r < 1 - clip_low,
-                      else ``q = r`` (the value of the PPO clip, a bounded gradient for clipped tokens; no
-                      dual clip).
+                      both sides: ``loss_t = -A q`` with ``q = (1 + clip_high) k`` where A > 0 and
+                      r > 1 + clip_high, ``q = (1 - clip_low) k`` where A < 0 and r < 1 - clip_low,
+                      else ``q = r`` (the value of the PPO clip; a clipped token's gradient is
+                      ``-A (1 +- eps) grad log pi`` even beyond the ±20 guard; no dual clip).
         "cispo":      CISPO (MiniMax-M1, arXiv 2506.13585): ``loss_t = -sg(min(r, 1 + clip_high)) A lp``, the
                       importance weight clipped from above only and detached; no token is dropped.
 
@@ -309,67 +409,43 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
     needs ``entropy`` (current-policy per-token entropy, differentiable).
 
     Metrics (float32 scalars, over the valid tokens *before* the row drop unless said otherwise):
-    ``clip_frac_low`` (A < 0, r < 1 - clip_low), ``clip_frac_high`` (A > 0, r > 1 + clip_high),
-    ``clip_frac_dual`` (lower-dual-clipped; 0 for "ppo"), ``ratio_mean/min/max``, ``approx_kl``
-    (mean of lp_old - lp), ``fkl_weight_mean/min/max`` (0 unless mode "future_kl"), ``kl`` (mean KL
+    ``clip_frac_low`` (A < 0, r < 1 - clip_low), ``clip_frac_high`` (A > 0, r > 1 + clip_high; A the given
+    advantage), ``clip_frac_dual`` (the token loss's ``stats["dual"]``; 0 for "ppo"), ``ratio_mean/min/max``,
+    ``approx_kl`` (mean of lp_old - lp), ``fkl_weight_mean/min/max`` (``stats["fkl_weight"]``: 0 unless mode
+    "future_kl"), ``kl`` (mean KL
     penalty, 0 without ref_logp), ``entropy`` (mean, 0 without entropy), ``tis_weight_mean`` / ``tis_capped_frac``
     (mean w_t and the share of tokens at the cap; 0 without ``tis_cap``), ``dropped_row_frac`` (dropped rows
     / rows with a valid token), ``valid_tokens`` (final mask), ``nonfinite_tokens``, ``pg_loss``, ``loss``.
     Zero-valued statistics where nothing is valid. Unknown mode / agg / kl_kind -> ``ValueError``.
     """
-    _check_options(mode, agg, kl_kind, clip_ratio_c, decay_rate, kl_coef, ref_logp, entropy_coef, entropy,
-                   tis_cap, behavior_logp)
+    token_loss = POLICY_LOSSES.get(mode)
+    _check_options(agg, kl_kind, kl_coef, ref_logp, entropy_coef, entropy, tis_cap, behavior_logp)
     lp, old, adv, m, nonfinite, ref, ent, beh = _sanitise(logp, old_logp, advantages, mask, ref_logp, entropy,
                                                           behavior_logp if tis_cap is not None else None)
     ref = None if ref is None else jax.lax.stop_gradient(ref)
-    d = _log_ratio(lp, old)
-    r = jnp.exp(d)
-    w = None
-    if mode == "future_kl":
-        w = _future_kl_weights(d, adv, m, decay_rate=decay_rate, clip_eps=fkl_clip, high_only=fkl_high_only,
-                               clip_ratio_c=clip_ratio_c, safety_thresh=safety_thresh)
-        adv = adv * (1.0 + fkl_weight * w)
-    hi = 1.0 + clip_high
-    keep = jnp.exp(d - jax.lax.stop_gradient(d))  # value 1, gradient of log r: x * keep = x with r's gradient
-    if mode == "aepo":
-        r_clip = jnp.where(r > hi, hi * keep, jnp.clip(r, 1.0 - clip_low, hi))
-    else:
-        r_clip = jnp.clip(r, 1.0 - clip_low, hi)
-    l1 = -adv * r
-    lc = jnp.maximum(l1, -adv * r_clip)
-    if mode == "gppo":
-        q = jnp.where((adv > 0) & (r > hi), hi * keep, jnp.where((adv < 0) & (r < 1.0 - clip_low),
-                                                                 (1.0 - clip_low) * keep, r))
-        tok = -adv * q
-        dual = jnp.zeros_like(m)
-    elif mode == "cispo":
-        tok = -jax.lax.stop_gradient(jnp.minimum(r, hi)) * adv * lp
-        dual = jnp.zeros_like(m)
-    elif mode == "ppo":
-        tok = lc
-        dual = jnp.zeros_like(m)
-    else:
-        l3 = -adv * clip_ratio_c
-        tok = jnp.where(adv < 0, jnp.minimum(l3, lc), lc)
-        dual = m & (adv < 0) & (lc > l3)
-
+    tok, stats = token_loss(lp, old, adv, m, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c,
+                            decay_rate=decay_rate, fkl_clip=fkl_clip, fkl_high_only=fkl_high_only,
+                            fkl_weight=fkl_weight, safety_thresh=safety_thresh)
     w_tis = None
     if tis_cap is not None:
         w_tis = tis_weights(old, beh, m, tis_cap)
         tok = tok * w_tis
     kl_tok = None if ref is None else kl_penalty(lp, ref, kl_kind)
-    # every statistic (and the per-row dual-clip counts of the row drop) in one fused pass over [N, L]
+    # every statistic in one fused pass over [N, L]
     sg = jax.lax.stop_gradient
     dt = lp.dtype
     zero = jnp.zeros((), dt)
-    r_sg = sg(r)
+    d = _log_ratio(lp, old)
+    r_sg = sg(jnp.exp(d))
+    hi = 1.0 + clip_high
     sums = {"valid": m.astype(dt), "clip_low": ((adv < 0) & (r_sg < 1.0 - clip_low) & m).astype(dt),
-            "clip_high": ((adv > 0) & (r_sg > hi) & m).astype(dt), "dual": dual.astype(dt),
+            "clip_high": ((adv > 0) & (r_sg > hi) & m).astype(dt), "dual": (m & stats.get("dual", False)).astype(dt),
             "ratio": jnp.where(m, r_sg, zero), "neg_log_ratio": jnp.where(m, -sg(d), zero),
             "nonfinite": nonfinite.astype(dt)}
     mins, maxs = {"ratio": jnp.where(m, r_sg, jnp.inf)}, {"ratio": jnp.where(m, r_sg, -jnp.inf)}
-    if w is not None:
-        sums["fkl_weight"] = w  # already 0 off the mask
+    if "fkl_weight" in stats:
+        w = sg(stats["fkl_weight"])
+        sums["fkl_weight"] = jnp.where(m, w, zero)
         mins["fkl_weight"], maxs["fkl_weight"] = jnp.where(m, w, jnp.inf), jnp.where(m, w, -jnp.inf)
     if ref is not None:
         sums["kl"] = jnp.where(m, sg(kl_tok), zero)
@@ -379,9 +455,7 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
         sums["tis_weight"] = w_tis.astype(dt)
         sums["tis_capped"] = (m & (w_tis >= tis_cap)).astype(dt)
     parts = _partial_reduce(sums, mins, maxs)
-    dropped = jnp.zeros(m.shape[:1], bool)
-    if mode == "future_kl":
-        dropped = jnp.sum(parts[0]["dual"], axis=-1) > 1
+    dropped = jnp.broadcast_to(stats.get("drop_rows", False), m.shape[:1])
     final = m & ~dropped[:, None]
 
     pg = aggregate(tok, final, agg)
@@ -391,16 +465,3 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
     if ent is not None:
         loss = loss - entropy_coef * aggregate(ent, final, agg)
     return loss, loss_metrics(parts, dropped, loss, pg)
-
-
-def _mode_entry(mode: str):
-    def entry(logp, old_logp, advantages, mask, **options):
-        return policy_loss(logp, old_logp, advantages, mask, mode=mode, **options)
-
-    entry.__name__ = f"policy_loss_{mode}"
-    entry.__doc__ = f"``policy_loss(..., mode={mode!r}, **options)``."
-    return entry
-
-
-for _mode in MODES:
-    POLICY_LOSSES.register(_mode, _mode_entry(_mode))

@@ -6,9 +6,22 @@ Three registries exist: :data:`ADVANTAGES` (token-advantage estimators, filled b
 ``appo_jax.core.losses``) and :data:`CONTROLS` (negative controls on the rewards, ``appo_jax.core.controls``). Looking a name up imports its provider module first, so
 ``get_advantage("appo")`` works without importing ``advantages`` yourself. Extra entries can be added
 from anywhere with ``@ADVANTAGES.register("my_estimator")``.
+
+A :data:`POLICY_LOSSES` entry is a *token loss* (the calling convention is in ``appo_jax.core.losses``)::
+
+    loss_t, stats = fn(lp, lp_old, A, m, *, clip_low, clip_high, clip_ratio_c, decay_rate, fkl_clip,
+                       fkl_high_only, fkl_weight, safety_thresh)     # take what you use, then **_
+
+``lp``, ``lp_old``, ``A`` ``[N, L]`` float (sanitised: finite, 0 where the mask ``m`` is false; ``lp_old`` and ``A``
+detached), ``m`` ``[N, L]`` bool; ``loss_t`` ``[N, L]``; ``stats`` a dict with any of ``"dual"`` (bool ``[N, L]``),
+``"fkl_weight"`` (``[N, L]``), ``"drop_rows"`` (bool ``[N]``). ``appo_jax.core.losses.policy_loss(..., mode=name)``
+(or :func:`get_policy_loss`) wraps it with what every mode shares: importance sampling, KL and entropy terms,
+aggregation and metrics. So ``@POLICY_LOSSES.register("reinforce")`` on ``lambda lp, lp_old, A, m, **_: (-A * lp,
+{})`` makes ``loss.mode="reinforce"`` a valid, trainable config.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable
 
@@ -64,8 +77,8 @@ class Registry:
 
 #: Token-advantage estimators: ``fn(**fields) -> [N, L]`` (see ``appo_jax.core.advantages``).
 ADVANTAGES = Registry("advantage estimator", provider=("appo_jax.core.advantages", "appo_jax.core.gigpo"))
-#: Policy losses: ``fn(logp, old_logp, advantages, mask, **options) -> (loss, metrics)``.
-POLICY_LOSSES = Registry("policy loss", provider="appo_jax.core.losses")
+#: Policy-loss modes, token losses: ``fn(lp, lp_old, A, m, **mode_options) -> (loss_t, stats)`` (module doc).
+POLICY_LOSSES = Registry("policy loss mode", provider="appo_jax.core.losses")
 #: Negative controls: ``fn(rewards [N], group_ids [N], kind [N], key) -> rewards [N]`` (``appo_jax.core.controls``).
 CONTROLS = Registry("negative control", provider="appo_jax.core.controls")
 
@@ -76,5 +89,11 @@ def get_advantage(name: str) -> Callable:
 
 
 def get_policy_loss(name: str) -> Callable:
-    """The policy loss registered as ``name`` (else ``UnknownNameError`` listing the known names)."""
-    return POLICY_LOSSES.get(name)
+    """The full loss of mode ``name``: ``policy_loss(logp, old_logp, advantages, mask, **options) -> (loss,
+    metrics)`` with ``mode=name`` bound (the token loss wrapped, module doc); an unknown name raises
+    ``UnknownNameError`` listing the known names."""
+    # deferred: appo_jax.core.losses imports this module (a cycle at the top)
+    from appo_jax.core.losses import policy_loss
+
+    POLICY_LOSSES.get(name)
+    return functools.partial(policy_loss, mode=name)
