@@ -26,7 +26,9 @@ def get_config() -> ExperimentConfig:
     r = c.rollout
     r.max_prompt_len, r.max_response_len, r.tool_call_limit = 96, 64, 4
     r.temperature, r.top_p = 1.0, 1.0
-    r.decode_chunk, r.tool_workers, r.tool_timeout_s = 16, 4, 10.0
+    # 32 slots: the training batch (8 prompts x 4 initial rollouts) and the evaluation waves share the sampler's
+    # compiled programs (the first run compiles about a third less)
+    r.decode_chunk, r.tool_workers, r.tool_timeout_s, r.num_slots = 16, 4, 10.0, 32
     a = c.algorithm
     a.name, a.n, a.n_init, a.omega_baseline = "appo", 8, 4, "lagged"
     t = c.train
@@ -34,10 +36,10 @@ def get_config() -> ExperimentConfig:
     c.optimizer.lr, c.optimizer.weight_decay, c.optimizer.grad_clip = 3e-4, 0.0, 1.0
     c.loss.kl_coef = 0.0
     s = c.sft
-    s.steps, s.data, s.examples, s.batch_size, s.lr, s.seed, s.max_response_len = 1000, "arith_program", 2048, 16, 1e-3, 0, 64
+    s.steps, s.data, s.examples, s.batch_size, s.lr, s.seed, s.max_response_len = 1000, "arith_program", 1024, 16, 1e-3, 0, 64
     c.mesh.data = 1
     c.checkpoint.every, c.checkpoint.keep = 8, 2
     lg = c.logging
-    lg.eval_every, lg.eval_benchmarks, lg.eval_limit, lg.eval_modes = 8, "arith_program:heldout", 256, "greedy,train"
+    lg.eval_every, lg.eval_benchmarks, lg.eval_limit, lg.eval_modes = 8, "arith_program:heldout", 200, "greedy,train"
     lg.dump_rollouts_every = 8
     return c
