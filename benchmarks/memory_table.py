@@ -1,5 +1,6 @@
-"""The README's memory table: which remat policy and micro-batch fit the paper's setups on TPU pods, from
-`appo_jax.models.memory_plan.plan_memory` (nothing is allocated; runs on a laptop in seconds).
+"""The README's memory table: which remat policy and micro-batch fit the paper's setups on TPU pods.
+
+From `appo_jax.models.memory_plan.plan_memory` (nothing is allocated; runs on a laptop in seconds).
 
     python benchmarks/memory_table.py            # prints the markdown table
 

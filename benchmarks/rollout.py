@@ -1,7 +1,7 @@
 """Rollout throughput of the agentic tool loop: SmolLM2-135M-Instruct on GSM8K prompts, tools on.
 
 Runs ``--prompts`` GSM8K test prompts x ``--n`` rollouts through ``RolloutEngine`` (python + search tools live,
-``--slots`` sampler slots, so slots are refilled) and reports rollouts/s, generated tokens/s and the share of wall
+``--num-slots`` sampler slots, so slots are refilled) and reports rollouts/s, generated tokens/s and the share of wall
 time the decode loop sat idle waiting on tool futures because no slot could decode (target < 10%: tools overlap
 decode).
 
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--max-prompt-len", type=int, default=512)
     ap.add_argument("--max-response-len", type=int, default=256)
     ap.add_argument("--tool-call-limit", type=int, default=3)
-    ap.add_argument("--slots", type=int, default=32)
+    ap.add_argument("--num-slots", type=int, default=32, help="sampler slots")
     ap.add_argument("--decode-chunk", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -73,7 +73,7 @@ def main() -> None:
     config, params, tokenizer = load_policy(args.model, dtype=args.dtype)
     cfg = RolloutConfig(max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
                         tool_call_limit=args.tool_call_limit, temperature=args.temperature,
-                        num_slots=args.slots, decode_chunk=args.decode_chunk, tool_timeout_s=10.0)
+                        num_slots=args.num_slots, decode_chunk=args.decode_chunk, tool_timeout_s=10.0)
     items, _ = encode_records(read_records("gsm8k")[:args.prompts], tokenizer, max_prompt_len=cfg.max_prompt_len)
     seed_ids = (tokenizer.encode(f"<python>{args.seed_call}</python>", add_special_tokens=False)
                 if args.seed_call else [])

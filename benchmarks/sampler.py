@@ -13,7 +13,7 @@ in one process) with its best torch thread count (a short probe of os.cpu_count(
 machine torch's OpenMP spinning can make 2 threads far slower than 1). Runs of the two sides alternate
 (ours, transformers, ours, ...) so that both see the same machine load; the 1-minute load average is recorded.
 
-Each row also carries our decode roofline (`appo_jax.rollout.sampler_bench`): bytes one step reads (parameters +
+Each row also carries our decode roofline (`appo_jax.rollout.throughput`): bytes one step reads (parameters +
 the K/V of the attention window), the achieved bytes/s and its share of the streaming bandwidth measured in the
 same process (and of the nominal HBM peak on a known accelerator).
 
@@ -115,7 +115,7 @@ def main() -> None:
     import jax
 
     from appo_jax.models.loading import find_smollm2_gguf, load_model
-    from appo_jax.rollout.sampler_bench import measure_sampler, random_prompts
+    from appo_jax.rollout.throughput import measure_sampler, random_prompts
     from appo_jax.rollout.sampling import SamplingParams
 
     load_before = os.getloadavg()[0]

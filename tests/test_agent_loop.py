@@ -13,7 +13,7 @@ import pytest
 
 from appo_jax.core.trajectory import FINISH_ANSWER, FINISH_EOS, FINISH_LENGTH, FINISH_TOOL_LIMIT
 from appo_jax.rollout.agent_loop import STOP_STRINGS, AgentLoop, LoopConfig, RolloutRequest, parse_segment_end
-from appo_jax.rollout.policy import CHUNK_EOS, CHUNK_RUNNING, CHUNK_STOP, DecodeChunk
+from appo_jax.rollout.slots import CHUNK_EOS, CHUNK_RUNNING, CHUNK_STOP, DecodeChunk
 from appo_jax.tools.result import format_observation
 
 
@@ -39,7 +39,7 @@ def scripted_entropy(turn: int, j: int) -> float:
 
 
 class ScriptedPolicy:
-    """A fake :class:`SlotPolicy` emitting a fixed token stream per prompt.
+    """A fake :class:`SlotSampler` emitting a fixed token stream per prompt.
 
     ``scripts`` maps a prompt (tuple of ids) to its turns (texts). Turn k is the text generated after the k-th
     tool result. A slot's position in the script is derived from its context alone (the number of

@@ -153,7 +153,7 @@ def test_adding_an_algorithm_as_the_docs_show(tmp_path):
         cfg = apply_overrides(_small(), ["algorithm.name=appo_mean_centred"])
         validate(cfg)
         spec = algorithm_spec(cfg)
-        assert (spec.rollout, spec.advantage, spec.procedure_scaling) == ("appo", "appo_mean_centred", "none")
+        assert (spec.rollout_strategy, spec.advantage, spec.procedure_scaling) == ("appo", "appo_mean_centred", "none")
         rewards = np.array([1.0, 0.0, 0.5, 0.5], np.float32)
         adv = compute_advantages("appo_mean_centred", rewards=rewards, group_ids=np.zeros(4, np.int32),
                                  is_branch=np.zeros(4, bool), parent=np.full(4, -1), branch_pos=np.full(4, -1),

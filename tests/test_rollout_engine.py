@@ -36,7 +36,7 @@ def engine_for(tok, tools, scripts, slots=2, **cfg):
     base = dict(max_prompt_len=32, max_response_len=320, tool_call_limit=3, num_slots=slots, decode_chunk=4)
     base.update(cfg)
     policy = ScriptedPolicy(tok, scripts, num_slots=slots)
-    return RolloutEngine(None, None, tok, tools, RolloutConfig(**base), policy=policy), policy
+    return RolloutEngine(None, None, tok, tools, RolloutConfig(**base), sampler=policy), policy
 
 
 def assert_prefix_equal(traj: Trajectory, row: int, parent_traj: Trajectory, parent: int, end: int):
@@ -249,7 +249,7 @@ def test_real_sampler_end_to_end(tok, tools):
 
     # the CLI's APPO path: recomputed log-probs (Omega ~ constant) -> branch points -> branches -> JSON records
     from appo_jax.core.candidates import candidate_token_table
-    from appo_jax.rollout.rollout_commands import rollout_records
+    from appo_jax.rollout.commands import rollout_records
     from appo_jax.rollout.strategies import AppoBranching
 
     def current_and_sampler(traj):
@@ -309,7 +309,7 @@ def test_every_branching_knob_reaches_the_engine_from_the_experiment_config(tok,
 
     def engine(sets):
         cfg = apply_overrides(ExperimentConfig(), base + list(sets)).rollout
-        return RolloutEngine(None, None, tok, tools, cfg, policy=ScriptedPolicy(tok, scripts, num_slots=2)), cfg
+        return RolloutEngine(None, None, tok, tools, cfg, sampler=ScriptedPolicy(tok, scripts, num_slots=2)), cfg
 
     def shape(batch):
         t = batch.traj

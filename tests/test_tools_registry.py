@@ -102,10 +102,10 @@ def _cli(argv):
 
 def test_cli_python(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("print('hi')\n2 + 3"))
-    assert _cli(["tool", "python", "--timeout", "10"]) == 0
+    assert _cli(["tool", "python", "--tool-timeout", "10"]) == 0
     assert capsys.readouterr().out == "hi\n5\n"
     monkeypatch.setattr("sys.stdin", io.StringIO("raise KeyError('k')"))
-    assert _cli(["tool", "python", "--timeout", "10"]) == 1
+    assert _cli(["tool", "python", "--tool-timeout", "10"]) == 1
     captured = capsys.readouterr()
     assert "KeyError: 'k'" in captured.out and captured.err == "error: KeyError: 'k'\n"
 

@@ -46,3 +46,53 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "unknown dataset 'nosuch'" in capsys.readouterr().err
     assert main(["eval", "--model", "tiny-llama", "--benchmarks", "gsm8k,nosuch"]) == 2
     assert "unknown dataset 'nosuch'" in capsys.readouterr().err
+
+
+def test_every_command_describes_itself_and_shows_its_defaults():
+    import argparse
+
+    from appo_jax.cli import build_parser, parsers
+
+    root = build_parser()
+    names = []
+    for parser in parsers(root):
+        names.append(parser.prog)
+        assert parser.description, f"{parser.prog} has no description"
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help"
+    for prog in ("appo-jax train", "appo-jax eval", "appo-jax rollout", "appo-jax generate", "appo-jax bench sampler",
+                 "appo-jax bench list", "appo-jax tool python", "appo-jax data show", "appo-jax plan"):
+        assert prog in names
+    text = next(p for p in parsers(root) if p.prog == "appo-jax rollout").format_help()
+    assert "--num-slots" in text and "(default: 32)" in text  # a default shown that the help itself does not name
+    assert "--slots" not in text.replace("--num-slots", "")
+
+
+def test_train_lists_every_registered_algorithm_with_one_line(capsys):
+    from appo_jax.training.algorithms import ALGORITHMS
+
+    assert main(["train", "--list-algorithms"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["algorithm", "rollout", "advantage", "loss"]
+    listed = {line.split()[0]: line for line in lines[1:]}
+    assert set(listed) == set(ALGORITHMS) and len(listed) >= 17
+    for name, spec in ALGORITHMS.items():
+        assert spec.description and spec.description in listed[name]
+        assert listed[name].split()[1:4] == [spec.rollout_strategy, spec.advantage, spec.loss_mode]
+    assert main(["train"]) == 2
+    assert "--config is required" in capsys.readouterr().err
+
+
+def test_bench_lists_the_benchmark_scripts(capsys):
+    import json
+    from pathlib import Path
+
+    from appo_jax.cli import BENCHMARKS_DIR
+
+    assert main(["bench", "list"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {r["name"] for r in rows} == {p.stem for p in Path(BENCHMARKS_DIR).glob("*.py")}
+    assert {"sampler", "train_step", "core_ops", "multihost_cpu"} <= {r["name"] for r in rows}
+    assert all(r["purpose"] and r["command"] == f"python benchmarks/{r['name']}.py" for r in rows)

@@ -79,7 +79,7 @@ def _full_loop_algorithms() -> list[str]:
     first: dict = {}
     for name, spec in ALGORITHMS.items():
         if spec.score != "oracle":
-            first.setdefault((spec.rollout, spec.dynamic_sampling), name)
+            first.setdefault((spec.rollout_strategy, spec.dynamic_sampling), name)
     return list(first.values())
 
 
@@ -88,7 +88,7 @@ FULL_LOOP = _full_loop_algorithms()
 
 def test_full_loop_covers_every_rollout_path():
     assert {"grpo", "dapo", "arpo", "aepo", "tree_grpo", "appo"} <= set(FULL_LOOP)
-    assert {ALGORITHMS[a].rollout for a in FULL_LOOP} == {s.rollout for s in ALGORITHMS.values()}
+    assert {ALGORITHMS[a].rollout_strategy for a in FULL_LOOP} == {s.rollout_strategy for s in ALGORITHMS.values()}
 
 
 @pytest.mark.parametrize("algorithm", [a for a, spec in ALGORITHMS.items()
@@ -106,7 +106,7 @@ def test_every_algorithm_trains_one_iteration(tmp_path, algorithm):
     finally:
         trainer.close()
     assert np.isfinite(r["train/loss"]) and r["train/update_skipped"] == 0 and r["rollouts/count"] > 0
-    if ALGORITHMS[algorithm].rollout == "appo":
+    if ALGORITHMS[algorithm].rollout_strategy == "appo":
         assert r["branch/count"] == 4
     assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))) > 0
 
@@ -149,7 +149,7 @@ def test_full_loop_checkpoint_resume_metrics_per_rollout_path(tmp_path, algorith
         assert r["rollouts/count"] > 0
     assert summary["checkpoint_steps"] == [1, 2] and summary["iterations"] == 2
     assert records[1]["train/optimizer_step"] == 2  # the optimizer state came back with the checkpoint
-    if ALGORITHMS[algorithm].rollout == "appo":
+    if ALGORITHMS[algorithm].rollout_strategy == "appo":
         assert all(r["branch/count"] == 4 for r in records)
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     if algorithm == "appo":

@@ -104,12 +104,13 @@ def _sft_config(tmp_path, **changes):
 def test_sft_is_reproducible_and_its_cache_key_holds_what_it_depends_on(tmp_path):
     """Two SFT runs of one config give bit-identical policies; the cache key ignores the RL settings (the RL
     learning rate, algorithm, steps) and changes with the task's options, the tokenizer, the SFT settings and seed."""
+    from appo_jax.training.sft import sft_cache_file
     from appo_jax.training.trainer import Trainer
 
     def sft(cfg, workdir):
         trainer = Trainer(cfg, workdir=str(workdir), log=lambda _: None)
         try:
-            key = trainer._sft_cache_file().name
+            key = sft_cache_file(trainer.parts).name
             cfg.sft.cache_dir = ""  # train, do not read the cache
             trainer.run_sft()
             return key, [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
@@ -127,7 +128,7 @@ def test_sft_is_reproducible_and_its_cache_key_holds_what_it_depends_on(tmp_path
 
     tokenizer = functools.lru_cache(maxsize=None)(load_tokenizer)
 
-    def key(**changes):  # what Trainer._sft_cache_file computes, without building a trainer
+    def key(**changes):  # what sft_cache_file computes, without building a trainer
         cfg = _sft_config(tmp_path, **changes)
         key = sft_cache_key(cfg, tokenizer(cfg.model.tokenizer), get_task("arith_program"), cfg.data.task_options,
                             cfg.sft.seed)

@@ -39,17 +39,23 @@ def _show(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``data prepare [NAME ...]`` and ``data show NAME [--split S] [--limit K]`` to the `appo-jax` CLI."""
-    data = subparsers.add_parser("data", help="prepare / inspect the benchmark and RL datasets (TFDS)")
+    data = subparsers.add_parser("data", help="prepare / inspect the benchmark and RL datasets (TFDS)",
+                                 description="Prepare the TFDS cache of the benchmark and RL datasets ahead of time, "
+                                             "and print their records.")
     sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
-    prepare = sub.add_parser("prepare", help="build the TFDS array_record cache; one JSON line per dataset")
+    prepare = sub.add_parser("prepare", help="build the TFDS array_record cache; one JSON line per dataset",
+                             description="Build the TFDS array_record cache of file datasets (all by default) and "
+                                         "print one JSON line per dataset: its split, record count and directory.")
     prepare.add_argument("names", nargs="*", help=f"datasets (default: all of {', '.join(DATASETS)})")
     add_data_arguments(prepare)
     prepare.set_defaults(func=_prepare)
 
-    show = sub.add_parser("show", help="print records of a dataset as JSON lines")
+    show = sub.add_parser("show", help="print records of a dataset as JSON lines",
+                          description="Print the first records of a dataset as JSON lines (question, ground truths, "
+                                      "chat prompt, ...).")
     show.add_argument("name", help=f"one of {', '.join(DATASETS)}")
     show.add_argument("--split", default=None, help="the dataset's split (default: its only split)")
-    show.add_argument("--limit", type=int, default=3, help="how many records (default 3)")
+    show.add_argument("--limit", type=int, default=3, help="how many records")
     add_data_arguments(show)
     show.set_defaults(func=_show)

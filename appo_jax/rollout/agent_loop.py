@@ -1,4 +1,4 @@
-"""The multi-turn tool loop (docs/protocol.md) over the slots of a :class:`~appo_jax.rollout.policy.SlotPolicy`.
+"""The multi-turn tool loop (docs/protocol.md) over the slots of a :class:`~appo_jax.rollout.slots.SlotSampler`.
 
 Protocol of one rollout: the policy generates until ``</python>``, ``</search>``, ``</answer>`` or EOS. At a
 tool stop the loop parses the *last* ``<python>…</python>`` / ``<search>…</search>`` of the new segment (the
@@ -42,7 +42,7 @@ import numpy as np
 
 from appo_jax.core.trajectory import FINISH_ANSWER, FINISH_EOS, FINISH_LENGTH, FINISH_TOOL_LIMIT
 from appo_jax.protocol import STOP_LOOKBACK, STOP_STRINGS, TOOL_TAGS, find_stop, format_observation, parse_segment_end
-from appo_jax.rollout.policy import CHUNK_EOS, CHUNK_LENGTH, CHUNK_RUNNING, CHUNK_STOP, DecodeChunk, SlotPolicy
+from appo_jax.rollout.slots import CHUNK_EOS, CHUNK_LENGTH, CHUNK_RUNNING, CHUNK_STOP, DecodeChunk, SlotSampler
 
 
 @dataclass
@@ -215,13 +215,13 @@ class _Run:
 
     def __init__(self, loop: AgentLoop, hooks: LoopHooks | None, progress: Callable[[int, int, int], None] | None):
         self.loop, self.hooks, self.progress = loop, hooks, progress
-        self.cfg, self.policy, self.length = loop.cfg, loop.policy, loop.cfg.max_response_len
+        self.cfg, self.sampler, self.length = loop.cfg, loop.sampler, loop.cfg.max_response_len
         self.stats = LoopStats()
         self.t_start = time.perf_counter()
         self.queue: deque[tuple[int, RolloutRequest]] = deque()
         self.enqueued = 0
         self.reported = (0, 0, 0)
-        self.slots: list[_Slot | None] = [None] * self.policy.num_slots
+        self.slots: list[_Slot | None] = [None] * self.sampler.num_slots
         self.done: list[Rollout] = []
         self.reward_futures: list[tuple[Rollout, Future]] = []
         self.starts: list[tuple[int, _Slot, list[int]]] = []
@@ -274,9 +274,9 @@ class _Run:
         t0 = time.perf_counter()
         live = [x for x in self.starts if self.slots[x[0]] is x[1]]  # skip rollouts that finished at start
         if live:
-            self.policy.start([x[0] for x in live], [x[2] for x in live], [x[1].request.key for x in live])
+            self.sampler.start([x[0] for x in live], [x[2] for x in live], [x[1].request.key for x in live])
         if self.appends:
-            self.policy.append([a[0] for a in self.appends], [a[1] for a in self.appends])
+            self.sampler.append([a[0] for a in self.appends], [a[1] for a in self.appends])
         self.starts.clear()
         self.appends.clear()
         self.stats.prefill_s += time.perf_counter() - t0
@@ -290,7 +290,7 @@ class _Run:
         max_new = np.array([min(self.cfg.decode_chunk, self.length - st.n) if a else 0
                             for st, a in zip(self.slots, active)], np.int32)
         t0 = time.perf_counter()
-        chunk = self.policy.decode(active, max_new)
+        chunk = self.sampler.decode(active, max_new)
         self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_calls += 1
         self.event("decode", slots=[int(s) for s in np.flatnonzero(active)])
@@ -488,7 +488,7 @@ class _Run:
 
 
 class AgentLoop:
-    """Runs rollout requests through the tool loop on the slots of ``policy`` (see the module doc).
+    """Runs rollout requests through the tool loop on the slots of ``sampler`` (see the module doc).
 
     ``submit_tool(name, input) -> Future`` runs a tool off the decode thread (the tool registry's bounded
     pool) and resolves to its output text (a ``str``, or a ``ToolResult`` whose ``.text`` is used);
@@ -496,11 +496,11 @@ class AgentLoop:
     (``None``: rewards stay 0). ``on_event(event, **info)``, if given, is called for "start", "decode",
     "tool_submit", "tool_result" and "finish" (tests read the event order)."""
 
-    def __init__(self, policy: SlotPolicy, tokenizer, cfg: LoopConfig,
+    def __init__(self, sampler: SlotSampler, tokenizer, cfg: LoopConfig,
                  submit_tool: Callable[[str, str], Future],
                  submit_reward: Callable[[Rollout], Future] | None = None,
                  on_event: Callable[..., None] | None = None, pad_id: int = 0):
-        self.policy, self.tokenizer, self.cfg = policy, tokenizer, cfg
+        self.sampler, self.tokenizer, self.cfg = sampler, tokenizer, cfg
         self.submit_tool, self.submit_reward, self.on_event = submit_tool, submit_reward, on_event
         self.pad_id = pad_id
         self.stats = LoopStats()

@@ -37,7 +37,7 @@ from appo_jax.rollout.agent_loop import (AgentLoop, LoopConfig, Prefix, Rollout,
                                          parse_segment_end)
 from appo_jax.rollout.arpo import ArpoConfig, ArpoHooks
 from appo_jax.rollout.config import RolloutConfig
-from appo_jax.rollout.policy import SlotPolicy, make_sampler_policy
+from appo_jax.rollout.slots import SlotSampler, make_slot_sampler
 from appo_jax.rollout.tree import choose_nodes, expansion_counts, round_quota, step_nodes
 from appo_jax.tools.registry import ToolRegistry, build_registry
 
@@ -140,14 +140,14 @@ class RolloutEngine:
     ``tools``: a tool registry with ``submit(name, input) -> Future[ToolResult]`` (:func:`default_tools`).
     ``cfg``: a :class:`RolloutConfig` with ``num_slots >= 1`` (`RolloutConfig.fitted` sizes one to a call).
     ``mesh``: the mesh ``params`` live on; the sampler runs with the params' own shardings, so it is only
-    recorded. ``policy``: a ready :class:`SlotPolicy` to use instead of building the jitted sampler from
+    recorded. ``sampler``: a ready :class:`SlotSampler` to use instead of building the jitted sampler from
     ``model_config`` / ``params`` (tests use scripted policies); ``reward_fn(record, text)`` returns a
     `RewardOutput` or a float (then the accuracy is ``score >= 1``); ``on_event`` is passed to the
     :class:`AgentLoop`. Call :meth:`close` when done.
     """
 
     def __init__(self, model_config, params, tokenizer, tools, cfg: RolloutConfig, mesh=None, *,
-                 policy: SlotPolicy | None = None,
+                 sampler: SlotSampler | None = None,
                  reward_fn: Callable[[Record, str], RewardOutput | float] | None = None,
                  on_event: Callable[..., None] | None = None):
         if cfg.num_slots < 1:
@@ -161,22 +161,22 @@ class RolloutEngine:
         self.vocab_size = int(getattr(model_config, "vocab_size", None) or len(tokenizer))
         if cfg.entropy != "exact" and cfg.entropy_k > self.vocab_size:
             raise ValueError(f"rollout.entropy_k={cfg.entropy_k} is larger than the vocabulary ({self.vocab_size})")
-        if policy is None:
+        if sampler is None:
             if cfg.dtype:  # the sampler computes in its own precision (e.g. bf16 against an fp32 trainer)
                 model_config = dataclasses.replace(model_config, dtype=cfg.dtype)
-            policy = make_sampler_policy(model_config, params, tokenizer, num_slots=cfg.num_slots,
+            sampler = make_slot_sampler(model_config, params, tokenizer, num_slots=cfg.num_slots,
                                          max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                                          tool_call_limit=cfg.tool_call_limit, temperature=cfg.temperature,
                                          top_p=cfg.top_p, top_k=cfg.top_k,
                                          repetition_penalty=cfg.repetition_penalty, entropy=cfg.entropy,
                                          entropy_k=cfg.entropy_k, decode_chunk=cfg.decode_chunk)
-        self.policy = policy
+        self.sampler = sampler
         #: added to the group index of every row key (fold_in(fold_in(key, group + offset), local)): a host that
         #: samples groups [o, o + G) of a multi-host batch draws exactly what one process would (host_sharded.py)
         self.key_group_offset = 0
         self.reward_fn = reward_fn if reward_fn is not None else RecordReward("auto")
         self._reward_pool = ThreadPoolExecutor(max(1, min(4, cfg.tool_workers)), thread_name_prefix="reward")
-        self.loop = AgentLoop(policy, tokenizer,
+        self.loop = AgentLoop(sampler, tokenizer,
                               LoopConfig(cfg.max_response_len, cfg.tool_call_limit, cfg.decode_chunk,
                                          cfg.probe_len),
                               submit_tool=tools.submit, submit_reward=self._submit_reward,
@@ -185,11 +185,11 @@ class RolloutEngine:
     # -- plumbing ----------------------------------------------------------------------------------------------
     def set_params(self, params) -> None:
         """Use new policy weights for the following rollouts."""
-        self.policy.set_params(params)
+        self.sampler.set_params(params)
 
     def describe(self) -> str:
         """One line: sampler slots, KV-cache row length and bytes, response budget and tool-call limit."""
-        cache = getattr(self.policy, "cache", None)
+        cache = getattr(self.sampler, "cache", None)
         kv = "" if cache is None else (f", KV cache {cache.batch} x {cache.max_len} slots "
                                        f"({(cache.k.nbytes + cache.v.nbytes) / 2**20:.0f} MiB)")
         cfg = self.cfg

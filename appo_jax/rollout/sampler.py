@@ -56,7 +56,7 @@ from appo_jax.models.sharding import cache_shardings
 from appo_jax.rollout.sampling import SamplingParams, select_tokens
 from appo_jax.protocol import stop_lookback
 
-# Per-slot outcome of a `Sampler.decode` call (values shared with `appo_jax.rollout.policy`).
+# Per-slot outcome of a `Sampler.decode` call (values shared with `appo_jax.rollout.slots`).
 CHUNK_RUNNING = 0  # produced max_new tokens without stopping (or the slot was inactive)
 CHUNK_STOP = 1     # the generated text completed a stop string (its last token is the last new token)
 CHUNK_EOS = 2      # produced an EOS token (kept as the last new token)

@@ -1,6 +1,7 @@
 """CLI: ``appo-jax train`` and ``appo-jax eval`` (wired into ``appo_jax.cli`` through :func:`register`).
 
     appo-jax train --config experiments/paper/table1_reasoning.py:qwen2.5-7b,appo [--set optimizer.lr=2e-6 ...] [--resume]
+    appo-jax train --list-algorithms
     appo-jax eval --model smollm2-135m-instruct --benchmarks gsm8k,hotpotqa [--limit 20] [--runs 5]
 """
 from __future__ import annotations
@@ -12,7 +13,25 @@ import sys
 from appo_jax.rollout.config import RolloutConfig
 
 
+def list_algorithms() -> str:
+    """The registered algorithms (`appo_jax.training.algorithms.ALGORITHMS`), one line each: name, rollout
+    strategy, advantage estimator, loss mode and description, under a header line."""
+    from appo_jax.training.algorithms import ALGORITHMS  # deferred: imports jax and the core (start-up of the CLI)
+
+    header = ("algorithm", "rollout", "advantage", "loss", "description")
+    rows = [header] + [(s.name, s.rollout_strategy, s.advantage, s.loss_mode, s.description or "-")
+                       for s in ALGORITHMS.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[4] for row in rows)
+
+
 def _train(args) -> int:
+    if args.list_algorithms:
+        print(list_algorithms())
+        return 0
+    if not args.config:
+        raise ValueError("--config is required: an experiment file such as experiments/demo_cpu.py (or "
+                         "--list-algorithms to list the algorithms)")
     # deferred: the trainer's imports (orbax, tensorboard, ...) take seconds; other commands need not pay them
     import jax
 
@@ -123,43 +142,57 @@ def _eval(args) -> int:
 
 def register(subparsers) -> None:
     """Add the ``train`` and ``eval`` subcommands."""
-    p = subparsers.add_parser("train", help="train a policy with APPO / GRPO / DAPO / ARPO / AEPO / Tree-GRPO",
-                              description="Run an experiment config (a Python file exposing get_config()).")
-    p.add_argument("--config", required=True,
+    p = subparsers.add_parser(
+        "train", help="train a policy with APPO / GRPO / DAPO / ARPO / AEPO / Tree-GRPO / ...",
+        description="Run an experiment config (a Python file whose get_config() returns an ExperimentConfig): "
+                    "training, evaluation, metrics and checkpoints in its workdir; --list-algorithms lists the "
+                    "algorithms that algorithm.name can select.")
+    p.add_argument("--config",
                    help="experiment file, e.g. experiments/demo_cpu.py; FILE:ARG passes ARG to get_config (e.g. "
-                        "experiments/paper/table1_reasoning.py:qwen2.5-7b,appo)")
+                        "experiments/paper/table1_reasoning.py:qwen2.5-7b,appo); required unless --list-algorithms")
+    p.add_argument("--list-algorithms", action="store_true",
+                   help="print every registered algorithm (rollout strategy, advantage, loss mode, description) "
+                        "and exit")
     p.add_argument("--distributed", action="store_true",
                    help="multi-host job (TPU pod): jax.distributed.initialize with cluster auto-detection")
     p.add_argument("--coordinator", help="HOST:PORT of process 0 for a multi-process job without cluster "
-                                         "auto-detection (e.g. 127.0.0.1:12355 for several CPU processes)")
-    p.add_argument("--num-processes", type=int, help="processes in the job (with --coordinator)")
-    p.add_argument("--process-id", type=int, help="this process's index in [0, --num-processes)")
+                                         "auto-detection, e.g. 127.0.0.1:12355 for several CPU processes "
+                                         "(default: none, one process)")
+    p.add_argument("--num-processes", type=int, help="processes in the job (with --coordinator; default: none)")
+    p.add_argument("--process-id", type=int,
+                   help="this process's index in [0, --num-processes) (with --coordinator; default: none)")
     p.add_argument("--heartbeat-timeout", type=int, default=100, metavar="S",
                    help="a process silent for S seconds is declared dead and every other process exits with an "
-                        "error (default 100)")
+                        "error")
     p.add_argument("--init-timeout", type=int, default=300, metavar="S",
-                   help="seconds to wait for the coordinator and every process at start-up (default 300)")
+                   help="seconds to wait for the coordinator and every process at start-up")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optimizer.lr=1e-5 (repeatable)")
+                   help="override a config field, e.g. --set optimizer.lr=1e-5 (repeatable; default: none)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workdir")
     p.add_argument("--workdir", help="output directory (default: the config's workdir)")
     p.set_defaults(func=_train)
 
-    e = subparsers.add_parser("eval", help="pass@1 of a model on benchmarks (markdown table)",
-                              description="Evaluate pass@1 with temperature 0.6 / top_p 0.95 / repetition penalty 1.1.")
-    e.add_argument("--model", required=True, help="smollm2-135m-instruct, a .gguf file, an HF dir or a preset")
-    e.add_argument("--benchmarks", required=True, help="comma-separated, e.g. gsm8k,hotpotqa,aime24")
-    e.add_argument("--limit", type=int, default=None, help="first K questions of each benchmark")
+    e = subparsers.add_parser(
+        "eval", help="pass@1 of a model on benchmarks (markdown table)",
+        description="Evaluate pass@1 of a model on benchmarks with the tool loop (temperature 0.6, top_p 0.95, "
+                    "repetition penalty 1.1) and print a markdown table; progress goes to stderr.")
+    e.add_argument("--model", required=True,
+                   help="preset name (random weights), smollm2-135m-instruct, an HF directory or a .gguf file")
+    e.add_argument("--benchmarks", required=True, help="comma-separated dataset names, e.g. gsm8k,hotpotqa,aime24")
+    e.add_argument("--limit", type=int, default=None, help="first K questions of each benchmark (default: all)")
     e.add_argument("--runs", type=int, default=5, help="runs per question (pass@1 averages them)")
-    e.add_argument("--tokenizer", help="tokenizer source for a random preset")
-    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    e.add_argument("--max-prompt-len", type=int, default=2048)
-    e.add_argument("--max-response-len", type=int, default=2048)
-    e.add_argument("--tool-call-limit", type=int, default=3)
+    e.add_argument("--tokenizer",
+                   help="tokenizer (smollm2-135m-instruct, a .gguf file or an HF directory) instead of the model's own; "
+                        "required for a random preset (default: the model's own)")
+    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    e.add_argument("--max-prompt-len", type=int, default=2048, help="most prompt tokens (longer questions are skipped)")
+    e.add_argument("--max-response-len", type=int, default=2048,
+                   help="response budget in tokens (generated + tool results)")
+    e.add_argument("--tool-call-limit", type=int, default=3, help="most tool calls per rollout")
     e.add_argument("--num-slots", type=int, default=32,
                    help="most concurrent sampler slots (the KV cache holds min(this, questions x runs) rows)")
-    e.add_argument("--system-prompt", help="replace the benchmark prompts' system prompt")
-    e.add_argument("--data-dir", help="directory holding benchmarks/, rl/, search/ (default: $APPO_DATA_DIR, else the shipped data)")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--system-prompt", help="replace the benchmark prompts' system prompt (default: keep it)")
+    e.add_argument("--data-dir",
+                   help="directory holding benchmarks/, rl/, search/ (default: $APPO_DATA_DIR, else the shipped data)")
+    e.add_argument("--seed", type=int, default=0, help="PRNG seed (sampling)")
     e.set_defaults(func=_eval)
-

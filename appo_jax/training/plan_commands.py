@@ -21,19 +21,23 @@ def _mesh(text: str) -> tuple[int, int, int]:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("plan", help="per-device bytes of params / optimizer / activations / KV cache")
+    p = subparsers.add_parser(
+        "plan", help="per-device bytes of params / optimizer / activations / KV cache",
+        description="Plan the per-device memory of training a model on a mesh (params, optimizer, gradients, "
+                    "activations, the sampler's KV cache) without allocating anything; one JSON line. "
+                    "--compare-xla also compiles the real train step and compares with XLA's memory analysis.")
     p.add_argument("--model", required=True, help="preset name, HF directory or .gguf file")
-    p.add_argument("--mesh", type=_mesh, default=(1, 1, 1), help="DATA,FSDP,TENSOR sizes (default 1,1,1)")
+    p.add_argument("--mesh", type=_mesh, default=(1, 1, 1), help="DATA,FSDP,TENSOR sizes (default: 1,1,1)")
     p.add_argument("--batch", type=int, default=16, help="sequences per train step (global)")
     p.add_argument("--seq-len", type=int, default=8192, help="prompt + response tokens per sequence")
-    p.add_argument("--micro-batches", type=int, default=1)
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per train step (gradient accumulation)")
     p.add_argument("--kv-batch", type=int, default=0, help="sampler slots (global; 0 = no KV cache)")
     p.add_argument("--kv-len", type=int, default=0, help="sampler cache length per slot")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype")
-    p.add_argument("--param-dtype", default="float32")
+    p.add_argument("--param-dtype", default="float32", help="parameter (master weight) dtype")
     p.add_argument("--remat", default="full", help="remat policy (none, full, dots, ...)")
     p.add_argument("--prompt-len", type=int, default=0,
-                   help="prompt tokens of --seq-len (the log-prob head scores the rest; default 0, with "
+                   help="prompt tokens of --seq-len (the log-prob head scores the rest; default: 0, with "
                         "--compare-xla seq-len / 4)")
     p.add_argument("--logprob-chunk", type=int, default=512, help="train.logprob_chunk (log-prob head chunk)")
     p.add_argument("--compare-xla", action="store_true",

@@ -9,6 +9,11 @@ is tokenised on its own, the way the agent loop builds a rollout (generated text
 
 with g the generated-token mask (prompt, observation and padding tokens excluded), computed with the chunked
 log-probs of :mod:`appo_jax.models.logprobs`.
+
+A run's cold start (`cold_start_sft`): the demonstrations (`sft_examples`), AdamW at ``sft.lr`` with the run's
+other optimizer settings (`sft_optimizer`), optional held-out probes as SFT goes, and a cache of the result
+under a key of exactly what it depends on (`sft_cache_key`: model, tokenizer, task code and options, SFT
+settings and seed; not the RL settings), shared by every run with that key.
 """
 from __future__ import annotations
 
@@ -16,20 +21,27 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
+import os
 import re
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from appo_jax.data import get_task
 from appo_jax.data.encoding import encode_prompt
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.logprobs import token_logprobs
+from appo_jax.progress import progress_bar
+from appo_jax.training.build import TrainingError
 from appo_jax.training.config import OptimizerSection
-from appo_jax.training.state import TrainState
+from appo_jax.training.state import TrainState, make_optimizer
+from appo_jax.training.train_step import init_train_state
 
 _RESULT = re.compile(r"<result>\n.*?\n</result>", re.S)
 
@@ -169,3 +181,86 @@ def sft_cache_key(cfg, tokenizer, task, task_options, seed: int) -> str:
            "sft": {k: v for k, v in dataclasses.asdict(s).items() if k not in ("cache_dir", "eval_every", "seed")},
            "optimizer": dataclasses.asdict(sft_optimizer(cfg.optimizer, s.lr)), "seed": int(seed)}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------- cold-start SFT of a run
+def sft_seed(cfg) -> int:
+    """The seed of the SFT examples and batches: ``sft.seed``, or the run's ``data.seed`` when it is -1."""
+    return cfg.sft.seed if cfg.sft.seed >= 0 else cfg.data.seed
+
+
+def sft_examples(run) -> list[dict]:
+    """The demonstrations of ``run.cfg.sft``: a generated task's traces (made with the run's tools; the run's task
+    options when it is the training task) or the examples of a JSONL file; the system prompt replaced when
+    ``data.system_prompt`` is set."""
+    s, data = run.cfg.sft, run.cfg.data
+    task = get_task(s.data)
+    if task is None:
+        examples = load_sft_examples(s.data)
+    else:
+        options = data.task_options if task is run.task else None
+        seed = sft_seed(run.cfg)
+        examples = task.traces(task.records(task.splits[0], s.examples, seed + 1000, options), run.tools, options,
+                               seed=seed)
+    if data.system_prompt:
+        for ex in examples:
+            if ex["messages"] and ex["messages"][0]["role"] == "system":
+                ex["messages"][0] = {"role": "system", "content": data.system_prompt}
+    return examples
+
+
+def sft_cache_file(run) -> Path | None:
+    """``<sft.cache_dir>/sft-<key>.npz`` with the key of `sft_cache_key`, or None without a cache dir."""
+    c = run.cfg
+    if not c.sft.cache_dir:
+        return None
+    task = get_task(c.sft.data)
+    key = sft_cache_key(c, run.tokenizer, task, c.data.task_options if task is run.task else None, sft_seed(c))
+    return Path(c.sft.cache_dir) / f"sft-{key}.npz"
+
+
+def cold_start_sft(run, params, log, probe=None) -> tuple[Any, list[float]]:
+    """``(SFT params, losses)`` of ``run.cfg.sft`` from ``params``: read from the cache when it holds this key
+    (`sft_cache_file`), else trained (``sft.steps`` AdamW steps of `make_sft_step`; ``probe(step, losses,
+    params)`` every ``sft.eval_every`` steps and after the last) and written to the cache (process 0; atomic)."""
+    s = run.cfg.sft
+    cache = sft_cache_file(run)
+    if cache is not None and cache.is_file():
+        with np.load(cache) as f:
+            losses = [float(x) for x in f["__losses__"]]
+            leaves = [f[f"leaf_{i}"] for i in range(len(jax.tree.leaves(params)))]
+        log(f"cold-start SFT: reusing {cache} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
+        return jax.tree.unflatten(jax.tree.structure(params), [jnp.asarray(x) for x in leaves]), losses
+    examples = sft_examples(run)
+    arrays = encode_examples(examples, run.tokenizer, max_prompt_len=run.cfg.rollout.max_prompt_len,
+                             max_response_len=s.max_response_len, pad_id=run.engine.pad_id)
+    state, shardings = init_train_state(params, make_optimizer(sft_optimizer(run.cfg.optimizer, s.lr), s.steps),
+                                        sft_seed(run.cfg), mesh=run.mesh, model_config=run.model_config)
+    step = make_sft_step(run.model_config, run.cfg.train.logprob_chunk, shardings)
+    batch_size = min(s.batch_size, len(examples))
+    batches = sft_batches(arrays, batch_size, seed=sft_seed(run.cfg))
+    log(f"cold-start SFT: {s.steps} steps x {batch_size} of {len(examples)} examples ({s.data}), lr {s.lr:g}, "
+        f"responses <= {s.max_response_len} tokens")
+    losses, tokens, t0 = [], 0.0, time.perf_counter()
+    with progress_bar(s.steps, "sft", "step", enabled=run.cfg.logging.progress) as bar:
+        for i in range(s.steps):
+            with run.placement.context():
+                state, m = step(state, run.placement.tree(next(batches)))
+            losses.append(float(m["sft/loss"]))
+            if not math.isfinite(losses[-1]):
+                raise TrainingError(f"SFT loss became non-finite at SFT step {i + 1}; nothing was saved")
+            tokens += float(m["sft/tokens"])
+            if probe is not None and s.eval_every and ((i + 1) % s.eval_every == 0 or i + 1 == s.steps):
+                probe(i + 1, losses, state.params)
+            bar.set_postfix_str(f"loss {losses[-1]:.4f}, {tokens / (time.perf_counter() - t0):.0f} tok/s",
+                                refresh=False)
+            bar.update(1)
+    log(f"cold-start SFT loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
+    if cache is not None:
+        leaves = {f"leaf_{i}": x for i, x in enumerate(run.placement.host(jax.tree.leaves(state.params)))}
+        if run.primary:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
+            np.savez(tmp, __losses__=np.asarray(losses), **leaves)
+            os.replace(tmp, cache)  # atomic: concurrent runs never read half a file
+    return state.params, losses

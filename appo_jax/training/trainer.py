@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,42 +35,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from appo_jax.compilation_cache import active_cache_dir, compile_counts
-from appo_jax.core.registry import CONTROLS
 from appo_jax.core.advantages import advantages_from_trajectory
-from appo_jax.core.candidates import candidate_token_table
-from appo_jax.data import encode_records, get_task, load_dataset
-from appo_jax.models.loading import load_model, load_policy
-from appo_jax.models.sharding import shard_params
-from appo_jax.parallel.mesh import make_mesh
 from appo_jax.parallel.multihost import reduce_timings
-from appo_jax.parallel.placement import Placement
-from appo_jax.progress import progress_bar
-from appo_jax.rewards.registry import RecordReward
-from appo_jax.rollout.decision_labels import DecisionLabeller
-from appo_jax.rollout.engine import RolloutEngine, default_tools
-from appo_jax.rollout.host_sharded import HostShardedEngine
 from appo_jax.rollout.strategies import Sampled
 from appo_jax.training.batch import TrainBatch
-from appo_jax.training.checkpoint import Checkpointer
-from appo_jax.training.config import (ExperimentConfig, algorithm_spec, resolve_mesh_shape, resolved_loss,
-                                      candidate_rule, eval_modes, rows_per_mini_batch, to_dict, to_json, validate)
+from appo_jax.training.build import TrainingError, build_run
+from appo_jax.training.config import ExperimentConfig, eval_modes, to_dict, to_json
 from appo_jax.training.evaluation import evaluate_pass1
-from appo_jax.training.learning_signals import (heldout_changes, kl_to_reference, plot_learning_curve, run_warnings,
-                                                signal_warnings)
+from appo_jax.training.learning_signals import heldout_changes, kl_to_reference, plot_learning_curve, run_warnings
 from appo_jax.training.metrics import MetricsWriter, read_metrics, summarize
-from appo_jax.training.policies import Policies, copy_tree
-from appo_jax.training.prompt_iterator import PromptIterator
+from appo_jax.training.policies import copy_tree
 from appo_jax.training.rollout_dump import write_rollout_dump
 from appo_jax.training.rollout_metrics import (advantage_metrics, batch_metrics, branching_metrics,
                                                mismatch_metrics)
-from appo_jax.training.sft import (encode_examples, load_sft_examples, make_sft_step, sft_batches, sft_cache_key,
-                                   sft_optimizer)
-from appo_jax.training.state import learning_rate_schedule, make_optimizer
-from appo_jax.training.train_step import StepConfig, TrainStepRunner, init_train_state
+from appo_jax.training.sft import cold_start_sft
+from appo_jax.training.train_step import init_train_state
 
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (non-finite loss, unusable workdir, ...); the message says what is intact."""
+__all__ = ["Collected", "Trainer", "TrainingError"]
 
 
 @dataclass
@@ -98,16 +78,6 @@ class Collected:
         return self.sampled.branching
 
 
-@functools.lru_cache(maxsize=8)
-def _candidate_table(tokenizer, vocab_size: int, rule: str) -> np.ndarray:
-    """The branch-candidate table of the tokenizer under ``rule`` (`candidate_rule`), padded with False up to
-    the model's vocabulary size."""
-    table = candidate_token_table(tokenizer, rule)
-    if table.size < vocab_size:
-        table = np.concatenate([table, np.zeros(vocab_size - table.size, bool)])
-    return table[:vocab_size]
-
-
 @functools.partial(jax.jit, static_argnames=("name", "num_groups", "num_trees", "options"))
 def _advantages(traj, tree_ids, *, name: str, num_groups: int, num_trees: int, options: tuple):
     """``advantages_from_trajectory(name, traj, num_groups, tree_ids, num_trees, **options)``, jitted."""
@@ -121,167 +91,39 @@ def _all_finite(tree) -> jax.Array:
 
 
 class Trainer:
-    """Builds and runs an experiment (module doc); ``log`` receives progress lines."""
+    """Runs an experiment (module doc): `build_run` makes its parts once (``self.parts``; their names read
+    through, e.g. ``trainer.engine``, ``trainer.policies``), the loop owns the train state (``self.state``);
+    ``log`` receives progress lines."""
 
     def __init__(self, cfg: ExperimentConfig, *, workdir: str | None = None, resume: bool = False,
                  log: Callable[[str], None] = print):
         self._started, self._compiles_at_start = time.perf_counter(), compile_counts()
-        self.startup: dict = {}
-        validate(cfg, jax.device_count())
-        self.processes, self.primary = jax.process_count(), jax.process_index() == 0
-        if cfg.train.prompts_per_step % self.processes:
-            raise TrainingError(f"train.prompts_per_step={cfg.train.prompts_per_step} does not split over the "
-                                f"{self.processes} processes of this job (each samples an equal block of prompts)")
-        self.cfg, self.spec, self.log = cfg, algorithm_spec(cfg), log
-        if "://" in str(workdir or cfg.workdir):
-            raise TrainingError(f"workdir {str(workdir or cfg.workdir)!r} is a URL; the trainer writes through the file "
-                                "system: mount the bucket (gcsfuse) or shared storage at the same path on every "
-                                "process and give that path")
-        self.workdir = Path(workdir or cfg.workdir).absolute()
-        self.ckpt_dir = self.workdir / "checkpoints"
-        self.resume = resume
-        self._check_workdir()
-
-        # the data first: a missing dataset fails before minutes of model loading
-        self.task = get_task(cfg.data.train)
-        records = load_dataset(cfg.data.train, limit=cfg.data.limit or None, seed=cfg.data.seed,
-                               data_dir=cfg.data.data_dir or None,
-                               task_options=cfg.data.task_options if self.task is not None else None)
-        self.mesh = self._make_mesh()
-        self.placement = Placement(self.mesh)
-        m = cfg.model
-        overrides = {"remat_policy": m.remat_policy} if m.remat_policy else {}
-        self.model_config, params, self.tokenizer = load_policy(
-            m.name, m.tokenizer, self.mesh, m.dtype or "float32", m.param_dtype or None, init_seed=m.init_seed,
-            **overrides)
-        prompts, too_long = encode_records(records, self.tokenizer, max_prompt_len=cfg.rollout.max_prompt_len,
-                                           system_prompt=cfg.data.system_prompt)
-        if too_long:
-            log(f"data: dropped {len(too_long)} prompts longer than rollout.max_prompt_len="
-                f"{cfg.rollout.max_prompt_len}")
-        self.prompts = PromptIterator(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-
-        t = cfg.train
-        updates_per_step = (t.prompts_per_step // t.mini_batch_prompts) * t.ppo_epochs
-        self.lr_schedule = learning_rate_schedule(cfg.optimizer, t.steps * updates_per_step)
-        self.tx = make_optimizer(cfg.optimizer, t.steps * updates_per_step)
-        self.state, self.shardings = init_train_state(params, self.tx, t.seed, mesh=self.mesh,
-                                                      model_config=self.model_config)
-        loss = resolved_loss(cfg)
-        self.kl_coef = loss["kl_coef"]
-        a = cfg.algorithm
-        micro = t.micro_batch_rows or rows_per_mini_batch(cfg)
-        self.kl_to_start = cfg.logging.kl_to_start
-        need_reference = self.kl_coef > 0 or a.omega_baseline == "reference" or self.kl_to_start
-        self.policies = Policies(self.model_config, self.placement, chunk=t.logprob_chunk,
-                                 temperature=cfg.rollout.temperature, micro_rows=micro, baseline=a.omega_baseline,
-                                 lag=a.omega_lag, reference=self._load_reference(params) if need_reference else None)
-        del params
-
-        self.step_cfg = StepConfig.make(self.model_config, loss, mini_batches=t.prompts_per_step // t.mini_batch_prompts,
-                                        micro_batches=rows_per_mini_batch(cfg) // micro, epochs=t.ppo_epochs,
-                                        logprob_chunk=t.logprob_chunk, temperature=cfg.rollout.temperature)
-        self.runner = TrainStepRunner(self.step_cfg, mesh=self.mesh, lr_schedule=self.lr_schedule,
-                                      shardings=self.shardings)
-        self.strategy = self.spec.strategy(
-            a, cfg.rollout, table=jnp.asarray(_candidate_table(self.tokenizer, self.model_config.vocab_size,
-                                                                 candidate_rule(a))),
-            logprobs=self.policies.current_and_baseline, place=self.placement.tree, to_host=self.placement.host,
-            labeller=DecisionLabeller(self.task, self.tokenizer) if self.task and self.task.decision_spans else None)
-        task = self.task
-        self.tools = default_tools(cfg.rollout, (task.search_backend, task.backend_kwargs(cfg.data.task_options))
-                                   if task is not None and task.search_backend else None)
-        # the sampler holds the prompt length and slots of this dataset (this host's share), not the maxima
-        rollout_cfg = cfg.rollout.fitted(
-            prompts, t.prompts_per_step // self.processes * self.strategy.rollouts_per_prompt)
-        reward = RecordReward(cfg.data.reward)
-        self.engine = self._make_engine(rollout_cfg, reward)
-        self.advantage_options = tuple(sorted(self.spec.advantage_options(a).items()))
-        self.iteration = 0
-        self.sft_done = False
-        self._nonfinite = None
+        self.cfg, self.log = cfg, log
+        self.parts, self.state = build_run(cfg, workdir=workdir, resume=resume, log=log)
+        self.iteration, self.sft_done, self.startup = 0, False, {}
         self._last_collected: Collected | None = None
-        self.checkpointer = Checkpointer(self.ckpt_dir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
         self._eval_engines: dict = {}
         self._eval_counts: dict = {}
-        self.control = CONTROLS.get(a.control)
-        self.warnings = signal_warnings(cfg, self.strategy.rollouts_per_prompt, records, reward)
-        for warning in self.warnings:
-            log(f"warning: {warning}")
-        if self.resume:
+        if resume:
             if self.checkpointer.latest_step() is not None:
                 self._restore()
             else:
                 log(f"--resume: no complete checkpoint in {self.ckpt_dir}; starting from the beginning")
 
-    # -- setup helpers ---------------------------------------------------------------------------------------
-    def _check_workdir(self) -> None:
-        existing = sorted(p.name for p in self.ckpt_dir.glob("[0-9]*")) if self.ckpt_dir.is_dir() else []
-        if existing and not self.resume:
-            raise TrainingError(f"workdir {str(self.workdir)!r} already has checkpoints {existing}; pass --resume to "
-                                "continue that run or choose another --workdir (nothing was changed)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-
-    def _make_mesh(self):
-        """None for one device (plain jit on the default device), else a mesh over the first devices."""
-        data, fsdp, tensor = resolve_mesh_shape(self.cfg, jax.device_count())
-        size = data * fsdp * tensor
-        if self.processes > 1 and size != jax.device_count():
-            raise TrainingError(f"mesh data x fsdp x tensor = {data} x {fsdp} x {tensor} = {size} does not cover the "
-                                f"{jax.device_count()} devices of the {self.processes} processes; with several "
-                                "processes the mesh spans every device (use -1 for one axis)")
-        if size == 1:
-            return None
-        devices = jax.devices()
-        return make_mesh(data, fsdp, tensor, devices=None if size == len(devices) else devices[:size])
-
-    def _make_engine(self, rollout_cfg, reward_fn):
-        """The rollout engine: on the trainer's mesh for one process; with several processes each samples its
-        block of prompts on a sampler over its own devices (`HostShardedEngine`, docs/multihost.md)."""
-        if self.processes == 1:
-            return RolloutEngine(self.model_config, self.state.params, self.tokenizer, self.tools, rollout_cfg,
-                                 mesh=self.mesh, reward_fn=reward_fn)
-        local = jax.local_devices()
-        _, fsdp, tensor = resolve_mesh_shape(self.cfg, jax.device_count())
-        if len(local) % (fsdp * tensor):
-            raise TrainingError(f"each host samples with a full copy of the policy on its {len(local)} devices, "
-                                f"which mesh.fsdp x mesh.tensor = {fsdp} x {tensor} does not divide")
-        mesh = None if len(local) == 1 else make_mesh(len(local) // (fsdp * tensor), fsdp, tensor, devices=local)
-
-        def place(host_params):
-            if mesh is None:
-                return jax.device_put(host_params, local[0])
-            return shard_params(host_params, mesh, self.model_config)
-
-        params = place(self.placement.host(self.state.params))
-        inner = RolloutEngine(self.model_config, params, self.tokenizer, self.tools, rollout_cfg, mesh=mesh,
-                              reward_fn=reward_fn)
-        self.local_mesh = mesh
-        return HostShardedEngine(inner, jax.process_index(), self.processes, place, params)
+    def __getattr__(self, name: str):  # the built parts (only reached for names the trainer itself lacks)
+        if name == "parts":
+            raise AttributeError(name)
+        return getattr(self.parts, name)
 
     def _sampler_params(self):
-        """The parameters and mesh the sampler uses (this host's copy in a multi-process run)."""
-        if self.processes == 1:
-            return self.state.params, self.mesh
-        return self.engine.params, self.local_mesh
-
-    def _load_reference(self, params):
-        ref_name = self.cfg.model.reference
-        if not ref_name:
-            return params  # the loaded initial policy (the train state holds its own copy)
-        m = self.cfg.model
-        _, ref, _ = load_model(ref_name, self.mesh, m.dtype or "float32", m.param_dtype or None)
-        if jax.tree.structure(ref) != jax.tree.structure(params) or any(
-                a.shape != b.shape for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(params))):
-            raise ValueError(f"model.reference={ref_name!r} does not have the policy's parameter shapes")
-        return ref
+        """The parameters the sampler uses (this host's copy in a multi-process run)."""
+        return self.state.params if self.processes == 1 else self.engine.params
 
     def _restore(self) -> None:
         meta = self.checkpointer.read_meta()
         target = self.policies.restore_target(int(meta.get("lagged", 0)), bool(meta.get("sft_done")),
                                               self.state.params)
-        state, meta, extra = self.checkpointer.restore(self.state, extra_target=target)
-        self.state = state
+        self.state, meta, extra = self.checkpointer.restore(self.state, extra_target=target)
         self.engine.set_params(self.state.params)
         self.iteration = int(meta["iteration"])
         written_by = int(meta.get("processes", 1))
@@ -296,94 +138,16 @@ class Trainer:
                  f"optimizer step {int(self.state.step)})")
 
     # -- SFT -------------------------------------------------------------------------------------------------
-    def _sft_examples(self) -> list[dict]:
-        s, data = self.cfg.sft, self.cfg.data
-        task = get_task(s.data)
-        if task is None:
-            examples = load_sft_examples(s.data)
-        else:
-            options = data.task_options if task is self.task else None
-            seed = self._sft_seed()
-            examples = task.traces(task.records(task.splits[0], s.examples, seed + 1000, options), self.tools,
-                                   options, seed=seed)
-        if data.system_prompt:
-            for ex in examples:
-                if ex["messages"] and ex["messages"][0]["role"] == "system":
-                    ex["messages"][0] = {"role": "system", "content": data.system_prompt}
-        return examples
-
-    def _sft_seed(self) -> int:
-        return self.cfg.sft.seed if self.cfg.sft.seed >= 0 else self.cfg.data.seed
-
-    def _sft_cache_file(self) -> Path | None:
-        """``<sft.cache_dir>/sft-<key>.npz`` with the key of `sft_cache_key` (what the SFT policy depends on)."""
-        c = self.cfg
-        if not c.sft.cache_dir:
-            return None
-        task = get_task(c.sft.data)
-        key = sft_cache_key(c, self.tokenizer, task, c.data.task_options if task is self.task else None,
-                            self._sft_seed())
-        return Path(c.sft.cache_dir) / f"sft-{key}.npz"
-
-    def _start_rl_from(self, params) -> None:
-        """RL starts from ``params`` with a fresh optimizer; the reference becomes that policy."""
-        self.state, self.shardings = init_train_state(params, self.tx, self.cfg.train.seed,
-                                                      mesh=self.mesh, model_config=self.model_config)
+    def run_sft(self) -> list[float]:
+        """Cold-start SFT (``cfg.sft``, `cold_start_sft`) on the current params, or its cached result; RL then
+        starts from the SFT policy with a fresh optimizer, and the reference becomes that policy."""
+        params, losses = cold_start_sft(self.parts, self.state.params, self.log, probe=self._sft_probe)
+        self.state, _ = init_train_state(params, self.tx, self.cfg.train.seed, mesh=self.mesh,
+                                         model_config=self.model_config)
         if self.policies.reference is not None:
             self.policies.reference = copy_tree(self.state.params)
         self.engine.set_params(self.state.params)
         self.sft_done = True
-
-    def run_sft(self) -> list[float]:
-        """Cold-start SFT (``cfg.sft``) on the current params, or its cached result (``sft.cache_dir``); the
-        reference policy becomes the SFT result."""
-        s = self.cfg.sft
-        cache = self._sft_cache_file()
-        if cache is not None and cache.is_file():
-            with np.load(cache) as f:
-                losses = [float(x) for x in f["__losses__"]]
-                leaves = [f[f"leaf_{i}"] for i in range(len(jax.tree.leaves(self.state.params)))]
-            params = jax.tree.unflatten(jax.tree.structure(self.state.params), leaves)
-            self.log(f"cold-start SFT: reusing {cache} (loss {losses[0]:.4f} -> {losses[-1]:.4f})")
-            self._start_rl_from(jax.tree.map(jnp.asarray, params))  # init_train_state shards it on the mesh
-            return losses
-        examples = self._sft_examples()
-        arrays = encode_examples(examples, self.tokenizer, max_prompt_len=self.cfg.rollout.max_prompt_len,
-                                 max_response_len=s.max_response_len, pad_id=self.engine.pad_id)
-        sft_state, sh = init_train_state(self.state.params, make_optimizer(sft_optimizer(self.cfg.optimizer, s.lr),
-                                                                           s.steps),
-                                         s.seed if s.seed >= 0 else self.cfg.train.seed,
-                                         mesh=self.mesh, model_config=self.model_config)
-        step = make_sft_step(self.model_config, self.cfg.train.logprob_chunk, sh)
-        losses = []
-        batch_size = min(s.batch_size, len(examples))
-        batches = sft_batches(arrays, batch_size, seed=self._sft_seed())
-        self.log(f"cold-start SFT: {s.steps} steps x {batch_size} of {len(examples)} examples ({s.data}), "
-                 f"lr {s.lr:g}, responses <= {s.max_response_len} tokens")
-        tokens, t0 = 0.0, time.perf_counter()
-        with progress_bar(s.steps, "sft", "step", enabled=self.cfg.logging.progress) as bar:
-            for i in range(s.steps):
-                batch = self.placement.tree(next(batches))
-                with self.placement.context():
-                    sft_state, m = step(sft_state, batch)
-                losses.append(float(m["sft/loss"]))
-                if not math.isfinite(losses[-1]):
-                    raise TrainingError(f"SFT loss became non-finite at SFT step {i + 1}; nothing was saved")
-                tokens += float(m["sft/tokens"])
-                if s.eval_every and ((i + 1) % s.eval_every == 0 or i + 1 == s.steps):
-                    self._sft_probe(i + 1, losses, sft_state.params)
-                bar.set_postfix_str(f"loss {losses[-1]:.4f}, {tokens / (time.perf_counter() - t0):.0f} tok/s",
-                                    refresh=False)
-                bar.update(1)
-        self.log(f"cold-start SFT loss: {losses[0]:.4f} -> {losses[-1]:.4f}")
-        if cache is not None:
-            leaves = {f"leaf_{i}": x for i, x in enumerate(self.placement.host(jax.tree.leaves(sft_state.params)))}
-        if cache is not None and self.primary:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.stem + f".tmp{os.getpid()}.npz")
-            np.savez(tmp, __losses__=np.asarray(losses), **leaves)
-            os.replace(tmp, cache)  # atomic: concurrent runs never read half a file
-        self._start_rl_from(sft_state.params)
         return losses
 
     def _sft_probe(self, step: int, losses: list[float], params) -> None:
@@ -416,9 +180,10 @@ class Trainer:
         traj = jax.tree.map(lambda x: np.asarray(x)[:n], sampled.batch.traj)
         t0 = time.perf_counter()
         old = sampled.old_logp if sampled.old_logp is not None else self.policies.logprobs(self.state.params, traj)
-        ref = self.policies.reference_logprobs(traj) if self.kl_coef or self.kl_to_start else None
+        kl_to_start = cfg.logging.kl_to_start
+        ref = self.policies.reference_logprobs(traj) if self.kl_coef or kl_to_start else None
         old, ref = self.placement.host((old, ref))
-        if self.kl_to_start:
+        if kl_to_start:
             sampled.metrics["kl/to_start"] = kl_to_reference(old, ref, traj.loss_mask & traj.row_valid[:, None])
         sampled.metrics["time/logprobs_s"] = sampled.metrics.get("time/logprobs_s", 0.0) + time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -450,7 +215,8 @@ class Trainer:
         return metrics
 
     def train_iteration(self) -> dict:
-        """One RL iteration (module doc); returns its metrics."""
+        """One RL iteration (module doc); returns its metrics, ``train/nonfinite`` = 1 when the update was skipped
+        or the loss, a log-prob or a parameter is not finite (the loop then stops)."""
         cfg = self.cfg
         it = self.iteration + 1
         t_start = time.perf_counter()
@@ -477,24 +243,23 @@ class Trainer:
         metrics["throughput/train_tokens_per_s"] = trained_tokens / max(t_update, 1e-9)
         metrics["time/step_s"] = time.perf_counter() - t_start
         metrics["train/optimizer_step"] = float(int(self.state.step))
-        metrics = reduce_timings(metrics)
+        nonfinite = (step_metrics.get("update_skipped", 0.0) > 0 or step_metrics.get("nonfinite_tokens", 0.0) > 0
+                     or not math.isfinite(step_metrics.get("loss", 0.0)) or not bool(_all_finite(self.state.params)))
+        metrics["train/nonfinite"] = float(nonfinite)
         self._last_collected = col
-        if (step_metrics.get("update_skipped", 0.0) > 0 or step_metrics.get("nonfinite_tokens", 0.0) > 0
-                or not math.isfinite(step_metrics.get("loss", 0.0)) or not _all_finite(self.state.params)):
-            self._nonfinite = (it, step_metrics)
-        return metrics
+        return reduce_timings(metrics)
 
     def evaluate(self, params=None) -> dict:
         """Pass@1 on ``logging.eval_benchmarks`` under every mode of ``logging.eval_modes`` (of ``params``, default
         the sampler's): ``{"eval/BENCH/MODE": acc, "eval/BENCH": acc of the first mode}``."""
         cfg = self.cfg.logging
         names = [b.strip() for b in cfg.eval_benchmarks.split(",") if b.strip()]
-        sampler_params, mesh = self._sampler_params()  # every host evaluates the whole benchmark with its own copy
+        params = self._sampler_params() if params is None else params  # each host evaluates with its own copy
         out = {}
         for mode in eval_modes(cfg):
-            results = evaluate_pass1(self.model_config, sampler_params if params is None else params,
-                                     self.tokenizer, self.tools, names, limit=cfg.eval_limit or None,
-                                     runs=cfg.eval_runs, rollout=self.cfg.rollout, mesh=mesh,
+            results = evaluate_pass1(self.model_config, params, self.tokenizer, self.tools, names,
+                                     limit=cfg.eval_limit or None, runs=cfg.eval_runs, rollout=self.cfg.rollout,
+                                     mesh=self.local_mesh,
                                      data_dir=self.cfg.data.data_dir, engine=self._eval_engines.get(mode),
                                      system_prompt=self.cfg.data.system_prompt, log=self.log, progress=cfg.progress,
                                      mode=mode, task_options=self.cfg.data.task_options)
@@ -530,10 +295,10 @@ class Trainer:
                     self.log(self._startup_report())
                 if cfg.logging.eval_every and it % cfg.logging.eval_every == 0 and cfg.logging.eval_benchmarks:
                     metrics.update(self.evaluate())
-                if it % cfg.logging.every == 0 or self._nonfinite:
+                if it % cfg.logging.every == 0 or metrics["train/nonfinite"]:
                     writer.write(it, metrics)
-                if self._nonfinite:
-                    self._stop_nonfinite(it)
+                if metrics["train/nonfinite"]:
+                    self._stop_nonfinite(it, metrics)
                 if cfg.logging.dump_rollouts_every and it % cfg.logging.dump_rollouts_every == 0 and self.primary:
                     self.dump_rollouts(it)
                 if (cfg.checkpoint.every and it % cfg.checkpoint.every == 0) or it == cfg.train.steps:
@@ -544,8 +309,8 @@ class Trainer:
             self.log = print
         return self.summary(sft_losses)
 
-    def _stop_nonfinite(self, it: int) -> None:
-        _, m = self._nonfinite
+    def _stop_nonfinite(self, it: int, metrics: dict) -> None:
+        m = {k.removeprefix("train/"): v for k, v in metrics.items() if k.startswith("train/")}
         last = self.checkpointer.latest_step()
         raise TrainingError(
             f"non-finite loss or gradient at iteration {it} (loss={m.get('loss')}, grad_norm={m.get('grad_norm')}, "

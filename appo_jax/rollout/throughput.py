@@ -1,4 +1,5 @@
-"""Timing of the jitted sampler (used by `appo-jax bench sampler` and benchmarks/sampler.py).
+"""Throughput of the jitted sampler: decode / prefill tokens per second and the decode roofline (used by
+`appo-jax bench sampler` and benchmarks/sampler.py).
 
 One measurement = ``start`` (batched prefill of ``batch`` prompts of ``prompt_len`` random token ids) then
 ``decode`` of exactly ``new_tokens`` tokens per row (EOS disabled, no stop strings), each timed to completion

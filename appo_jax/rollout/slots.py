@@ -1,4 +1,4 @@
-"""`SlotPolicy`: the part of a slot-based sampler that the multi-turn tool loop needs, and the adapter that
+"""`SlotSampler`: the part of a slot-based sampler that the multi-turn tool loop needs, and the adapter that
 builds it from the jitted :class:`~appo_jax.rollout.sampler.Sampler`.
 
 A policy owns ``num_slots`` generation slots (rows of a KV cache). The tool loop
@@ -24,7 +24,7 @@ from appo_jax.rollout.sampling import SamplingParams
 from appo_jax.protocol import STOP_STRINGS
 
 
-class SlotPolicy(Protocol):
+class SlotSampler(Protocol):
     """The slot interface the agent loop drives (see the module doc); :class:`Sampler` implements it."""
 
     num_slots: int
@@ -61,12 +61,12 @@ def rollout_cache_len(max_prompt_len: int, max_response_len: int, tool_call_limi
     return -(-total // multiple) * multiple
 
 
-def make_sampler_policy(model_config, params, tokenizer, *, num_slots: int, max_prompt_len: int,
+def make_slot_sampler(model_config, params, tokenizer, *, num_slots: int, max_prompt_len: int,
                         max_response_len: int, tool_call_limit: int, temperature: float = 1.0, top_p: float = 1.0,
                         top_k: int = 0, repetition_penalty: float = 1.0, entropy: str = "exact",
                         entropy_k: int = 10, decode_chunk: int = 16, prefill_chunk: int = 128,
                         stop_strings: Sequence[str] = STOP_STRINGS) -> Sampler:
-    """The jitted :class:`Sampler` set up as the tool loop's :class:`SlotPolicy`: stop strings (default: the
+    """The jitted :class:`Sampler` set up as the tool loop's :class:`SlotSampler`: stop strings (default: the
     protocol's, :data:`~appo_jax.protocol.STOP_STRINGS`) detected on the tokenizer's text, EOS ids
     from ``model_config``, ``SamplingParams(temperature, top_p, top_k, repetition_penalty, entropy, entropy_k)``,
     and a cache row of
@@ -82,5 +82,5 @@ def make_sampler_policy(model_config, params, tokenizer, *, num_slots: int, max_
                    prefill_chunk=prefill_chunk)
 
 
-__all__ = ["CHUNK_EOS", "CHUNK_LENGTH", "CHUNK_RUNNING", "CHUNK_STOP", "DecodeChunk", "SlotPolicy",
-           "make_sampler_policy", "rollout_cache_len"]
+__all__ = ["CHUNK_EOS", "CHUNK_LENGTH", "CHUNK_RUNNING", "CHUNK_STOP", "DecodeChunk", "SlotSampler",
+           "make_slot_sampler", "rollout_cache_len"]
