@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest tests -n 2 --maxschedchunk 2
 
-# A short APPO run of SmolLM2-135M-Instruct on CPU (cold-start SFT, then APPO on a generated arithmetic tool task);
+# A short APPO run on CPU that learns (experiments/demo_cpu.py: the tiny mini-tasks policy, cold-start SFT from a
+# systematically wrong teacher, then APPO on the generated arith_program tool task; held-out accuracy before / after);
 # each run gets a fresh workdir under runs/ (a workdir holding checkpoints is only reused with --resume).
 demo: install
 	$(PY) -m appo_jax.cli train --config experiments/demo_cpu.py --workdir runs/demo_cpu_$$(date +%Y%m%d_%H%M%S)

@@ -8,7 +8,7 @@ teacher that is often wrong in a systematic way: 70% of its demonstrations write
 of the held-out questions right, and the ones with "subtract it from" mostly wrong, greedy or sampled. APPO then
 learns from the outcome reward alone (math equivalence of the boxed answer) which order is right.
 
-It prints held-out accuracy (256 questions never trained on, greedy and at the training temperature) before and
+It prints held-out accuracy (200 questions never trained on, greedy and at the training temperature) before and
 after RL with binomial 95% intervals, says whether each moved beyond noise, and writes the learning curve to
 ``RUN_DIR/learning_curve.png`` (with metrics.jsonl, TensorBoard events, checkpoints and HTML rollout dumps).
 ``experiments/demo_smollm2.py`` is the same pipeline on SmolLM2-135M-Instruct.

@@ -2,7 +2,10 @@
 
 XLA's CPU backend compiles at optimisation level 0 without its expensive LLVM passes (``XLA_FLAGS``, inherited by
 every subprocess): the tests' programs are tiny, compiling them is most of the suite's time and these flags cut
-it by about 40%; they change how fast the machine code is, not what it computes.
+it by about 40%. They change how fast the machine code is and, through a different order of floating-point
+operations, the last bits of some results (an SFT policy's parameter hash differs from one trained at the default
+level); every test compares results computed under the same flags (subprocesses inherit them) or within
+tolerances, so none depends on those bits.
 
 Caches are per test session:
 - GGUF files are converted once into a temporary model cache (the first SmolLM2 load converts, later loads read

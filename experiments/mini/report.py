@@ -92,20 +92,24 @@ def eval_modes(runs: list[dict], task: str) -> list[str]:
 
 
 def summarize_method(runs: list[dict], task: str, modes: list[str]) -> dict:
-    """Per mode: held-out accuracy before RL, final, best and the gain (final - before), each a `mean_ci` over
-    seeds; tool calls per rollout, generated tokens, seconds per iteration. The first mode's before / final / best
+    """Per mode: held-out accuracy before RL, final, best, the mean over the evaluations after RL started (the area
+    under the learning curve per evaluation: less noisy than one final point) and the gain (final - before), each a
+    `mean_ci` over seeds; tool calls per rollout, generated tokens, seconds per iteration. The first mode's before / final / best
     are also ``initial_ / final_ / best_heldout_accuracy`` (the verdict's numbers)."""
     per_mode = {}
     for mode in modes:
         key = f"eval/{task}:heldout/{mode}"
-        initial, final, best = [], [], []
+        initial, final, best, during = [], [], [], []
         for run in runs:
             steps, values, _, _ = _curve(run["records"], key)
             if values:
                 initial.append(values[0] if steps[0] == 0 else float("nan"))
                 final.append(values[-1])
                 best.append(max(values))
+                after = [v for t, v in zip(steps, values) if t > 0]
+                during.append(float(np.mean(after)) if after else float("nan"))
         per_mode[mode] = {"initial": mean_ci(initial), "final": mean_ci(final), "best": mean_ci(best),
+                          "mean_during_rl": mean_ci(during),
                           "gain": mean_ci(np.asarray(final) - np.asarray(initial))}
     seeds, calls, gen, step_s = [], [], [], []
     for run in runs:
@@ -139,6 +143,24 @@ def verdict(diff: dict | None) -> str:
     if hi < 0:
         return "refuted"
     return "inconclusive"
+
+
+def learning_check(table: dict, modes: list[str]) -> list[str]:
+    """Markdown lines: whether the baseline learns and the no-signal control does not, before any comparison —
+    for ``grpo`` and ``grpo_permuted`` when present, the gain (final - before RL) per mode with its interval and
+    whether it lies above 0, below 0 or contains it."""
+    lines = []
+    for method in ("grpo", "grpo_permuted"):
+        if method not in table:
+            continue
+        for mode in modes:
+            g = table[method]["modes"][mode]["gain"]
+            if g["mean"] is None:
+                continue
+            ci = g["ci95"]
+            word = ("rose" if ci[0] > 0 else "fell" if ci[1] < 0 else "within noise") if ci else "one seed"
+            lines.append(f"- {method}, {mode}: gain {_fmt(g)} points over {len(g['per_seed'])} seed(s): **{word}**")
+    return (["Does the baseline learn, and the control not?", "", *lines, ""]) if lines else []
 
 
 def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[str]:
@@ -238,11 +260,16 @@ def build_report(root: Path) -> dict:
         modes = eval_modes([r for rs in by_method.values() for r in rs], task)
         table = {m: summarize_method(rs, task, modes) for m, rs in sorted(by_method.items())}
         comparisons = {}
+        detail = {}  # "appo - base" -> {"MODE final" | "MODE mean during RL": diff_ci}
         if "appo" in table:
             for base in sorted(table):
                 if base != "appo":
                     comparisons[f"appo - {base}"] = diff_ci(table["appo"]["final_heldout_accuracy"]["per_seed"],
                                                             table[base]["final_heldout_accuracy"]["per_seed"])
+                    detail[f"appo - {base}"] = {
+                        f"{mode} {stat.replace('_', ' ')}": diff_ci(table["appo"]["modes"][mode][stat]["per_seed"],
+                                                                    table[base]["modes"][mode][stat]["per_seed"])
+                        for mode in modes for stat in ("final", "mean_during_rl")}
         for base in ("grpo", "arpo"):
             if f"appo - {base}" in comparisons:
                 d = comparisons[f"appo - {base}"]
@@ -250,26 +277,32 @@ def build_report(root: Path) -> dict:
                 ci = "" if d is None else f" (difference {100 * d['diff']:+.1f} points, 95% CI [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}])"
                 verdicts.append(f"- **{task}, APPO vs {base.upper()}: {v}**{ci}")
         plots = plot_curves(task, by_method, root)
-        results["tasks"][task] = {"methods": table, "comparisons": comparisons, "plots": plots}
+        results["tasks"][task] = {"methods": table, "comparisons": comparisons, "comparisons_by_mode": detail,
+                                  "plots": plots}
         body += [f"## {task}", "",
                  f"Held-out accuracy (%, mean [95% CI] over seeds) per evaluation mode ({', '.join(modes)}; "
                  "`train` = pass@1 at the training temperature); gain = final - before RL, per seed. The verdicts use "
                  f"the `{modes[0] if modes else '-'}` final accuracy.", "",
-                 "| method | seeds | mode | before RL | final | best | gain (points) |", "|---|---:|---|---:|---:|---:|---:|"]
+                 "| method | seeds | mode | before RL | final | best | mean during RL | gain (points) |",
+                 "|---|---:|---|---:|---:|---:|---:|---:|"]
         for m, s in table.items():
             for mode, st in s["modes"].items():
                 body.append(f"| {m} | {len(s['seeds'])} | {mode} | {_fmt(st['initial'])} | {_fmt(st['final'])} | "
-                            f"{_fmt(st['best'])} | {_fmt(st['gain'])} |")
+                            f"{_fmt(st['best'])} | {_fmt(st['mean_during_rl'])} | {_fmt(st['gain'])} |")
+        body += ["", *learning_check(table, modes)]
         body += ["", "| method | tool calls / rollout | generated tokens | s / iteration |", "|---|---:|---:|---:|"]
         for m, s in table.items():
             body.append(f"| {m} | {_fmt(s['tool_calls_per_rollout'], 1.0, 2)} | {_fmt(s['generated_tokens'], 1.0, 0)} | "
                         f"{_fmt(s['seconds_per_iteration'], 1.0, 1)} |")
-        if comparisons:
-            body += ["", "APPO minus each method, final held-out accuracy (points, Welch 95% CI):", ""]
-            for name, d in comparisons.items():
-                body.append(f"- {name}: " + ("fewer than 2 seeds" if d is None else
-                                               f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, "
-                                               f"{100 * d['ci95'][1]:+.1f}]"))
+        if detail:
+            columns = list(next(iter(detail.values())))
+            body += ["", "APPO minus each method (points, Welch 95% CI over seeds):", "",
+                     "| APPO minus | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+            for name, row in detail.items():
+                body.append(f"| {name[len('appo - '):]} | " + " | ".join(
+                    "fewer than 2 seeds" if d is None else
+                    f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+                    for d in row.values()) + " |")
         body += ["", *[f"![{p}]({p})" for p in plots], ""]
     lines += ["## Verdict", "", *(verdicts or ["- no APPO-vs-baseline comparison in this grid"]), "",
               "Reproduced = the 95% interval of the difference of final held-out accuracy lies above 0; refuted = "
