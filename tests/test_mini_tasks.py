@@ -262,6 +262,26 @@ def test_report_statistics_against_formulas():
     assert report.verdict(None).startswith("inconclusive")
 
 
+def test_report_curve_statistics_and_learning_check():
+    report = _module(ROOT / "experiments" / "mini" / "report.py")
+    key = "eval/arith_program:heldout/greedy"
+
+    def run(seed, curve):  # held-out accuracy at steps 0, 5, 10
+        return {"seed": seed, "records": [{"step": 5 * i, key: v} for i, v in enumerate(curve)]}
+
+    grpo = [run(1, [0.5, 0.7, 0.8]), run(2, [0.5, 0.6, 0.9]), run(3, [0.5, 0.8, 0.7])]
+    control = [run(1, [0.5, 0.5, 0.49]), run(2, [0.5, 0.52, 0.5]), run(3, [0.5, 0.48, 0.51])]
+    table = {"grpo": report.summarize_method(grpo, "arith_program", ["greedy"]),
+             "grpo_permuted": report.summarize_method(control, "arith_program", ["greedy"])}
+    st = table["grpo"]["modes"]["greedy"]
+    assert st["mean_during_rl"]["per_seed"] == pytest.approx([0.75, 0.75, 0.75])
+    assert st["gain"]["per_seed"] == pytest.approx([0.3, 0.4, 0.2])
+    assert st["best"]["per_seed"] == pytest.approx([0.8, 0.9, 0.8])
+    lines = report.learning_check(table, ["greedy"])
+    assert any(line.startswith("- grpo, greedy") and "**rose**" in line for line in lines)
+    assert any(line.startswith("- grpo_permuted, greedy") and "**within noise**" in line for line in lines)
+
+
 @pytest.mark.heavy(order=1)
 def test_grid_smoke(tmp_path):
     """The CI smoke of the grid: 1 seed, 2 steps, GRPO, APPO and the oracle on arith_program, then the report."""
