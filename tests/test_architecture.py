@@ -100,3 +100,15 @@ def test_the_check_sees_an_upward_import(tmp_path):
     found = list(_imports(tree))
     assert found == [("appo_jax.rollout", 1, False), ("appo_jax.training.trainer", 5, True)]
     assert LAYERS.index(_layer_of(found[0][0])) > LAYERS.index("core")
+
+
+def test_no_function_is_longer_than_80_lines():
+    """A function (docstring included) fits a screen; the longest ones are split into named steps."""
+    long = []
+    for _, path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 80:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}: {lines} lines")
+    assert not long, "functions longer than 80 lines:\n" + "\n".join(long)

@@ -365,6 +365,37 @@ def cispo_loss(lp, old, adv, mask, *, clip_high, **_):
     return -jax.lax.stop_gradient(jnp.minimum(r, 1.0 + clip_high)) * adv * lp, {}
 
 
+def _loss_statistics(lp, old, adv, m, nonfinite, stats: dict, kl_tok, ent, w_tis, *, clip_low: float,
+                     clip_high: float, tis_cap):
+    """The per-device partial sums / minima / maxima of `policy_loss`'s metrics (`_partial_reduce`), every
+    statistic in one fused pass over ``[N, L]``: valid tokens, low / high / dual clips, the ratio ``r = exp(d)``,
+    ``-d``, non-finite tokens, and where present the future-KL weights, the KL penalty, the entropy and the TIS
+    weights (all without gradient)."""
+    sg = jax.lax.stop_gradient
+    dt = lp.dtype
+    zero = jnp.zeros((), dt)
+    d = _log_ratio(lp, old)
+    r_sg = sg(jnp.exp(d))
+    hi = 1.0 + clip_high
+    sums = {"valid": m.astype(dt), "clip_low": ((adv < 0) & (r_sg < 1.0 - clip_low) & m).astype(dt),
+            "clip_high": ((adv > 0) & (r_sg > hi) & m).astype(dt), "dual": (m & stats.get("dual", False)).astype(dt),
+            "ratio": jnp.where(m, r_sg, zero), "neg_log_ratio": jnp.where(m, -sg(d), zero),
+            "nonfinite": nonfinite.astype(dt)}
+    mins, maxs = {"ratio": jnp.where(m, r_sg, jnp.inf)}, {"ratio": jnp.where(m, r_sg, -jnp.inf)}
+    if "fkl_weight" in stats:
+        w = sg(stats["fkl_weight"])
+        sums["fkl_weight"] = jnp.where(m, w, zero)
+        mins["fkl_weight"], maxs["fkl_weight"] = jnp.where(m, w, jnp.inf), jnp.where(m, w, -jnp.inf)
+    if kl_tok is not None:
+        sums["kl"] = jnp.where(m, sg(kl_tok), zero)
+    if ent is not None:
+        sums["entropy"] = jnp.where(m, sg(ent), zero)
+    if w_tis is not None:
+        sums["tis_weight"] = w_tis.astype(dt)
+        sums["tis_capped"] = (m & (w_tis >= tis_cap)).astype(dt)
+    return _partial_reduce(sums, mins, maxs)
+
+
 # ----------------------------------------------------------------------------------------- the full loss
 def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", clip_low: float = 0.2,
                 clip_high: float = 0.28, clip_ratio_c: float = 3.0, decay_rate: float = 64.0,
@@ -431,30 +462,8 @@ def policy_loss(logp, old_logp, advantages, mask, *, mode: str = "future_kl", cl
         w_tis = tis_weights(old, beh, m, tis_cap)
         tok = tok * w_tis
     kl_tok = None if ref is None else kl_penalty(lp, ref, kl_kind)
-    # every statistic in one fused pass over [N, L]
-    sg = jax.lax.stop_gradient
-    dt = lp.dtype
-    zero = jnp.zeros((), dt)
-    d = _log_ratio(lp, old)
-    r_sg = sg(jnp.exp(d))
-    hi = 1.0 + clip_high
-    sums = {"valid": m.astype(dt), "clip_low": ((adv < 0) & (r_sg < 1.0 - clip_low) & m).astype(dt),
-            "clip_high": ((adv > 0) & (r_sg > hi) & m).astype(dt), "dual": (m & stats.get("dual", False)).astype(dt),
-            "ratio": jnp.where(m, r_sg, zero), "neg_log_ratio": jnp.where(m, -sg(d), zero),
-            "nonfinite": nonfinite.astype(dt)}
-    mins, maxs = {"ratio": jnp.where(m, r_sg, jnp.inf)}, {"ratio": jnp.where(m, r_sg, -jnp.inf)}
-    if "fkl_weight" in stats:
-        w = sg(stats["fkl_weight"])
-        sums["fkl_weight"] = jnp.where(m, w, zero)
-        mins["fkl_weight"], maxs["fkl_weight"] = jnp.where(m, w, jnp.inf), jnp.where(m, w, -jnp.inf)
-    if ref is not None:
-        sums["kl"] = jnp.where(m, sg(kl_tok), zero)
-    if ent is not None:
-        sums["entropy"] = jnp.where(m, sg(ent), zero)
-    if w_tis is not None:
-        sums["tis_weight"] = w_tis.astype(dt)
-        sums["tis_capped"] = (m & (w_tis >= tis_cap)).astype(dt)
-    parts = _partial_reduce(sums, mins, maxs)
+    parts = _loss_statistics(lp, old, adv, m, nonfinite, stats, kl_tok, ent, w_tis, clip_low=clip_low,
+                             clip_high=clip_high, tis_cap=tis_cap)
     dropped = jnp.broadcast_to(stats.get("drop_rows", False), m.shape[:1])
     final = m & ~dropped[:, None]
 

@@ -74,6 +74,25 @@ def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) 
     return rng.integers(3, vocab_size, size=(batch, prompt_len)).tolist()
 
 
+def decode_roofline(config: ModelConfig, params, *, batch: int, windows: list[int], step_s: float) -> dict:
+    """Where one decode step of ``step_s`` seconds stands against memory bandwidth: the bytes it reads
+    (`decode_step_bytes` at the mean attention window of ``windows``), the GB/s that makes, the streaming bandwidth
+    measured now (`measure_memory_bandwidth`) and the share of it, and of the device's nominal peak when known."""
+    step_bytes = decode_step_bytes(config, params, batch=batch, window=float(np.mean(windows)))
+    bandwidth = measure_memory_bandwidth()
+    nominal = NOMINAL_PEAK_BANDWIDTH.get(jax.devices()[0].device_kind)
+    return {
+        "bytes_per_step": step_bytes,
+        "mean_attention_window": round(float(np.mean(windows)), 1),
+        "step_ms": round(step_s * 1e3, 3),
+        "achieved_GB_per_s": round(step_bytes["total"] / step_s / 1e9, 2),
+        "measured_stream_GB_per_s": round(bandwidth / 1e9, 2),
+        "memory_bandwidth_share": round(step_bytes["total"] / step_s / bandwidth, 3),
+        "nominal_peak_GB_per_s": nominal and round(nominal / 1e9, 1),
+        "nominal_peak_share": nominal and round(step_bytes["total"] / step_s / nominal, 3),
+    }
+
+
 def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int, prompt_len: int = 32,
                     sampling: SamplingParams = SamplingParams(), runs: int = 3, decode_chunk: int = 32,
                     prompts: list[list[int]] | None = None, after_each_run: Callable[[], None] | None = None) -> dict:
@@ -127,10 +146,6 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
     prefill_s = statistics.median(p for p, _ in steady)
     decode_s = statistics.median(d for _, d in steady)
     prompt_tokens = sum(len(p) for p in prompts)
-    step_bytes = decode_step_bytes(config, params, batch=batch, window=float(np.mean(windows)))
-    step_s = decode_s / new_tokens
-    bandwidth = measure_memory_bandwidth()
-    nominal = NOMINAL_PEAK_BANDWIDTH.get(jax.devices()[0].device_kind)
     return {
         "tokens_per_s": batch * new_tokens / decode_s,
         "prefill_tokens_per_s": prompt_tokens / prefill_s,
@@ -148,14 +163,5 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
         "device": str(jax.devices()[0].platform),
         "device_kind": jax.devices()[0].device_kind,
         "dtype": str(np.dtype(config.compute_dtype)),
-        "roofline": {
-            "bytes_per_step": step_bytes,
-            "mean_attention_window": round(float(np.mean(windows)), 1),
-            "step_ms": round(step_s * 1e3, 3),
-            "achieved_GB_per_s": round(step_bytes["total"] / step_s / 1e9, 2),
-            "measured_stream_GB_per_s": round(bandwidth / 1e9, 2),
-            "memory_bandwidth_share": round(step_bytes["total"] / step_s / bandwidth, 3),
-            "nominal_peak_GB_per_s": nominal and round(nominal / 1e9, 1),
-            "nominal_peak_share": nominal and round(step_bytes["total"] / step_s / nominal, 3),
-        },
+        "roofline": decode_roofline(config, params, batch=batch, windows=windows, step_s=decode_s / new_tokens),
     }
