@@ -165,6 +165,67 @@ def test_adding_an_algorithm_as_the_docs_show(tmp_path):
         ADVANTAGES._items.pop("appo_mean_centred", None)
 
 
+def test_a_misspelt_option_key_is_a_config_error_naming_the_algorithm_and_the_known_keys():
+    """The options of an algorithm's estimator and rollout strategy are typed: a key neither takes, in
+    algorithm.options or set on the section by a Python config file, fails validation (nothing runs) naming the
+    algorithm and the keys it knows; a correct key reaches the options dataclass."""
+    from appo_jax.core.advantages import AepoAdvantageOptions
+
+    cfg = apply_overrides(_small(), ["algorithm.name=aepo", 'algorithm.options={"entropy_scop": "rollout"}'])
+    with pytest.raises(ConfigError, match="algorithm 'aepo' has no option 'entropy_scop' .*known keys: "
+                                          "aepo_entropy_alpha, aepo_penalty, arpo_alpha, arpo_beam, arpo_beta, "
+                                          "entropy_scope, n, n_init, norm_by_std"):
+        validate(cfg)
+    cfg = apply_overrides(_small(), ["algorithm.name=aepo", 'algorithm.options={"entropy_scope": "rollout"}'])
+    validate(cfg)
+    assert algorithm_spec(cfg).advantage_options(cfg.algorithm) == AepoAdvantageOptions(entropy_scope="rollout")
+    with pytest.raises(ConfigError, match="algorithm.options\\['norm_by_std'\\].*set algorithm.norm_by_std"):
+        validate(apply_overrides(_small(), ['algorithm.options={"norm_by_std": false}']))
+    with pytest.raises(ConfigError, match="unknown entropy scope 'tokens'"):
+        validate(apply_overrides(_small(), ["algorithm.name=aepo", 'algorithm.options={"entropy_scope": "tokens"}']))
+    cfg = _small()  # a Python config file setting a misspelt attribute on the section
+    cfg.algorithm.name, cfg.algorithm.gigpo_gama = "gigpo", 0.9
+    with pytest.raises(ConfigError, match="unknown config key 'algorithm.gigpo_gama': algorithm 'gigpo' has no "
+                                          "option 'gigpo_gama' .*known keys: gigpo_gamma, gigpo_step_weight, n, "
+                                          "norm_by_std"):
+        validate(cfg)
+    cfg = _small()
+    cfg.optimizer.lrr = 1e-5
+    with pytest.raises(ConfigError, match="unknown config key 'optimizer.lrr': optimizer has lr, "):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("knob,value", [("arpo_alpha", "0.7"), ("arpo_beta", "0.3"), ("arpo_beam", "3"),
+                                        ("aepo_penalty", "0.1"), ("tree_rounds", "2")])
+def test_the_rollout_schemes_knobs_moved_to_the_algorithm_section(knob, value):
+    """ARPO / AEPO / Tree-GRPO's knobs are the algorithm's: rollout.<knob> (--set, a dict, or a Python config
+    file) is an error naming the new key; algorithm.<knob> reaches the strategy's options."""
+    moved = f"rollout.{knob} moved to algorithm.{knob}"
+    with pytest.raises(ConfigError, match=moved):
+        apply_overrides(_small(), [f"rollout.{knob}={value}"])
+    d = to_dict(_small())
+    d["rollout"][knob] = float(value)
+    with pytest.raises(ConfigError, match=moved):
+        from_dict(d)
+    cfg = _small()
+    setattr(cfg.rollout, knob, float(value))
+    with pytest.raises(ConfigError, match=moved):
+        validate(cfg)
+    name = {"aepo_penalty": "aepo", "tree_rounds": "tree_grpo"}.get(knob, "arpo")
+    cfg = apply_overrides(_small(), [f"algorithm.name={name}", f"algorithm.{knob}={value}"])
+    validate(cfg)
+    options = algorithm_spec(cfg).strategy(cfg.algorithm).options
+    assert getattr(options, knob) == type(getattr(options, knob))(float(value))
+
+
+@pytest.mark.parametrize("item,match", [("algorithm.arpo_beam=1", "algorithm.arpo_beam=1"),
+                                        ("algorithm.tree_rounds=0", "algorithm.tree_rounds=0"),
+                                        ("algorithm.aepo_penalty=-1", "algorithm.aepo_penalty=-1.0")])
+def test_the_rollout_schemes_knobs_are_checked(item, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(apply_overrides(_small(), [item]))
+
+
 def test_candidate_rule_control_and_eval_modes_are_checked():
     from appo_jax.training.config import candidate_rule, eval_modes
     cfg = _small()

@@ -10,10 +10,11 @@ import pytest
 
 from appo_jax.core.trajectory import (FINISH_ANSWER, FINISH_LENGTH, FINISH_TOOL_LIMIT, KIND_BRANCH, KIND_INIT,
                                       Trajectory)
-from appo_jax.rollout.arpo import ArpoConfig, branch_probability
+from appo_jax.rollout.arpo import ArpoConfig, arpo_rollouts, branch_probability
 from appo_jax.data.records import Record
 from appo_jax.rollout.engine import RolloutConfig, RolloutEngine, concat_batches, concat_trajectories, tree_ids
-from appo_jax.rollout.tree import expansion_counts, step_nodes
+from appo_jax.rollout.strategies import branch_rollouts, initial_rollouts
+from appo_jax.rollout.tree import expansion_counts, step_nodes, tree_rollouts
 from appo_jax.tools.result import format_observation
 from test_agent_loop import (ScriptedPolicy, cached_query, full_script, obs_runs, prompt_ids,  # noqa: F401
                              tok, tools)  # fixtures shared with the agent-loop tests
@@ -48,7 +49,7 @@ def assert_prefix_equal(traj: Trajectory, row: int, parent_traj: Trajectory, par
 def test_initial_batch_layout_and_rewards(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts)
-    batch = eng.initial_batch(items, n_init=3, key=jax.random.key(0))
+    batch = initial_rollouts(eng, items, 3, jax.random.key(0))
     t = batch.traj
     assert t.tokens.shape == (6, 320) and t.prompt_tokens.shape == (6, 32)
     assert t.group_id.tolist() == [0, 0, 0, 1, 1, 1] and (t.kind == KIND_INIT).all()
@@ -71,7 +72,7 @@ def test_initial_batch_layout_and_rewards(tok, tools):
 def test_tool_limit_rollout_gets_format_penalty(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts, tool_call_limit=1)
-    t = eng.initial_batch(items[:1], n_init=1, key=jax.random.key(0)).traj
+    t = initial_rollouts(eng, items[:1], 1, jax.random.key(0)).traj
     assert t.finish_reason[0] == FINISH_TOOL_LIMIT and t.tool_calls[0] == 1
     assert t.reward[0] == pytest.approx(-1.0)
 
@@ -79,7 +80,7 @@ def test_tool_limit_rollout_gets_format_penalty(tok, tools):
 def test_branches_continue_parent_prefix(tok, tools):
     scripts, items = two_prompts(tok)
     eng, policy = engine_for(tok, tools, scripts)
-    parents = eng.initial_batch(items, n_init=2, key=jax.random.key(0))
+    parents = initial_rollouts(eng, items, 2, jax.random.key(0))
     pt = parents.traj
     runs0 = obs_runs(pt.obs_mask[0])
     (a0, b0), (a1, _) = runs0
@@ -89,7 +90,7 @@ def test_branches_continue_parent_prefix(tok, tools):
     pos = np.array([[5, b0 + 3, a1 - 1], [4, 6, 0]])
     scores = np.array([[0.5, 0.4, 0.3], [0.2, 0.1, 0.0]], np.float32)
     valid = np.array([[True, True, True], [True, True, False]])
-    batch = eng.branches_batch(pt, items, rows, pos, scores, valid, jax.random.key(1))
+    batch = branch_rollouts(eng, pt, items, rows, pos, scores, valid, jax.random.key(1))
     t = batch.traj
     assert t.tokens.shape == (6, 320)
     assert t.row_valid.tolist() == [True] * 5 + [False] and t.group_id.tolist() == [0, 0, 0, 1, 1, -1]
@@ -119,10 +120,10 @@ def test_branches_continue_parent_prefix(tok, tools):
 def test_branch_tool_count_continues_from_parent(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts, tool_call_limit=1)
-    parents = eng.initial_batch(items[:1], n_init=1, key=jax.random.key(0)).traj
+    parents = initial_rollouts(eng, items[:1], 1, jax.random.key(0)).traj
     assert parents.finish_reason[0] == FINISH_TOOL_LIMIT
     (_, b0), = obs_runs(parents.obs_mask[0])
-    t = eng.branches_batch(parents, items, np.array([[0, 0]]), np.array([[3, b0 + 2]]), np.zeros((1, 2)),
+    t = branch_rollouts(eng, parents, items, np.array([[0, 0]]), np.array([[3, b0 + 2]]), np.zeros((1, 2)),
                      np.ones((1, 2), bool), jax.random.key(1)).traj
     # before the first call: the branch makes it (1 <= limit) and stops at the second; after it: count is 1
     assert t.finish_reason.tolist() == [FINISH_TOOL_LIMIT, FINISH_TOOL_LIMIT] and t.tool_calls.tolist() == [1, 1]
@@ -132,9 +133,9 @@ def test_branch_tool_count_continues_from_parent(tok, tools):
 def test_branch_at_budget_edge_is_length(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts, max_response_len=24)
-    parents = eng.initial_batch(items[:1], n_init=1, key=jax.random.key(0)).traj
+    parents = initial_rollouts(eng, items[:1], 1, jax.random.key(0)).traj
     assert parents.finish_reason[0] == FINISH_LENGTH
-    t = eng.branches_batch(parents, items, np.array([[0]]), np.array([[23]]), np.zeros((1, 1)), np.ones((1, 1), bool),
+    t = branch_rollouts(eng, parents, items, np.array([[0]]), np.array([[23]]), np.zeros((1, 1)), np.ones((1, 1), bool),
                      jax.random.key(1)).traj
     assert t.finish_reason[0] == FINISH_LENGTH and (t.tokens[0] == parents.tokens[0]).all()
 
@@ -160,8 +161,8 @@ def check_group_tree(t: Trajectory, n: int, g: int):
 
 def test_arpo_always_branching_fills_groups_with_branches(tok, tools):
     scripts, items = two_prompts(tok)
-    eng, _ = engine_for(tok, tools, scripts, arpo_alpha=1.0, arpo_beta=0.0)
-    batch = eng.arpo_batch(items, n=4, n_init=2, key=jax.random.key(0))
+    eng, _ = engine_for(tok, tools, scripts)
+    batch = arpo_rollouts(eng, items, 4, 2, jax.random.key(0), ArpoConfig(alpha=1.0, beta=0.0))
     t = batch.traj
     assert t.tokens.shape == (8, 320)
     for g in range(2):
@@ -177,16 +178,16 @@ def test_arpo_always_branching_fills_groups_with_branches(tok, tools):
 
 def test_arpo_never_branching_tops_up_with_fresh_rollouts(tok, tools):
     scripts, items = two_prompts(tok)
-    eng, _ = engine_for(tok, tools, scripts, arpo_alpha=0.0, arpo_beta=0.0)
-    t = eng.arpo_batch(items, n=3, n_init=1, key=jax.random.key(0), penalty=0.05).traj
+    eng, _ = engine_for(tok, tools, scripts)
+    t = arpo_rollouts(eng, items, 3, 1, jax.random.key(0), ArpoConfig(alpha=0.0, beta=0.0, penalty=0.05)).traj
     assert t.row_valid.all() and (t.kind == KIND_INIT).all() and (t.parent == -1).all()
     assert t.group_id.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_tree_grpo_expands_step_nodes(tok, tools):
     scripts, items = two_prompts(tok)
-    eng, _ = engine_for(tok, tools, scripts, tree_rounds=2)
-    batch = eng.tree_batch(items, n=5, n_init=2, key=jax.random.key(0))
+    eng, _ = engine_for(tok, tools, scripts)
+    batch = tree_rollouts(eng, items, 5, 2, jax.random.key(0), rounds=2)
     t = batch.traj
     assert expansion_counts(5, 2) == [2, 1]
     for g in range(2):
@@ -206,7 +207,7 @@ def test_bad_input_is_reported(tok, tools):
     scripts, items = two_prompts(tok)
     eng, _ = engine_for(tok, tools, scripts, max_prompt_len=4)
     with pytest.raises(ValueError, match="max_prompt_len"):
-        eng.initial_batch(items, 1, jax.random.key(0)).traj
+        initial_rollouts(eng, items, 1, jax.random.key(0)).traj
     with pytest.raises(ValueError, match="max_response_len"):
         RolloutConfig(max_response_len=0)
 
@@ -225,7 +226,7 @@ def test_real_sampler_end_to_end(tok, tools):
     cfg = RolloutConfig(max_prompt_len=16, max_response_len=40, tool_call_limit=2, num_slots=2, decode_chunk=8)
     eng = RolloutEngine(config, params, tok, tools, cfg)
     items = [prompt_record(prompt_ids(tok, "Compute two plus three."), ["5"])]
-    parents = eng.initial_batch(items, n_init=3, key=jax.random.key(1)).traj
+    parents = initial_rollouts(eng, items, 3, jax.random.key(1)).traj
     assert parents.row_valid.all() and parents.gen_mask.any(axis=1).all()
     # a parent whose response starts with a complete python call, branched right after the call
     call = tok.encode("<python>print(2+3)</python>", add_special_tokens=False)
@@ -235,7 +236,7 @@ def test_real_sampler_end_to_end(tok, tools):
     p2.gen_mask[0, :] = False
     p2.gen_mask[0, :k] = True
     p2.obs_mask[0, :] = False
-    t = eng.branches_batch(p2, items, np.array([[0]]), np.array([[k - 1]]), np.zeros((1, 1)), np.ones((1, 1), bool),
+    t = branch_rollouts(eng, p2, items, np.array([[0]]), np.array([[k - 1]]), np.zeros((1, 1)), np.ones((1, 1), bool),
                      jax.random.key(2)).traj
     result = tok.encode(format_observation("5"), add_special_tokens=False)
     assert t.tool_calls[0] == 1 and t.tokens[0, k:k + len(result)].tolist() == result
@@ -250,13 +251,14 @@ def test_real_sampler_end_to_end(tok, tools):
     # the CLI's APPO path: recomputed log-probs (Omega ~ constant) -> branch points -> branches -> JSON records
     from appo_jax.core.candidates import candidate_token_table
     from appo_jax.rollout.commands import rollout_records
-    from appo_jax.rollout.strategies import AppoBranching
+    from appo_jax.rollout.strategies import AppoBranching, AppoOptions, StrategyContext
 
-    def current_and_sampler(traj):
-        return logprobs(params, traj, config=config, chunk=16)[0], traj.behavior_logp
+    def current_and_sampler(policy_params, traj):
+        return logprobs(policy_params, traj, config=config, chunk=16)[0], traj.behavior_logp
 
     table = candidate_token_table(tok)
-    sampled = AppoBranching(4, 2, table, current_and_sampler).sample(eng, lambda k: items[:k], 1, jax.random.key(3))
+    strategy = AppoBranching(AppoOptions(n=4, n_init=2), StrategyContext(table=table, logprobs=current_and_sampler))
+    sampled = strategy.sample(eng, params, lambda k: items[:k], 1, jax.random.key(3))
     init = jax.tree_util.tree_map(lambda x: np.asarray(x)[:2], sampled.batch.traj)
     points = sampled.branching
     rows, pos, valid = (np.asarray(x) for x in (points.rows, points.positions, points.valid))
@@ -285,13 +287,13 @@ def test_branch_inside_stop_string_still_runs_the_tool(tok, tools):
     the branch equals its parent."""
     scripts, items = two_prompts(tok)
     eng, policy = engine_for(tok, tools, scripts)
-    parents = eng.initial_batch(items[:1], n_init=1, key=jax.random.key(0)).traj
+    parents = initial_rollouts(eng, items[:1], 1, jax.random.key(0)).traj
     a0 = obs_runs(parents.obs_mask[0])[0][0]
     close = tok.encode("</python>", add_special_tokens=False)
     assert parents.tokens[0, a0 - len(close):a0].tolist() == close
     for t in range(a0 - len(close), a0 - 1):  # prefix ends with "</" / "</python"
         policy.log.clear()
-        b = eng.branches_batch(parents, items, np.array([[0]]), np.array([[t]]), np.zeros((1, 1)), np.ones((1, 1), bool),
+        b = branch_rollouts(eng, parents, items, np.array([[0]]), np.array([[t]]), np.zeros((1, 1)), np.ones((1, 1), bool),
                          jax.random.key(1)).traj
         assert b.finish_reason[0] == FINISH_ANSWER and b.tool_calls[0] == 2
         np.testing.assert_array_equal(b.tokens[0], parents.tokens[0])
@@ -299,37 +301,103 @@ def test_branch_inside_stop_string_still_runs_the_tool(tok, tools):
 
 
 def test_every_branching_knob_reaches_the_engine_from_the_experiment_config(tok, tools):
-    """``--set rollout.<knob>=...`` on an experiment config changes what the engine does, for every ARPO / AEPO /
-    Tree-GRPO knob (the experiment's rollout section is the engine's config, not a copy that drops fields)."""
-    from appo_jax.training.config import ExperimentConfig, apply_overrides
+    """``--set algorithm.<knob>=...`` (and ``rollout.probe_len``) on an experiment config changes what the engine
+    does, for every ARPO / AEPO / Tree-GRPO knob (the algorithm section's knobs reach the strategy's typed options,
+    the rollout section is the engine's config, neither a copy that drops fields)."""
+    from appo_jax.training.config import ExperimentConfig, algorithm_spec, apply_overrides
 
     scripts, items = two_prompts(tok)
     base = ["rollout.max_prompt_len=32", "rollout.max_response_len=320", "rollout.tool_call_limit=3",
-            "rollout.num_slots=2", "rollout.decode_chunk=4"]
-
-    def engine(sets):
-        cfg = apply_overrides(ExperimentConfig(), base + list(sets)).rollout
-        return RolloutEngine(None, None, tok, tools, cfg, sampler=ScriptedPolicy(tok, scripts, num_slots=2)), cfg
+            "rollout.num_slots=2", "rollout.decode_chunk=4", "algorithm.n=6", "algorithm.n_init=2"]
 
     def shape(batch):
         t = batch.traj
         return [(int(k), int(p), int(b)) for k, p, b in zip(t.kind, t.parent, t.branch_pos)]
 
+    def sample(algorithm, sets):
+        cfg = apply_overrides(ExperimentConfig(), base + [f"algorithm.name={algorithm}"] + list(sets))
+        eng = RolloutEngine(None, None, tok, tools, cfg.rollout, sampler=ScriptedPolicy(tok, scripts, num_slots=2))
+        strategy = algorithm_spec(cfg).strategy(cfg.algorithm)
+        return shape(strategy.sample(eng, None, lambda k: items[:k], 2, jax.random.key(0)).batch)
+
     def arpo(*sets, aepo=False):
-        eng, cfg = engine(sets)
-        return shape(eng.arpo_batch(items, n=6, n_init=2, key=jax.random.key(0),
-                                    penalty=cfg.aepo_penalty if aepo else 0.0))
+        return sample("aepo" if aepo else "arpo", sets)
 
     def tree(*sets):
-        eng, _ = engine(sets)
-        return shape(eng.tree_batch(items, n=6, n_init=2, key=jax.random.key(0)))
+        return sample("tree_grpo", sets)
 
-    steep = ("rollout.probe_len=1", "rollout.arpo_alpha=0.5")  # one-token probes: the entropy change dH != 0
-    assert arpo("rollout.arpo_alpha=1.0", "rollout.arpo_beta=0") != arpo("rollout.arpo_alpha=0", "rollout.arpo_beta=0")
-    assert arpo(*steep, "rollout.arpo_beta=0") != arpo(*steep, "rollout.arpo_beta=50")
-    assert arpo("rollout.probe_len=1", "rollout.arpo_beta=50") != arpo("rollout.probe_len=20", "rollout.arpo_beta=50")
-    always = ("rollout.arpo_alpha=1.0", "rollout.arpo_beta=0")
-    assert arpo(*always, "rollout.arpo_beam=2") != arpo(*always, "rollout.arpo_beam=3")
-    assert (arpo(*always, "rollout.aepo_penalty=0", aepo=True)
-            != arpo(*always, "rollout.aepo_penalty=1.0", aepo=True))
-    assert tree("rollout.tree_rounds=1") != tree("rollout.tree_rounds=3")
+    steep = ("rollout.probe_len=1", "algorithm.arpo_alpha=0.5")  # one-token probes: the entropy change dH != 0
+    assert arpo("algorithm.arpo_alpha=1.0", "algorithm.arpo_beta=0") != arpo("algorithm.arpo_alpha=0",
+                                                                           "algorithm.arpo_beta=0")
+    assert arpo(*steep, "algorithm.arpo_beta=0") != arpo(*steep, "algorithm.arpo_beta=50")
+    assert arpo("rollout.probe_len=1", "algorithm.arpo_beta=50") != arpo("rollout.probe_len=20", "algorithm.arpo_beta=50")
+    always = ("algorithm.arpo_alpha=1.0", "algorithm.arpo_beta=0")
+    assert arpo(*always, "algorithm.arpo_beam=2") != arpo(*always, "algorithm.arpo_beam=3")
+    assert (arpo(*always, "algorithm.aepo_penalty=0", aepo=True)
+            != arpo(*always, "algorithm.aepo_penalty=1.0", aepo=True))
+    assert tree("algorithm.tree_rounds=1") != tree("algorithm.tree_rounds=3")
+
+
+def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(tok, tools, monkeypatch):
+    """`HostShardedEngine` shards the engine's one primitive: two processes (threads here, with an in-memory
+    all-gather) each run the requests of their block of groups, and every strategy (a single call: independent,
+    ARPO / AEPO with in-loop copies; several calls with decisions between them: Tree-GRPO's rounds) ends with the
+    batch one process builds, on both processes: rows, group ids, kinds, texts, tokens and, where no decision
+    depends on the loop's timing, parent rows, branch positions and tree ids (which rollout of an ARPO group is
+    copied follows the order its rollouts reach their tool results, on one process as on several: there each
+    group is checked to be a valid tree of its own rows)."""
+    import threading
+
+    from appo_jax.rollout import host_sharded
+    from appo_jax.rollout.host_sharded import HostShardedEngine
+    from appo_jax.rollout.strategies import make_strategy
+
+    procs, where, box = 2, threading.local(), {}
+    barrier = threading.Barrier(procs, timeout=60)  # a process that fails breaks it for the other
+
+    def all_gather(obj):
+        box[where.index] = obj
+        barrier.wait()
+        out = [box[p] for p in range(procs)]
+        barrier.wait()
+        return out
+
+    monkeypatch.setattr(host_sharded, "gather_objects", all_gather)
+    monkeypatch.setattr(host_sharded, "gather_rows", lambda tree: jax.tree.map(
+        lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *all_gather(tree)))
+    scripts, items = two_prompts(tok)
+
+    def sample(name, options, engine):
+        batch = make_strategy(name, options).sample(engine, None, lambda k: items[:k], 2, jax.random.key(7)).batch
+        t = batch.traj
+        out = (t.row_valid.tolist(), t.group_id.tolist(), t.kind.tolist(), batch.texts, t.tokens.tolist())
+        if name in ("arpo", "aepo"):
+            for g in range(2):
+                check_group_tree(t, options["n"], g)
+            return out
+        return out + (t.parent.tolist(), t.branch_pos.tolist(), batch.tree_id.tolist())
+
+    for name, options in (("independent", {"n": 3}), ("arpo", {"n": 4, "n_init": 2, "arpo_alpha": 1.0}),
+                          ("aepo", {"n": 4, "n_init": 1, "arpo_alpha": 1.0, "aepo_penalty": 0.3}),
+                          ("tree", {"n": 5, "n_init": 2, "tree_rounds": 2})):
+        want = sample(name, options, engine_for(tok, tools, scripts)[0])
+        got: dict = {}
+
+        def process(p):
+            where.index = p
+            try:
+                got[p] = sample(name, options, HostShardedEngine(engine_for(tok, tools, scripts)[0], p, procs,
+                                                                 lambda x: x, None))
+            except BaseException as exc:  # noqa: BLE001 - reported below, with the process
+                got[p] = exc
+                barrier.abort()
+
+        threads = [threading.Thread(target=process, args=(p,), daemon=True) for p in range(procs)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=120)
+        for p in range(procs):
+            if isinstance(got.get(p), BaseException):
+                raise got[p]
+        assert got[0] == want and got[1] == want, name

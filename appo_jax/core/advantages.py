@@ -20,10 +20,13 @@ Conventions (shared by every function here):
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 
-from appo_jax.core.registry import ADVANTAGES
+from appo_jax.core.registry import ADVANTAGES, option_names
 from appo_jax.core.scan import reverse_discounted_cumsum
 from appo_jax.core.stats import masked_mean, masked_zscore, segment_mean, segment_zscore
 
@@ -254,82 +257,116 @@ def entropy_zscore(entropy, gen_mask, *, scope: str = "token", group_ids=None, n
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Registry entries. Uniform call convention: keyword arguments drawn from ADVANTAGE_FIELDS (the Trajectory
-# fields plus options); each entry takes what it needs, ignores the rest, and returns float32 [N, L].
-# Use `compute_advantages(name, **fields)` (checks the field names) or `advantages_from_trajectory`.
+# Registry entries. Call convention: ``fn(*, options, **fields)`` with the batch's data fields (ADVANTAGE_FIELDS)
+# as keywords (an entry takes the ones it uses; the others arrive in ``**_``, never an option) and ``options``,
+# an instance of the entry's registered options dataclass (frozen: a jit static argument). Returns float32
+# [N, L]. Use `compute_advantages(name, **fields_and_options)` (checks every name) or
+# `advantages_from_trajectory`.
 # ---------------------------------------------------------------------------------------------------------
 
-#: Every keyword an advantage estimator may receive.
+#: The data fields an advantage estimator may receive (options are not fields: each estimator has its own class).
 ADVANTAGE_FIELDS = frozenset({
     "rewards", "group_ids", "is_branch", "parent", "branch_pos", "gen_mask", "num_groups", "valid",
-    "norm_by_std", "branch_scores", "entropy", "tree_ids", "num_trees", "procedure_scaling",
-    "reward_scale_discount", "prefix_credit", "entropy_alpha", "entropy_scope", "obs_mask", "tokens",
-    "gigpo_gamma", "gigpo_step_weight",
+    "branch_scores", "entropy", "tree_ids", "num_trees", "obs_mask", "tokens",
 })
 
 
-@ADVANTAGES.register("appo")
-def _appo(*, rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_groups, valid=None,
-          norm_by_std=True, branch_scores=None, procedure_scaling="reward",
-          reward_scale_discount=REWARD_SCALE_DISCOUNT, prefix_credit=True, **_):
-    """APPO: dual groups + prefix credit, with procedure scaling ``"reward"`` (M on the token-level
-    outcome reward before the advantage, the official default), ``"advantage"`` (A_t * M_t) or ``"none"``."""
-    if procedure_scaling not in PROCEDURE_SCALING:
-        raise ValueError(f"unknown procedure_scaling {procedure_scaling!r}; "
-                         f"known: {', '.join(PROCEDURE_SCALING)}")
-    if procedure_scaling != "none":
+@dataclass(frozen=True)
+class GroupOptions:
+    """Options of the group z-score estimators (``grpo``, ``arpo``, ``tree_grpo``): ``norm_by_std`` (False:
+    ``R - mean_g R``, Dr.GRPO)."""
+
+    norm_by_std: bool = True
+
+
+@dataclass(frozen=True)
+class AppoAdvantageOptions:
+    """Options of ``appo`` (docs/algorithm.md §1.4, §1.5): ``norm_by_std``; ``procedure_scaling`` (``reward``:
+    M on the token-level outcome reward before the advantage, the official default; ``advantage``: A_t * M_t;
+    ``none``); ``reward_scale_discount`` (lambda of M); ``prefix_credit`` (False: the ablation without it)."""
+
+    norm_by_std: bool = True
+    procedure_scaling: str = "reward"
+    reward_scale_discount: float = REWARD_SCALE_DISCOUNT
+    prefix_credit: bool = True
+
+    def __post_init__(self):
+        if self.procedure_scaling not in PROCEDURE_SCALING:
+            raise ValueError(f"unknown procedure_scaling {self.procedure_scaling!r}; "
+                             f"known: {', '.join(PROCEDURE_SCALING)}")
+
+
+@dataclass(frozen=True)
+class AepoAdvantageOptions:
+    """Options of ``aepo``: ``norm_by_std``, ``aepo_entropy_alpha`` (alpha of ``A (1 + alpha sg(z(H)))``) and
+    ``entropy_scope`` (``token`` or ``rollout``, :func:`entropy_zscore`)."""
+
+    norm_by_std: bool = True
+    aepo_entropy_alpha: float = AEPO_ENTROPY_ALPHA
+    entropy_scope: str = "token"
+
+    def __post_init__(self):
+        if self.entropy_scope not in ENTROPY_SCOPES:
+            raise ValueError(f"unknown entropy scope {self.entropy_scope!r}; known: {', '.join(ENTROPY_SCOPES)}")
+
+
+@ADVANTAGES.register("appo", options=AppoAdvantageOptions)
+def _appo(*, rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_groups, options, valid=None,
+          branch_scores=None, **_):
+    """APPO: dual groups + prefix credit, with procedure scaling (:class:`AppoAdvantageOptions`)."""
+    o = options
+    if o.procedure_scaling != "none":
         if branch_scores is None:
-            raise ValueError(f"procedure_scaling={procedure_scaling!r} needs branch_scores")
+            raise ValueError(f"procedure_scaling={o.procedure_scaling!r} needs branch_scores")
         scale = reward_scale(branch_scores, is_branch, parent, branch_pos, gen_mask,
-                             discount=reward_scale_discount, valid=valid, group_ids=group_ids,
+                             discount=o.reward_scale_discount, valid=valid, group_ids=group_ids,
                              num_groups=num_groups)
-    if procedure_scaling == "reward":
+    if o.procedure_scaling == "reward":
         rewards = scaled_outcome_rewards(rewards, gen_mask, scale)
     adv = appo_advantages(rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_groups,
-                          norm_by_std, valid=valid, prefix_credit=prefix_credit)
-    return scale_token_advantages(adv, scale) if procedure_scaling == "advantage" else adv
+                          o.norm_by_std, valid=valid, prefix_credit=o.prefix_credit)
+    return scale_token_advantages(adv, scale) if o.procedure_scaling == "advantage" else adv
 
 
-@ADVANTAGES.register("appo_no_prefix_credit")
-def _appo_no_prefix_credit(**fields):
+@ADVANTAGES.register("appo_no_prefix_credit", options=AppoAdvantageOptions)
+def _appo_no_prefix_credit(*, options, **fields):
     """APPO ablation: dual-group advantages without the prefix-credit term."""
-    return _appo(**{**fields, "prefix_credit": False})
+    return _appo(options=dataclasses.replace(options, prefix_credit=False), **fields)
 
 
-@ADVANTAGES.register("grpo")
-@ADVANTAGES.register("arpo")
-def _grpo(*, rewards, group_ids, gen_mask, num_groups, valid=None, norm_by_std=True, **_):
+@ADVANTAGES.register("grpo", options=GroupOptions)
+@ADVANTAGES.register("arpo", options=GroupOptions)
+def _grpo(*, rewards, group_ids, gen_mask, num_groups, options, valid=None, **_):
     """GRPO / ARPO: the group z-score over *all* rows of a prompt group (initial and branch rows alike;
     ARPO's partial rollouts are ordinary members), broadcast to the tokens times m_t."""
-    return _tokens(grpo_advantages(rewards, group_ids, num_groups, norm_by_std, valid), gen_mask)
+    return _tokens(grpo_advantages(rewards, group_ids, num_groups, options.norm_by_std, valid), gen_mask)
 
 
-@ADVANTAGES.register("tree_grpo")
-def _tree_grpo(*, rewards, group_ids, gen_mask, num_groups, tree_ids=None, num_trees=None, valid=None,
-               norm_by_std=True, **_):
+@ADVANTAGES.register("tree_grpo", options=GroupOptions)
+def _tree_grpo(*, rewards, group_ids, gen_mask, num_groups, options, tree_ids=None, num_trees=None, valid=None,
+               **_):
     """Tree-GRPO: ``A_i = GRPO over the prompt group + GRPO over the tree group`` (``tree_ids`` [N],
     static ``num_trees``; a row with a tree id out of range gets only the first term), times m_t."""
     if tree_ids is None or num_trees is None:
         raise ValueError("advantage 'tree_grpo' needs tree_ids and num_trees")
     _check_num("num_trees", num_trees)
-    prompt = grpo_advantages(rewards, group_ids, num_groups, norm_by_std, valid)
+    prompt = grpo_advantages(rewards, group_ids, num_groups, options.norm_by_std, valid)
     tree_valid = _row_ok(rewards, group_ids, num_groups, valid)
-    tree = grpo_advantages(rewards, tree_ids, num_trees, norm_by_std, tree_valid)
+    tree = grpo_advantages(rewards, tree_ids, num_trees, options.norm_by_std, tree_valid)
     return _tokens(prompt + tree, gen_mask)
 
 
-@ADVANTAGES.register("aepo")
-def _aepo(*, rewards, group_ids, gen_mask, num_groups, entropy=None, valid=None, norm_by_std=True,
-          entropy_alpha=AEPO_ENTROPY_ALPHA, entropy_scope="token", **_):
+@ADVANTAGES.register("aepo", options=AepoAdvantageOptions)
+def _aepo(*, rewards, group_ids, gen_mask, num_groups, options, entropy=None, valid=None, **_):
     """AEPO entropy-aware advantage ``A_t = A_i (1 + alpha * sg(z(H))_t) * m_t`` with A_i the ARPO (GRPO over
-    all n rows) advantage and z(H) from :func:`entropy_zscore` (``entropy_scope``, default "token")."""
+    all n rows) advantage and z(H) from :func:`entropy_zscore` (``options.entropy_scope``, default "token")."""
     if entropy is None:
         raise ValueError("advantage 'aepo' needs entropy ([N, L] sampler entropies)")
     base = _grpo(rewards=rewards, group_ids=group_ids, gen_mask=gen_mask, num_groups=num_groups,
-                 valid=valid, norm_by_std=norm_by_std)
-    z = jax.lax.stop_gradient(entropy_zscore(entropy, gen_mask, scope=entropy_scope, group_ids=group_ids,
+                 options=GroupOptions(options.norm_by_std), valid=valid)
+    z = jax.lax.stop_gradient(entropy_zscore(entropy, gen_mask, scope=options.entropy_scope, group_ids=group_ids,
                                              num_groups=num_groups, valid=valid))
-    return base * (1.0 + entropy_alpha * z)
+    return base * (1.0 + options.aepo_entropy_alpha * z)
 
 
 def reinforce_pp_advantages(rewards, group_ids, gen_mask, num_groups: int, valid=None, baseline: bool = False
@@ -368,23 +405,36 @@ def _reinforce_pp_baseline(*, rewards, group_ids, gen_mask, num_groups, valid=No
     return reinforce_pp_advantages(rewards, group_ids, gen_mask, num_groups, valid, baseline=True)
 
 
-def compute_advantages(name: str, **fields) -> Array:
+def compute_advantages(name: str, options=None, **fields) -> Array:
     """Token advantages ``[N, L]`` from the estimator registered as ``name`` (see ``ADVANTAGES.names()``).
 
-    ``fields`` must be drawn from :data:`ADVANTAGE_FIELDS` (a misspelt field is a ``TypeError`` naming it).
+    ``fields``: data fields of :data:`ADVANTAGE_FIELDS` plus, for convenience, option keys of the estimator's
+    options class (``ADVANTAGES.options(name)``), applied over ``options`` (default: that class's defaults). Any
+    other name is a ``TypeError`` naming it, the fields and the estimator's options.
     """
-    unknown = sorted(set(fields) - ADVANTAGE_FIELDS)
+    options_class = ADVANTAGES.options(name)
+    option_keys = {k: v for k, v in fields.items() if k not in ADVANTAGE_FIELDS}
+    unknown = sorted(set(option_keys) - set(option_names(options_class)))
     if unknown:
-        raise TypeError(f"unknown advantage field(s) {unknown}; known: {', '.join(sorted(ADVANTAGE_FIELDS))}")
-    return ADVANTAGES.get(name)(**fields)
+        raise TypeError(f"unknown advantage field(s) or option(s) {unknown} for estimator {name!r}; fields: "
+                        f"{', '.join(sorted(ADVANTAGE_FIELDS))}; options ({options_class.__name__}): "
+                        f"{', '.join(option_names(options_class)) or 'none'}")
+    if options is None:
+        options = options_class(**option_keys)
+    elif not isinstance(options, options_class):
+        raise TypeError(f"estimator {name!r} takes {options_class.__name__} options, got {type(options).__name__}")
+    elif option_keys:
+        options = dataclasses.replace(options, **option_keys)
+    data = {k: v for k, v in fields.items() if k in ADVANTAGE_FIELDS}
+    return ADVANTAGES.get(name)(options=options, **data)
 
 
-def advantages_from_trajectory(name: str, traj, num_groups: int, **options) -> Array:
-    """:func:`compute_advantages` with the fields read from a ``Trajectory`` batch (reward, group_id,
-    kind, parent, branch_pos, gen_mask, row_valid, branch_score, entropy, obs_mask, tokens); ``options`` adds the rest
-    (``norm_by_std``, ``procedure_scaling``, ``tree_ids``/``num_trees``, ...)."""
+def advantages_from_trajectory(name: str, traj, num_groups: int, options=None, **extra) -> Array:
+    """:func:`compute_advantages` with the fields read from a ``Trajectory`` batch (reward, group_id, kind,
+    parent, branch_pos, gen_mask, row_valid, branch_score, entropy, obs_mask, tokens); ``extra`` adds the rest
+    (``tree_ids`` / ``num_trees``, or option keys such as ``procedure_scaling``)."""
     return compute_advantages(
-        name, rewards=traj.reward, group_ids=traj.group_id, is_branch=traj.is_branch, parent=traj.parent,
+        name, options, rewards=traj.reward, group_ids=traj.group_id, is_branch=traj.is_branch, parent=traj.parent,
         branch_pos=traj.branch_pos, gen_mask=traj.gen_mask, valid=traj.row_valid,
         branch_scores=traj.branch_score, entropy=traj.entropy, obs_mask=traj.obs_mask, tokens=traj.tokens,
-        num_groups=num_groups, **options)
+        num_groups=num_groups, **extra)

@@ -20,6 +20,8 @@ the hashes, one sort of the step starts for the groups, segment statistics; no P
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 
@@ -95,14 +97,24 @@ def gigpo_step_advantages(rewards, group_ids, gen_mask, obs_mask, tokens, num_gr
     return jnp.where(gen & (src >= 0), step, 0.0)
 
 
-@ADVANTAGES.register("gigpo")
-def _gigpo(*, rewards, group_ids, gen_mask, num_groups, obs_mask=None, tokens=None, valid=None, norm_by_std=True,
-           gigpo_gamma=GIGPO_GAMMA, gigpo_step_weight=GIGPO_STEP_WEIGHT, **_):
+@dataclass(frozen=True)
+class GigpoOptions:
+    """Options of ``gigpo``: ``norm_by_std`` (episode and step z-scores), ``gigpo_gamma`` (the step discount) and
+    ``gigpo_step_weight`` (omega, the weight of the step-level term)."""
+
+    norm_by_std: bool = True
+    gigpo_gamma: float = GIGPO_GAMMA
+    gigpo_step_weight: float = GIGPO_STEP_WEIGHT
+
+
+@ADVANTAGES.register("gigpo", options=GigpoOptions)
+def _gigpo(*, rewards, group_ids, gen_mask, num_groups, options, obs_mask=None, tokens=None, valid=None, **_):
     """GiGPO: ``A_t = A_episode(i) m_t + omega A_step`` (module doc); needs ``obs_mask`` and ``tokens``."""
     if obs_mask is None or tokens is None:
         raise ValueError("advantage 'gigpo' needs obs_mask and tokens (the observations define the anchor states)")
-    episode = grpo_advantages(rewards, group_ids, num_groups, norm_by_std, valid)
+    o = options
+    episode = grpo_advantages(rewards, group_ids, num_groups, o.norm_by_std, valid)
     m = jnp.asarray(gen_mask).astype(bool)
     step = gigpo_step_advantages(rewards, group_ids, gen_mask, obs_mask, tokens, num_groups, valid,
-                                 gamma=gigpo_gamma, norm_by_std=norm_by_std)
-    return jnp.where(m, episode[:, None], 0.0) + gigpo_step_weight * step
+                                 gamma=o.gigpo_gamma, norm_by_std=o.norm_by_std)
+    return jnp.where(m, episode[:, None], 0.0) + o.gigpo_step_weight * step

@@ -18,16 +18,61 @@ detached), ``m`` ``[N, L]`` bool; ``loss_t`` ``[N, L]``; ``stats`` a dict with a
 (or :func:`get_policy_loss`) wraps it with what every mode shares: importance sampling, KL and entropy terms,
 aggregation and metrics. So ``@POLICY_LOSSES.register("reinforce")`` on ``lambda lp, lp_old, A, m, **_: (-A * lp,
 {})`` makes ``loss.mode="reinforce"`` a valid, trainable config.
+
+**Options.** An entry may declare its knobs as a frozen dataclass, ``register(name, options=MyOptions)`` (an entry
+without knobs gets :class:`NoOptions`); ``Registry.options(name)`` returns that class. :func:`make_options` builds
+one from a mapping and rejects a key the class does not have (an error naming the entry and its known keys: a
+misspelt knob never silently does nothing); :func:`pick_options` takes, from a larger namespace of values, the
+ones the class has. Frozen dataclasses are hashable, so an options object can be a jit static argument.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 
 class UnknownNameError(ValueError, KeyError):
     """A registry lookup of an unknown name (catchable as ``ValueError`` or ``KeyError``)."""
+
+
+class UnknownOptionError(ValueError, TypeError):
+    """An option key that the options class of an entry does not have (catchable as ``ValueError`` or
+    ``TypeError``); the message names the entry and its known keys."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of an entry without knobs."""
+
+
+def option_names(options_class: type) -> tuple[str, ...]:
+    """The field names of an options dataclass, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(options_class))
+
+
+def make_options(options_class: type, values: Mapping[str, Any], *, owner: str):
+    """``options_class(**values)``; a key that is not a field raises :class:`UnknownOptionError` naming ``owner``
+    (e.g. ``"rollout strategy 'tree'"``) and the known keys."""
+    names = option_names(options_class)
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise UnknownOptionError(f"{owner}: unknown option(s) {', '.join(map(repr, unknown))}; known: "
+                                 f"{', '.join(names) or 'none'} ({options_class.__name__})")
+    return options_class(**values)
+
+
+def pick_options(options_class: type, namespace: Mapping[str, Any]):
+    """An ``options_class`` whose fields take the values of the same name in ``namespace`` (the fields it lacks
+    keep their defaults; the namespace's other names are not this class's business)."""
+    return options_class(**{name: namespace[name] for name in option_names(options_class) if name in namespace})
+
+
+def _check_options_class(options_class: type) -> None:
+    if not (isinstance(options_class, type) and dataclasses.is_dataclass(options_class)
+            and options_class.__dataclass_params__.frozen):
+        raise TypeError(f"options must be a frozen dataclass (hashable, a jit static argument), got {options_class!r}")
 
 
 class Registry:
@@ -42,24 +87,46 @@ class Registry:
         self.kind = kind
         self._providers = (provider,) if isinstance(provider, str) else tuple(provider or ())
         self._items: dict[str, Callable] = {}
+        self._options: dict[str, type] = {}
 
     def _load(self) -> None:
         for module in self._providers:  # the modules whose import registers the built-in entries
             importlib.import_module(module)
 
-    def register(self, name: str, fn: Callable | None = None, *, override: bool = False):
+    def register(self, name: str, fn: Callable | None = None, *, override: bool = False,
+                 options: type | None = None):
+        """Add ``fn`` as ``name`` (a decorator when ``fn`` is None); ``options``: its options dataclass (frozen;
+        default :class:`NoOptions`)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
+        if options is not None:
+            _check_options_class(options)
 
         def add(f: Callable) -> Callable:
             if name in self._items and not override:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = f
+            self._options[name] = options or NoOptions
             return f
 
         return add if fn is None else add(fn)
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (nothing happens when it is not registered)."""
+        self._items.pop(name, None)
+        self._options.pop(name, None)
+
+    def options(self, name: str) -> type:
+        """The options dataclass of ``name`` (:class:`UnknownNameError` for an unknown name)."""
+        self.get(name)
+        return self._options.get(name, NoOptions)
+
+    def make_options(self, name: str, values: Mapping[str, Any]):
+        """The options of ``name`` from ``values`` (:func:`make_options`: an unknown key is an error)."""
+        return make_options(self.options(name), values, owner=f"{self.kind} {name!r}")
+
     def get(self, name: str) -> Callable:
+        """The entry registered as ``name`` (:class:`UnknownNameError` listing the known names otherwise)."""
         self._load()
         try:
             return self._items[name]
@@ -67,6 +134,7 @@ class Registry:
             raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         self._load()
         return sorted(self._items)
 
@@ -75,7 +143,8 @@ class Registry:
         return name in self._items
 
 
-#: Token-advantage estimators: ``fn(**fields) -> [N, L]`` (see ``appo_jax.core.advantages``).
+#: Token-advantage estimators: ``fn(*, options, **fields) -> [N, L]``, each with its options dataclass (see
+#: ``appo_jax.core.advantages``).
 ADVANTAGES = Registry("advantage estimator", provider=("appo_jax.core.advantages", "appo_jax.core.gigpo"))
 #: Policy-loss modes, token losses: ``fn(lp, lp_old, A, m, **mode_options) -> (loss_t, stats)`` (module doc).
 POLICY_LOSSES = Registry("policy loss mode", provider="appo_jax.core.losses")

@@ -17,17 +17,26 @@ A copy inherits ``H_init`` and the consecutive-branch counter (AEPO: ``c + 1`` f
 the round branched, reset to 0 when it did not) and may branch again at its own later tool results. When every
 rollout of a group has finished and the group still holds fewer than ``n`` rollouts, it is topped up with fresh
 independent rollouts (kind init), which may branch as well, so every group ends with exactly ``n`` rows.
+
+The whole scheme is one call of the engine's primitive with these hooks (:func:`arpo_rollouts`); the strategies
+``arpo`` and ``aepo`` (:class:`ArpoBranching`, options :class:`ArpoOptions` / :class:`AepoOptions`: the
+``algorithm`` section's ``arpo_alpha``, ``arpo_beta``, ``arpo_beam`` and, for AEPO, ``aepo_penalty``) are
+registered here.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
+import jax
 import numpy as np
 
 from appo_jax.core.trajectory import KIND_BRANCH, KIND_INIT
+from appo_jax.data.records import Record
 from appo_jax.rollout.agent_loop import Prefix, Rollout, RolloutRequest
+from appo_jax.rollout.engine import RolloutBatch, RolloutEngine
+from appo_jax.rollout.strategies import STRATEGIES, EveryRowTrains, check_budget
 
 
 @dataclass(frozen=True)
@@ -69,9 +78,10 @@ class ArpoHooks:
         self.count = [n_init] * num_groups     # rows created per group
         self.pending = [n_init] * num_groups   # rows not finished yet
 
-    def initial_requests(self) -> list[RolloutRequest]:
-        """The ``n_init`` fresh rollouts of every group, rows ``0 .. n_init - 1``."""
-        return [self._fresh(g, j) for g in range(len(self.count)) for j in range(self.count[g])]
+    def initial_requests(self, groups: Sequence[int] | None = None) -> list[RolloutRequest]:
+        """The ``n_init`` fresh rollouts of every group (or of ``groups``), rows ``0 .. n_init - 1``."""
+        groups = range(len(self.count)) if groups is None else groups
+        return [self._fresh(g, j) for g in groups for j in range(self.count[g])]
 
     def _fresh(self, g: int, local: int) -> RolloutRequest:
         req = self.make_request(g, local, None, -1, -1, KIND_INIT)
@@ -79,6 +89,8 @@ class ArpoHooks:
         return req
 
     def on_probe(self, request: RolloutRequest, prefix: Prefix, mean_entropy: float, first: bool):
+        """Record ``H_init`` on the first probe; after a tool result, copy the rollout with the branch probability
+        (module doc). Returns the copies' requests."""
         h = mean_entropy / self.log_vocab
         if first:
             request.meta["arpo_h_init"] = h
@@ -101,6 +113,7 @@ class ArpoHooks:
         return out
 
     def on_finish(self, rollout: Rollout):
+        """When the last pending rollout of a group finishes, top the group up to ``n`` with fresh rollouts."""
         g = rollout.request.meta["group"]
         self.pending[g] -= 1
         out = []
@@ -110,3 +123,67 @@ class ArpoHooks:
                 self.count[g] += 1
                 self.pending[g] += 1
         return out
+
+
+def arpo_rollouts(engine: RolloutEngine, prompts: Sequence[Record], n: int, n_init: int, key, cfg: ArpoConfig,
+                  progress=None) -> RolloutBatch:
+    """ARPO groups of ``n`` rows (module doc; AEPO: ``cfg.penalty`` > 0) in one call of the engine's primitive:
+    row ``g * n + j``, ``parent`` a row of the same group, the branching draws seeded from ``key``."""
+    seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+
+    def make(g, local, prefix, parent_local, branch_pos, kind):
+        return engine.request(key, prompts[g], g, local, prefix=prefix, kind=kind,
+                              parent=-1 if parent_local < 0 else g * n + parent_local, branch_pos=branch_pos)
+
+    hooks = ArpoHooks(len(prompts), n, n_init, engine.vocab_size, cfg, seed, make)
+    requests = hooks.initial_requests(engine.own_groups(len(prompts)))
+    return engine.rollout(requests, len(prompts), n, hooks=hooks, progress=progress)
+
+
+@dataclass(frozen=True)
+class ArpoOptions:
+    """ARPO's knobs (the ``algorithm`` section's fields of the same names): ``n`` rows per group, ``n_init``
+    initial rollouts, ``arpo_alpha`` / ``arpo_beta`` of the branch probability and ``arpo_beam`` (copies per
+    branching round = beam - 1)."""
+
+    n: int = 16
+    n_init: int = 8
+    arpo_alpha: float = 0.5
+    arpo_beta: float = 0.2
+    arpo_beam: int = 2
+
+    def __post_init__(self):
+        check_budget(self.n, self.n_init)
+
+    def config(self) -> ArpoConfig:
+        """The hooks' :class:`ArpoConfig` (no consecutive-branch penalty)."""
+        return ArpoConfig(self.arpo_alpha, self.arpo_beta, self.arpo_beam, 0.0)
+
+
+@dataclass(frozen=True)
+class AepoOptions(ArpoOptions):
+    """AEPO's knobs: ARPO's plus ``aepo_penalty``, the consecutive-branch penalty (0.05)."""
+
+    aepo_penalty: float = 0.05
+
+    def config(self) -> ArpoConfig:
+        """The hooks' :class:`ArpoConfig` with the penalty."""
+        return ArpoConfig(self.arpo_alpha, self.arpo_beta, self.arpo_beam, self.aepo_penalty)
+
+
+@dataclass
+class ArpoBranching(EveryRowTrains):
+    """ARPO / AEPO (docs/algorithm.md §1.7): groups of ``n`` rows grown by entropy-triggered copies after tool
+    results (:func:`arpo_rollouts`; the penalty is AEPO's when the options are :class:`AepoOptions`); every row
+    trains."""
+
+    options: ArpoOptions = field(default_factory=ArpoOptions)
+
+    def draw(self, engine, prompts, key, progress):
+        """:func:`arpo_rollouts` with the options' knobs."""
+        o = self.options
+        return arpo_rollouts(engine, prompts, o.n, o.n_init, key, o.config(), progress)
+
+
+STRATEGIES.register("arpo", ArpoBranching, options=ArpoOptions)
+STRATEGIES.register("aepo", ArpoBranching, options=AepoOptions)

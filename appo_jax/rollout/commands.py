@@ -16,7 +16,9 @@ template.
 ``rollout --branch`` names a rollout strategy (`appo_jax.rollout.strategies.STRATEGIES`): ``independent`` (n
 independent rollouts per prompt), ``appo`` (n_init initial rollouts, APPO branch points chosen with
 `appo_jax.core.branch_points.choose_branch_points`, then n - n_init branches), ``arpo`` / ``aepo``
-(entropy-triggered branching after tool results), ``tree`` (Tree-GRPO step-level expansion). For ``appo`` the
+(entropy-triggered branching after tool results), ``tree`` (Tree-GRPO step-level expansion). The strategy's
+options are ``--n``, ``--n-init`` and ``--branching-parity``; its other knobs (ARPO's alpha / beta / beam, AEPO's
+penalty, Tree-GRPO's rounds) keep their defaults (0.5, 0.2, 2, 0.05, 1). For ``appo`` the
 current log-probs are recomputed with a full forward of the *same* parameters and the baseline is the sampler's
 (``omega_baseline="sampler"`` with no update in between), so ``D = lc - lb`` is only numerical noise, Omega is
 (near) constant and the score degrades to entropy-only ranking, as documented (docs/algorithm.md §1.1).
@@ -183,8 +185,9 @@ def _rollout(args: argparse.Namespace) -> int:
     from appo_jax.models.loading import load_policy
     from appo_jax.models.logprobs import make_logprob_fn
     from appo_jax.progress import RolloutProgress
+    from appo_jax.core.registry import pick_options
     from appo_jax.rollout.engine import RolloutEngine, default_tools
-    from appo_jax.rollout.strategies import STRATEGIES
+    from appo_jax.rollout.strategies import STRATEGIES, StrategyContext, make_strategy
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -202,15 +205,16 @@ def _rollout(args: argparse.Namespace) -> int:
                          f"--max-prompt-len {cfg.max_prompt_len} ({len(too_long)} prompt(s) too long)")
     logprob_fn = make_logprob_fn(config, chunk=512, temperature=cfg.temperature or 1.0)
 
-    def current_and_sampler(traj):
-        lc = logprob_fn(params, jnp.asarray(traj.prompt_tokens), jnp.asarray(traj.prompt_mask),
+    def current_and_sampler(policy_params, traj):
+        lc = logprob_fn(policy_params, jnp.asarray(traj.prompt_tokens), jnp.asarray(traj.prompt_mask),
                         jnp.asarray(traj.tokens), jnp.asarray(traj.response_mask))
         return lc, jnp.asarray(traj.behavior_logp)
 
-    strategy = STRATEGIES.get(args.branch)(n=args.n, n_init=args.n_init,
-                                            table=candidate_token_table(tokenizer, args.branching_parity),
-                                            logprobs=current_and_sampler, aepo_penalty=cfg.aepo_penalty,
-                                            parity=args.branching_parity)
+    # the strategy's typed options: n, n_init and the parity from the flags, every other knob its default
+    options = pick_options(STRATEGIES.options(args.branch),
+                           {"n": args.n, "n_init": args.n_init, "branching_parity": args.branching_parity})
+    strategy = make_strategy(args.branch, options, StrategyContext(
+        table=candidate_token_table(tokenizer, args.branching_parity), logprobs=current_and_sampler))
     cfg = cfg.fitted(prompts, len(prompts) * strategy.rollouts_per_prompt)  # the KV cache holds what this call needs
     t0 = time.perf_counter()
     with default_tools(cfg) as tools, RolloutProgress(f"rollout ({args.branch})") as progress:
@@ -218,7 +222,7 @@ def _rollout(args: argparse.Namespace) -> int:
         print(f"rollout: {len(prompts)} prompts of {args.dataset} x {args.n} rollouts ({args.branch}); "
               f"{engine.describe()}", file=sys.stderr, flush=True)
         try:
-            batch = strategy.sample(engine, lambda k: prompts[:k], len(prompts), jax.random.key(args.seed),
+            batch = strategy.sample(engine, params, lambda k: prompts[:k], len(prompts), jax.random.key(args.seed),
                                     progress).batch
         finally:
             engine.close()

@@ -1,8 +1,11 @@
-"""`RolloutConfig`: every knob of the sampler, the tool loop and the branching samplers, in one place.
+"""`RolloutConfig`: every knob of the sampler and the tool loop, in one place.
 
-The experiment config uses it as its ``rollout`` section as-is (``--set rollout.arpo_beta=0.3``), the trainer,
+The experiment config uses it as its ``rollout`` section as-is (``--set rollout.temperature=0.7``), the trainer,
 evaluation and the ``rollout`` CLI hand it to the engine, and `RolloutConfig.fitted` sizes it to one call.
-Defaults are the official APPO settings (docs/algorithm.md §1.8) where the paper has one.
+Defaults are the official APPO settings (docs/algorithm.md §1.8) where the paper has one. The knobs of a
+rollout *scheme* (ARPO's alpha / beta / beam, AEPO's penalty, Tree-GRPO's rounds) are the algorithm's: they live
+in the experiment's ``algorithm`` section and reach the strategy as its typed options
+(`appo_jax.rollout.strategies`).
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ class RolloutConfig:
     ``num_slots``: concurrent sampler slots (0 = one per rollout of a call); ``decode_chunk``: decode steps per
     host check; ``tool_workers`` / ``tool_timeout_s``: the tool pool and the python tool's wall-clock limit;
     ``search_cache``: the search corpus (a query-cache JSON; empty = the shipped one);
-    ``probe_len``, ``arpo_alpha``, ``arpo_beta``, ``arpo_beam``, ``aepo_penalty``: ARPO / AEPO branching
-    (docs/algorithm.md §1.7); ``tree_rounds``: Tree-GRPO expansion rounds. ``entropy`` / ``entropy_k``: the
+    ``probe_len``: generated tokens of a segment whose mean entropy the loop reports to branching hooks (ARPO /
+    AEPO, docs/algorithm.md §1.7). ``entropy`` / ``entropy_k``: the
     recorded token entropy H_t: ``exact`` (full vocabulary, default), ``topk`` (renormalised over the k most
     likely tokens) or ``official_topk`` (the official code's, from vLLM's top-k log-probs;
     `appo_jax.core.branching.topk_entropy`). ``dtype``: the sampler's compute dtype (``""`` = the model's;
@@ -46,11 +49,6 @@ class RolloutConfig:
     tool_timeout_s: float = 30.0
     search_cache: str = ""
     probe_len: int = 20
-    arpo_alpha: float = 0.5
-    arpo_beta: float = 0.2
-    arpo_beam: int = 2
-    aepo_penalty: float = 0.05
-    tree_rounds: int = 1
     entropy: str = "exact"
     entropy_k: int = 10
     dtype: str = ""
@@ -64,7 +62,7 @@ class RolloutConfig:
             raise ValueError(f"rollout.{name}={getattr(self, name)!r}; expected {what}")
 
         for name in ("max_prompt_len", "max_response_len", "decode_chunk", "tool_workers", "probe_len",
-                     "tree_rounds", "entropy_k"):
+                     "entropy_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 bad(name, "a positive integer")
@@ -72,15 +70,10 @@ class RolloutConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 bad(name, "a non-negative integer")
-        if isinstance(self.arpo_beam, bool) or not isinstance(self.arpo_beam, int) or self.arpo_beam < 2:
-            bad("arpo_beam", "an integer >= 2 (beam - 1 copies per branching round)")
         for name, ok, what in (("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"),
                                ("top_p", lambda v: 0 < v <= 1, "0 < top_p <= 1"),
                                ("repetition_penalty", lambda v: v > 0, "> 0 (1 = off)"),
-                               ("tool_timeout_s", lambda v: v > 0, "> 0"),
-                               ("arpo_alpha", lambda v: True, "a number"),
-                               ("arpo_beta", lambda v: True, "a number"),
-                               ("aepo_penalty", lambda v: v >= 0, ">= 0")):
+                               ("tool_timeout_s", lambda v: v > 0, "> 0")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or not ok(value):

@@ -1,23 +1,25 @@
-"""The rollout engine: question records -> static-shape Trajectory batches (docs/algorithm.md §1.3, §1.7;
+"""The rollout engine: rollout requests -> static-shape Trajectory batches (docs/algorithm.md §1.3, §1.7;
 docs/protocol.md).
 
 :class:`RolloutEngine` runs the multi-turn tool loop (:mod:`appo_jax.rollout.agent_loop`) on the slots of the
-jitted sampler and assembles :class:`~appo_jax.core.trajectory.Trajectory` batches. Prompts are
-:class:`~appo_jax.data.records.Record` s whose ``prompt_ids`` are filled (`appo_jax.data.encode_records`):
+jitted sampler and assembles :class:`~appo_jax.core.trajectory.Trajectory` batches. It has one primitive,
 
-* ``initial_batch(prompts, n_init, key)``: ``n_init`` rollouts per prompt, row ``g * n_init + i``, kind init;
-* ``branches_batch(parents, prompts, rows, positions, scores, valid, key)``: APPO branches, row ``g * B + j``
-  continues row ``rows[g, j]`` of ``parents`` from ``prompt + response[: positions[g, j] + 1]`` (tokens, masks,
-  behaviour log-probs and entropies of the prefix copied; tool-call count continued), kind branch;
-* ``arpo_batch(prompts, n, n_init, key, penalty)`` (ARPO; AEPO with a consecutive-branch penalty) and
-  ``tree_batch(prompts, n, n_init, key)`` (Tree-GRPO): full ``n``-row groups, row ``g * n + j``, rows
-  ``j < n_init`` the initial rollouts, later rows branches (or ARPO top-ups) whose ``parent`` is a row of the
-  same group.
+    engine.rollout(requests, num_groups, rows_per_group, hooks=None, progress=None, parent_tree=None) -> RolloutBatch
+
+which runs a set of requests through the tool loop (``hooks`` may add requests while it runs: ARPO) and assembles
+a batch of ``num_groups * rows_per_group`` rows, group-major: the request for row ``local`` of prompt group ``g``
+lands in row ``g * rows_per_group + local``; rows no request reached are padding (``row_valid`` False). Requests
+are built with :meth:`RolloutEngine.request` (a fresh rollout of a prompt :class:`~appo_jax.data.records.Record`
+whose ``prompt_ids`` are filled, or a continuation of a response prefix: :meth:`RolloutEngine.branch_prefix`)
+and carry the row's fields (kind, parent row, branch position, branch score). Every rollout scheme (independent
+rollouts, APPO branches, ARPO / AEPO, Tree-GRPO) is a strategy over this primitive
+(:mod:`appo_jax.rollout.strategies`, :mod:`~appo_jax.rollout.arpo`, :mod:`~appo_jax.rollout.tree`), and
+:class:`~appo_jax.rollout.host_sharded.HostShardedEngine` shards it over the processes of a multi-host job.
 
 Every row is scored off the decode thread by ``reward_fn(record, text)`` (default: the record's ability reward,
 `appo_jax.rewards.RecordReward`). A :class:`RolloutBatch` is the Trajectory plus, per row, the decoded response
 text, the tool calls (name, input, output), the answer accuracy and the tree id (row index of the row's root:
-itself for initial rows; Tree-GRPO's tree groups).
+itself for a row without parent; Tree-GRPO's tree groups).
 """
 from __future__ import annotations
 
@@ -33,12 +35,10 @@ from appo_jax.core.trajectory import KIND_BRANCH, KIND_INIT, Trajectory, Traject
 from appo_jax.data.records import Record
 from appo_jax.rewards.arpo import RewardOutput
 from appo_jax.rewards.registry import RecordReward
-from appo_jax.rollout.agent_loop import (AgentLoop, LoopConfig, Prefix, Rollout, RolloutRequest, ToolCall,
-                                         parse_segment_end)
-from appo_jax.rollout.arpo import ArpoConfig, ArpoHooks
+from appo_jax.rollout.agent_loop import (AgentLoop, LoopConfig, LoopHooks, Prefix, Rollout, RolloutRequest,
+                                         ToolCall, parse_segment_end)
 from appo_jax.rollout.config import RolloutConfig
 from appo_jax.rollout.slots import SlotSampler, make_slot_sampler
-from appo_jax.rollout.tree import choose_nodes, expansion_counts, round_quota, step_nodes
 from appo_jax.tools.registry import ToolRegistry, build_registry
 
 
@@ -73,6 +73,24 @@ def concat_batches(a: RolloutBatch, b: RolloutBatch) -> RolloutBatch:
                         np.concatenate([a.format_ok, b.format_ok]))
 
 
+def overlay_batches(base: RolloutBatch, top: RolloutBatch) -> RolloutBatch:
+    """The rows of ``top`` where it has a rollout (``row_valid``), else the rows of ``base`` (same shapes): how a
+    scheme that fills one batch in several calls of the primitive (Tree-GRPO's rounds) puts them together."""
+    if top.traj.tokens.shape != base.traj.tokens.shape or top.traj.prompt_tokens.shape != base.traj.prompt_tokens.shape:
+        raise ValueError("overlay_batches: the two batches differ in shape")
+    take = np.asarray(top.traj.row_valid, bool)
+
+    def pick(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        return np.where(take.reshape((-1,) + (1,) * (a.ndim - 1)), b, a)
+
+    traj = jax.tree_util.tree_map(pick, base.traj, top.traj)
+    texts = [t if k else b for b, t, k in zip(base.texts, top.texts, take)]
+    calls = [t if k else b for b, t, k in zip(base.tool_calls, top.tool_calls, take)]
+    return RolloutBatch(traj, texts, calls, pick(base.accuracy, top.accuracy), pick(base.tree_id, top.tree_id),
+                        pick(base.format_ok, top.format_ok))
+
+
 def default_tools(cfg: RolloutConfig, search_backend: tuple[str, dict] | None = None) -> ToolRegistry:
     """The built-in tool registry (python sandbox + offline search) sized by ``cfg``: ``cfg.tool_workers``
     pool threads, python wall-clock limit ``cfg.tool_timeout_s``, search over ``cfg.search_cache`` (empty: the
@@ -100,6 +118,18 @@ def tree_ids(parent: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+def resolve_tree_ids(parent: np.ndarray, valid: np.ndarray, parent_tree: np.ndarray | None = None) -> np.ndarray:
+    """Tree ids of a batch: :func:`tree_ids` when parents are rows of the same batch (``parent_tree`` None);
+    otherwise parents index another batch whose tree ids are ``parent_tree`` (a row without parent is its own
+    root). -1 for invalid rows."""
+    if parent_tree is None:
+        return tree_ids(parent, valid)
+    parent, parent_tree = np.asarray(parent), np.asarray(parent_tree)
+    own = np.arange(parent.shape[0], dtype=np.int32)
+    inherited = parent_tree[np.clip(parent, 0, max(len(parent_tree) - 1, 0))] if len(parent_tree) else own
+    return np.where(np.asarray(valid, bool), np.where(parent >= 0, inherited, own), -1).astype(np.int32)
+
+
 def tool_calls_from_tokens(tokenizer, tokens: np.ndarray, gen_mask: np.ndarray, obs_mask: np.ndarray
                            ) -> list[ToolCall]:
     """Reconstruct the tool calls of a response from its tokens: each observation run is the result of the call
@@ -121,17 +151,6 @@ def tool_calls_from_tokens(tokenizer, tokens: np.ndarray, gen_mask: np.ndarray, 
         calls.append(ToolCall(name, arg or "", out))
         seg_start = i = j
     return calls
-
-
-@dataclass
-class _Row:
-    rollout: Rollout | None
-    prompt_ids: Sequence[int]
-    group: int
-    kind: int
-    parent: int = -1
-    branch_pos: int = -1
-    branch_score: float = 0.0
 
 
 class RolloutEngine:
@@ -171,9 +190,6 @@ class RolloutEngine:
                                          repetition_penalty=cfg.repetition_penalty, entropy=cfg.entropy,
                                          entropy_k=cfg.entropy_k, decode_chunk=cfg.decode_chunk)
         self.sampler = sampler
-        #: added to the group index of every row key (fold_in(fold_in(key, group + offset), local)): a host that
-        #: samples groups [o, o + G) of a multi-host batch draws exactly what one process would (host_sharded.py)
-        self.key_group_offset = 0
         self.reward_fn = reward_fn if reward_fn is not None else RecordReward("auto")
         self._reward_pool = ThreadPoolExecutor(max(1, min(4, cfg.tool_workers)), thread_name_prefix="reward")
         self.loop = AgentLoop(sampler, tokenizer,
@@ -202,6 +218,7 @@ class RolloutEngine:
         return self.loop.stats
 
     def close(self) -> None:
+        """Stop the reward threads (after the rewards in flight)."""
         self._reward_pool.shutdown(wait=True)
 
     def _score(self, request: RolloutRequest, text: str) -> float:
@@ -217,187 +234,107 @@ class RolloutEngine:
     def _submit_reward(self, rollout: Rollout) -> Future:
         return self._reward_pool.submit(self._score, rollout.request, rollout.text)
 
-    def _check_prompts(self, prompts: Sequence[Record]) -> None:
-        for g, p in enumerate(prompts):
-            if not len(p.prompt_ids):
-                raise ValueError(f"prompt {g} (record {p.id!r} of {p.dataset!r}) has no prompt_ids; encode the "
-                                 "records first (appo_jax.data.encode_records)")
-            if len(p.prompt_ids) > self.cfg.max_prompt_len:
-                raise ValueError(f"prompt {g} (record {p.id!r} of {p.dataset!r}) has {len(p.prompt_ids)} tokens > "
-                                 f"max_prompt_len {self.cfg.max_prompt_len}")
+    # -- requests ----------------------------------------------------------------------------------------------
+    def _check_prompt(self, item: Record, group: int) -> None:
+        if not len(item.prompt_ids):
+            raise ValueError(f"prompt {group} (record {item.id!r} of {item.dataset!r}) has no prompt_ids; encode the "
+                             "records first (appo_jax.data.encode_records)")
+        if len(item.prompt_ids) > self.cfg.max_prompt_len:
+            raise ValueError(f"prompt {group} (record {item.id!r} of {item.dataset!r}) has {len(item.prompt_ids)} "
+                             f"tokens > max_prompt_len {self.cfg.max_prompt_len}")
 
-    def _request(self, key, item: Record, group: int, local: int, *, prompt_ids=None,
-                 prefix: Prefix | None = None, kind: int = KIND_INIT, parent: int = -1, branch_pos: int = -1,
-                 score: float = 0.0) -> RolloutRequest:
-        return RolloutRequest(list(item.prompt_ids if prompt_ids is None else prompt_ids),
-                              jax.random.fold_in(jax.random.fold_in(key, group + self.key_group_offset), local),
-                              prefix,
-                              meta=dict(item=item, group=group, local=local, kind=kind, parent=parent,
-                                        branch_pos=branch_pos, score=score))
+    def request(self, key, item: Record, group: int, local: int, *, prompt_ids=None, prefix: Prefix | None = None,
+                kind: int = KIND_INIT, parent: int = -1, branch_pos: int = -1, score: float = 0.0) -> RolloutRequest:
+        """The request for row ``local`` of prompt group ``group`` (row ``group * rows_per_group + local`` of the
+        batch :meth:`rollout` assembles): the prompt of ``item`` (checked against ``max_prompt_len``) or the given
+        ``prompt_ids``, sampling key ``fold_in(fold_in(key, group), local)``, an optional response ``prefix`` to
+        continue, and the row's ``kind``, ``parent`` row (-1: none; a row of this batch, or of the batch whose tree
+        ids :meth:`rollout` receives as ``parent_tree``), ``branch_pos`` and branch ``score``."""
+        if prompt_ids is None:
+            self._check_prompt(item, group)
+            prompt_ids = item.prompt_ids
+        return RolloutRequest(list(prompt_ids), jax.random.fold_in(jax.random.fold_in(key, group), local), prefix,
+                              meta=dict(item=item, group=int(group), local=int(local), kind=int(kind),
+                                        parent=int(parent), branch_pos=int(branch_pos), score=float(score)))
 
-    def run(self, requests: Sequence[RolloutRequest], hooks=None, progress=None) -> list[Rollout]:
-        """Run requests through the tool loop (``meta["item"]`` must hold their :class:`Record`);
-        ``progress`` as in :meth:`AgentLoop.run`."""
-        return self.loop.run(requests, hooks, progress)
-
-    def _assemble(self, rows: list[_Row], parents_in_batch: bool = True) -> RolloutBatch:
-        cfg = self.cfg
-        build = TrajectoryBuilder(len(rows), cfg.max_response_len, cfg.max_prompt_len, self.pad_id)
-        texts: list[str] = []
-        calls: list[list[ToolCall]] = []
-        accuracy = np.zeros(len(rows), np.float32)
-        format_ok = np.zeros(len(rows), np.float32)
-        for i, row in enumerate(rows):
-            ro = row.rollout
-            build.set_kind(i, row.kind)
-            if ro is None:
-                texts.append("")
-                calls.append([])
-                continue
-            accuracy[i] = ro.request.meta.get("accuracy", 0.0)
-            format_ok[i] = ro.request.meta.get("format_ok", 0.0)
-            build.set_row(i, prompt_ids=row.prompt_ids, tokens=ro.tokens, gen_mask=ro.gen_mask, obs_mask=ro.obs_mask,
-                          behavior_logp=ro.logprobs, entropy=ro.entropies, group=row.group, kind=row.kind,
-                          parent=row.parent, branch_pos=row.branch_pos, branch_score=row.branch_score,
-                          reward=ro.reward, tool_calls=len(ro.tool_calls), finish_reason=ro.finish_reason)
-            texts.append(ro.text)
-            calls.append(ro.tool_calls)
-        traj = build.build()
-        tree = tree_ids(traj.parent, traj.row_valid) if parents_in_batch else np.full(len(rows), -1, np.int32)
-        return RolloutBatch(traj, texts, calls, accuracy, tree, format_ok)
-
-    def _rows_from_rollouts(self, rollouts: list[Rollout], num_rows: int, row_of) -> list[_Row]:
-        rows: list[_Row] = [_Row(None, [], -1, KIND_BRANCH) for _ in range(num_rows)]
-        for ro in rollouts:
-            m = ro.request.meta
-            rows[row_of(m)] = _Row(ro, ro.request.prompt_ids, m["group"], m["kind"],
-                                   m["parent"], m["branch_pos"], m["score"])
-        return rows
-
-    # -- initial rollouts --------------------------------------------------------------------------------------
-    def initial_batch(self, prompts: Sequence[Record], n_init: int, key, progress=None) -> RolloutBatch:
-        """``n_init`` rollouts per prompt; row ``g * n_init + i`` is rollout ``i`` of prompt ``g`` (kind init,
-        rewards filled). ``progress``: see :meth:`run`."""
-        if n_init < 1:
-            raise ValueError(f"n_init must be >= 1, got {n_init}")
-        self._check_prompts(prompts)
-        reqs = [self._request(key, item, g, i) for g, item in enumerate(prompts) for i in range(n_init)]
-        rollouts = self.run(reqs, progress=progress)
-        return self._assemble(self._rows_from_rollouts(rollouts, len(reqs),
-                                                       lambda m: m["group"] * n_init + m["local"]))
-
-    # -- APPO branches -----------------------------------------------------------------------------------------
-    def branch_prefix(self, parents: Trajectory, row: int, t: int) -> Prefix:
-        """Response prefix ``[: t + 1]`` of row ``row`` of ``parents`` (tool calls reconstructed from tokens)."""
+    def branch_prefix(self, parents: Trajectory, row: int, t: int, tool_calls: Sequence[ToolCall] | None = None
+                      ) -> Prefix:
+        """Response prefix ``[: t + 1]`` of row ``row`` of ``parents``; its tool calls are the first of the row's
+        recorded ``tool_calls`` (one per observation run that starts in the prefix) when given, else reconstructed
+        from the tokens."""
         end = t + 1
         if not 0 <= end <= parents.tokens.shape[1]:
             raise ValueError(f"branch position {t} outside the response (L = {parents.tokens.shape[1]})")
         tok = np.asarray(parents.tokens[row, :end], np.int32)
         gen = np.asarray(parents.gen_mask[row, :end], bool)
         obs = np.asarray(parents.obs_mask[row, :end], bool)
-        return Prefix(tok.copy(), gen.copy(), obs.copy(),
-                      np.asarray(parents.behavior_logp[row, :end], np.float32).copy(),
-                      np.asarray(parents.entropy[row, :end], np.float32).copy(),
-                      tool_calls_from_tokens(self.tokenizer, tok, gen, obs))
+        if tool_calls is None:
+            calls = tool_calls_from_tokens(self.tokenizer, tok, gen, obs)
+        else:
+            starts = int(np.count_nonzero(obs & ~np.concatenate([[False], obs[:-1]])))
+            calls = [ToolCall(c.name, c.input, c.output) for c in list(tool_calls)[:starts]]
+        logp = np.asarray(parents.behavior_logp[row, :end], np.float32).copy()
+        return Prefix(tok.copy(), gen.copy(), obs.copy(), logp, np.asarray(parents.entropy[row, :end], np.float32).copy(),
+                      calls)
 
-    def branches_batch(self, parents: Trajectory, prompts: Sequence[Record], rows, positions, scores, valid,
-                       key, progress=None) -> RolloutBatch:
-        """APPO branch rollouts (module doc). ``rows`` / ``positions`` / ``scores`` / ``valid`` are ``[G, B]``
-        (from ``select_branch_points``); output row ``g * B + j`` is the branch of slot ``(g, j)``; invalid
-        slots give padding rows (``row_valid`` False)."""
-        rows, positions = np.asarray(rows), np.asarray(positions)
-        scores, valid = np.asarray(scores, np.float32), np.asarray(valid, bool)
-        if not rows.shape == positions.shape == scores.shape == valid.shape or rows.ndim != 2:
-            raise ValueError(f"rows/positions/scores/valid must share one [G, B] shape, got {rows.shape}, "
-                             f"{positions.shape}, {scores.shape}, {valid.shape}")
-        num_g, budget = rows.shape
-        prompt_tokens, prompt_mask = np.asarray(parents.prompt_tokens), np.asarray(parents.prompt_mask)
-        group_id = np.asarray(parents.group_id)
-        reqs = []
-        for g, j in zip(*np.nonzero(valid)):
-            r, t = int(rows[g, j]), int(positions[g, j])
-            if not 0 <= r < parents.tokens.shape[0]:
-                raise ValueError(f"branch slot ({g}, {j}): parent row {r} outside the parent batch")
-            grp = int(group_id[r])
-            if not 0 <= grp < len(prompts):
-                raise ValueError(f"branch slot ({g}, {j}): parent row {r} has group {grp}, "
-                                 f"but {len(prompts)} prompts were given")
-            req = self._request(key, prompts[grp], int(g), int(j), prompt_ids=prompt_tokens[r][prompt_mask[r]],
-                                prefix=self.branch_prefix(parents, r, t), kind=KIND_BRANCH, parent=r,
-                                branch_pos=t, score=float(scores[g, j]))
-            req.meta.update(group=grp, slot=int(g) * budget + int(j))
-            reqs.append(req)
-        rollouts = self.run(reqs, progress=progress)
-        batch = self._assemble(self._rows_from_rollouts(rollouts, num_g * budget, lambda m: m["slot"]),
-                               parents_in_batch=False)
-        # branch rows' parents live in `parents`: their tree is their parent's
-        parent_tree = tree_ids(np.asarray(parents.parent), np.asarray(parents.row_valid))
-        t = batch.traj
-        batch.tree_id = np.where(t.row_valid, parent_tree[np.maximum(t.parent, 0)], -1).astype(np.int32)
+    def own_groups(self, num_groups: int) -> range:
+        """The prompt groups whose requests this engine runs (all of them; a process of a multi-host job runs its
+        block): a scheme may skip building the requests of other groups, which :meth:`rollout` ignores."""
+        return range(num_groups)
+
+    # -- the primitive -----------------------------------------------------------------------------------------
+    def run(self, requests: Sequence[RolloutRequest], hooks: LoopHooks | None = None, progress=None) -> list[Rollout]:
+        """Run requests through the tool loop (``meta["item"]`` must hold their :class:`Record`); the finished
+        rollouts in enqueue order. ``progress`` as in :meth:`AgentLoop.run`."""
+        return self.loop.run(requests, hooks, progress)
+
+    def rollout(self, requests: Sequence[RolloutRequest], num_groups: int, rows_per_group: int, *,
+                hooks: LoopHooks | None = None, progress=None, parent_tree: np.ndarray | None = None) -> RolloutBatch:
+        """Run ``requests`` (made by :meth:`request`; ``hooks`` may add requests while the loop runs) and assemble
+        the ``num_groups * rows_per_group`` rows, group-major (module doc); rows without a rollout are padding.
+        ``tree_id``: parents are rows of this batch, or, with ``parent_tree``, rows of another batch whose tree ids
+        it holds (:func:`resolve_tree_ids`). Requests of groups outside ``range(num_groups)`` are an error."""
+        batch = self.rollout_block(requests, range(num_groups), rows_per_group, hooks=hooks, progress=progress)
+        batch.tree_id = resolve_tree_ids(batch.traj.parent, batch.traj.row_valid, parent_tree)
         return batch
 
-    # -- ARPO / AEPO -------------------------------------------------------------------------------------------
-    def arpo_batch(self, prompts: Sequence[Record], n: int, n_init: int, key, penalty: float = 0.0,
-                   progress=None) -> RolloutBatch:
-        """ARPO groups of ``n`` rows (:mod:`appo_jax.rollout.arpo`; AEPO: a consecutive-branch ``penalty`` > 0);
-        row ``g * n + j``, ``parent`` indexes rows of this batch."""
-        self._check_prompts(prompts)
-        cfg = self.cfg
-        acfg = ArpoConfig(cfg.arpo_alpha, cfg.arpo_beta, cfg.arpo_beam, penalty)
-        seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+    def rollout_block(self, requests: Sequence[RolloutRequest], groups: range, rows_per_group: int, *,
+                      hooks: LoopHooks | None = None, progress=None) -> RolloutBatch:
+        """:meth:`rollout` for the prompt groups ``groups`` only (the requests of other groups are skipped): rows
+        ``(g - groups.start) * rows_per_group + local``, group ids and parent rows as the requests give them
+        (global), ``tree_id`` left -1. What :meth:`rollout` and the host-sharded engine build on."""
+        if rows_per_group < 1:
+            raise ValueError(f"rows_per_group must be >= 1, got {rows_per_group}")
+        mine = [r for r in requests if r.meta["group"] in groups]
+        return self._assemble(self.run(mine, hooks, progress), groups, rows_per_group)
 
-        def make(g, local, prefix, parent_local, branch_pos, kind):
-            return self._request(key, prompts[g], g, local, prefix=prefix, kind=kind,
-                                 parent=-1 if parent_local < 0 else g * n + parent_local, branch_pos=branch_pos)
-
-        hooks = ArpoHooks(len(prompts), n, n_init, self.vocab_size, acfg, seed, make)
-        rollouts = self.run(hooks.initial_requests(), hooks, progress)
-        return self._assemble(self._rows_from_rollouts(rollouts, len(prompts) * n,
-                                                       lambda m: m["group"] * n + m["local"]))
-
-    # -- Tree-GRPO ---------------------------------------------------------------------------------------------
-    def tree_batch(self, prompts: Sequence[Record], n: int, n_init: int, key, progress=None) -> RolloutBatch:
-        """Tree-GRPO groups of ``n`` rows (:mod:`appo_jax.rollout.tree`): rows ``g * n + i``, ``i < n_init``,
-        are the tree roots; expansions follow in creation order with ``parent`` / ``branch_pos`` set and
-        ``tree_id`` = their root row."""
-        self._check_prompts(prompts)
-        quota = expansion_counts(n, n_init)
-        length = self.cfg.max_response_len
-        rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
-        done: dict[int, Rollout] = {}     # batch row -> rollout
-        root: dict[int, int] = {}         # batch row -> tree root row
-        reqs = [self._request(key, item, g, i) for g, item in enumerate(prompts) for i in range(n_init)]
-        count = [n_init] * len(prompts)
-        remaining = {g * n + i: quota[i] for g in range(len(prompts)) for i in range(n_init)}
-        for rnd in range(self.cfg.tree_rounds + 1):
-            for ro in self.run(reqs, progress=progress):
-                m = ro.request.meta
-                r = m["group"] * n + m["local"]
-                done[r] = ro
-                root[r] = r if m["parent"] < 0 else root[m["parent"]]
-            rounds_left = self.cfg.tree_rounds - rnd
-            if rounds_left <= 0:
-                break
-            reqs = []
-            for tree_root, left in remaining.items():
-                k = round_quota(left, rounds_left)
-                if k == 0:
-                    continue
-                remaining[tree_root] = left - k
-                members = [r for r in done if root[r] == tree_root]
-                nodes = [(r, t) for r in members
-                         for t in step_nodes(done[r].obs_mask, length, done[r].request.meta["branch_pos"])]
-                picked = choose_nodes(nodes, k, rng) if nodes else [(tree_root, -1)] * k
-                g = tree_root // n
-                for r, t in picked:
-                    prefix = done[r].prefix(t + 1) if t >= 0 else None
-                    reqs.append(self._request(key, prompts[g], g, count[g], prefix=prefix, kind=KIND_BRANCH,
-                                              parent=r, branch_pos=t))
-                    count[g] += 1
-        rows = self._rows_from_rollouts(list(done.values()), len(prompts) * n,
-                                        lambda m: m["group"] * n + m["local"])
-        return self._assemble(rows)
+    def _assemble(self, rollouts: Sequence[Rollout], groups: range, rows_per_group: int) -> RolloutBatch:
+        """The block of rows of ``groups`` (padding rows: kind branch) from finished rollouts."""
+        cfg, num_rows = self.cfg, len(groups) * rows_per_group
+        build = TrajectoryBuilder(num_rows, cfg.max_response_len, cfg.max_prompt_len, self.pad_id)
+        texts: list[str] = [""] * num_rows
+        calls: list[list[ToolCall]] = [[] for _ in range(num_rows)]
+        accuracy, format_ok = np.zeros(num_rows, np.float32), np.zeros(num_rows, np.float32)
+        for i in range(num_rows):
+            build.set_kind(i, KIND_BRANCH)
+        taken = np.zeros(num_rows, bool)
+        for ro in rollouts:
+            m = ro.request.meta
+            if m["group"] not in groups or not 0 <= m["local"] < rows_per_group:
+                raise ValueError(f"a request for row {m['local']} of group {m['group']} is outside the batch "
+                                 f"(groups {groups.start}..{groups.stop - 1}, {rows_per_group} rows each)")
+            i = (m["group"] - groups.start) * rows_per_group + m["local"]
+            if taken[i]:
+                raise ValueError(f"two requests for row {m['local']} of group {m['group']}")
+            taken[i] = True
+            build.set_row(i, prompt_ids=ro.request.prompt_ids, tokens=ro.tokens, gen_mask=ro.gen_mask,
+                          obs_mask=ro.obs_mask, behavior_logp=ro.logprobs, entropy=ro.entropies, group=m["group"],
+                          kind=m["kind"], parent=m["parent"], branch_pos=m["branch_pos"], branch_score=m["score"],
+                          reward=ro.reward, tool_calls=len(ro.tool_calls), finish_reason=ro.finish_reason)
+            accuracy[i], format_ok[i] = m.get("accuracy", 0.0), m.get("format_ok", 0.0)
+            texts[i], calls[i] = ro.text, ro.tool_calls
+        return RolloutBatch(build.build(), texts, calls, accuracy, np.full(num_rows, -1, np.int32), format_ok)
 
 
 __all__ = ["RolloutBatch", "RolloutConfig", "RolloutEngine", "concat_batches", "concat_trajectories",
-           "default_tools", "tool_calls_from_tokens", "tree_ids"]
+           "default_tools", "overlay_batches", "resolve_tree_ids", "tool_calls_from_tokens", "tree_ids"]

@@ -1,35 +1,45 @@
-"""How an algorithm draws its rollouts: one interface, one class per kind, chosen by name (docs/algorithm.md §1.3,
-§1.7).
+"""How an algorithm draws its rollouts: one interface, one class per kind, registered by name with its typed options
+(docs/algorithm.md §1.3, §1.7; adding one: docs/architecture.md, "Adding a rollout strategy").
 
 A strategy turns ``num_prompts`` prompts into a :class:`Sampled`: the rollout batch (group-major rows), the
 prompt of each group, how many leading rows enter the policy update, and what it computed on the way (APPO's
-branch points and the current-policy log-probs of the initial rows). Every strategy is built by
-``STRATEGIES[name](**options)`` from the same keyword options (each takes what it needs):
+branch points and the current-policy log-probs of the initial rows). Each strategy owns its scheme, written over
+the engine's one primitive (``engine.request`` / ``engine.rollout``, `appo_jax.rollout.engine`), and is built by
+:func:`make_strategy` from its options dataclass (``STRATEGIES.options(name)``: frozen, every knob typed, an
+unknown key an error) and a :class:`StrategyContext` (what the trainer provides: branch-candidate table,
+log-prob callback, placement):
 
-    independent   n rollouts per prompt                                         (GRPO, DAPO)
-    appo          n_init initial rollouts, then n - n_init branches at the best Branching Scores
-    arpo / aepo   entropy-triggered branching after tool results (AEPO: consecutive-branch penalty)
-    tree          Tree-GRPO step-level tree expansion
+    independent   n rollouts per prompt                                         (GRPO, DAPO)        here
+    appo          n_init initial rollouts, then n - n_init branches at the best Branching Scores     here
+    arpo / aepo   entropy-triggered branching after tool results (AEPO: consecutive-branch penalty)  arpo.py
+    tree          Tree-GRPO step-level tree expansion                                              tree.py
 
-`DynamicSampling` wraps `Independent` for DAPO (keep groups whose rewards are not all equal).
+`DynamicSampling` wraps `Independent` for DAPO (keep groups whose rewards are not all equal). The helpers
+:func:`initial_rollouts` and :func:`branch_rollouts` are the two phases of APPO, usable on their own.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
 
 from appo_jax.core.branch_points import BranchPoints, choose_branch_points
 from appo_jax.core.registry import Registry
-from appo_jax.core.trajectory import Trajectory, TrajectoryBuilder
+from appo_jax.core.trajectory import KIND_BRANCH, Trajectory, TrajectoryBuilder
 from appo_jax.data.records import Record
-from appo_jax.rollout.engine import RolloutBatch, RolloutEngine, concat_batches
+from appo_jax.rollout.engine import RolloutBatch, RolloutEngine, concat_batches, tree_ids
 
-#: ``logprobs(traj) -> (lc, lb)``: current-policy and behaviour-baseline log-probs ``[N, L]`` of a batch.
-LogProbs = Callable[[Trajectory], tuple[jax.Array, jax.Array]]
+#: ``logprobs(params, traj) -> (lc, lb)``: log-probs ``[N, L]`` of a batch under ``params`` and the behaviour
+#: baseline of Omega (`appo_jax.training.policies.Policies.current_and_baseline`).
+LogProbs = Callable[[Any, Trajectory], tuple[jax.Array, jax.Array]]
+
+#: The rollout strategies: ``STRATEGIES.get(name)(options, context)`` with ``options`` an instance of
+#: ``STRATEGIES.options(name)``; use :func:`make_strategy`. ARPO / AEPO and Tree-GRPO register themselves in their
+#: own modules (imported on the first lookup).
+STRATEGIES = Registry("rollout strategy", provider=("appo_jax.rollout.arpo", "appo_jax.rollout.tree"))
 
 
 @dataclass
@@ -55,12 +65,46 @@ class RolloutStrategy(Protocol):
     #: rows per prompt that enter the update
     train_rows_per_prompt: int
 
-    def sample(self, engine: RolloutEngine, next_prompts: Callable[[int], list[Record]], num_prompts: int, key,
-               progress=None) -> Sampled:
-        """Draw ``num_prompts`` prompts with ``next_prompts`` and sample their rollouts."""
+    def sample(self, engine: RolloutEngine, params, next_prompts: Callable[[int], list[Record]], num_prompts: int,
+               key, progress=None) -> Sampled:
+        """Draw ``num_prompts`` prompts with ``next_prompts`` and sample their rollouts; ``params``: the current
+        policy's parameters (the sampler already holds them; strategies that score rollouts pass them to
+        ``context.logprobs``)."""
 
 
-def _check_budget(n: int, n_init: int, branches: bool = False) -> None:
+def _identity(x):
+    return x
+
+
+@dataclass
+class StrategyContext:
+    """What a strategy may need besides its options, provided by the trainer (or the ``rollout`` CLI): ``table``
+    (branch-candidate tokens), ``logprobs(params, traj) -> (lc, lb)``, ``place`` / ``to_host`` (a host Trajectory
+    to where jitted selection runs, and results back) and ``labeller(traj, prompts)`` (decision tokens, for the
+    oracle score)."""
+
+    table: Any = None
+    logprobs: LogProbs | None = None
+    place: Callable[[Trajectory], Trajectory] = _identity
+    to_host: Callable = jax.device_get
+    labeller: Callable[[Trajectory, Sequence], np.ndarray] | None = None
+
+
+def make_strategy(name: str, options=None, context: StrategyContext | None = None) -> RolloutStrategy:
+    """The strategy registered as ``name``, built from ``options`` (an instance of ``STRATEGIES.options(name)``, a
+    mapping of its fields, whose unknown keys are an error naming the strategy and its known keys, or None for
+    the defaults) and ``context``."""
+    options_class = STRATEGIES.options(name)
+    if options is None:
+        options = options_class()
+    elif isinstance(options, Mapping):
+        options = STRATEGIES.make_options(name, options)
+    elif not isinstance(options, options_class):
+        raise TypeError(f"rollout strategy {name!r} takes {options_class.__name__}, got {type(options).__name__}")
+    return STRATEGIES.get(name)(options, context or StrategyContext())
+
+
+def check_budget(n: int, n_init: int, branches: bool = False) -> None:
     """``1 <= n_init <= n`` (``< n`` when the strategy needs a branch budget ``n - n_init >= 1``)."""
     if n < 1:
         raise ValueError(f"algorithm.n={n}; expected at least 1 rollout per prompt")
@@ -79,39 +123,99 @@ def _timed(metrics: dict, name: str, fn, *args, **kwargs):
     return out
 
 
-@dataclass
-class _EveryRowTrains:
-    """Strategies that sample ``n`` rows per prompt, all of which train; `_draw` makes the batch."""
+# ---------------------------------------------------------------------------------------------------- the phases
+def initial_rollouts(engine: RolloutEngine, prompts: Sequence[Record], n: int, key, progress=None) -> RolloutBatch:
+    """``n`` fresh rollouts per prompt; row ``g * n + i`` is rollout ``i`` of prompt ``g`` (kind init, rewards
+    filled). ``progress``: see `RolloutEngine.run`."""
+    if n < 1:
+        raise ValueError(f"n_init must be >= 1, got {n}")
+    reqs = [engine.request(key, prompts[g], g, i) for g in engine.own_groups(len(prompts)) for i in range(n)]
+    return engine.rollout(reqs, len(prompts), n, progress=progress)
 
-    n: int
+
+def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequence[Record], rows, positions, scores,
+                    valid, key, progress=None) -> RolloutBatch:
+    """APPO branch rollouts (docs/algorithm.md §1.3). ``rows`` / ``positions`` / ``scores`` / ``valid`` are
+    ``[G, B]`` (from ``choose_branch_points``): output row ``g * B + j`` continues row ``rows[g, j]`` of
+    ``parents`` (a row of group g) from ``prompt + response[: positions[g, j] + 1]`` (tokens, masks, behaviour
+    log-probs and entropies of the prefix copied; tool calls reconstructed from the tokens), kind branch, sampling
+    key ``fold_in(fold_in(key, g), j)``; invalid slots give padding rows. ``parent`` indexes ``parents`` and
+    ``tree_id`` is the parent's tree."""
+    rows, positions = np.asarray(rows), np.asarray(positions)
+    scores, valid = np.asarray(scores, np.float32), np.asarray(valid, bool)
+    if not rows.shape == positions.shape == scores.shape == valid.shape or rows.ndim != 2:
+        raise ValueError(f"rows/positions/scores/valid must share one [G, B] shape, got {rows.shape}, "
+                         f"{positions.shape}, {scores.shape}, {valid.shape}")
+    num_g, budget = rows.shape
+    prompt_tokens, prompt_mask = np.asarray(parents.prompt_tokens), np.asarray(parents.prompt_mask)
+    group_id, own = np.asarray(parents.group_id), engine.own_groups(num_g)
+    reqs = []
+    for g, j in zip(*np.nonzero(valid)):
+        r, t = int(rows[g, j]), int(positions[g, j])
+        if not 0 <= r < parents.tokens.shape[0]:
+            raise ValueError(f"branch slot ({g}, {j}): parent row {r} outside the parent batch")
+        grp = int(group_id[r])
+        if grp != g or not 0 <= grp < len(prompts):
+            raise ValueError(f"branch slot ({g}, {j}): parent row {r} has group {grp}, not {g} "
+                             f"({len(prompts)} prompts were given)")
+        if g in own:  # another process runs the others (HostShardedEngine)
+            reqs.append(engine.request(key, prompts[grp], grp, int(j), prompt_ids=prompt_tokens[r][prompt_mask[r]],
+                                       prefix=engine.branch_prefix(parents, r, t), kind=KIND_BRANCH, parent=r,
+                                       branch_pos=t, score=float(scores[g, j])))
+    parent_tree = tree_ids(np.asarray(parents.parent), np.asarray(parents.row_valid))
+    return engine.rollout(reqs, num_g, budget, progress=progress, parent_tree=parent_tree)
+
+
+# ---------------------------------------------------------------------------------------------------- strategies
+@dataclass
+class EveryRowTrains:
+    """Base of the strategies that sample ``options.n`` rows per prompt, all of which train: ``sample`` draws the
+    prompts, times the rollouts and wraps the batch; a subclass implements :meth:`draw`."""
+
+    options: Any
+    context: StrategyContext = field(default_factory=StrategyContext)
 
     @property
     def rollouts_per_prompt(self) -> int:
-        return self.n
+        """``options.n`` (the sampler runs every row of a group at once)."""
+        return self.options.n
 
     @property
     def train_rows_per_prompt(self) -> int:
-        return self.n
+        """``options.n``: every row trains."""
+        return self.options.n
 
-    def sample(self, engine, next_prompts, num_prompts, key, progress=None) -> Sampled:
+    def sample(self, engine, params, next_prompts, num_prompts, key, progress=None) -> Sampled:
+        """:meth:`draw` on ``num_prompts`` new prompts (module doc)."""
         metrics: dict = {}
         prompts = next_prompts(num_prompts)
-        batch = _timed(metrics, "time/rollout_s", self._draw, engine, prompts, key, progress)
-        return Sampled(batch, list(prompts), num_prompts * self.n, metrics=metrics)
+        batch = _timed(metrics, "time/rollout_s", self.draw, engine, prompts, key, progress)
+        return Sampled(batch, list(prompts), num_prompts * self.options.n, metrics=metrics)
 
-    def _draw(self, engine: RolloutEngine, prompts, key, progress) -> RolloutBatch:
+    def draw(self, engine: RolloutEngine, prompts: Sequence[Record], key, progress) -> RolloutBatch:
+        """The batch of ``len(prompts) * options.n`` rows, group-major."""
         raise NotImplementedError
 
 
-@dataclass
-class Independent(_EveryRowTrains):
-    """``n`` independent rollouts per prompt; every row trains."""
+@dataclass(frozen=True)
+class IndependentOptions:
+    """``n`` rollouts per prompt (``algorithm.n``)."""
+
+    n: int = 16
 
     def __post_init__(self):
-        _check_budget(self.n, 1)
+        check_budget(self.n, 1)
 
-    def _draw(self, engine, prompts, key, progress):
-        return engine.initial_batch(prompts, self.n, key, progress)
+
+@dataclass
+class Independent(EveryRowTrains):
+    """``n`` independent rollouts per prompt; every row trains."""
+
+    options: IndependentOptions = field(default_factory=IndependentOptions)
+
+    def draw(self, engine, prompts, key, progress):
+        """:func:`initial_rollouts` with ``n`` per prompt."""
+        return initial_rollouts(engine, prompts, self.options.n, key, progress)
 
 
 @dataclass
@@ -128,14 +232,17 @@ class DynamicSampling:
 
     @property
     def rollouts_per_prompt(self) -> int:
-        return self.base.n
+        """The base strategy's ``n``."""
+        return self.base.options.n
 
     @property
     def train_rows_per_prompt(self) -> int:
-        return self.base.n
+        """The base strategy's ``n``."""
+        return self.base.options.n
 
-    def sample(self, engine, next_prompts, num_prompts, key, progress=None) -> Sampled:
-        n = self.base.n
+    def sample(self, engine, params, next_prompts, num_prompts, key, progress=None) -> Sampled:
+        """Rounds of independent rollouts until ``num_prompts`` groups with reward variance are kept (class doc)."""
+        n = self.base.options.n
         kept: list[tuple[RolloutBatch, int, Record]] = []
         metrics: dict = {}
         sampled, first_rewards, rounds = 0, None, 0
@@ -143,7 +250,7 @@ class DynamicSampling:
             if len(kept) >= num_prompts:
                 break
             prompts = next_prompts(num_prompts)
-            batch = _timed(metrics, "time/rollout_s", engine.initial_batch, prompts, n,
+            batch = _timed(metrics, "time/rollout_s", initial_rollouts, engine, prompts, n,
                            jax.random.fold_in(key, rounds), progress)
             r = np.asarray(batch.traj.reward).reshape(num_prompts, n)
             ok = np.asarray(batch.traj.row_valid).reshape(num_prompts, n)
@@ -184,57 +291,68 @@ def select_groups(groups: Sequence[tuple[RolloutBatch, int]], n: int, num_groups
     return RolloutBatch(traj, texts, calls, accuracy, tree, format_ok)
 
 
-@dataclass
-class AppoBranching:
-    """APPO (docs/algorithm.md §1.1-§1.3): ``n_init`` initial rollouts per prompt; ``logprobs`` gives their
-    current and baseline log-probs; `choose_branch_points` picks ``n - n_init`` branch points per prompt with
-    the ``score`` mode and the ``parity`` arithmetic; the branches continue their parents' prefixes. Only the
-    initial rows train; their current log-probs are returned as ``old_logp``. ``place`` puts a host Trajectory
-    where the jitted selection runs (the trainer's mesh)."""
+@dataclass(frozen=True)
+class AppoOptions:
+    """APPO's rollout knobs (the ``algorithm`` section's fields of the same names): ``n`` / ``n_init`` (branch
+    budget ``n - n_init`` per prompt), ``score`` (Branching Score mode of the algorithm), ``omega_gamma`` /
+    ``omega_clip`` (gamma and eps of Omega) and ``branching_parity`` (``appo_jax`` or ``official`` arithmetic)."""
 
-    n: int
-    n_init: int
-    table: Any
-    logprobs: LogProbs
+    n: int = 16
+    n_init: int = 8
     score: str = "appo"
-    gamma: float = 1.0
-    clip_eps: float = 0.2
-    place: Callable[[Trajectory], Trajectory] = lambda t: t
-    labeller: Callable[[Trajectory, Sequence], np.ndarray] | None = None
-    parity: str = "appo_jax"
-    to_host: Callable = jax.device_get
+    omega_gamma: float = 1.0
+    omega_clip: float = 0.2
+    branching_parity: str = "appo_jax"
 
     def __post_init__(self):
-        _check_budget(self.n, self.n_init, branches=True)
+        check_budget(self.n, self.n_init, branches=True)
+
+
+@dataclass
+class AppoBranching:
+    """APPO (docs/algorithm.md §1.1-§1.3): ``n_init`` initial rollouts per prompt; ``context.logprobs(params,
+    traj)`` gives their current and baseline log-probs; `choose_branch_points` picks ``n - n_init`` branch points
+    per prompt with the ``score`` mode and the ``branching_parity`` arithmetic (jitted where ``context.place``
+    puts the batch); the branches continue their parents' prefixes. Only the initial rows train; their current
+    log-probs are returned as ``old_logp``."""
+
+    options: AppoOptions = field(default_factory=AppoOptions)
+    context: StrategyContext = field(default_factory=StrategyContext)
 
     @property
     def rollouts_per_prompt(self) -> int:
-        return max(self.n_init, self.n - self.n_init)
+        """The larger phase: ``max(n_init, n - n_init)`` concurrent rollouts per prompt."""
+        return max(self.options.n_init, self.options.n - self.options.n_init)
 
     @property
     def train_rows_per_prompt(self) -> int:
-        return self.n_init
+        """``n_init``: only the initial rows train."""
+        return self.options.n_init
 
-    def sample(self, engine, next_prompts, num_prompts, key, progress=None) -> Sampled:
+    def sample(self, engine, params, next_prompts, num_prompts, key, progress=None) -> Sampled:
+        """Initial rollouts -> log-probs -> branch points -> branch rollouts (class doc)."""
+        o, c = self.options, self.context
+        if c.logprobs is None or c.table is None:
+            raise ValueError("APPO branching needs context.logprobs and context.table (StrategyContext)")
         k_init, k_branch = jax.random.split(key)
         metrics: dict = {}
         prompts = next_prompts(num_prompts)
-        init = _timed(metrics, "time/rollout_s", engine.initial_batch, prompts, self.n_init, k_init, progress)
-        lc, lb = self.to_host(_timed(metrics, "time/logprobs_s", self.logprobs, init.traj))
+        init = _timed(metrics, "time/rollout_s", initial_rollouts, engine, prompts, o.n_init, k_init, progress)
+        lc, lb = c.to_host(_timed(metrics, "time/logprobs_s", c.logprobs, params, init.traj))
         decisions = None
-        if self.score == "oracle":
-            if self.labeller is None:
+        if o.score == "oracle":
+            if c.labeller is None:
                 raise ValueError("the oracle branching score needs a decision-token labeller (a generated task with "
                                  "labelled decisions, e.g. kb_multihop or arith_program)")
-            decisions = self.labeller(init.traj, prompts)
-        points = _timed(metrics, "time/branching_s", choose_branch_points, self.place(init.traj), lc, lb,
-                        self.table, num_groups=num_prompts, budget=self.n - self.n_init, score=self.score,
-                        gamma=self.gamma, clip_eps=self.clip_eps, decisions=decisions, parity=self.parity)
-        points = self.to_host(points)
-        branches = _timed(metrics, "time/branch_rollout_s", engine.branches_batch, init.traj, prompts,
+            decisions = c.labeller(init.traj, prompts)
+        points = _timed(metrics, "time/branching_s", choose_branch_points, c.place(init.traj), lc, lb, c.table,
+                        num_groups=num_prompts, budget=o.n - o.n_init, score=o.score, gamma=float(o.omega_gamma),
+                        clip_eps=float(o.omega_clip), decisions=decisions, parity=o.branching_parity)
+        points = c.to_host(points)
+        branches = _timed(metrics, "time/branch_rollout_s", branch_rollouts, engine, init.traj, prompts,
                           points.rows, points.positions, points.selected_scores, points.valid, k_branch, progress)
         metrics["omega/abs_log_ratio_mean"] = _masked_abs_mean(np.asarray(lc) - np.asarray(lb), init.traj)
-        return Sampled(concat_batches(init, branches), list(prompts), num_prompts * self.n_init, old_logp=lc,
+        return Sampled(concat_batches(init, branches), list(prompts), num_prompts * o.n_init, old_logp=lc,
                        branching=points, metrics=metrics)
 
 
@@ -243,43 +361,5 @@ def _masked_abs_mean(x: np.ndarray, traj: Trajectory) -> float:
     return float(np.abs(x)[mask].mean()) if mask.any() else 0.0
 
 
-@dataclass
-class ArpoBranching(_EveryRowTrains):
-    """ARPO / AEPO (docs/algorithm.md §1.7): groups of ``n`` rows grown by entropy-triggered copies after tool
-    results (consecutive-branch ``penalty`` 0 for ARPO, ``rollout.aepo_penalty`` for AEPO); every row trains."""
-
-    n_init: int = 1
-    penalty: float = 0.0
-
-    def __post_init__(self):
-        _check_budget(self.n, self.n_init)
-
-    def _draw(self, engine, prompts, key, progress):
-        return engine.arpo_batch(prompts, self.n, self.n_init, key, self.penalty, progress)
-
-
-@dataclass
-class TreeSearch(_EveryRowTrains):
-    """Tree-GRPO (docs/algorithm.md §1.7): ``n_init`` trees per prompt expanded at random step nodes to ``n``
-    rows; every row trains."""
-
-    n_init: int = 1
-
-    def __post_init__(self):
-        _check_budget(self.n, self.n_init)
-
-    def _draw(self, engine, prompts, key, progress):
-        return engine.tree_batch(prompts, self.n, self.n_init, key, progress)
-
-
-#: ``STRATEGIES.get(name)(**options)``: options ``n``, ``n_init``, ``table``, ``logprobs``, ``score``,
-#: ``gamma``, ``clip_eps``, ``place``, ``aepo_penalty``, ``labeller``, ``parity``, ``to_host`` (each strategy
-#: takes what it needs).
-STRATEGIES = Registry("rollout strategy")
-STRATEGIES.register("independent", lambda *, n, **_: Independent(n))
-STRATEGIES.register("appo", lambda *, n, n_init, table, logprobs, score="appo", gamma=1.0, clip_eps=0.2,
-                    place=lambda t: t, labeller=None, parity="appo_jax", to_host=jax.device_get, **_: AppoBranching(
-                        n, n_init, table, logprobs, score, gamma, clip_eps, place, labeller, parity, to_host))
-STRATEGIES.register("arpo", lambda *, n, n_init, **_: ArpoBranching(n, n_init, 0.0))
-STRATEGIES.register("aepo", lambda *, n, n_init, aepo_penalty, **_: ArpoBranching(n, n_init, aepo_penalty))
-STRATEGIES.register("tree", lambda *, n, n_init, **_: TreeSearch(n, n_init))
+STRATEGIES.register("independent", Independent, options=IndependentOptions)
+STRATEGIES.register("appo", AppoBranching, options=AppoOptions)

@@ -14,6 +14,13 @@ name:
   whose rewards all agree (independent sampling only); ``description``: one line for people
   (``appo-jax train --list-algorithms``).
 
+The estimator and the strategy each take a frozen options dataclass (``ADVANTAGES.options(name)``,
+``STRATEGIES.options(name)``). Its fields are filled by name from the algorithm's knobs (`AlgorithmSpec.knobs`):
+the config's ``algorithm`` section (``n``, ``n_init``, ``norm_by_std``, ``arpo_beta``, ``tree_rounds``, ...), the
+spec's switches, and ``algorithm.options`` for the knobs of a registered estimator or strategy that have no field
+of their own; a key of ``algorithm.options`` that neither takes is an error naming the algorithm and the known
+keys (`AlgorithmSpec.check_options`).
+
 The experiment config may override the switches (``algorithm.procedure_scaling``, ``algorithm.dynamic_sampling``,
 ``loss.mode``, ``loss.clip_high``): `AlgorithmSpec.with_overrides` applies them.
 """
@@ -21,11 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from appo_jax.core.branch_points import SCORE_MODES
-from appo_jax.core.registry import ADVANTAGES, POLICY_LOSSES
-from appo_jax.rollout.strategies import STRATEGIES, DynamicSampling, RolloutStrategy
+from appo_jax.core.registry import ADVANTAGES, POLICY_LOSSES, option_names, pick_options
+from appo_jax.rollout.strategies import STRATEGIES, DynamicSampling, RolloutStrategy, StrategyContext, make_strategy
+
+#: The spec's switches that an estimator or a strategy may read as options (fixed by the algorithm).
+SPEC_KNOBS = ("score", "prefix_credit", "procedure_scaling")
 
 
 @dataclass(frozen=True)
@@ -56,28 +66,60 @@ class AlgorithmSpec:
         """The spec with the config's explicit overrides (keys whose value is not None)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def advantage_options(self, algorithm) -> dict:
-        """Keyword options of the advantage estimator (each estimator takes what it needs): from the spec and the
-        config's ``algorithm`` section."""
-        return dict(norm_by_std=algorithm.norm_by_std, procedure_scaling=self.procedure_scaling,
-                    reward_scale_discount=algorithm.reward_scale_discount, prefix_credit=self.prefix_credit,
-                    entropy_alpha=algorithm.aepo_entropy_alpha, gigpo_gamma=algorithm.gigpo_gamma,
-                    gigpo_step_weight=algorithm.gigpo_step_weight)
+    def knobs(self, algorithm) -> dict:
+        """Every value an option of this algorithm's estimator or strategy may take, by name: the fields of the
+        config's ``algorithm`` section, then the spec's switches (:data:`SPEC_KNOBS`; ``procedure_scaling`` is the
+        section's resolved by `appo_jax.training.config.algorithm_spec`), then ``algorithm.options``."""
+        values = {f.name: getattr(algorithm, f.name) for f in dataclasses.fields(algorithm)
+                  if f.name not in ("name", "options")}
+        values.update({k: getattr(self, k) for k in SPEC_KNOBS})
+        options = getattr(algorithm, "options", None) or {}
+        values.update({k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})  # hashable (JSON)
+        return values
 
-    def strategy(self, algorithm, rollout, *, table=None, logprobs: Callable | None = None,
-                 place: Callable | None = None, labeller: Callable | None = None,
-                 to_host: Callable | None = None) -> RolloutStrategy:
-        """The rollout strategy of this algorithm for the config's ``algorithm`` / ``rollout`` sections;
-        ``table`` (branch-candidate tokens), ``logprobs(traj) -> (lc, lb)``, ``place`` / ``to_host`` (to the mesh
-        and back) and ``labeller`` (decision tokens, for the oracle) serve branching strategies."""
-        options = dict(n=algorithm.n, n_init=algorithm.n_init, table=table, logprobs=logprobs, score=self.score,
-                       gamma=float(algorithm.omega_gamma), clip_eps=float(algorithm.omega_clip),
-                       aepo_penalty=rollout.aepo_penalty, labeller=labeller, parity=algorithm.branching_parity)
-        if place is not None:
-            options["place"] = place
-        if to_host is not None:
-            options["to_host"] = to_host
-        strategy = STRATEGIES.get(self.rollout_strategy)(**options)
+    def option_keys(self) -> list[str]:
+        """The option names of this algorithm's estimator and rollout strategy."""
+        return sorted(set(option_names(ADVANTAGES.options(self.advantage)))
+                      | set(option_names(STRATEGIES.options(self.rollout_strategy))))
+
+    def check_options(self, algorithm) -> None:
+        """``ValueError`` for a key of ``algorithm.options`` that this algorithm's estimator and strategy do not
+        take (naming the algorithm and the known keys), that is a field of the section (set it there) or that the
+        spec fixes (:data:`SPEC_KNOBS`)."""
+        section, known = {f.name for f in dataclasses.fields(algorithm)}, self.option_keys()
+        for key in getattr(algorithm, "options", None) or {}:
+            if key in section:
+                raise ValueError(f"algorithm.options[{key!r}]: {key} is a field of the algorithm section; set "
+                                 f"algorithm.{key}")
+            if key in SPEC_KNOBS:
+                raise ValueError(f"algorithm.options[{key!r}]: {key} is fixed by algorithm {self.name!r} (choose the "
+                                 "algorithm that sets it)")
+            if key not in known:
+                raise ValueError(self.unknown_key_message(repr(key), algorithm))
+
+    def unknown_key_message(self, key: str, algorithm) -> str:
+        """Why ``key`` is not an option of this algorithm, and which keys are (those with a field of the section
+        are set as ``algorithm.<key>``, the others in ``algorithm.options``)."""
+        section = {f.name for f in dataclasses.fields(algorithm)}
+        known = self.option_keys()
+        fields = [k for k in known if k in section]
+        extra = [k for k in known if k not in section and k not in SPEC_KNOBS]
+        return (f"algorithm {self.name!r} has no option {key} (estimator {self.advantage!r}, rollout strategy "
+                f"{self.rollout_strategy!r}); known keys: {', '.join(known)} (algorithm section fields: "
+                f"{', '.join(fields) or 'none'}; in algorithm.options: {', '.join(extra) or 'none'})")
+
+    def advantage_options(self, algorithm):
+        """The estimator's options dataclass (frozen, hashable: the jitted estimator's static argument) filled
+        from :meth:`knobs`."""
+        return pick_options(ADVANTAGES.options(self.advantage), self.knobs(algorithm))
+
+    def strategy(self, algorithm, context: StrategyContext | None = None) -> RolloutStrategy:
+        """The rollout strategy of this algorithm: its options dataclass filled from :meth:`knobs` of the config's
+        ``algorithm`` section, and ``context`` (branch-candidate table, ``logprobs(params, traj) -> (lc, lb)``,
+        placement on the mesh and back, decision labeller) for the strategies that need it; wrapped in
+        `DynamicSampling` when the algorithm says so."""
+        options = pick_options(STRATEGIES.options(self.rollout_strategy), self.knobs(algorithm))
+        strategy = make_strategy(self.rollout_strategy, options, context)
         if self.dynamic_sampling:
             strategy = DynamicSampling(strategy, algorithm.max_resample_rounds)
         return strategy

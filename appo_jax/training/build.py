@@ -31,6 +31,7 @@ from appo_jax.rewards.registry import RecordReward
 from appo_jax.rollout.decision_labels import DecisionLabeller
 from appo_jax.rollout.engine import RolloutEngine, default_tools
 from appo_jax.rollout.host_sharded import HostShardedEngine
+from appo_jax.rollout.strategies import StrategyContext
 from appo_jax.training.algorithms import AlgorithmSpec
 from appo_jax.training.checkpoint import Checkpointer
 from appo_jax.training.config import (ExperimentConfig, algorithm_spec, candidate_rule, resolve_mesh_shape,
@@ -68,7 +69,7 @@ class Run:
     policies: Policies
     runner: TrainStepRunner
     strategy: Any
-    advantage_options: tuple
+    advantage_options: Any  # the estimator's frozen options dataclass (a jit static argument)
     control: Callable
     kl_coef: float
     tools: Any
@@ -125,8 +126,8 @@ def build_run(cfg: ExperimentConfig, *, workdir: str | None = None, resume: bool
     spec = algorithm_spec(cfg)
     labeller = DecisionLabeller(task, tokenizer) if task is not None and task.decision_spans else None
     table = jnp.asarray(_candidate_table(tokenizer, model_config.vocab_size, candidate_rule(a)))
-    strategy = spec.strategy(a, cfg.rollout, table=table, logprobs=policies.current_and_baseline,
-                             place=placement.tree, to_host=placement.host, labeller=labeller)
+    strategy = spec.strategy(a, StrategyContext(table=table, logprobs=policies.current_and_baseline,
+                                                place=placement.tree, to_host=placement.host, labeller=labeller))
     tools = default_tools(cfg.rollout, (task.search_backend, task.backend_kwargs(cfg.data.task_options))
                           if task is not None and task.search_backend else None)
     # the sampler holds the prompt length and slots of this dataset (this host's share), not the maxima
@@ -141,7 +142,7 @@ def build_run(cfg: ExperimentConfig, *, workdir: str | None = None, resume: bool
               records=records, prompts=PromptIterator(prompts, seed=cfg.data.seed, shuffle=cfg.data.shuffle),
               mesh=mesh, placement=placement, model_config=model_config, tokenizer=tokenizer, tx=tx,
               lr_schedule=lr_schedule, shardings=shardings, policies=policies, runner=runner, strategy=strategy,
-              advantage_options=tuple(sorted(spec.advantage_options(a).items())), control=CONTROLS.get(a.control),
+              advantage_options=spec.advantage_options(a), control=CONTROLS.get(a.control),
               kl_coef=loss["kl_coef"], tools=tools, reward=reward, engine=engine, local_mesh=local_mesh,
               checkpointer=Checkpointer(path / "checkpoints", keep=cfg.checkpoint.keep,
                                         async_save=cfg.checkpoint.async_save),

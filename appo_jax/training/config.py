@@ -41,6 +41,17 @@ class ConfigError(ValueError):
     """A bad experiment config: the message names the key, the value and what is accepted."""
 
 
+#: Keys that moved to another section: the old key -> the new one (setting the old one says where it went).
+MOVED_KEYS = {f"rollout.{k}": f"algorithm.{k}"
+              for k in ("arpo_alpha", "arpo_beta", "arpo_beam", "aepo_penalty", "tree_rounds")}
+
+
+def _moved(key: str) -> None:
+    """:class:`ConfigError` when ``key`` is a key that moved (:data:`MOVED_KEYS`)."""
+    if key in MOVED_KEYS:
+        raise ConfigError(f"{key} moved to {MOVED_KEYS[key]} (the knobs of an algorithm live in its section)")
+
+
 # ---------------------------------------------------------------------------------------------------- sections
 @dataclass
 class ModelSection:
@@ -97,6 +108,13 @@ class AlgorithmSection:
     rewards the estimator sees; ``none`` for a real run. candidate_rule: which tokens may be branch points
     (`appo_jax.core.candidates.CANDIDATE_RULES`: ``appo_jax`` drops whitespace-, punctuation-only and special
     tokens, ``official`` only whitespace-only ones); ``auto`` = the branching parity's own rule.
+
+    The rollout schemes' knobs (docs/algorithm.md §1.7): arpo_alpha / arpo_beta: ARPO's branch probability
+    ``clip(alpha + beta dH, 0, 1)``; arpo_beam: copies per branching round + 1; aepo_penalty: AEPO's
+    consecutive-branch penalty; tree_rounds: Tree-GRPO's expansion rounds. options: the knobs of a registered
+    estimator or rollout strategy that have no field here, by name (e.g. ``{"entropy_scope": "rollout"}`` for
+    ``aepo``; on the command line as JSON: ``--set 'algorithm.options={"entropy_scope": "rollout"}'``); a key the
+    algorithm's estimator and strategy do not take is an error naming the known keys.
     """
 
     name: str = "appo"
@@ -117,6 +135,12 @@ class AlgorithmSection:
     gigpo_step_weight: float = 1.0
     control: str = "none"
     candidate_rule: str = "auto"
+    arpo_alpha: float = 0.5
+    arpo_beta: float = 0.2
+    arpo_beam: int = 2
+    aepo_penalty: float = 0.05
+    tree_rounds: int = 1
+    options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -328,6 +352,7 @@ def _coerce(text: str, tp, key: str):
 def set_value(cfg: ExperimentConfig, key: str, text: str) -> None:
     """Set the dotted ``key`` (e.g. ``optimizer.lr``) of ``cfg`` in place from the string ``text``; the
     string is coerced to the field's declared type. A section name alone is not settable."""
+    _moved(key)
     parts = key.split(".")
     obj = cfg
     for i, part in enumerate(parts):
@@ -378,6 +403,8 @@ def from_dict(d: dict) -> ExperimentConfig:
         if dataclasses.is_dataclass(tp):
             names = {f.name for f in dataclasses.fields(tp)}
             unknown = set(value) - names
+            for u in sorted(unknown):
+                _moved(f"{key}.{u}")
             if unknown:
                 raise ConfigError(f"unknown config key(s) {sorted(f'{key}.{u}' for u in unknown)}")
             kwargs[key] = tp(**value)
@@ -387,6 +414,7 @@ def from_dict(d: dict) -> ExperimentConfig:
 
 
 def to_json(cfg: ExperimentConfig) -> str:
+    """:func:`to_dict` as indented, key-sorted JSON."""
     return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
 
 
@@ -423,7 +451,7 @@ def resolved_loss(cfg: ExperimentConfig) -> dict:
 def train_rows_per_prompt(cfg: ExperimentConfig) -> int:
     """Rows a prompt contributes to the update: its algorithm's rollout strategy says (n for algorithms that
     train on every rollout, n_init for APPO, whose branch rows never enter the loss)."""
-    return algorithm_spec(cfg).strategy(cfg.algorithm, cfg.rollout).train_rows_per_prompt
+    return algorithm_spec(cfg).strategy(cfg.algorithm).train_rows_per_prompt
 
 
 def rows_per_mini_batch(cfg: ExperimentConfig) -> int:
@@ -453,6 +481,86 @@ def eval_modes(logging: LoggingSection) -> list[str]:
     return [m.strip() for m in logging.eval_modes.split(",") if m.strip()]
 
 
+def _check_no_stray_keys(cfg: ExperimentConfig) -> None:
+    """A Python config file that sets an attribute a section does not have (``c.algorithm.arpo_alhpa = 1``, or a
+    key that moved) would otherwise do nothing: :class:`ConfigError` naming the key and what the section has (for
+    the algorithm section, the algorithm and its known keys)."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        names = [f.name for f in dataclasses.fields(obj)]
+        for attr in sorted(set(vars(obj)) - set(names)):
+            key = f"{section.name}.{attr}"
+            _moved(key)
+            if section.name == "algorithm":
+                raise ConfigError(f"unknown config key {key!r}: "
+                                  + algorithm_spec(cfg).unknown_key_message(repr(attr), obj))
+            raise ConfigError(f"unknown config key {key!r}: {section.name} has {', '.join(names)}")
+
+
+def _check_algorithm_knobs(a: AlgorithmSection) -> None:
+    """The rollout schemes' knobs of the algorithm section (whichever algorithm runs), and ``options`` a dict."""
+    for key, value in (("arpo_alpha", a.arpo_alpha), ("arpo_beta", a.arpo_beta)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"algorithm.{key}={value!r}; expected a number")
+    if isinstance(a.arpo_beam, bool) or not isinstance(a.arpo_beam, int) or a.arpo_beam < 2:
+        raise ConfigError(f"algorithm.arpo_beam={a.arpo_beam!r}; expected an integer >= 2 (beam - 1 copies per "
+                          "branching round)")
+    if isinstance(a.tree_rounds, bool) or not isinstance(a.tree_rounds, int) or a.tree_rounds < 1:
+        raise ConfigError(f"algorithm.tree_rounds={a.tree_rounds!r}; expected a positive integer")
+    _positive("algorithm.aepo_penalty", a.aepo_penalty, allow_zero=True)
+    if not isinstance(a.options, dict):
+        raise ConfigError(f"algorithm.options={a.options!r}; expected a dict of option names to values")
+
+
+def _validate_task(cfg: ExperimentConfig) -> None:
+    """``data.task_options`` only for a generated task, and valid for it; the oracle score only on labelled data."""
+    task = get_task(cfg.data.train)
+    if cfg.data.task_options and task is None:
+        raise ConfigError(f"data.task_options is set but data.train={cfg.data.train!r} is not a generated task "
+                          f"({', '.join(TASKS)})")
+    if algorithm_spec(cfg).score == "oracle" and (task is None or task.decision_spans is None):
+        raise ConfigError(f"algorithm.name={cfg.algorithm.name!r} branches at labelled decision tokens: data.train "
+                          f"must be a generated task with labels "
+                          f"({', '.join(t for t, v in TASKS.items() if v.decision_spans)}), not {cfg.data.train!r}")
+    if task is not None:
+        try:
+            task.options(cfg.data.task_options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"data.task_options={cfg.data.task_options!r}: {exc}") from None
+
+
+def _validate_rollout_and_options(cfg: ExperimentConfig) -> None:
+    """The rollout section, the algorithm's knobs, and the options its estimator and strategy are built from
+    (before anything runs: an unknown option key, a bad value or a bad n / n_init is a :class:`ConfigError`)."""
+    a = cfg.algorithm
+    _check_algorithm_knobs(a)
+    try:
+        cfg.rollout.validate()
+        spec = algorithm_spec(cfg)
+        spec.check_options(a)  # algorithm.options: only keys the estimator / strategy take
+        spec.advantage_options(a)  # each options class checks its values
+        spec.strategy(a)  # each strategy checks its n / n_init / sampling options
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _validate_mesh(cfg: ExperimentConfig, num_devices: int, micro: int, mb_rows: int) -> None:
+    """The rows of a micro-batch (and of an SFT batch) split evenly over the ``data x fsdp`` shards."""
+    data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)
+    shards = data * fsdp
+    if micro % shards:
+        raise ConfigError(
+            f"the batch does not divide the mesh: a micro-batch has {micro} rows (train.micro_batch_rows, or "
+            f"the {mb_rows} rows of a mini-batch) but the mesh splits the batch over data x fsdp = "
+            f"{data} x {fsdp} = {shards} shards; make the rows a multiple of {shards}")
+    if cfg.sft.steps and cfg.sft.batch_size % shards:
+        raise ConfigError(
+            f"the SFT batch does not divide the mesh: sft.batch_size={cfg.sft.batch_size} rows over data x fsdp "
+            f"= {data} x {fsdp} = {shards} shards; make it a multiple of {shards} (or set mesh.data=1)")
+
+
 def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
     """Check every field (names, ranges, choices) and the batch layout against the mesh.
 
@@ -461,19 +569,8 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
     """
     a, t, loss, opt = cfg.algorithm, cfg.train, cfg.loss, cfg.optimizer
     algorithm_spec(cfg)  # unknown algorithm
-    task = get_task(cfg.data.train)
-    if cfg.data.task_options and task is None:
-        raise ConfigError(f"data.task_options is set but data.train={cfg.data.train!r} is not a generated task "
-                          f"({', '.join(TASKS)})")
-    if algorithm_spec(cfg).score == "oracle" and (task is None or task.decision_spans is None):
-        raise ConfigError(f"algorithm.name={a.name!r} branches at labelled decision tokens: data.train must be a "
-                          f"generated task with labels ({', '.join(t for t, v in TASKS.items() if v.decision_spans)}), "
-                          f"not {cfg.data.train!r}")
-    if task is not None:
-        try:
-            task.options(cfg.data.task_options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"data.task_options={cfg.data.task_options!r}: {exc}") from None
+    _check_no_stray_keys(cfg)
+    _validate_task(cfg)
     _choice("algorithm.omega_baseline", a.omega_baseline, OMEGA_BASELINES)
     _choice("algorithm.branching_parity", a.branching_parity, tuple(PARITIES))
     _choice("algorithm.procedure_scaling", a.procedure_scaling, ("auto",) + PROCEDURE_SCALING)
@@ -514,11 +611,7 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
         for key, value in (("sft.batch_size", cfg.sft.batch_size), ("sft.lr", cfg.sft.lr),
                            ("sft.examples", cfg.sft.examples), ("sft.max_response_len", cfg.sft.max_response_len)):
             _positive(key, value)
-    try:
-        cfg.rollout.validate()
-        algorithm_spec(cfg).strategy(a, cfg.rollout)  # each strategy checks its n / n_init / sampling options
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    _validate_rollout_and_options(cfg)
     if t.prompts_per_step % t.mini_batch_prompts:
         raise ConfigError(f"train.prompts_per_step={t.prompts_per_step} must be a multiple of "
                           f"train.mini_batch_prompts={t.mini_batch_prompts}")
@@ -530,17 +623,7 @@ def validate(cfg: ExperimentConfig, num_devices: int | None = None) -> None:
     if cfg.model.dtype == "float16" or cfg.model.param_dtype == "float16":
         raise ConfigError("float16 is not supported; use bfloat16")
     if num_devices is not None:
-        data, fsdp, tensor = resolve_mesh_shape(cfg, num_devices)
-        shards = data * fsdp
-        if micro % shards:
-            raise ConfigError(
-                f"the batch does not divide the mesh: a micro-batch has {micro} rows (train.micro_batch_rows, or "
-                f"the {mb_rows} rows of a mini-batch) but the mesh splits the batch over data x fsdp = "
-                f"{data} x {fsdp} = {shards} shards; make the rows a multiple of {shards}")
-        if cfg.sft.steps and cfg.sft.batch_size % shards:
-            raise ConfigError(
-                f"the SFT batch does not divide the mesh: sft.batch_size={cfg.sft.batch_size} rows over data x fsdp "
-                f"= {data} x {fsdp} = {shards} shards; make it a multiple of {shards} (or set mesh.data=1)")
+        _validate_mesh(cfg, num_devices, micro, mb_rows)
 
 
 def resolve_mesh_shape(cfg: ExperimentConfig, num_devices: int) -> tuple[int, int, int]:

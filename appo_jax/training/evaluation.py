@@ -26,6 +26,7 @@ from appo_jax.rewards.answers import last_boxed
 from appo_jax.rewards.judge import make_judge
 from appo_jax.rollout.config import RolloutConfig
 from appo_jax.rollout.engine import RolloutEngine
+from appo_jax.rollout.strategies import initial_rollouts
 
 EVAL_TEMPERATURE = 0.6
 EVAL_TOP_P = 0.95
@@ -129,7 +130,7 @@ def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[
     counts = {}
     for b, (name, prompts) in enumerate(prompts_of.items()):
         with RolloutProgress(f"eval {name}", enabled=progress) as bar:
-            batch = engine.initial_batch(prompts, runs, jax.random.fold_in(jax.random.PRNGKey(seed), b), bar)
+            batch = initial_rollouts(engine, prompts, runs, jax.random.fold_in(jax.random.PRNGKey(seed), b), bar)
         correct = np.asarray(batch.traj.reward, np.float64).reshape(len(prompts), runs)
         out[name] = pass_at_1(correct)
         counts[name] = len(prompts)

@@ -1,6 +1,7 @@
 """The policies an iteration reads, owned by one object: current, reference and lagged (docs/algorithm.md §1.1).
 
-* current: the train state's parameters, set before each iteration (`Policies.current`);
+* current: the train state's parameters, which the caller passes to every call that needs them
+  (`Policies.current_and_baseline(params, traj)`, `Policies.iteration_done(params)`): nothing here holds them;
 * reference: the KL term's pi_ref and the ``reference`` Omega baseline (the initial policy, or a given model;
   after cold-start SFT, the SFT result);
 * lagged: copies of the current parameters of the last ``omega_lag`` iterations, for the ``lagged`` baseline.
@@ -43,7 +44,6 @@ class Policies:
         self._baseline = {"sampler": self._sampler_baseline, "lagged": self._lagged_baseline,
                           "reference": self._reference_baseline}[baseline]
         self.keeps_lagged = baseline == "lagged"
-        self.current = None
         self.reference = reference
         self.lagged: deque = deque(maxlen=lag)
 
@@ -55,9 +55,10 @@ class Policies:
             return self._logprob_fn(params, p.rows(traj.prompt_tokens), p.rows(traj.prompt_mask),
                                     p.rows(traj.tokens), p.rows(traj.response_mask))
 
-    def current_and_baseline(self, traj: Trajectory) -> tuple[jax.Array, jax.Array]:
-        """``(lc, lb)`` of ``traj``: current-policy log-probs and the behaviour baseline of Omega."""
-        lc = self.logprobs(self.current, traj)
+    def current_and_baseline(self, params, traj: Trajectory) -> tuple[jax.Array, jax.Array]:
+        """``(lc, lb)`` of ``traj``: the log-probs under the current parameters ``params`` and the behaviour
+        baseline of Omega (a `appo_jax.rollout.strategies.LogProbs` callback)."""
+        lc = self.logprobs(params, traj)
         return lc, self._baseline(traj, lc)
 
     def reference_logprobs(self, traj: Trajectory) -> jax.Array | None:
@@ -74,10 +75,11 @@ class Policies:
         return self.reference_logprobs(traj)
 
     # -- updates and checkpoints ---------------------------------------------------------------------------------
-    def iteration_done(self) -> None:
-        """Keep a copy of this iteration's (pre-update) current parameters for the ``lagged`` baseline."""
+    def iteration_done(self, params) -> None:
+        """Keep a copy of this iteration's (pre-update) current parameters ``params`` for the ``lagged``
+        baseline."""
         if self.keeps_lagged:
-            self.lagged.append(copy_tree(self.current))
+            self.lagged.append(copy_tree(params))
 
     def checkpoint_extras(self, with_reference: bool) -> dict:
         """What a checkpoint must hold besides the train state: the lagged copies (``lagged``) and, when asked

@@ -79,10 +79,10 @@ class Collected:
 
 
 @functools.partial(jax.jit, static_argnames=("name", "num_groups", "num_trees", "options"))
-def _advantages(traj, tree_ids, *, name: str, num_groups: int, num_trees: int, options: tuple):
-    """``advantages_from_trajectory(name, traj, num_groups, tree_ids, num_trees, **options)``, jitted."""
-    return advantages_from_trajectory(name, traj, num_groups, tree_ids=tree_ids, num_trees=num_trees,
-                                      **dict(options))
+def _advantages(traj, tree_ids, *, name: str, num_groups: int, num_trees: int, options):
+    """``advantages_from_trajectory(name, traj, num_groups, options, tree_ids=..., num_trees=...)``, jitted
+    (``options``: the estimator's frozen options dataclass, a static argument)."""
+    return advantages_from_trajectory(name, traj, num_groups, options, tree_ids=tree_ids, num_trees=num_trees)
 
 
 @jax.jit
@@ -173,9 +173,8 @@ class Trainer:
         the rows that train."""
         cfg = self.cfg
         num_prompts = cfg.train.prompts_per_step
-        self.policies.current = self.state.params
-        sampled = self.strategy.sample(self.engine, self.prompts.next, num_prompts, key)
-        self.policies.iteration_done()
+        sampled = self.strategy.sample(self.engine, self.state.params, self.prompts.next, num_prompts, key)
+        self.policies.iteration_done(self.state.params)
         n = sampled.train_rows
         traj = jax.tree.map(lambda x: np.asarray(x)[:n], sampled.batch.traj)
         t0 = time.perf_counter()

@@ -32,6 +32,7 @@ from appo_jax.data import encode_records, load_dataset
 from appo_jax.models.loading import load_policy
 from appo_jax.rollout.config import RolloutConfig
 from appo_jax.rollout.engine import RolloutEngine, default_tools
+from appo_jax.rollout.strategies import initial_rollouts
 
 MODES = ("exact", "topk", "official_topk")
 
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
         with default_tools(cfg) as tools:
             engine = RolloutEngine(config, params, tokenizer, tools, cfg)
             try:
-                runs[mode] = engine.initial_batch(prompts, args.n, jax.random.key(args.seed)).traj
+                runs[mode] = initial_rollouts(engine, prompts, args.n, jax.random.key(args.seed)).traj
             finally:
                 engine.close()
     exact = runs["exact"]

@@ -109,6 +109,7 @@ def _boundary_distances(decisions: np.ndarray, traj) -> list[int]:
 def main(argv=None) -> None:
     from appo_jax.core.branch_points import choose_branch_points
     from appo_jax.rollout.decision_labels import DecisionLabeller
+    from appo_jax.rollout.strategies import branch_rollouts, initial_rollouts
     from appo_jax.training.policies import copy_tree
     from appo_jax.training.trainer import Trainer
 
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
         pol, engine, n_init, budget = trainer.policies, trainer.engine, 4, 4
         prompts = trainer.prompts.next(args.prompts)
         key = jax.random.PRNGKey(1000 + args.seed)
-        init = engine.initial_batch(prompts, n_init, key)
+        init = initial_rollouts(engine, prompts, n_init, key)
         traj = init.traj
         decisions = DecisionLabeller(trainer.task, trainer.tokenizer)(traj, prompts)
         lc = np.asarray(pol.logprobs(trainer.state.params, traj))
@@ -145,7 +146,7 @@ def main(argv=None) -> None:
         gen = np.asarray(traj.gen_mask) & np.asarray(traj.row_valid)[:, None]
         omega_std = {}
         rules = {}
-        table = trainer.strategy.table
+        table = trainer.strategy.context.table
         for name, lb in baselines.items():
             pts = choose_branch_points(trainer.placement.tree(traj), jnp.asarray(lc), jnp.asarray(lb), table,
                                        num_groups=len(prompts), budget=budget, score="appo")
@@ -166,8 +167,8 @@ def main(argv=None) -> None:
         out_rules = {}
         for i, (name, (rows, pos, valid)) in enumerate(chosen.items()):
             rep = lambda x: np.repeat(x, args.k, axis=1)  # noqa: E731 - k continuations per point
-            cont = engine.branches_batch(traj, prompts, rep(rows), rep(pos), np.zeros(rep(rows).shape, np.float32),
-                                         rep(valid), jax.random.fold_in(key, i + 1))
+            cont = branch_rollouts(engine, traj, prompts, rep(rows), rep(pos), np.zeros(rep(rows).shape, np.float32),
+                                   rep(valid), jax.random.fold_in(key, i + 1))
             acc = np.asarray(cont.accuracy, np.float64).reshape(len(prompts), budget, args.k)
             ok = valid.astype(bool)
             out_rules[name] = {"decision_hit_rate": _hits(decisions, rows, pos, valid),
