@@ -316,3 +316,7 @@ def test_grid_smoke(tmp_path):
     result = json.loads(pilot.stdout.strip().splitlines()[-1])
     assert set(result["rules"]) >= {"branching_score_lagged", "entropy_only", "oracle", "arpo_after_tool_call", "random"}
     assert set(result["omega_std_per_baseline"]) == {"lagged", "sampler", "reference"}
+    shares = result["decision_tokens_that_are_candidates"]
+    assert set(shares) == {"appo_jax", "official"}
+    if shares["official"] is not None:  # the official rule excludes only whitespace: a superset of candidates
+        assert 0.0 <= shares["appo_jax"] <= shares["official"] <= 1.0

@@ -106,6 +106,19 @@ def _boundary_distances(decisions: np.ndarray, traj) -> list[int]:
     return out
 
 
+def _candidate_shares(tokenizer, traj, decisions: np.ndarray) -> dict:
+    """Per branch-candidate rule (`appo_jax.core.candidates.CANDIDATE_RULES`): the share of the labelled decision
+    tokens whose token id is a candidate at all (a rule that excludes a decision token can never branch there)."""
+    from appo_jax.core.candidates import CANDIDATE_RULES, candidate_token_table  # deferred: as main's imports
+
+    tokens = np.asarray(traj.tokens)
+    out = {}
+    for rule in CANDIDATE_RULES:
+        table = candidate_token_table(tokenizer, rule)
+        out[rule] = float(table[tokens][decisions].mean()) if decisions.any() else None
+    return out
+
+
 def main(argv=None) -> None:
     from appo_jax.core.branch_points import choose_branch_points
     from appo_jax.rollout.decision_labels import DecisionLabeller
@@ -185,6 +198,7 @@ def main(argv=None) -> None:
                                 "median_tokens_to_tool_boundary": float(np.median(dist)) if dist else None,
                                 "share_within_1_token_of_boundary": float(np.mean(np.asarray(dist) <= 1)) if dist
                                 else None, "count": int(decisions.sum())},
+            "decision_tokens_that_are_candidates": _candidate_shares(trainer.tokenizer, traj, decisions),
             "omega_std_per_baseline": omega_std, "rules": out_rules,
             "seconds": round(time.perf_counter() - t0, 1),
             "command": "python experiments/mini/pilot.py " + " ".join(sys.argv[1:] if argv is None else argv)}

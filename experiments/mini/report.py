@@ -227,6 +227,9 @@ def pilot_section(pilots: list[dict]) -> list[str]:
                 f"(a) Decision tokens: {d['count']} ({100 * d['share_of_generated']:.1f}% of generated tokens); median "
                 f"distance to a tool-call boundary {d['median_tokens_to_tool_boundary']} tokens; "
                 f"{100 * (d['share_within_1_token_of_boundary'] or 0):.1f}% within one token of one.", "",
+                *(["Decision tokens that are branch candidates at all, per candidate rule (`algorithm.candidate_rule`): "
+                   + ", ".join(f"{k} {100 * v:.1f}%" for k, v in p["decision_tokens_that_are_candidates"].items()
+                               if v is not None), ""] if p.get("decision_tokens_that_are_candidates") else []),
                 "Omega's standard deviation over a rollout's tokens, per baseline: "
                 + ", ".join(f"{k} {v:.3g}" for k, v in p["omega_std_per_baseline"].items())
                 + " (0 means Omega is constant and the Branching Score degrades to entropy).", "",
