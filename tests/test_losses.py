@@ -575,8 +575,9 @@ def test_gppo_and_aepo_keep_the_clipped_gradient_beyond_the_log_ratio_guard():
 
 
 def test_a_loss_registered_outside_the_package_validates_computes_and_trains():
-    """A token loss registered from here (REINFORCE, loss_t = -A_t lp_t) is a loss mode like the built-in ones: the
-    shared wrapper sanitises and aggregates it, the config accepts its name, the train step trains with it."""
+    """docs/architecture.md, "Adding a loss": its code block, run here as written, registers REINFORCE (loss_t =
+    -A_t lp_t) from outside the package; it is a loss mode like the built-in ones: the shared wrapper sanitises and
+    aggregates it, the config accepts its name, the train step trains with it."""
     import optax
     from test_config import _small
     from test_train_step import CFG, PARAMS, _batch
@@ -585,14 +586,14 @@ def test_a_loss_registered_outside_the_package_validates_computes_and_trains():
     from appo_jax.training.config import apply_overrides, resolved_loss, validate
     from appo_jax.training.train_step import StepConfig, TrainStepRunner, init_train_state
 
-    name = "test_reinforce"
+    import re
+    from pathlib import Path
 
-    @POLICY_LOSSES.register(name)
-    def reinforce(lp, lp_old, adv, mask, **_):
-        """REINFORCE: ``loss_t = -A_t lp_t``."""
-        return -adv * lp, {}
-
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    block = re.search(r"```python\n# my_loss.py\n(.*?)```", doc, re.S).group(1)  # docs' "Adding a loss", as written
+    name = "reinforce"
     try:
+        exec(compile(block, "my_loss.py", "exec"), {})
         lp, old, A, m, _ = loss_batch(5, 4, 6, bad=True)
         loss, met = policy_loss(lp, old, A, m, mode=name)
         valid = ref_valid(lp, old, A, m)
@@ -616,4 +617,4 @@ def test_a_loss_registered_outside_the_package_validates_computes_and_trains():
         assert any(not np.array_equal(np.asarray(a), np.asarray(b))
                    for a, b in zip(jax.tree.leaves(PARAMS), jax.tree.leaves(new.params)))
     finally:
-        POLICY_LOSSES._items.pop(name, None)
+        POLICY_LOSSES.remove(name)
