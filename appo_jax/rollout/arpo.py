@@ -148,9 +148,9 @@ class ArpoOptions:
 
     n: int = 16
     n_init: int = 8
-    arpo_alpha: float = 0.5
-    arpo_beta: float = 0.2
-    arpo_beam: int = 2
+    arpo_alpha: float = ArpoConfig.alpha
+    arpo_beta: float = ArpoConfig.beta
+    arpo_beam: int = ArpoConfig.beam
 
     def __post_init__(self):
         check_budget(self.n, self.n_init)

@@ -28,7 +28,9 @@ from appo_jax.core.candidates import CANDIDATE_RULES
 from appo_jax.core.losses import AGGS, KL_KINDS
 from appo_jax.core.registry import CONTROLS, POLICY_LOSSES
 from appo_jax.data.loading import TASKS, get_task
+from appo_jax.rollout.arpo import AepoOptions, ArpoOptions
 from appo_jax.rollout.config import RolloutConfig
+from appo_jax.rollout.tree import TreeOptions
 from appo_jax.training.algorithms import ALGORITHMS, AlgorithmSpec, get_algorithm
 from appo_jax.training.evaluation import EVAL_MODES
 from appo_jax.training.policies import OMEGA_BASELINES
@@ -135,11 +137,11 @@ class AlgorithmSection:
     gigpo_step_weight: float = 1.0
     control: str = "none"
     candidate_rule: str = "auto"
-    arpo_alpha: float = 0.5
-    arpo_beta: float = 0.2
-    arpo_beam: int = 2
-    aepo_penalty: float = 0.05
-    tree_rounds: int = 1
+    arpo_alpha: float = ArpoOptions.arpo_alpha
+    arpo_beta: float = ArpoOptions.arpo_beta
+    arpo_beam: int = ArpoOptions.arpo_beam
+    aepo_penalty: float = AepoOptions.aepo_penalty
+    tree_rounds: int = TreeOptions.tree_rounds
     options: dict = field(default_factory=dict)
 
 
