@@ -25,6 +25,7 @@ from appo_jax.compilation_cache import default_cache_dir, enable_compilation_cac
 COMMAND_MODULES = (
     "appo_jax.rollout.commands",
     "appo_jax.training.commands",
+    "appo_jax.evaluation.commands",
     "appo_jax.tools.commands",
     "appo_jax.data.commands",
     "appo_jax.training.plan_commands",

@@ -112,6 +112,26 @@ def test_every_algorithm_trains_one_iteration(tmp_path, algorithm):
     assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))) > 0
 
 
+def _serves_its_checkpoints(workdir):
+    """`eval` / `serve` name a train workdir as a policy: the latest checkpoint, or WORKDIR@STEP."""
+    import jax
+
+    from appo_jax.training.checkpoint import CheckpointError, load_checkpoint_params
+    from appo_jax.training.policy_source import resolve_policy
+
+    latest, first = resolve_policy(str(workdir)), resolve_policy(f"{workdir}@1")
+    assert latest.model_id.endswith("@step2") and first.model_id.endswith("@step1")
+    saved, step = load_checkpoint_params(workdir / "checkpoints")
+    assert step == 2
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), latest.params, saved)
+    assert all(jax.tree.leaves(same))
+    moved = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), latest.params, first.params)
+    assert not all(jax.tree.leaves(moved))  # one RL update apart
+    assert latest.tokenizer is not None and latest.config.vocab_size == first.config.vocab_size
+    with pytest.raises(CheckpointError, match="no checkpoint of step 7.*steps there: 1, 2"):
+        resolve_policy(f"{workdir}@7")
+
+
 @pytest.mark.parametrize("algorithm", FULL_LOOP)
 def test_full_loop_checkpoint_resume_metrics_per_rollout_path(tmp_path, algorithm):
     """run() for one iteration with a checkpoint, then a new Trainer with resume=True continues to iteration 2:
@@ -154,6 +174,7 @@ def test_full_loop_checkpoint_resume_metrics_per_rollout_path(tmp_path, algorith
         assert all(r["branch/count"] == 4 for r in records)
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tensorboard").iterdir())
     if algorithm == "appo":
+        _serves_its_checkpoints(tmp_path)
         assert "eval/toy_arithmetic" not in records[0] and 0.0 <= records[1]["eval/toy_arithmetic/train"] <= 1.0
         assert [p.rsplit("/", 1)[1] for p in summary["rollout_dumps"]] == ["step_000001.html", "step_000002.html"]
         # before / after with binomial intervals (2 questions: wide), and the curve as a PNG

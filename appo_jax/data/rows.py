@@ -170,7 +170,7 @@ def _rl_record(spec: DatasetSpec, row: dict, index: int, where: str) -> Record |
     return Record(rid, question, answers, data_source, spec.name, ability, messages)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, str, Any]]:
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -211,7 +211,7 @@ def read_records(name: str, data_dir: str | os.PathLike | None = None) -> list[R
     """
     spec = get_spec(name)
     path = raw_path(name, data_dir)
-    rows = _jsonl_rows(path) if spec.kind == "benchmark" else _parquet_rows(path)
+    rows = jsonl_rows(path) if spec.kind == "benchmark" else _parquet_rows(path)
     build = _benchmark_record if spec.kind == "benchmark" else _rl_record
     records: list[Record] = []
     seen: dict[str, str] = {}

@@ -52,7 +52,8 @@ def find_smollm2_gguf() -> str:
     return files[0]
 
 
-def _resolve(spec: str) -> str:
+def resolve_model_path(spec: str) -> str:
+    """The path behind a model spec: the SmolLM2 GGUF for a pretrained name, else the spec itself."""
     return find_smollm2_gguf() if spec in PRETRAINED else spec
 
 
@@ -83,7 +84,7 @@ def load_tokenizer(source: str):
     ``FileNotFoundError`` naming the source otherwise."""
     if source in SHIPPED_TOKENIZERS:
         source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizers", source)
-    source = _resolve(source)
+    source = resolve_model_path(source)
     if source.endswith(".gguf"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"tokenizer file {source!r} does not exist")
@@ -121,7 +122,7 @@ def load_model(
         rng = jax.random.PRNGKey(0) if rng is None else rng
         out = None if mesh is None else param_shardings(config, mesh, rules or DEFAULT_RULES)
         return config, jax.jit(init_params, static_argnums=0, out_shardings=out)(config, rng), None
-    spec = _resolve(spec)
+    spec = resolve_model_path(spec)
     if spec.endswith(".gguf"):
         config, params = load_gguf(spec, mesh, rules, **overrides)
         return config, params, load_gguf_tokenizer(spec)
@@ -158,7 +159,7 @@ def load_config(spec: str, **overrides) -> ModelConfig:
     """The ModelConfig of `spec` (same specs as `load_model`) without reading or creating any weights."""
     if spec in PRESETS:
         return get_config(spec, **overrides)
-    spec = _resolve(spec)
+    spec = resolve_model_path(spec)
     if spec.endswith(".gguf"):
         return load_gguf_config(spec, **overrides)
     if os.path.isdir(spec):

@@ -1,8 +1,9 @@
 """The answer-judge hook for evaluation: a `Judge` protocol, a rule-based default, and a registry by name.
 
-An LLM judge (e.g. a model asked "is this prediction equivalent to the reference?") plugs in by implementing
-``judge(question, prediction, ground_truths) -> JudgeVerdict`` and calling ``register_judge("my-llm", factory)``;
-evaluation code asks ``make_judge(name)`` and never needs to know which kind it got.
+Another judge plugs in by implementing ``judge(question, prediction, ground_truths) -> JudgeVerdict`` and calling
+``register_judge("my-judge", factory)``; evaluation code asks ``make_judge(name)`` and never needs to know which
+kind it got. ``"llm"`` is the LLM judge over an OpenAI-compatible endpoint (`appo_jax.rewards.llm_judge`); a judge
+that cannot decide raises :class:`JudgeError`.
 
 `RuleBasedJudge` (name "rule", the default): correct iff the prediction matches a ground truth exactly after
 normalisation (`literal_match`: numeric answers keep their signs, decimal points and fraction bars), or (``use_math``) math-verify finds them equivalent, or (``f1_threshold`` set) its token F1
@@ -19,11 +20,22 @@ from appo_jax.rewards.qa_metrics import as_ground_truths, f1_score, literal_matc
 
 @dataclasses.dataclass(frozen=True)
 class JudgeVerdict:
-    """correct: the judge accepts the prediction. score: in [0, 1]. rationale: why (short text)."""
+    """correct: the judge accepts the prediction. score: in [0, 1]. rationale: why (short text). raw: the judge's
+    own output when it has one (an LLM judge's reply), saved next to the verdict."""
 
     correct: bool
     score: float
     rationale: str
+    raw: str = ""
+
+
+class JudgeError(RuntimeError):
+    """A judge that could not give a verdict (endpoint down after its retries, a reply that does not parse);
+    ``raw`` holds the reply when there was one. Evaluation marks the answer ``judge_failed`` and goes on."""
+
+    def __init__(self, message: str, raw: str = ""):
+        super().__init__(message)
+        self.raw = raw
 
 
 @runtime_checkable
@@ -59,7 +71,13 @@ class RuleBasedJudge:
         return JudgeVerdict(False, f1, f"no match (token F1 {f1:.3f})")
 
 
-JUDGES: dict[str, Callable[..., Judge]] = {"rule": RuleBasedJudge}
+def _llm_judge(**kwargs: Any) -> Judge:
+    from appo_jax.rewards.llm_judge import LLMJudge  # deferred: only an evaluation that asks for it pays the import
+
+    return LLMJudge(**kwargs)
+
+
+JUDGES: dict[str, Callable[..., Judge]] = {"rule": RuleBasedJudge, "llm": _llm_judge}
 
 
 def register_judge(name: str, factory: Callable[..., Judge]) -> None:

@@ -197,3 +197,27 @@ class Checkpointer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def load_checkpoint_params(directory: str | Path, step: int | None = None) -> tuple[dict, int]:
+    """``(params, step)``: the parameters of checkpoint ``step`` (default: the latest complete one) under
+    ``directory`` (``<workdir>/checkpoints``) as numpy arrays, on one process and any device count.
+    :class:`CheckpointError` naming the directory and the steps it holds when there is none or ``step`` is absent."""
+    import numpy as np
+
+    directory = Path(directory).absolute()
+    steps = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint in {str(directory)!r}")
+    step = steps[-1] if step is None else int(step)
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint of step {step} in {str(directory)!r}; steps there: "
+                              f"{', '.join(map(str, steps))}")
+    path = directory / str(step) / "state"
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.metadata(path).item_metadata.tree
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
+                              is_leaf=lambda m: hasattr(m, "shape"))
+        state = ckpt.restore(path, target)
+    return jax.tree.map(np.asarray, state["params"]), step

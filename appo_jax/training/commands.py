@@ -1,16 +1,14 @@
-"""CLI: ``appo-jax train`` and ``appo-jax eval`` (wired into ``appo_jax.cli`` through :func:`register`).
+"""CLI: ``appo-jax train`` (wired into ``appo_jax.cli`` through :func:`register`; ``appo-jax eval`` lives in
+:mod:`appo_jax.evaluation.commands`).
 
     appo-jax train --config experiments/paper/table1_reasoning.py:qwen2.5-7b,appo [--set optimizer.lr=2e-6 ...] [--resume]
     appo-jax train --list-algorithms
-    appo-jax eval --model smollm2-135m-instruct --benchmarks gsm8k,hotpotqa [--limit 20] [--runs 5]
 """
 from __future__ import annotations
 
-import functools
 import json
 import sys
 
-from appo_jax.rollout.config import RolloutConfig
 
 
 def list_algorithms() -> str:
@@ -112,36 +110,8 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _eval(args) -> int:
-    # deferred: model, data and engine imports take seconds; other commands need not pay them
-    from appo_jax.data import dataset_names
-    from appo_jax.models.loading import load_policy
-    from appo_jax.rollout.engine import default_tools
-    from appo_jax.training.evaluation import evaluate_pass1, markdown_table
-
-    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
-    if not names:
-        raise ValueError("--benchmarks is empty; give a comma-separated list such as gsm8k,hotpotqa")
-    unknown = [n for n in names if n.lower() not in dataset_names()]
-    if unknown:
-        raise ValueError(f"unknown dataset {unknown[0]!r}; known datasets: {', '.join(dataset_names())}")
-    rollout = RolloutConfig(max_prompt_len=args.max_prompt_len, max_response_len=args.max_response_len,
-                            tool_call_limit=args.tool_call_limit, num_slots=args.num_slots)
-    log = functools.partial(print, file=sys.stderr, flush=True)  # stdout holds only the table
-    log(f"eval: loading {args.model}")
-    model_config, params, tokenizer = load_policy(args.model, args.tokenizer or "", dtype=args.dtype)
-    with default_tools(rollout) as tools:
-        results = evaluate_pass1(model_config, params, tokenizer, tools, names, limit=args.limit, runs=args.runs,
-                                 rollout=rollout, data_dir=args.data_dir or "", seed=args.seed,
-                                 system_prompt=args.system_prompt or "", log=log)
-    results.pop("_engine").close()
-    counts = results.pop("_counts")
-    print(markdown_table(results, counts, args.runs))
-    return 0
-
-
 def register(subparsers) -> None:
-    """Add the ``train`` and ``eval`` subcommands."""
+    """Add the ``train`` subcommand."""
     p = subparsers.add_parser(
         "train", help="train a policy with APPO / GRPO / DAPO / ARPO / AEPO / Tree-GRPO / ...",
         description="Run an experiment config (a Python file whose get_config() returns an ExperimentConfig): "
@@ -171,28 +141,3 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the workdir")
     p.add_argument("--workdir", help="output directory (default: the config's workdir)")
     p.set_defaults(func=_train)
-
-    e = subparsers.add_parser(
-        "eval", help="pass@1 of a model on benchmarks (markdown table)",
-        description="Evaluate pass@1 of a model on benchmarks with the tool loop (temperature 0.6, top_p 0.95, "
-                    "repetition penalty 1.1) and print a markdown table; progress goes to stderr.")
-    e.add_argument("--model", required=True,
-                   help="preset name (random weights), smollm2-135m-instruct, an HF directory or a .gguf file")
-    e.add_argument("--benchmarks", required=True, help="comma-separated dataset names, e.g. gsm8k,hotpotqa,aime24")
-    e.add_argument("--limit", type=int, default=None, help="first K questions of each benchmark (default: all)")
-    e.add_argument("--runs", type=int, default=5, help="runs per question (pass@1 averages them)")
-    e.add_argument("--tokenizer",
-                   help="tokenizer (smollm2-135m-instruct, a .gguf file or an HF directory) instead of the model's own; "
-                        "required for a random preset (default: the model's own)")
-    e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
-    e.add_argument("--max-prompt-len", type=int, default=2048, help="most prompt tokens (longer questions are skipped)")
-    e.add_argument("--max-response-len", type=int, default=2048,
-                   help="response budget in tokens (generated + tool results)")
-    e.add_argument("--tool-call-limit", type=int, default=3, help="most tool calls per rollout")
-    e.add_argument("--num-slots", type=int, default=32,
-                   help="most concurrent sampler slots (the KV cache holds min(this, questions x runs) rows)")
-    e.add_argument("--system-prompt", help="replace the benchmark prompts' system prompt (default: keep it)")
-    e.add_argument("--data-dir",
-                   help="directory holding benchmarks/, rl/, search/ (default: $APPO_DATA_DIR, else the shipped data)")
-    e.add_argument("--seed", type=int, default=0, help="PRNG seed (sampling)")
-    e.set_defaults(func=_eval)

@@ -14,13 +14,13 @@ top-k / penalty: pass@1 of the policy as RL samples it).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import jax
 import numpy as np
 
 from appo_jax.data import encode_records, get_task, load_dataset
+from appo_jax.rollout.presets import PRESETS
 from appo_jax.progress import RolloutProgress
 from appo_jax.rewards.answers import last_boxed
 from appo_jax.rewards.judge import make_judge
@@ -28,9 +28,10 @@ from appo_jax.rollout.config import RolloutConfig
 from appo_jax.rollout.engine import RolloutEngine
 from appo_jax.rollout.strategies import initial_rollouts
 
-EVAL_TEMPERATURE = 0.6
-EVAL_TOP_P = 0.95
-EVAL_REPETITION_PENALTY = 1.1
+PAPER = PRESETS["paper"]
+EVAL_TEMPERATURE = PAPER.temperature
+EVAL_TOP_P = PAPER.top_p
+EVAL_REPETITION_PENALTY = PAPER.repetition_penalty
 EVAL_RUNS = 5
 
 
@@ -40,26 +41,10 @@ def pass_at_1(correct: np.ndarray) -> float:
     return float(correct.mean()) if correct.size else 0.0
 
 
-def markdown_table(results: dict[str, float], counts: dict[str, int] | None = None, runs: int | None = None) -> str:
-    """A markdown table ``| benchmark | questions | pass@1 (%) |`` plus the average row."""
-    lines = ["| benchmark | questions | pass@1 (%) |", "|---|---:|---:|"]
-    for name, value in results.items():
-        n = "" if counts is None else str(counts.get(name, ""))
-        lines.append(f"| {name} | {n} | {100.0 * value:.1f} |")
-    if len(results) > 1:
-        lines.append(f"| **average** | | {100.0 * float(np.mean(list(results.values()))):.1f} |")
-    if runs is not None:
-        lines.append("")
-        lines.append(f"pass@1 over {runs} run(s) per question, temperature {EVAL_TEMPERATURE}, top_p {EVAL_TOP_P}, "
-                     f"repetition penalty {EVAL_REPETITION_PENALTY}.")
-    return "\n".join(lines)
-
-
 #: mode -> the rollout config with that mode's sampling (module doc)
 EVAL_MODES = {
-    "paper": lambda r: dataclasses.replace(r, temperature=EVAL_TEMPERATURE, top_p=EVAL_TOP_P, top_k=0,
-                                           repetition_penalty=EVAL_REPETITION_PENALTY),
-    "greedy": lambda r: dataclasses.replace(r, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0),
+    "paper": PAPER.apply,
+    "greedy": PRESETS["greedy"].apply,
     "train": lambda r: r,
 }
 

@@ -136,18 +136,9 @@ def run_job(config: Path, workdir: Path, processes: int, devices: int, *extra: s
 
 def load_params(workdir: Path, step: int) -> dict:
     """The parameters of checkpoint ``step`` as numpy arrays (one process, any device count)."""
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
+    from appo_jax.training.checkpoint import load_checkpoint_params  # deferred: orbax, only for the comparison
 
-    path = workdir / "checkpoints" / str(step) / "state"
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as ckpt:
-        tree = ckpt.metadata(path).item_metadata.tree
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
-                              is_leaf=lambda m: hasattr(m, "shape"))
-        state = ckpt.restore(path, target)
-    return jax.tree.map(np.asarray, state["params"])
+    return load_checkpoint_params(workdir / "checkpoints", step)[0]
 
 
 def metrics_by_step(workdir: Path) -> dict[int, dict]:
