@@ -1,4 +1,4 @@
-"""The `appo-jax` command line: generate | rollout | train | eval | plan | bench | tool | data.
+"""The `appo-jax` command line: generate | rollout | train | eval | serve | plan | bench | tool | data.
 
 Each area owns its subcommands in a `commands` module exposing ``register(subparsers)`` (and, for sub-commands
 of ``appo-jax bench``, ``register_bench(bench_subparsers)``); handlers take the parsed ``args`` and return an exit
@@ -25,6 +25,7 @@ from appo_jax.compilation_cache import default_cache_dir, enable_compilation_cac
 COMMAND_MODULES = (
     "appo_jax.rollout.commands",
     "appo_jax.training.commands",
+    "appo_jax.serving.commands",
     "appo_jax.evaluation.commands",
     "appo_jax.tools.commands",
     "appo_jax.data.commands",

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "appo_jax"
 
 #: Lowest first. A top-level module (appo_jax/<name>.py) or a subpackage (appo_jax/<name>/) per entry.
 LAYERS = ("protocol", "progress", "compilation_cache", "core", "parallel", "models", "data", "rewards", "tools",
-          "rollout", "training", "evaluation", "cli")
+          "rollout", "training", "evaluation", "serving", "cli")
 
 
 def _layer_of(module: str) -> str:

@@ -575,6 +575,30 @@ def test_decoding_a_few_slots_equals_decoding_them_with_all_slots_active(llama):
     assert [few.sequence(s) for s in range(8)] == [every.sequence(s) for s in range(8)]
 
 
+def test_decode_sampling_override_equals_a_sampler_built_with_it(llama):
+    """``decode(..., sampling=p)`` equals decode from a Sampler built with ``p`` (tokens, log-probs, entropies),
+    also when the override has a repetition penalty; the sampler's own setting is used again without one."""
+    config, params = llama
+    prompts = [[1, 5, 9, 9], [1, 7, 3], [1, 40, 41, 42, 43], [1, 2]]
+    keys = [jax.random.key(50 + i) for i in range(4)]
+    active = np.array([True, False, True, True])
+    for override in (SamplingParams(0.8, top_p=0.9), SamplingParams(0.0, repetition_penalty=1.3)):
+        base, built = new_sampler(config, params, eos_token_ids=()), new_sampler(config, params, sampling=override,
+                                                                                  eos_token_ids=())
+        for s in (base, built):
+            s.start(list(range(4)), prompts, keys)
+        a, b = base.decode(active, 13, sampling=override), built.decode(active, 13)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.logprobs, b.logprobs)
+        np.testing.assert_array_equal(a.entropies, b.entropies)
+        # then its own setting again: equal to a default Sampler resumed from the same sequences and keys
+        resumed = new_sampler(config, params, eos_token_ids=())
+        resumed.start(list(range(4)), [base.sequence(i) for i in range(4)], keys)
+        np.testing.assert_array_equal(base.decode(active, 5).tokens, resumed.decode(active, 5).tokens)
+    with pytest.raises(ValueError, match="SamplingParams"):
+        base.decode(active, 1, sampling={"temperature": 0.5})
+
+
 def np_topk_entropy(z, tokens, k, mode):
     """Slow reference of `topk_entropy` from logits z [B, V] (sorting each row; ties -> lower id)."""
     out = []

@@ -58,7 +58,7 @@ def test_every_command_describes_itself_and_shows_its_defaults():
                 continue
             assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help"
     for prog in ("appo-jax train", "appo-jax eval", "appo-jax rollout", "appo-jax generate", "appo-jax bench sampler",
-                 "appo-jax bench list", "appo-jax tool python", "appo-jax data show", "appo-jax plan"):
+                 "appo-jax bench list", "appo-jax tool python", "appo-jax data show", "appo-jax plan", "appo-jax serve"):
         assert prog in names
     text = next(p for p in parsers(root) if p.prog == "appo-jax rollout").format_help()
     assert "--num-slots" in text and "(default: 32)" in text  # a default shown that the help itself does not name

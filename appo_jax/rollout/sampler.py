@@ -11,7 +11,8 @@ the cache holds ``seq[:-1]`` (the RoPE position of token i is i: padding never c
   ``[pending] + tokens[:-1]``, nothing is sampled or recorded;
 * ``decode(active, max_new)`` runs an on-device `lax.while_loop` of at most ``decode_chunk`` steps per call over
   all rows (inactive / finished rows have ``token_mask = False`` and do not move, see `appo_jax.models.decoder.forward`), repeated
-  from the host until each active slot has ``max_new`` new tokens or stopped;
+  from the host until each active slot has ``max_new`` new tokens or stopped; ``decode(..., sampling=p)`` uses
+  SamplingParams ``p`` instead of the sampler's own for that call (one compiled decode program per distinct p);
 * rolling back ``d`` tokens is ``end -= d`` plus invalidating the slots past the new end: no recomputation.
 
 Attention cost is kept proportional to the slots in use, not to ``max_len``: each jitted call works on the
@@ -445,9 +446,17 @@ class Sampler:
             self._cached[s] += len(t)
 
     # ------------------------------------------------------------------------------------------------ decode
-    def decode(self, active, max_new) -> DecodeChunk:
+    def decode(self, active, max_new, sampling: SamplingParams | None = None) -> DecodeChunk:
         """Generate for the slots with ``active[s]`` (bool [S]) until each has ``max_new[s]`` (int [S] or a
-        scalar, >= 1 where active) new tokens or stops at EOS / a stop string / a full cache row (module doc)."""
+        scalar, >= 1 where active) new tokens or stops at EOS / a stop string / a full cache row (module doc).
+
+        ``sampling`` overrides ``self.sampling`` for this call only (None: ``self.sampling``), e.g. a server that
+        decodes groups of slots with different settings from one cache. Each distinct SamplingParams compiles one
+        decode program (it is a static argument of the jitted loop)."""
+        if sampling is None:
+            sampling = self.sampling
+        elif not isinstance(sampling, SamplingParams):
+            raise ValueError(f"decode: sampling must be a SamplingParams or None, got {type(sampling).__name__}")
         active = np.asarray(active, bool)
         if active.shape != (self.num_slots,):
             raise ValueError(f"decode: active must have shape ({self.num_slots},), got {active.shape}")
@@ -471,7 +480,7 @@ class Sampler:
                 break
             budget = np.where(running, np.minimum(np.minimum(max_new - count, self.max_len - self._end),
                                                   self.decode_chunk), 0)
-            toks, lps, ents, num, eos = self._decode_chunk(running, budget)
+            toks, lps, ents, num, eos = self._decode_chunk(running, budget, sampling)
             rollback = np.zeros(self.num_slots, bool)
             for s in np.flatnonzero(running):
                 k, c = int(num[s]), int(count[s])
@@ -503,19 +512,19 @@ class Sampler:
                                              jnp.asarray(self._end, jnp.int32))
         return DecodeChunk(out_tok, out_lp, out_ent, count.astype(np.int32), finish)
 
-    def _decode_chunk(self, running: np.ndarray, budget: np.ndarray):
-        """One device call of up to ``decode_chunk`` steps for the ``running`` slots with per-slot ``budget``;
-        host arrays ``(tokens, logprobs, entropies, num_new, hit_eos)`` indexed by slot.
+    def _decode_chunk(self, running: np.ndarray, budget: np.ndarray, sampling: SamplingParams):
+        """One device call of up to ``decode_chunk`` steps with ``sampling`` for the ``running`` slots with
+        per-slot ``budget``; host arrays ``(tokens, logprobs, entropies, num_new, hit_eos)`` indexed by slot.
 
         When at most half the slots run, only their cache rows are decoded (gathered into a batch of R rows, R
         the smallest power of two >= the running count): the step cost then follows the running slots, not
         ``num_slots`` — the long tail of a batch, where a few rollouts are still generating, stays cheap."""
         window = self.attention_window(int((self._end + budget)[running].max()))
-        static = dict(config=self.config, sampling=self.sampling, eos_ids=self.eos_token_ids,
+        static = dict(config=self.config, sampling=sampling, eos_ids=self.eos_token_ids,
                       num_steps=self.decode_chunk, window=window)
         pending = np.array([seq[-1] if seq else 0 for seq in self._seq], np.int32)
         positions = np.array([len(seq) - 1 if seq else 0 for seq in self._seq], np.int32)
-        seen = self._seen_tokens()
+        seen = self._seen_tokens(sampling)
         height = _pow2_at_least(int(running.sum()))
         if 2 * height > self.num_slots:
             self._cache, *outs = _decode_all(self.params, self._cache, jnp.asarray(self._keys),
@@ -538,11 +547,11 @@ class Sampler:
             full.append(out)
         return tuple(full)
 
-    def _seen_tokens(self) -> np.ndarray | None:
-        """bool [S, V]: the tokens in each slot's sequence (for the repetition penalty; None without one). Built
-        from the host sequences at every device chunk, so starts, appends and stop-string rollbacks need no
-        device-side bookkeeping."""
-        if not self.sampling.penalizes:
+    def _seen_tokens(self, sampling: SamplingParams) -> np.ndarray | None:
+        """bool [S, V]: the tokens in each slot's sequence (for the repetition penalty of ``sampling``; None
+        without one). Built from the host sequences at every device chunk, so starts, appends and stop-string
+        rollbacks need no device-side bookkeeping."""
+        if not sampling.penalizes:
             return None
         seen = np.zeros((self.num_slots, self.config.vocab_size), bool)
         for s, seq in enumerate(self._seq):
