@@ -468,3 +468,130 @@ def test_reinforce_pp_matches_loop(size, seed, baseline):
                                         valid=b["valid"]))
     want = ref_reinforce_pp(b["r"].astype(float), b["g"], b["m"], ng, b["valid"], baseline)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- levels and dual groups (§1.10)
+def ref_lineage(g, br, par, pos, valid, L, j, levels, r, num_groups):
+    """(landed, root, shared_end, level) of row j by walking its chain (slow loop)."""
+    n = len(g)
+
+    def ok(i):
+        return bool(valid[i]) and 0 <= g[i] < num_groups and math.isfinite(r[i])
+
+    cur, shared, level = j, L - 1, 0
+    if not br[j] or not ok(j):
+        return False, j, shared, 0
+    while br[cur]:
+        if level == levels:
+            return False, j, shared, 0
+        p = par[cur]
+        if not (0 <= p < n and 0 <= pos[cur] < L and ok(p) and g[p] == g[cur]):
+            return False, j, shared, 0
+        shared, level, cur = min(shared, pos[cur]), level + 1, p
+    return True, cur, shared, level
+
+
+def ref_appo_levels(r, g, br, par, pos, m, num_groups, levels, norm_by_std=True, valid=None, dual_group=True):
+    n, L = m.shape
+    valid = [True] * n if valid is None else list(valid)
+    lin = [ref_lineage(g, br, par, pos, valid, L, j, levels, r, num_groups) for j in range(n)]
+    init = [ref_takes_part(r, g, num_groups, valid, i) and not br[i] for i in range(n)]
+    members = [init[i] or lin[i][0] for i in range(n)]
+    seg = [(g[i], lin[i][3] if dual_group else 0) for i in range(n)]
+    a = ref_group_norm(list(r), members, seg, norm_by_std)
+    out = np.zeros((n, L))
+    for i in range(n):
+        for t in range(L):
+            if not init[i] or not m[i, t]:
+                continue
+            out[i, t] = a[i]
+            for level in range(1, levels + 1):
+                credit = [a[d] for d in range(n) if lin[d][0] and lin[d][1] == i and lin[d][3] == level
+                          and t <= lin[d][2]]
+                out[i, t] += sum(credit) / len(credit) if credit else 0.0
+    return out
+
+
+def random_tree_batch(seed, num_groups, n_init, branches, levels, L):
+    """Group-major trees: n_init roots per group, ``branches`` children per row of the previous level, random
+    branch positions, some broken links (out-of-range position, a parent in another group, an invalid row)."""
+    rng = np.random.default_rng(seed)
+    g, br, par, pos = [], [], [], []
+    prev = []
+    for q in range(num_groups):
+        for _ in range(n_init):
+            prev.append(len(g))
+            g.append(q), br.append(False), par.append(-1), pos.append(-1)
+    for _ in range(levels):
+        nxt = []
+        for p in prev:
+            for _ in range(branches):
+                nxt.append(len(g))
+                g.append(g[p]), br.append(True), par.append(p), pos.append(int(rng.integers(0, L)))
+        prev = nxt
+    n = len(g)
+    g, br, par, pos = map(np.array, (g, br, par, pos))
+    broken = rng.random(n) < 0.1
+    pos = np.where(broken & br, L + 1, pos)
+    par = np.where((rng.random(n) < 0.05) & br, (par + n_init) % n, par)
+    valid = rng.random(n) < 0.95
+    r = rng.choice([0.0, 1.0, 0.5], size=n) + (rng.random(n) < 0.3) * rng.normal(size=n)
+    m = rng.random((n, L)) < 0.8
+    return dict(r=r.astype(np.float32), g=g.astype(np.int32), br=br, par=par.astype(np.int32),
+                pos=pos.astype(np.int32), m=m, valid=valid)
+
+
+@settings(max_examples=20)
+@given(st.sampled_from([(2, 2, 1, 2), (1, 2, 3, 2), (2, 1, 2, 3)]), st.integers(0, 10_000), st.booleans(),
+       st.booleans())
+def test_appo_levels_match_the_chain_walking_loop(shape, seed, norm, dual):
+    """L levels (docs/algorithm.md §1.10): each level's branches normalised as their own group (or, w/o dual
+    group, with the initial rows), prefix credit to the root up to the prefix the branch shares with it."""
+    ng, n_init, branches, levels = shape
+    L = 6
+    b = random_tree_batch(seed, ng, n_init, branches, levels, L)
+    got = np.asarray(appo_advantages(b["r"], b["g"], b["br"], b["par"], b["pos"], b["m"], ng, norm,
+                                     valid=b["valid"], levels=levels, dual_group=dual))
+    want = ref_appo_levels(b["r"].astype(float), b["g"], b["br"], b["par"], b["pos"], b["m"], ng, levels, norm,
+                           b["valid"], dual)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if levels > 1 and dual:  # one level fewer: the deepest branches are ignored, the rest as before
+        fewer = np.asarray(appo_advantages(b["r"], b["g"], b["br"], b["par"], b["pos"], b["m"], ng, norm,
+                                           valid=b["valid"], levels=levels - 1))
+        want = ref_appo_levels(b["r"].astype(float), b["g"], b["br"], b["par"], b["pos"], b["m"], ng, levels - 1,
+                               norm, b["valid"])
+        np.testing.assert_allclose(fewer, want, rtol=1e-4, atol=1e-4)
+
+
+def test_two_level_hand_example_and_no_dual_group():
+    """Group of one initial row i (R 1) with branches a (t 3, R 0) and b (t 1, R 1) and a's child c (t 2 in a,
+    R 1), d (t 4 in a, R 0): level 1 = {a, b}, level 2 = {c, d}; c shares i's prefix up to min(3, 2) = 2, d up to
+    min(3, 4) = 3."""
+    r = np.array([1.0, 0.0, 1.0, 1.0, 0.0], np.float32)
+    g = np.zeros(5, np.int32)
+    br = np.array([False, True, True, True, True])
+    par = np.array([-1, 0, 0, 1, 1], np.int32)
+    pos = np.array([-1, 3, 1, 2, 4], np.int32)
+    m = np.ones((5, 6), bool)
+    got = np.asarray(appo_advantages(r, g, br, par, pos, m, 1, levels=2))
+    a1 = np.array([-0.5, 0.5]) / (0.5 + EPS)  # level 1: a = -1, b = +1
+    a2 = np.array([0.5, -0.5]) / (0.5 + EPS)  # level 2: c = +1, d = -1
+    want = np.zeros(6)  # A_init(i) = 0 (a group of one)
+    want[:2] += a1.mean()  # t <= 1: a and b
+    want[2:4] += a1[0]  # 2 <= t <= 3: a only
+    want[:3] += a2.mean()  # t <= 2: c and d
+    want[3] += a2[1]  # t = 3: d only
+    np.testing.assert_allclose(got[0], want, rtol=1e-5)
+    assert np.all(got[1:] == 0)
+    one_level = np.asarray(appo_advantages(r, g, br, par, pos, m, 1, levels=1))
+    np.testing.assert_allclose(one_level[0], np.where(np.arange(6) <= 1, a1.mean(), 0) + np.where(
+        (np.arange(6) >= 2) & (np.arange(6) <= 3), a1[0], 0), rtol=1e-5)
+    pooled = np.asarray(appo_advantages(r, g, br, par, pos, m, 1, levels=2, dual_group=False))
+    z = (r - r.mean()) / (r.std() + EPS)  # all five rows in one group
+    want = np.full(6, z[0])
+    want[:2] += z[[1, 2]].mean()
+    want[2:4] += z[1]
+    want[:3] += z[[3, 4]].mean()
+    want[3] += z[4]
+    np.testing.assert_allclose(pooled[0], want, rtol=1e-5)
+    assert get_advantage("appo_no_dual_group") is not None

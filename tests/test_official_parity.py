@@ -197,3 +197,25 @@ def test_config_errors_name_the_value():
         RolloutConfig(entropy="approx")
     with pytest.raises(ValueError, match="rollout.entropy_k=0"):
         RolloutConfig(entropy="topk", entropy_k=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_per_rollout_selection_is_each_rows_own_top_b(seed):
+    """``branch_selection = per_rollout`` (the paper): B branch points per row, each row ranked on its own; row i
+    of group g fills slots ``i B .. i B + B - 1`` of g."""
+    tokens, gen, entropy, lc, lb, groups, ng = _batch(seed)
+    per, budget = len(groups) // ng, 3
+    table = jnp.asarray(candidate_table_from_strings(TEXTS, SPECIAL))
+    pts = choose_branch_points(_traj(tokens, gen, entropy, groups), jnp.asarray(lc), jnp.asarray(lb), table,
+                               num_groups=ng, budget=budget, per_row=True)
+    assert pts.rows.shape == (ng, per * budget)
+    for row in range(len(groups)):
+        one = choose_branch_points(_traj(tokens[row:row + 1], gen[row:row + 1], entropy[row:row + 1],
+                                         np.zeros(1, np.int32)), jnp.asarray(lc[row:row + 1]),
+                                   jnp.asarray(lb[row:row + 1]), table, num_groups=1, budget=budget)
+        g, i = divmod(row, per)
+        cols = slice(i * budget, (i + 1) * budget)
+        valid = np.asarray(one.valid[0])
+        assert (np.asarray(pts.valid[g, cols]) == valid).all()
+        assert (np.asarray(pts.positions[g, cols])[valid] == np.asarray(one.positions[0])[valid]).all()
+        assert (np.asarray(pts.rows[g, cols])[valid] == row).all()

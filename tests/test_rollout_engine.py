@@ -280,6 +280,26 @@ def test_real_sampler_end_to_end(tok, tools):
         cut = r["branch_position"] + 1
         assert r["token_ids"][:cut] == par["token_ids"][:cut] and r["logprobs"][:cut] == par["logprobs"][:cut]
 
+    # two levels, B = 1 per rollout (docs/algorithm.md §1.10): n = 2 (1 + 1 + 1); level 2 branches level 1's rows
+    deep = AppoBranching(AppoOptions(n=6, n_init=2, levels=2, branch_selection="per_rollout"),
+                         StrategyContext(table=table, logprobs=current_and_sampler))
+    assert deep.rollouts_per_prompt == 2 and deep.options.branches == 1
+    sampled = deep.sample(eng, params, lambda k: items[:k], 1, jax.random.key(4))
+    recs = list(rollout_records(sampled.batch, ["prompt text"], ["question"]))
+    assert [r["kind"] for r in recs] == ["init"] * 2 + ["branch"] * 4 and sampled.train_rows == 2
+    assert sampled.metrics["branch/level1_count"] == 2 and sampled.metrics["branch/level2_count"] == 2
+    assert [r["parent"] for r in recs[2:4]] == [0, 1]  # per rollout: one branch each
+    assert {r["parent"] for r in recs[4:]} == {2, 3}  # level 2 hangs under level 1
+    for r in recs[2:]:
+        par = recs[r["parent"]]
+        cut = r["branch_position"] + 1
+        assert r["token_ids"][:cut] == par["token_ids"][:cut]
+    assert set(np.asarray(sampled.batch.tree_id)[4:]) <= {0, 1}  # trees rooted at the initial rows
+    with pytest.raises(ValueError, match="branch_selection=per_rollout"):
+        AppoOptions(n=6, n_init=2, levels=2)
+    with pytest.raises(ValueError, match=r"B = 1, 2, 3, 4 give n = 6, 14, 26, 42"):
+        AppoOptions(n=8, n_init=2, levels=2, branch_selection="per_rollout")
+
 
 def test_branch_inside_stop_string_still_runs_the_tool(tok, tools):
     """A branch point inside ``</python>`` (the ``python`` token): the stop string straddles the prefix end, which

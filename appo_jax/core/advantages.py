@@ -11,8 +11,10 @@ Conventions (shared by every function here):
   its reward is finite. Rows that do not take part get advantage 0 and never move another row's
   statistics (padding rows with group id -1, NaN rewards, ...).
 * A branch row j is *landed* when it takes part, ``0 <= parent_j < N``, the parent row takes part, is an
-  initial row and has the same group id, and ``0 <= branch_pos_j < L``. Other branch rows are ignored:
-  excluded from the branch-group statistics, no prefix credit, advantage 0.
+  initial row and has the same group id, and ``0 <= branch_pos_j < L``. With several branching levels
+  (docs/algorithm.md §1.10) the parent may itself be a landed branch, up to ``levels`` hops from an initial row
+  (:func:`branch_lineage`). Other branch rows are ignored: excluded from the branch-group statistics, no prefix
+  credit, advantage 0.
 * Token advantages are multiplied by the generated-token mask ``m_t`` (0 on prompt padding and tool
   observations) and are therefore 0 where ``gen_mask`` is false.
 * No N x N or L x L intermediate: segment sums over group / parent ids plus O(L) scans along the
@@ -102,25 +104,82 @@ def landed_branches(group_ids, is_branch, parent, branch_pos, length: int, valid
     return landed, safe_par, jnp.clip(pos, 0, length - 1)
 
 
+def branch_lineage(group_ids, is_branch, parent, branch_pos, length: int, levels: int = 1, valid=None,
+                   rewards=None, num_groups: int | None = None) -> tuple[Array, Array, Array, Array]:
+    """Where each branch row hangs in its tree, by following parent pointers at most ``levels`` (static) hops.
+
+    A row d of level l has the chain ``d = d_l -> d_(l-1) -> ... -> d_0 = i``, ``d_(k-1)`` the parent of ``d_k``;
+    each link is *landed* (module doc: d_k takes part, its parent is a row of the batch that takes part and has
+    the same group, ``0 <= branch_pos < L``) and d_0 is an initial row. Since d_k copies the
+    response of d_(k-1) up to ``t_(d_k)``, d shares the response prefix ``[0, s_d]`` of its root i with
+    ``s_d = min_k t_(d_k)``.
+
+    Returns ``(landed [N] bool, root [N] int32, shared_end [N] int32, level [N] int32)``: landed is true for
+    branch rows whose whole chain is landed and reaches an initial row within ``levels`` hops (level 1: the
+    parent is an initial row, the paper's single level); root / shared_end / level are meaningful where landed.
+    """
+    g = jnp.asarray(group_ids, jnp.int32)
+    n = g.shape[0]
+    ok = g >= 0 if num_groups is None else (g >= 0) & (g < num_groups)
+    if valid is not None:
+        ok = ok & jnp.asarray(valid).astype(bool)
+    if rewards is not None:
+        ok = ok & jnp.isfinite(jnp.asarray(rewards, jnp.float32))
+    br = jnp.asarray(is_branch).astype(bool)
+    par = jnp.asarray(parent, jnp.int32)
+    pos = jnp.asarray(branch_pos, jnp.int32)
+    safe_par = jnp.clip(par, 0, n - 1)
+    link = (br & ok & (par >= 0) & (par < n) & (pos >= 0) & (pos < length) & ok[safe_par]
+            & (g[safe_par] == g))
+    cur, shared = jnp.arange(n, dtype=jnp.int32), jnp.full((n,), length - 1, jnp.int32)
+    level, broken = jnp.zeros((n,), jnp.int32), ~ok
+    for _ in range(levels):  # static: pointer jumping along the chain
+        step = br[cur] & ~broken
+        broken = broken | (step & ~link[cur])
+        step = step & link[cur]
+        shared = jnp.where(step, jnp.minimum(shared, pos[cur]), shared)
+        level = level + step.astype(jnp.int32)
+        cur = jnp.where(step, safe_par[cur], cur)
+    landed = br & ~broken & ~br[cur] & (level >= 1)
+    return landed, cur, shared, level
+
+
+def landed_branches(group_ids, is_branch, parent, branch_pos, length: int, valid=None,
+                    rewards=None, num_groups: int | None = None) -> tuple[Array, Array, Array]:
+    """Which branch rows are *landed* at level 1 (module docstring: the parent is an initial row) and where
+    they attach: ``(landed [N] bool, parent_row [N] int32, position [N] int32)`` (:func:`branch_lineage` with one
+    level; ``parent_row`` and ``position`` only meaningful where ``landed``). ``rewards`` (finite check) and
+    ``num_groups`` (range check of group ids) are optional; without ``num_groups`` any group id >= 0 is
+    accepted."""
+    landed, root, shared, _ = branch_lineage(group_ids, is_branch, parent, branch_pos, length, 1, valid, rewards,
+                                             num_groups)
+    return landed, root, shared
+
+
 def dual_group_advantages(rewards, group_ids, is_branch, parent, branch_pos, length: int,
                           num_groups: int, norm_by_std: bool = True, valid=None,
-                          *, eps: float = STD_EPS) -> tuple[Array, Array]:
-    """Per-row dual-group advantages (docs/algorithm.md §1.4).
+                          *, eps: float = STD_EPS, levels: int = 1, dual_group: bool = True
+                          ) -> tuple[Array, Array, Array, Array, Array]:
+    """Per-row dual-group advantages (docs/algorithm.md §1.4, §1.10).
 
-    ``A_init(i) = (R_i - mean_{init of g} R) / (std_{init of g} R + eps)`` for initial rows and
-    ``A_branch(j) = (R_j - mean_{landed branches of g} R) / (std_{landed branches of g} R + eps)`` for
-    landed branch rows; the two sets of a prompt group are normalised separately. Returns
-    ``(A [N], landed [N] bool)``; A is 0 for rows that do not take part and for ignored branches.
+    ``A_init(i) = (R_i - mean_{init of g} R) / (std_{init of g} R + eps)`` for initial rows and, for each level
+    ``l = 1..levels``, ``A_l(d) = (R_d - mean_{landed level-l branches of g} R) / (std_{...} R + eps)`` for landed
+    branch rows (:func:`branch_lineage`): the initial rows and each level's branches of a prompt group are
+    normalised separately. ``dual_group=False`` (the "w/o dual-group" ablation) normalises all of them as one group.
+    Returns ``(A [N], landed [N] bool, root [N], shared_end [N], level [N])``; A is 0 for rows that do not take
+    part and for ignored branches.
     """
     _check_num("num_groups", num_groups)
+    _check_num("levels", levels)
     g = jnp.asarray(group_ids, jnp.int32)
     br = jnp.asarray(is_branch).astype(bool)
     ok = _row_ok(rewards, g, num_groups, valid)
-    landed, _, _ = landed_branches(g, br, parent, branch_pos, length, valid, rewards, num_groups)
+    landed, root, shared, level = branch_lineage(g, br, parent, branch_pos, length, levels, valid, rewards,
+                                                 num_groups)
     members = (ok & ~br) | landed
-    seg = jnp.where(br, g + num_groups, g)
-    adv = segment_zscore(rewards, seg, 2 * num_groups, mask=members, eps=eps, norm_by_std=norm_by_std)
-    return adv, landed
+    seg = g + num_groups * jnp.where(landed, level, 0) if dual_group else g
+    adv = segment_zscore(rewards, seg, (levels + 1) * num_groups, mask=members, eps=eps, norm_by_std=norm_by_std)
+    return adv, landed, root, shared, level
 
 
 def _attach(values, landed, rows, positions, n: int, length: int) -> Array:
@@ -132,37 +191,39 @@ def _attach(values, landed, rows, positions, n: int, length: int) -> Array:
 
 def appo_advantages(rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_groups: int,
                     norm_by_std: bool = True, *, valid=None, prefix_credit: bool = True,
-                    eps: float = STD_EPS) -> Array:
-    """APPO token advantages (docs/algorithm.md §1.4): dual groups plus prefix credit mapped to the parents.
+                    eps: float = STD_EPS, levels: int = 1, dual_group: bool = True) -> Array:
+    """APPO token advantages (docs/algorithm.md §1.4, §1.10): dual groups plus prefix credit mapped to the roots.
 
     For an initial row i (taking part) and position t::
 
-        A_t = A_init(i) * m_t + mean{ A_branch(j) : j landed, parent(j) = i, t <= t_j } * m_t
+        A_t = A_init(i) * m_t + sum_{l=1..levels} mean{ A_l(d) : d landed at level l, root(d) = i, t <= s_d } * m_t
 
-    where the second term is present only where at least one such j exists (``prefix_credit=False``
-    drops it: the "no prefix credit" ablation). Branch rows, rows not taking part and positions with
-    ``m_t = 0`` get 0. Inputs: ``rewards`` [N], ``group_ids`` [N] int, ``is_branch`` [N] bool,
-    ``parent`` / ``branch_pos`` [N] int (-1 for initial rows), ``gen_mask`` [N, L]; ``valid`` [N]
-    optional row mask. Returns float32 [N, L].
+    (:func:`dual_group_advantages`; ``s_d`` the end of the prefix d shares with i, :func:`branch_lineage`; with
+    one level, ``s_d = t_d`` and the sum is the single term of §1.4), where each level's term is present only
+    where at least one such d exists (``prefix_credit=False`` drops them: the "no prefix credit" ablation).
+    Branch rows, rows not taking part and positions with ``m_t = 0`` get 0. Inputs: ``rewards`` [N],
+    ``group_ids`` [N] int, ``is_branch`` [N] bool, ``parent`` / ``branch_pos`` [N] int (-1 for initial rows),
+    ``gen_mask`` [N, L]; ``valid`` [N] optional row mask; ``levels`` (static) the branching levels;
+    ``dual_group`` False: one normalisation group per prompt (the ablation). Returns float32 [N, L].
 
-    O(N L): each landed branch scatter-adds ``A_branch(j)`` and a count 1 at ``(parent_j, t_j)``
-    (``jax.ops.segment_sum`` over the flat ``[N * L]`` index), then a reverse cumulative sum along L gives
-    the sum and the number of branches with ``t_j >= t``.
+    O(levels N L): each landed branch scatter-adds ``A(d)`` and a count 1 at ``(level - 1, root_d, s_d)``
+    (``jax.ops.segment_sum`` over the flat ``[levels * N * L]`` index), then a reverse cumulative sum along L
+    gives, per level, the sum and the number of branches with ``s_d >= t``.
     """
     m = jnp.asarray(gen_mask).astype(bool)
     n, length = m.shape
-    adv, landed = dual_group_advantages(rewards, group_ids, is_branch, parent, branch_pos, length,
-                                        num_groups, norm_by_std, valid, eps=eps)
+    adv, landed, root, shared, level = dual_group_advantages(
+        rewards, group_ids, is_branch, parent, branch_pos, length, num_groups, norm_by_std, valid, eps=eps,
+        levels=levels, dual_group=dual_group)
     br = jnp.asarray(is_branch).astype(bool)
     init_ok = _row_ok(rewards, group_ids, num_groups, valid) & ~br
     per_token = jnp.broadcast_to(adv[:, None], (n, length))
     if prefix_credit:
-        rows = jnp.clip(jnp.asarray(parent, jnp.int32), 0, n - 1)
-        pos = jnp.clip(jnp.asarray(branch_pos, jnp.int32), 0, length - 1)
-        sums = jax.lax.cumsum(_attach(adv, landed, rows, pos, n, length), axis=1, reverse=True)
-        counts = jax.lax.cumsum(_attach(jnp.ones_like(adv), landed, rows, pos, n, length), axis=1,
-                                reverse=True)
-        per_token = per_token + jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0)
+        rows = (level - 1) * n + root  # one [n, length] plane per level
+        sums = _attach(adv, landed, rows, shared, levels * n, length).reshape(levels, n, length)
+        counts = _attach(jnp.ones_like(adv), landed, rows, shared, levels * n, length).reshape(levels, n, length)
+        sums, counts = (jax.lax.cumsum(x, axis=2, reverse=True) for x in (sums, counts))
+        per_token = per_token + jnp.sum(jnp.where(counts > 0, sums / jnp.maximum(counts, 1.0), 0.0), axis=0)
     return jnp.where(m & init_ok[:, None], per_token, 0.0)
 
 
@@ -283,14 +344,20 @@ class GroupOptions:
 class AppoAdvantageOptions:
     """Options of ``appo`` (docs/algorithm.md §1.4, §1.5): ``norm_by_std``; ``procedure_scaling`` (``reward``:
     M on the token-level outcome reward before the advantage, the official default; ``advantage``: A_t * M_t;
-    ``none``); ``reward_scale_discount`` (lambda of M); ``prefix_credit`` (False: the ablation without it)."""
+    ``none``); ``reward_scale_discount`` (lambda of M); ``prefix_credit`` (False: the ablation without it);
+    ``levels`` (the branching levels L, static); ``dual_group`` (False: initial and branch rows normalised as one
+    group, the "w/o dual-group" ablation). M uses the level-1 branches (their parents are the trained rows)."""
 
     norm_by_std: bool = True
     procedure_scaling: str = "reward"
     reward_scale_discount: float = REWARD_SCALE_DISCOUNT
     prefix_credit: bool = True
+    levels: int = 1
+    dual_group: bool = True
 
     def __post_init__(self):
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
+            raise ValueError(f"levels must be an integer >= 1, got {self.levels!r}")
         if self.procedure_scaling not in PROCEDURE_SCALING:
             raise ValueError(f"unknown procedure_scaling {self.procedure_scaling!r}; "
                              f"known: {', '.join(PROCEDURE_SCALING)}")
@@ -324,7 +391,8 @@ def _appo(*, rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_gr
     if o.procedure_scaling == "reward":
         rewards = scaled_outcome_rewards(rewards, gen_mask, scale)
     adv = appo_advantages(rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_groups,
-                          o.norm_by_std, valid=valid, prefix_credit=o.prefix_credit)
+                          o.norm_by_std, valid=valid, prefix_credit=o.prefix_credit, levels=o.levels,
+                          dual_group=o.dual_group)
     return scale_token_advantages(adv, scale) if o.procedure_scaling == "advantage" else adv
 
 
@@ -332,6 +400,12 @@ def _appo(*, rewards, group_ids, is_branch, parent, branch_pos, gen_mask, num_gr
 def _appo_no_prefix_credit(*, options, **fields):
     """APPO ablation: dual-group advantages without the prefix-credit term."""
     return _appo(options=dataclasses.replace(options, prefix_credit=False), **fields)
+
+
+@ADVANTAGES.register("appo_no_dual_group", options=AppoAdvantageOptions)
+def _appo_no_dual_group(*, options, **fields):
+    """APPO ablation ("w/o dual-group", Table 4): initial and branch rows of a prompt normalised as one group."""
+    return _appo(options=dataclasses.replace(options, dual_group=False), **fields)
 
 
 @ADVANTAGES.register("grpo", options=GroupOptions)

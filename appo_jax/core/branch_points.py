@@ -76,15 +76,21 @@ class BranchPoints:
     dropped: Array
 
 
-@partial(jax.jit, static_argnames=("num_groups", "budget", "score", "gamma", "clip_eps", "parity"))
+@partial(jax.jit, static_argnames=("num_groups", "budget", "score", "gamma", "clip_eps", "parity", "per_row"))
 def choose_branch_points(traj: Trajectory, lc, lb, table, *, num_groups: int, budget: int, score: str = "appo",
                          gamma: float = 1.0, clip_eps: float = 0.2, decisions=None,
-                         parity: str = "appo_jax") -> BranchPoints:
+                         parity: str = "appo_jax", per_row: bool = False) -> BranchPoints:
     """Branch points of the initial rollouts ``traj`` (module doc): ``lc`` / ``lb`` ``[N, L]`` are the current
     and behaviour log-probs, ``table`` the ``bool[V]`` candidate-token table (built with the parity's rule,
     `appo_jax.core.candidates.candidate_token_table`); ``budget`` branches per prompt group (``num_groups``
     groups; rows with ``row_valid`` False take no part). ``score`` in `SCORE_MODES`, ``parity`` in `PARITIES`;
-    ``decisions`` (bool [N, L], the decision-token labels) is required by ``oracle`` and ignored otherwise."""
+    ``decisions`` (bool [N, L], the decision-token labels) is required by ``oracle`` and ignored otherwise.
+
+    ``per_row`` (``algorithm.branch_selection = per_rollout``, the paper): ``budget`` branches per *row* instead
+    of per group -- each row is its own selection group (its top-``budget`` scores, the same strict / fallback /
+    cyclic rule), and row r's slots become slots ``(r mod R) * budget ..`` of its group ``r // R``
+    (``R = N / num_groups`` rows per group: the rows must be group-major in equal blocks, as the rollout
+    strategies build them), so the per-group outputs are ``[G, R * budget]``."""
     if score not in SCORE_MODES:
         raise ValueError(f"unknown branching score {score!r}; known: {', '.join(SCORE_MODES)}")
     if parity not in PARITIES:
@@ -105,7 +111,15 @@ def choose_branch_points(traj: Trajectory, lc, lb, table, *, num_groups: int, bu
         cand = candidate_mask(traj.tokens, gen, table, length + 1 if rule.last_position else length)
     om = omega if use_omega else jnp.ones_like(omega)
     scores, strict = rule.scores(ent, om, gen, cand, use_entropy, use_omega)
-    group = jnp.where(traj.row_valid, traj.group_id, -1)
-    rows, positions, selected, valid = select_branch_points(scores, strict, cand, group, num_groups, budget)
+    if per_row:
+        n = traj.tokens.shape[0]
+        if n % num_groups:
+            raise ValueError(f"per-row branch selection needs {num_groups} equal blocks of rows, got {n} rows")
+        own = jnp.where(traj.row_valid, jnp.arange(n, dtype=jnp.int32), -1)
+        chosen = select_branch_points(scores, strict, cand, own, n, budget)
+        rows, positions, selected, valid = (x.reshape(num_groups, -1) for x in chosen)
+    else:
+        group = jnp.where(traj.row_valid, traj.group_id, -1)
+        rows, positions, selected, valid = select_branch_points(scores, strict, cand, group, num_groups, budget)
     dropped = valid & (positions >= length - 1)
     return BranchPoints(omega, scores, strict, cand, rows, positions, selected, valid & ~dropped, dropped)

@@ -134,13 +134,14 @@ def initial_rollouts(engine: RolloutEngine, prompts: Sequence[Record], n: int, k
 
 
 def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequence[Record], rows, positions, scores,
-                    valid, key, progress=None) -> RolloutBatch:
+                    valid, key, progress=None, parent_tree=None) -> RolloutBatch:
     """APPO branch rollouts (docs/algorithm.md §1.3). ``rows`` / ``positions`` / ``scores`` / ``valid`` are
     ``[G, B]`` (from ``choose_branch_points``): output row ``g * B + j`` continues row ``rows[g, j]`` of
     ``parents`` (a row of group g) from ``prompt + response[: positions[g, j] + 1]`` (tokens, masks, behaviour
     log-probs and entropies of the prefix copied; tool calls reconstructed from the tokens), kind branch, sampling
     key ``fold_in(fold_in(key, g), j)``; invalid slots give padding rows. ``parent`` indexes ``parents`` and
-    ``tree_id`` is the parent's tree."""
+    ``tree_id`` is the parent's tree: ``parent_tree`` (the tree ids of ``parents``, needed when they are branch
+    rows of another batch, e.g. a previous branching level), else computed from ``parents.parent``."""
     rows, positions = np.asarray(rows), np.asarray(positions)
     scores, valid = np.asarray(scores, np.float32), np.asarray(valid, bool)
     if not rows.shape == positions.shape == scores.shape == valid.shape or rows.ndim != 2:
@@ -162,8 +163,9 @@ def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequenc
             reqs.append(engine.request(key, prompts[grp], grp, int(j), prompt_ids=prompt_tokens[r][prompt_mask[r]],
                                        prefix=engine.branch_prefix(parents, r, t), kind=KIND_BRANCH, parent=r,
                                        branch_pos=t, score=float(scores[g, j])))
-    parent_tree = tree_ids(np.asarray(parents.parent), np.asarray(parents.row_valid))
-    return engine.rollout(reqs, num_g, budget, progress=progress, parent_tree=parent_tree)
+    if parent_tree is None:
+        parent_tree = tree_ids(np.asarray(parents.parent), np.asarray(parents.row_valid))
+    return engine.rollout(reqs, num_g, budget, progress=progress, parent_tree=np.asarray(parent_tree))
 
 
 # ---------------------------------------------------------------------------------------------------- strategies
@@ -291,14 +293,33 @@ def select_groups(groups: Sequence[tuple[RolloutBatch, int]], n: int, num_groups
     return RolloutBatch(traj, texts, calls, accuracy, tree, format_ok)
 
 
+BRANCH_SELECTIONS = ("per_group", "per_rollout")
+
+
+def branches_per_rollout(n: int, n_init: int, levels: int) -> int | None:
+    """The B with ``n = n_init (1 + B + ... + B^levels)`` (docs/algorithm.md §1.10), or None when there is none."""
+    for b in range(1, n + 1):
+        total = n_init * sum(b ** k for k in range(levels + 1))
+        if total == n:
+            return b
+        if total > n:
+            return None
+    return None
+
+
 @dataclass(frozen=True)
 class AppoOptions:
     """APPO's rollout knobs (the ``algorithm`` section's fields of the same names): ``n`` / ``n_init`` (branch
-    budget ``n - n_init`` per prompt), ``score`` (Branching Score mode of the algorithm), ``omega_gamma`` /
-    ``omega_clip`` (gamma and eps of Omega) and ``branching_parity`` (``appo_jax`` or ``official`` arithmetic)."""
+    budget ``n - n_init`` per prompt), ``levels`` and ``branch_selection`` (the paper's N / B / L budgets,
+    docs/algorithm.md §1.10: ``per_group`` takes the top ``n - n_init`` Branching Scores of a prompt group, one
+    level; ``per_rollout`` takes B per rollout of the previous level, ``n = n_init (1 + B + ... + B^levels)``),
+    ``score`` (Branching Score mode of the algorithm), ``omega_gamma`` / ``omega_clip`` (gamma and eps of Omega) and
+    ``branching_parity`` (``appo_jax`` or ``official`` arithmetic)."""
 
     n: int = 16
     n_init: int = 8
+    levels: int = 1
+    branch_selection: str = "per_group"
     score: str = "appo"
     omega_gamma: float = 1.0
     omega_clip: float = 0.2
@@ -306,23 +327,53 @@ class AppoOptions:
 
     def __post_init__(self):
         check_budget(self.n, self.n_init, branches=True)
+        if self.branch_selection not in BRANCH_SELECTIONS:
+            raise ValueError(f"algorithm.branch_selection={self.branch_selection!r}; expected one of "
+                             f"{', '.join(BRANCH_SELECTIONS)}")
+        if isinstance(self.levels, bool) or not isinstance(self.levels, int) or self.levels < 1:
+            raise ValueError(f"algorithm.levels={self.levels!r}; expected an integer >= 1")
+        if self.levels > 1 and self.branch_selection != "per_rollout":
+            raise ValueError(f"algorithm.levels={self.levels} branches the rollouts of each level: it needs "
+                             "algorithm.branch_selection=per_rollout")
+        if self.branch_selection == "per_rollout" and self.branches is None:
+            options = [self.n_init * sum(b ** k for k in range(self.levels + 1)) for b in (1, 2, 3, 4)]
+            raise ValueError(f"algorithm.n={self.n} is not n_init (1 + B + ... + B^L) for any B with "
+                             f"n_init={self.n_init}, levels={self.levels}; B = 1, 2, 3, 4 give n = "
+                             f"{', '.join(map(str, options))}")
+
+    @property
+    def branches(self) -> int | None:
+        """B, branches per rollout of the previous level (``per_rollout``; None when n does not fit)."""
+        return branches_per_rollout(self.n, self.n_init, self.levels)
+
+    def level_budget(self) -> tuple[int, bool]:
+        """``(budget, per_row)`` of one level's selection: B per row, or ``n - n_init`` per group."""
+        if self.branch_selection == "per_rollout":
+            return self.branches, True
+        return self.n - self.n_init, False
 
 
 @dataclass
 class AppoBranching:
     """APPO (docs/algorithm.md §1.1-§1.3): ``n_init`` initial rollouts per prompt; ``context.logprobs(params,
     traj)`` gives their current and baseline log-probs; `choose_branch_points` picks ``n - n_init`` branch points
-    per prompt with the ``score`` mode and the ``branching_parity`` arithmetic (jitted where ``context.place``
-    puts the batch); the branches continue their parents' prefixes. Only the initial rows train; their current
-    log-probs are returned as ``old_logp``."""
+    per prompt (``per_group``) or B per initial rollout (``per_rollout``) with the ``score`` mode and the
+    ``branching_parity`` arithmetic (jitted where ``context.place`` puts the batch); the branches continue their
+    parents' prefixes. With ``levels`` L > 1 (§1.10) the branches of level l - 1 are scored and branched the same
+    way, B each; rows are the initial rows, then level 1's, ..., then level L's, each branch's ``parent`` a row
+    of the previous level. Only the initial rows train; their current log-probs are returned as ``old_logp``."""
 
     options: AppoOptions = field(default_factory=AppoOptions)
     context: StrategyContext = field(default_factory=StrategyContext)
 
     @property
     def rollouts_per_prompt(self) -> int:
-        """The larger phase: ``max(n_init, n - n_init)`` concurrent rollouts per prompt."""
-        return max(self.options.n_init, self.options.n - self.options.n_init)
+        """The largest phase: ``max(n_init, n - n_init)`` concurrent rollouts per prompt with one level, the
+        last level's ``n_init B^levels`` with several."""
+        o = self.options
+        if o.levels == 1:
+            return max(o.n_init, o.n - o.n_init)
+        return o.n_init * o.branches ** o.levels
 
     @property
     def train_rows_per_prompt(self) -> int:
@@ -330,7 +381,7 @@ class AppoBranching:
         return self.options.n_init
 
     def sample(self, engine, params, next_prompts, num_prompts, key, progress=None) -> Sampled:
-        """Initial rollouts -> log-probs -> branch points -> branch rollouts (class doc)."""
+        """Initial rollouts -> log-probs -> branch points -> branch rollouts, once per level (class doc)."""
         o, c = self.options, self.context
         if c.logprobs is None or c.table is None:
             raise ValueError("APPO branching needs context.logprobs and context.table (StrategyContext)")
@@ -338,22 +389,53 @@ class AppoBranching:
         metrics: dict = {}
         prompts = next_prompts(num_prompts)
         init = _timed(metrics, "time/rollout_s", initial_rollouts, engine, prompts, o.n_init, k_init, progress)
-        lc, lb = c.to_host(_timed(metrics, "time/logprobs_s", c.logprobs, params, init.traj))
+        batch, parents, start, first = init, init, 0, None
+        for level in range(1, o.levels + 1):
+            points, lc, branches = self._level(engine, params, prompts, parents, num_prompts, metrics,
+                                               k_branch if level == 1 else jax.random.fold_in(k_branch, level),
+                                               progress)
+            if first is None:  # level 1: the initial rows' log-probs (they train) and branch points (metrics)
+                first, old_logp = points, lc
+            if o.levels > 1:
+                metrics[f"branch/level{level}_count"] = float(np.asarray(branches.traj.row_valid).sum())
+            branches = _shift_parents(branches, start)
+            start = batch.traj.tokens.shape[0]
+            batch, parents = concat_batches(batch, branches), branches
+        return Sampled(batch, list(prompts), num_prompts * o.n_init, old_logp=old_logp, branching=first,
+                       metrics=metrics)
+
+    def _level(self, engine, params, prompts, parents: RolloutBatch, num_prompts, metrics, key, progress):
+        """One level: log-probs of ``parents``, their branch points, the branch rollouts (rows of ``parents``)."""
+        o, c = self.options, self.context
+        lc, lb = c.to_host(_timed(metrics, "time/logprobs_s", c.logprobs, params, parents.traj))
         decisions = None
         if o.score == "oracle":
             if c.labeller is None:
                 raise ValueError("the oracle branching score needs a decision-token labeller (a generated task with "
                                  "labelled decisions, e.g. kb_multihop or arith_program)")
-            decisions = c.labeller(init.traj, prompts)
-        points = _timed(metrics, "time/branching_s", choose_branch_points, c.place(init.traj), lc, lb, c.table,
-                        num_groups=num_prompts, budget=o.n - o.n_init, score=o.score, gamma=float(o.omega_gamma),
-                        clip_eps=float(o.omega_clip), decisions=decisions, parity=o.branching_parity)
+            decisions = c.labeller(parents.traj, prompts)
+        budget, per_row = o.level_budget()
+        points = _timed(metrics, "time/branching_s", choose_branch_points, c.place(parents.traj), lc, lb, c.table,
+                        num_groups=num_prompts, budget=budget, score=o.score, gamma=float(o.omega_gamma),
+                        clip_eps=float(o.omega_clip), decisions=decisions, parity=o.branching_parity,
+                        per_row=per_row)
         points = c.to_host(points)
-        branches = _timed(metrics, "time/branch_rollout_s", branch_rollouts, engine, init.traj, prompts,
-                          points.rows, points.positions, points.selected_scores, points.valid, k_branch, progress)
-        metrics["omega/abs_log_ratio_mean"] = _masked_abs_mean(np.asarray(lc) - np.asarray(lb), init.traj)
-        return Sampled(concat_batches(init, branches), list(prompts), num_prompts * o.n_init, old_logp=lc,
-                       branching=points, metrics=metrics)
+        branches = _timed(metrics, "time/branch_rollout_s", branch_rollouts, engine, parents.traj, prompts,
+                          points.rows, points.positions, points.selected_scores, points.valid, key, progress,
+                          parents.tree_id)
+        if "omega/abs_log_ratio_mean" not in metrics:  # of the initial rows
+            metrics["omega/abs_log_ratio_mean"] = _masked_abs_mean(np.asarray(lc) - np.asarray(lb), parents.traj)
+        return points, lc, branches
+
+
+def _shift_parents(batch: RolloutBatch, start: int) -> RolloutBatch:
+    """``batch`` with its parent indices moved by ``start`` (its parents' first row in the concatenated batch);
+    tree ids already index the whole batch."""
+    if not start:
+        return batch
+    parent = np.asarray(batch.traj.parent)
+    traj = batch.traj.replace(parent=np.where(parent >= 0, parent + start, parent).astype(parent.dtype))
+    return RolloutBatch(traj, batch.texts, batch.tool_calls, batch.accuracy, batch.tree_id, batch.format_ok)
 
 
 def _masked_abs_mean(x: np.ndarray, traj: Trajectory) -> float:

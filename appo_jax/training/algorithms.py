@@ -187,6 +187,9 @@ for _spec in (
                   description="APPO ablation: Branching Score Z(Omega) alone (entropy = 1)"),
     AlgorithmSpec("appo_no_prefix_credit", **_APPO, prefix_credit=False,
                   description="APPO ablation: no prefix credit (initial rows get only their own group advantage)"),
+    AlgorithmSpec("appo_no_dual_group", **{**_APPO, "advantage": "appo_no_dual_group"},
+                  description="APPO ablation (Table 4, w/o dual-group): initial and branch rollouts normalised as one "
+                              "group"),
     AlgorithmSpec("appo_no_procedure_scaling", **_APPO, procedure_scaling="none",
                   description="APPO ablation: no procedure-level reward scaling (M = 1)"),
     AlgorithmSpec("appo_no_future_kl", **{**_APPO, "loss_mode": "dual_clip"},

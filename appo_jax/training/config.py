@@ -99,8 +99,11 @@ class AlgorithmSection:
     """The RL algorithm (a name of :data:`ALGORITHMS`) and its knobs (docs/algorithm.md §1.1-§1.5).
 
     n / n_init: rollouts per prompt in total / initial (APPO branches ``n - n_init`` per prompt; independent
-    sampling draws n). omega_baseline: sampler | lagged | reference; omega_lag: RL iterations of lag for
-    ``lagged``; omega_gamma / omega_clip: gamma and eps of Omega. procedure_scaling: ``auto`` (the algorithm's
+    sampling draws n). The paper's budget N / B / L (docs/algorithm.md §1.10) is n_init = N, levels = L and
+    n = N (1 + B + ... + B^L); branch_selection: ``per_group`` (the top n - n_init Branching Scores of the prompt
+    group at level 1: the official code, the default) or ``per_rollout`` (B per rollout of the previous level:
+    the paper; required for levels >= 2). omega_baseline: sampler | lagged | reference; omega_lag: RL iterations
+    of lag for ``lagged``; omega_gamma / omega_clip: gamma and eps of Omega. procedure_scaling: ``auto`` (the algorithm's
     default), none, reward or advantage; reward_scale_discount: lambda. dynamic_sampling: None = the algorithm's
     default; max_resample_rounds bounds DAPO's refills; aepo_entropy_alpha: AEPO's entropy weight.
     branching_parity: ``appo_jax`` (default) or ``official``, the arithmetic of the Branching Score and its
@@ -122,6 +125,8 @@ class AlgorithmSection:
     name: str = "appo"
     n: int = 16
     n_init: int = 8
+    levels: int = 1
+    branch_selection: str = "per_group"
     omega_baseline: str = "sampler"
     omega_lag: int = 1
     omega_gamma: float = 1.0
