@@ -61,7 +61,8 @@ def test_summary_matches_a_slow_count_with_failed_judgements_left_out_and_breakd
     rows.append(_row("gaia", "0", 4, False, failed=True))  # a fifth run whose judge failed: not in pass@k
     levels = {str(q): {"level": "1" if q < 3 else "2"} for q in range(7)}
     s = summarize(rows, {"gaia": levels})["gaia"]
-    assert s["judge_failed"] == 1 and s["runs"] == 4 and s["questions"] == 7 and s["answers"] == 29
+    assert s["judge_failed"] == 1 and s["runs"] == 5 and s["questions"] == 7 and s["answers"] == 29
+    assert "pass@5" not in s  # question 0 has 4 judged runs: pass@k up to k = 4
     assert s["pass@1"] == pytest.approx(np.mean([f.mean() for f in truth.values()]))
     for k in (2, 3, 4):
         assert s[f"pass@{k}"] == pytest.approx(np.mean([brute_pass_at_k(4, int(f.sum()), k) for f in truth.values()]))
@@ -71,7 +72,7 @@ def test_summary_matches_a_slow_count_with_failed_judgements_left_out_and_breakd
     assert low["questions"] == 3 and low["pass@1"] == pytest.approx(np.mean([truth[q].mean() for q in "012"]))
     assert summarize([_row("hotpotqa", "a", 0, True, 1.0, 1.0)])["hotpotqa"]["metric"] == "f1"
     table = summary_table(summarize(rows, {"gaia": levels}))
-    assert "| gaia level=1 | 3 | 4 |" in table and "pass@4 (%)" in table
+    assert "| gaia level=1 | 3 | 5 |" in table and "pass@4 (%)" in table  # question 0: 5 runs, 4 judged
 
 
 # -------------------------------------------------------------------------------------------------------- store

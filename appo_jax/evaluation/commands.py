@@ -27,6 +27,7 @@ def _judge(args):
 def _eval(args) -> int:
     # deferred: model, data and engine imports take seconds; other commands need not pay them
     from appo_jax.data import dataset_names
+    from appo_jax.data.loading import split_name
     from appo_jax.rollout.presets import get_preset
     from appo_jax.evaluation.runner import EvalSpec, evaluate_to_dir, summary_markdown
     from appo_jax.rollout.engine import default_tools
@@ -35,7 +36,7 @@ def _eval(args) -> int:
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     if not names:
         raise ValueError("--benchmarks is empty; give a comma-separated list such as gsm8k,hotpotqa")
-    unknown = [n for n in names if n.lower() not in dataset_names()]
+    unknown = [n for n in names if split_name(n)[0].lower() not in dataset_names()]
     if unknown:
         raise ValueError(f"unknown dataset {unknown[0]!r}; known datasets: {', '.join(dataset_names())}")
     get_preset(args.preset)
@@ -68,7 +69,9 @@ def register(subparsers) -> None:
     e.add_argument("--model", required=True,
                    help="preset name (random weights), smollm2-135m-instruct, an HF directory, a .gguf file, or a "
                         "train workdir (WORKDIR for its latest checkpoint, WORKDIR@STEP for another)")
-    e.add_argument("--benchmarks", required=True, help="comma-separated dataset names, e.g. gsm8k,hotpotqa,aime24")
+    e.add_argument("--benchmarks", required=True,
+                   help="comma-separated dataset names, e.g. gsm8k,hotpotqa,aime24 (NAME:SPLIT picks a split, e.g. "
+                        "arith_program:heldout)")
     e.add_argument("--out", help="directory for answers.jsonl, settings.json and the summary; an existing one is "
                                  "resumed (default: runs/eval_<date>_<time>)")
     e.add_argument("--preset", default="paper", choices=("paper", "official", "greedy"),

@@ -8,8 +8,9 @@ Per benchmark, over its questions q with n_q runs of which c_q were judged corre
              (SQuAD normalisation, `appo_jax.rewards.qa_metrics`); the paper's metric on HotpotQA, 2Wiki,
              MuSiQue and Bamboogle (`F1_BENCHMARKS`); judge accuracy (pass@1) elsewhere.
 
-Rows whose judge failed (``judge.failed``) are left out of pass@k and counted in ``judge_failed``; F1 / EM
-need no judge and use every row. A breakdown field (GAIA ``level``, WebWalker ``difficulty``, HLE ``category``;
+Rows whose judge failed (``judge.failed``) are left out of pass@k and counted in ``judge_failed`` (a question
+with no judged run drops out of pass@k; pass@k is given for k up to the fewest judged runs of a question); F1 / EM
+need no judge and use every row. ``runs`` is the most runs any question has. A breakdown field (GAIA ``level``, WebWalker ``difficulty``, HLE ``category``;
 `appo_jax.data.breakdowns`) gives the same numbers per value of that field.
 """
 from __future__ import annotations
@@ -46,11 +47,14 @@ def _scores(rows: list[dict]) -> dict:
     out: dict = {"questions": len({r["question_id"] for r in rows}), "answers": len(rows), "judge_failed": failed,
                  "f1": float(np.mean([r["metrics"]["f1"] for r in rows])) if rows else None,
                  "em": float(np.mean([r["metrics"]["em"] for r in rows])) if rows else None}
-    runs = min((len(v) for v in judged.values()), default=0)
-    out["runs"] = runs
-    for k in range(1, runs + 1):
+    per_question: dict[str, int] = defaultdict(int)
+    for row in rows:
+        per_question[row["question_id"]] += 1
+    out["runs"] = max(per_question.values(), default=0)
+    kmax = min((len(v) for v in judged.values()), default=0)  # pass@k needs k judged runs of every question
+    for k in range(1, kmax + 1):
         out[f"pass@{k}"] = float(np.mean([pass_at_k(len(v), sum(v), k) for v in judged.values()]))
-    if not runs:
+    if not kmax:
         out["pass@1"] = None
     return out
 
@@ -84,7 +88,8 @@ def _pct(x) -> str:
 def summary_table(summary: dict) -> str:
     """Markdown: one row per benchmark (questions, runs, the paper's metric, pass@1, pass@k for the largest k,
     F1, EM, failed judgements), then one row per breakdown value."""
-    kmax = max((s["runs"] for s in summary.values()), default=1)
+    kmax = max((max((int(k[5:]) for k in s if k.startswith("pass@") and s[k] is not None), default=1)
+                for s in summary.values()), default=1)
     head = ["benchmark", "questions", "runs", "paper metric", "pass@1 (%)"]
     head += [f"pass@{kmax} (%)"] if kmax > 1 else []
     head += ["F1 (%)", "EM (%)", "judge failed"]

@@ -247,5 +247,10 @@ def known_rows(table: str) -> tuple[str, ...]:
     return tuple(sorted(keys))
 
 
+#: small backbones whose evaluate-only rows may be tabulated beside the paper's (the README's example row)
+EXAMPLE_BACKBONES = ("smollm2-135m",)
+
+
 def _backbones(table: str) -> tuple[str, ...]:
-    return ("qwen3-8b", "qwen3-14b") if table == "table2" else ("llama3.1-8b", "qwen2.5-7b")
+    own = ("qwen3-8b", "qwen3-14b") if table == "table2" else ("llama3.1-8b", "qwen2.5-7b")
+    return own + EXAMPLE_BACKBONES
