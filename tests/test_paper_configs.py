@@ -51,7 +51,7 @@ def test_every_row_of_both_sets_validates_and_is_its_own_run():
         assert cfg.name.endswith("-official") == (hp_set == ",official")
         names.add((cfg.name, cfg.workdir))
     assert len(names) == len(rows)
-    assert len(rows) == 2 * (16 + 6 + 10 + 14)
+    assert len(rows) == 2 * (16 + 6 + 11 + 14)
 
 
 def test_the_tables_have_the_published_rows():
@@ -60,7 +60,7 @@ def test_the_tables_have_the_published_rows():
     assert set(t1.BACKBONES) == set(t4.BACKBONES) == {"qwen2.5-7b", "llama3.1-8b"}
     assert set(t2.ROWS) == {f"{b},{m}" for b in ("qwen3-8b", "qwen3-14b") for m in ("grpo", "arpo", "appo")}
     assert set(t3.ROWS) == {"ARPO_M16", "N2_B1", "N1_B3", "N2_B3", "N4_B3", "N8_B1", "N2_B7", "N1_B2_L3",
-                            "N1_B4_L2", "N3_B1_L2"}
+                            "N1_B4_L2", "N3_B1_L2", "N4_B2_L2"}
     assert t4.PAPER_LABELS == {"APPO": "appo", "BS->Entropy": "entropy_only",
                                "w/o future-value advantage scaling": "no_future_kl",
                                "w/o dual-group": "no_dual_group"}
@@ -148,7 +148,7 @@ def test_table3_budgets():
             assert a.branch_selection == ("per_group" if per_group else "per_rollout")
     assert {r: budget_n(*b) for r, b in t3.BUDGETS.items()} == {
         "N2_B1": 4, "N1_B3": 4, "N2_B3": 8, "N4_B3": 16, "N8_B1": 16, "N2_B7": 16, "N1_B2_L3": 15, "N1_B4_L2": 21,
-        "N3_B1_L2": 9}
+        "N3_B1_L2": 9, "N4_B2_L2": 28}
     arpo = _load("table3", "ARPO_M16").algorithm
     assert (arpo.name, arpo.n) == ("arpo", 16)
     # N4_B3 is the paper's APPO setting: the Table 1 / Table 4 Qwen2.5-7B APPO row up to the eval benchmarks

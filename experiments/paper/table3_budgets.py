@@ -6,7 +6,8 @@ rollouts per prompt -- of APPO on Qwen2.5-7B-Instruct, scored on the knowledge-Q
 
 Rows (the table's labels in brackets): ``ARPO_M16`` (ARPO, M = 16), ``N2_B1`` (M=4 N2B1), ``N1_B3`` (M=4 N1B3),
 ``N2_B3`` (M=8 N2B3), ``N4_B3`` (M=16 N4B3, the paper's APPO setting), ``N8_B1`` (M=16 N8B1), ``N2_B7`` (M=16
-N2B7), and the appendix's multi-level rows ``N1_B2_L3`` (M=15), ``N1_B4_L2`` (M=21), ``N3_B1_L2`` (M=9). A row
+N2B7), and the appendix's multi-level rows ``N1_B2_L3`` (M=15), ``N1_B4_L2`` (M=21), ``N3_B1_L2`` (M=9);
+``N4_B2_L2`` (M=28) is not in the paper: two levels at the Table 3 APPO setting's N, for trying the scheme. A row
 sets ``algorithm.n_init = N``, ``algorithm.levels = L`` and ``algorithm.n = N (1 + B + ... + B^L)``; the paper's
 set selects B branches per rollout (``branch_selection = per_rollout``), the official set the top N*B of the
 prompt group (``per_group``, the official code) where L = 1 (more levels need ``per_rollout``). Everything else is
@@ -17,7 +18,8 @@ from appo_jax.training.paper_hyperparameters import paper_config, select_row
 
 #: row -> (N, B, L); ARPO_M16 is ARPO with M = 16 rollouts per prompt
 BUDGETS = {"N2_B1": (2, 1, 1), "N1_B3": (1, 3, 1), "N2_B3": (2, 3, 1), "N4_B3": (4, 3, 1), "N8_B1": (8, 1, 1),
-           "N2_B7": (2, 7, 1), "N1_B2_L3": (1, 2, 3), "N1_B4_L2": (1, 4, 2), "N3_B1_L2": (3, 1, 2)}
+           "N2_B7": (2, 7, 1), "N1_B2_L3": (1, 2, 3), "N1_B4_L2": (1, 4, 2), "N3_B1_L2": (3, 1, 2),
+           "N4_B2_L2": (4, 2, 2)}
 ROWS = ("ARPO_M16", *BUDGETS)
 QA_BENCHMARKS = "webwalker,hotpotqa,2wiki,musique,bamboogle"
 
