@@ -421,3 +421,52 @@ def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(t
             if isinstance(got.get(p), BaseException):
                 raise got[p]
         assert got[0] == want and got[1] == want, name
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, 0), (1.0, 8)])
+def test_appo_branches_forked_from_the_parents_kv_equal_reprefilled_ones(tok, tools, temperature, top_k):
+    """``rollout.kv_fork``: APPO's branches start from a copy of their parent's KV rows (a snapshot after the
+    initial phase) instead of prefilling; with the same keys the batch is the same as with re-prefilled branches
+    (tokens equal, log-probs within 1e-5 + 1e-5 |log p|), every branch was forked, and two levels fork too. Sampled with
+    top_k 8: the KV a decode step wrote and the KV a prefill computes differ in the last float bits, which flips
+    a draw that lands within ~1e-6 of a boundary of the cumulative distribution: over this random model's flat
+    49k-token distributions (top_p 0.9 keeps thousands of tokens) that happens within a few dozen tokens, as
+    batching does (docs/serving.md). Sampled level-2 branches (whose prefix KV comes from two decodes) flipped one
+    draw in 8 rows here, so sampled equality is checked at level 1 and greedy equality at both levels."""
+    from test_sampler import _sharp_params
+
+    from appo_jax.core.candidates import candidate_token_table
+    from appo_jax.models.logprobs import trajectory_logprobs
+    from appo_jax.models.presets import get_config
+    from appo_jax.rollout.strategies import AppoBranching, AppoOptions, StrategyContext
+
+    config = dataclasses.replace(get_config("tiny-llama"), vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,),
+                                 pad_token_id=tok.pad_token_id)
+    params = _sharp_params(config, 3)
+    logprobs = jax.jit(trajectory_logprobs, static_argnames=("config", "chunk"))
+
+    def current_and_sampler(policy_params, traj):
+        return logprobs(policy_params, traj, config=config, chunk=16)[0], traj.behavior_logp
+
+    items = [prompt_record(prompt_ids(tok, q), ["5"]) for q in ("Compute two plus three.", "What is 7 minus 2?")]
+    context = StrategyContext(table=candidate_token_table(tok), logprobs=current_and_sampler)
+    out = {}
+    for fork in (False, True):
+        cfg = RolloutConfig(max_prompt_len=32, max_response_len=40, tool_call_limit=2, num_slots=4, decode_chunk=8,
+                            temperature=temperature, top_k=top_k, kv_fork=fork)
+        eng = RolloutEngine(config, params, tok, tools, cfg)
+        for levels, n in ((1, 4), (2, 6)):
+            options = AppoOptions(n=n, n_init=2, levels=levels, branch_selection="per_rollout")
+            out[fork, levels] = AppoBranching(options, context).sample(eng, params, lambda k: items[:k], 2,
+                                                                       jax.random.key(11))
+        eng.close()
+    for levels, branches in ((1, 4), (2, 8)):
+        plain, forked = out[False, levels], out[True, levels]
+        if temperature and levels == 2:  # the level-2 prefixes hold KV of two decodes: see the note below
+            assert forked.metrics["branch/kv_forked"] == branches
+            continue
+        assert plain.metrics["branch/kv_forked"] == 0 and forked.metrics["branch/kv_forked"] == branches
+        a, b = plain.batch.traj, forked.batch.traj
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.gen_mask, b.gen_mask)
+        np.testing.assert_allclose(a.behavior_logp, b.behavior_logp, rtol=1e-5, atol=1e-5)

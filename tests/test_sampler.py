@@ -656,3 +656,38 @@ def test_bad_entropy_settings():
     with pytest.raises(ValueError, match="entropy_k=99"):
         select_tokens(jnp.zeros((1, 8)), jax.random.split(jax.random.key(0), 1),
                       SamplingParams(1.0, entropy="topk", entropy_k=99))
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(0.0), SamplingParams(1.0)])
+def test_fork_from_a_snapshot_equals_a_reprefilled_start(llama, sampling):
+    """A branch forked from its parent's KV row (copied from a snapshot taken before the slot was reused) samples
+    the same tokens as one started by prefilling the same prefix with the same key, log-probs within 1e-5; through
+    an appended tool result too."""
+    config, params = llama
+    prompt, key = [1, 8, 21, 7], jax.random.key(5)
+    s = new_sampler(config, params, sampling=sampling, eos_token_ids=())
+    s.start([0], [prompt], [key])
+    s.decode(np.array([True, False, False, False]), 9)
+    s.append([0], [[40, 41, 42]])  # a tool result inside the prefix
+    s.decode(np.array([True, False, False, False]), 6)
+    parent = s.sequence(0)
+    snap = s.snapshot()
+    s.start([0], [[1, 2, 3]], [jax.random.key(9)])  # the parent's slot is reused after the snapshot
+    for k in (len(prompt) + 2, len(prompt) + 11, len(parent) - 1):
+        prefix = parent[:k]
+        s.fork([1], snap, [0], [prefix], [key])
+        s.start([2], [prefix], [key])
+        out = s.decode(np.array([False, True, True, False]), 12)
+        assert out.tokens[1].tolist() == out.tokens[2].tolist()
+        np.testing.assert_allclose(out.logprobs[1], out.logprobs[2], atol=1e-5)
+        np.testing.assert_allclose(out.entropies[1], out.entropies[2], atol=1e-5)
+        assert s.sequence(1) == s.sequence(2)
+    with pytest.raises(ValueError, match="row 0, which holds .*past the row's end"):
+        s.fork([1], snap, [0], [parent + [5, 6]], [key])
+    with pytest.raises(ValueError, match=r"differ at position 5\): its slot was reused"):
+        s.fork([1], snap, [0], [parent[:5] + [99] + parent[6:9]], [key])
+    with pytest.raises(ValueError, match="row 3 of the snapshot holds no sequence"):
+        s.fork([1], snap, [3], [prompt], [key])
+    s.set_params(jax.tree.map(lambda x: x * 1.0, params))
+    with pytest.raises(ValueError, match="other weights"):
+        s.fork([1], snap, [0], [prompt], [key])

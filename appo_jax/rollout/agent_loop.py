@@ -74,13 +74,16 @@ class Prefix:
 @dataclass
 class RolloutRequest:
     """One rollout to run: ``prompt_ids`` (non-empty), a PRNG ``key`` for its sampling stream, an optional
-    response ``prefix`` to continue from, and caller data (``tag``, ``meta``) carried to the result."""
+    response ``prefix`` to continue from, and caller data (``tag``, ``meta``) carried to the result. ``fork``:
+    ``(snapshot, row)`` -- the sampler's ``CacheSnapshot`` row that holds ``prompt + prefix`` (all but its last
+    token): the slot starts from a copy of that row's KV (``Sampler.fork``) instead of prefilling."""
 
     prompt_ids: Sequence[int]
     key: Any
     prefix: Prefix | None = None
     tag: Any = None
     meta: dict = field(default_factory=dict)
+    fork: tuple | None = None
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Rollout:
     finish_reason: int
     text: str
     reward: float = 0.0
+    slot: int = -1
 
     def prefix(self, end: int) -> Prefix:
         """The response prefix ``[:end]`` with the tool calls whose observation starts before ``end``."""
@@ -209,7 +213,7 @@ class _Run:
     ``queue``: ``(index, request)`` pairs not started yet; ``enqueued``: requests enqueued so far (the next
     index); ``slots[s]``: the rollout in policy slot ``s`` (None: free); ``done``: finished rollouts;
     ``reward_futures``: ``(rollout, future)`` of their rewards; ``starts`` / ``appends``: policy starts
-    ``(slot, _Slot, tokens)`` and tool-result appends ``(slot, tokens)`` not sent yet (:meth:`prefill` sends
+    ``(slot, _Slot, tokens, fork)`` and tool-result appends ``(slot, tokens)`` not sent yet (:meth:`prefill` sends
     them together); ``stats``: the run's :class:`LoopStats`; ``reported``: ``(finished, enqueued, generated
     tokens)`` at the last ``progress`` call."""
 
@@ -224,7 +228,7 @@ class _Run:
         self.slots: list[_Slot | None] = [None] * self.sampler.num_slots
         self.done: list[Rollout] = []
         self.reward_futures: list[tuple[Rollout, Future]] = []
-        self.starts: list[tuple[int, _Slot, list[int]]] = []
+        self.starts: list[tuple[int, _Slot, list[int], tuple | None]] = []
         self.appends: list[tuple[int, list[int]]] = []
 
     # -- helpers -----------------------------------------------------------------------------------------------
@@ -273,6 +277,11 @@ class _Run:
             return
         t0 = time.perf_counter()
         live = [x for x in self.starts if self.slots[x[0]] is x[1]]  # skip rollouts that finished at start
+        for snapshot in {id(x[3][0]): x[3][0] for x in live if x[3] is not None}.values():
+            forks = [x for x in live if x[3] is not None and x[3][0] is snapshot]
+            self.sampler.fork([x[0] for x in forks], snapshot, [x[3][1] for x in forks], [x[2] for x in forks],
+                              [x[1].request.key for x in forks])
+        live = [x for x in live if x[3] is None]
         if live:
             self.sampler.start([x[0] for x in live], [x[2] for x in live], [x[1].request.key for x in live])
         if self.appends:
@@ -329,7 +338,7 @@ class _Run:
         completed stop string is acted on as if just generated."""
         st = _Slot(index, req, self.length, self.loop.pad_id)
         self.slots[s] = st
-        self.starts.append((s, st, list(req.prompt_ids) + [int(t) for t in st.tokens[:st.n]]))
+        self.starts.append((s, st, list(req.prompt_ids) + [int(t) for t in st.tokens[:st.n]], req.fork))
         self.event("start", slot=s, index=index)
         if st.n >= self.length:
             self.finish(s, FINISH_LENGTH)
@@ -441,7 +450,7 @@ class _Run:
         n = st.n
         ro = Rollout(st.index, st.request, st.tokens[:n].copy(), st.gen[:n].copy(), st.obs[:n].copy(),
                      st.logp[:n].copy(), st.ent[:n].copy(), st.tool_calls, reason,
-                     self.decode_text(st.tokens[:n], skip_special=True))
+                     self.decode_text(st.tokens[:n], skip_special=True), slot=s)
         self.slots[s] = None
         self.done.append(ro)
         self.stats.rollouts += 1
@@ -464,7 +473,7 @@ class _Run:
             st.tokens[j:st.n], st.gen[j:st.n], st.logp[j:st.n], st.ent[j:st.n] = self.loop.pad_id, False, 0, 0
             st.n = j
             self.stats.generated_tokens -= drop
-            self.starts.append((s, st, list(st.request.prompt_ids) + [int(t) for t in st.tokens[:j]]))
+            self.starts.append((s, st, list(st.request.prompt_ids) + [int(t) for t in st.tokens[:j]], None))
             fin = CHUNK_STOP
         if j is not None or fin != CHUNK_RUNNING or st.n >= st.boundary + STOP_LOOKBACK:
             st.boundary = -1

@@ -33,7 +33,9 @@ class RolloutConfig:
     likely tokens) or ``official_topk`` (the official code's, from vLLM's top-k log-probs;
     `appo_jax.core.branching.topk_entropy`). ``dtype``: the sampler's compute dtype (``""`` = the model's;
     ``bfloat16`` samples in bf16 against an fp32 trainer, the mismatch the ``mismatch/*`` metrics and
-    ``loss.tis_cap`` are about).
+    ``loss.tis_cap`` are about). ``kv_fork``: an APPO branch starts from a copy of its parent's KV rows up to
+    the branch point (a snapshot of the cache after the parents' phase) instead of prefilling its prefix again;
+    a parent whose slot was reused before the snapshot is re-prefilled (``branch/kv_forked`` counts the forks).
     """
 
     max_prompt_len: int = 2048
@@ -52,6 +54,7 @@ class RolloutConfig:
     entropy: str = "exact"
     entropy_k: int = 10
     dtype: str = ""
+    kv_fork: bool = False
 
     def __post_init__(self):
         self.validate()

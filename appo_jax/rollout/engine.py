@@ -46,8 +46,10 @@ from appo_jax.tools.registry import ToolRegistry, build_registry
 class RolloutBatch:
     """A Trajectory plus host-side per-row extras: decoded response ``texts``, ``tool_calls``, ``accuracy``
     (float32 [N]: the reward's answer accuracy, 0 for padding rows), ``tree_id`` (int32 [N]: row index of the
-    row's root, -1 for padding rows) and ``format_ok`` (float32 [N]: 1 where the reward's format check passed,
-    0 elsewhere and for padding rows)."""
+    row's root, -1 for padding rows), ``format_ok`` (float32 [N]: 1 where the reward's format check passed,
+    0 elsewhere and for padding rows) and, for a batch straight from the engine, ``slot`` (int32 [N]: the sampler
+    slot each row's rollout ended in, -1 for padding rows; None after batches are combined); ``kv_forked``: rows
+    that started from a copy of their parent's KV (`appo_jax.rollout.strategies.branch_rollouts`)."""
 
     traj: Trajectory
     texts: list[str]
@@ -55,6 +57,8 @@ class RolloutBatch:
     accuracy: np.ndarray
     tree_id: np.ndarray
     format_ok: np.ndarray
+    slot: np.ndarray | None = None
+    kv_forked: int = 0
 
 
 def concat_trajectories(a: Trajectory, b: Trajectory) -> Trajectory:
@@ -212,6 +216,11 @@ class RolloutEngine:
         return (f"{cfg.num_slots} sampler slots{kv}; prompts <= {cfg.max_prompt_len} tokens, responses <= "
                 f"{cfg.max_response_len} tokens (tool results included), <= {cfg.tool_call_limit} tool calls")
 
+    def snapshot(self):
+        """A copy of the sampler's KV cache and slot sequences (`Sampler.snapshot`), to fork branches from after
+        the slots are reused; None when the sampler cannot fork (a scripted test policy)."""
+        return self.sampler.snapshot() if hasattr(self.sampler, "fork") else None
+
     @property
     def stats(self):
         """:class:`~appo_jax.rollout.agent_loop.LoopStats` of the last loop run."""
@@ -318,6 +327,7 @@ class RolloutEngine:
         for i in range(num_rows):
             build.set_kind(i, KIND_BRANCH)
         taken = np.zeros(num_rows, bool)
+        slot = np.full(num_rows, -1, np.int32)
         for ro in rollouts:
             m = ro.request.meta
             if m["group"] not in groups or not 0 <= m["local"] < rows_per_group:
@@ -332,8 +342,8 @@ class RolloutEngine:
                           kind=m["kind"], parent=m["parent"], branch_pos=m["branch_pos"], branch_score=m["score"],
                           reward=ro.reward, tool_calls=len(ro.tool_calls), finish_reason=ro.finish_reason)
             accuracy[i], format_ok[i] = m.get("accuracy", 0.0), m.get("format_ok", 0.0)
-            texts[i], calls[i] = ro.text, ro.tool_calls
-        return RolloutBatch(build.build(), texts, calls, accuracy, np.full(num_rows, -1, np.int32), format_ok)
+            texts[i], calls[i], slot[i] = ro.text, ro.tool_calls, ro.slot
+        return RolloutBatch(build.build(), texts, calls, accuracy, np.full(num_rows, -1, np.int32), format_ok, slot)
 
 
 __all__ = ["RolloutBatch", "RolloutConfig", "RolloutEngine", "concat_batches", "concat_trajectories",

@@ -7,6 +7,9 @@ the cache holds ``seq[:-1]`` (the RoPE position of token i is i: padding never c
 
 * ``start(slots, prefixes, keys)`` resets rows and prefills ``prefix[:-1]`` (any token prefix: a prompt, or a
   branch's ``prompt + response[: t + 1]``);
+* ``fork(slots, snapshot, rows, prefixes, keys)`` starts slots like ``start`` but copies ``prefix[:-1]``'s KV from
+  rows of a :class:`CacheSnapshot` (``snapshot()``: a copy of the cache, e.g. after the initial rollouts) that
+  hold exactly those tokens, instead of prefilling them: a branch shares its parent's prefix;
 * ``append(slots, tokens)`` puts external tokens (tool results) into a slot's context: it forwards
   ``[pending] + tokens[:-1]``, nothing is sampled or recorded;
 * ``decode(active, max_new)`` runs an on-device `lax.while_loop` of at most ``decode_chunk`` steps per call over
@@ -96,6 +99,31 @@ class Generation:
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _reset_rows(cache: KVCache, rows: jax.Array) -> KVCache:
     return cache.reset_rows(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSnapshot:
+    """A copy of a sampler's KV cache (`Sampler.snapshot`) with, per row, the token sequence it holds (``seqs``:
+    the first ``cached[r]`` tokens of ``seqs[r]`` are in the cache) and the weights it was computed with."""
+
+    cache: KVCache
+    seqs: tuple
+    cached: np.ndarray
+    params_id: int
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _fork_rows(cache: KVCache, source: KVCache, dst: jax.Array, src: jax.Array, counts: jax.Array) -> KVCache:
+    """Rows ``dst[i]`` of ``cache`` := the first ``counts[i]`` real tokens of row ``src[i]`` of ``source``: its
+    k / v, its valid slots up to the ``counts[i]``-th one, ``end`` one past that slot (``dst`` entries out of
+    range are dropped)."""
+    valid = source.valid[src]
+    keep = valid & (jnp.cumsum(valid.astype(jnp.int32), axis=1) <= counts[:, None])
+    end = jnp.max(jnp.where(keep, jnp.arange(valid.shape[1], dtype=jnp.int32)[None, :] + 1, 0), axis=1)
+    return KVCache(k=cache.k.at[:, dst].set(source.k[:, src], mode="drop"),
+                   v=cache.v.at[:, dst].set(source.v[:, src], mode="drop"),
+                   valid=cache.valid.at[dst].set(keep, mode="drop"),
+                   end=cache.end.at[dst].set(end.astype(jnp.int32), mode="drop"))
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -379,6 +407,57 @@ class Sampler:
             self._turn[s] = []
             self._checked[s] = 0
         self._fill(slots)
+
+    def snapshot(self) -> CacheSnapshot:
+        """A copy of the cache and of each slot's sequence, to :meth:`fork` from later (after the slots have been
+        reused): e.g. the initial rollouts' KV rows, which their branches share up to the branch point."""
+        return CacheSnapshot(jax.tree.map(jnp.copy, self._cache),
+                             tuple(None if q is None else tuple(q) for q in self._seq), self._cached.copy(),
+                             id(self.params))
+
+    def fork(self, slots: Sequence[int], snapshot: CacheSnapshot, rows: Sequence[int],
+             prefixes: Sequence[Sequence[int]], keys: Sequence) -> None:
+        """:meth:`start` each slot ``slots[i]`` from ``prefixes[i]`` without prefilling it: its first
+        ``len(prefix) - 1`` tokens are copied from row ``rows[i]`` of ``snapshot``, which must hold exactly those
+        tokens (the KV of a branch's parent up to the branch point). ``ValueError`` naming the slot, the row and
+        the position when the row holds fewer tokens (a branch point past the row's end), other tokens (its slot
+        was reused before the snapshot), or when the snapshot was taken with other weights."""
+        slots = self._check_slots(slots, "fork")
+        if not (len(rows) == len(prefixes) == len(keys) == len(slots)):
+            raise ValueError(f"fork: got {len(slots)} slots, {len(rows)} rows, {len(prefixes)} prefixes and "
+                             f"{len(keys)} keys")
+        if snapshot.params_id != id(self.params):
+            raise ValueError("fork: the snapshot was taken with other weights (set_params since); take a new one")
+        if snapshot.cache.max_len != self.max_len or snapshot.cache.batch != self.num_slots:
+            raise ValueError(f"fork: the snapshot's cache is {snapshot.cache.batch} x {snapshot.cache.max_len}, this "
+                             f"sampler's {self.num_slots} x {self.max_len}")
+        seqs = [self._check_tokens(p, f"fork: prefix for slot {s}") for s, p in zip(slots, prefixes)]
+        for s, r, seq in zip(slots, rows, seqs):
+            self._check_fork_source(s, int(r), seq, snapshot)
+        key_data = [_key_data(k) for k in keys]
+        dst = np.asarray(slots, np.int32)
+        self._cache = _fork_rows(self._cache, snapshot.cache, jnp.asarray(dst), jnp.asarray(np.asarray(rows, np.int32)),
+                                 jnp.asarray(np.array([len(q) - 1 for q in seqs], np.int32)))
+        ends = np.asarray(jax.device_get(self._cache.end))[dst]
+        for s, seq, kd, end in zip(slots, seqs, key_data, ends):
+            self._seq[s], self._keys[s] = list(seq), kd
+            self._end[s], self._cached[s] = int(end), len(seq) - 1
+            self._turn[s], self._checked[s] = [], 0
+
+    def _check_fork_source(self, slot: int, row: int, seq: list[int], snapshot: CacheSnapshot) -> None:
+        if not seq:
+            raise ValueError(f"fork: the prefix for slot {slot} is empty (it needs at least one token)")
+        if not 0 <= row < len(snapshot.seqs) or snapshot.seqs[row] is None:
+            raise ValueError(f"fork: row {row} of the snapshot holds no sequence (slot {slot})")
+        need, held = len(seq) - 1, int(snapshot.cached[row])
+        if need > held:
+            raise ValueError(f"fork: slot {slot} needs the first {need} tokens of row {row}, which holds {held}: the "
+                             f"branch point (position {need - 1}) lies past the row's end")
+        source = snapshot.seqs[row]
+        if tuple(seq[:need]) != tuple(source[:need]):
+            pos = next(i for i in range(need) if seq[i] != source[i])
+            raise ValueError(f"fork: row {row} of the snapshot holds another sequence than the prefix for slot {slot} "
+                             f"(they differ at position {pos}): its slot was reused before the snapshot")
 
     def append(self, slots: Sequence[int], tokens: Sequence[Sequence[int]]) -> None:
         """Append ``tokens[i]`` to slot ``slots[i]`` as context (not sampled, nothing recorded). The slot's next

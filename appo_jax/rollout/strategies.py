@@ -134,14 +134,17 @@ def initial_rollouts(engine: RolloutEngine, prompts: Sequence[Record], n: int, k
 
 
 def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequence[Record], rows, positions, scores,
-                    valid, key, progress=None, parent_tree=None) -> RolloutBatch:
+                    valid, key, progress=None, parent_tree=None, fork=None) -> RolloutBatch:
     """APPO branch rollouts (docs/algorithm.md §1.3). ``rows`` / ``positions`` / ``scores`` / ``valid`` are
     ``[G, B]`` (from ``choose_branch_points``): output row ``g * B + j`` continues row ``rows[g, j]`` of
     ``parents`` (a row of group g) from ``prompt + response[: positions[g, j] + 1]`` (tokens, masks, behaviour
     log-probs and entropies of the prefix copied; tool calls reconstructed from the tokens), kind branch, sampling
     key ``fold_in(fold_in(key, g), j)``; invalid slots give padding rows. ``parent`` indexes ``parents`` and
     ``tree_id`` is the parent's tree: ``parent_tree`` (the tree ids of ``parents``, needed when they are branch
-    rows of another batch, e.g. a previous branching level), else computed from ``parents.parent``."""
+    rows of another batch, e.g. a previous branching level), else computed from ``parents.parent``. ``fork``:
+    ``(snapshot, slots)`` -- a `Sampler.snapshot` taken after the parents ran and the slot each parent row ended
+    in (``RolloutBatch.slot``): a branch whose parent's slot still holds the parent starts from a copy of its KV
+    (``RolloutRequest.fork``), the others prefill their prefix; ``batch.metrics["kv_forked"]`` counts the forks."""
     rows, positions = np.asarray(rows), np.asarray(positions)
     scores, valid = np.asarray(scores, np.float32), np.asarray(valid, bool)
     if not rows.shape == positions.shape == scores.shape == valid.shape or rows.ndim != 2:
@@ -160,12 +163,28 @@ def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequenc
             raise ValueError(f"branch slot ({g}, {j}): parent row {r} has group {grp}, not {g} "
                              f"({len(prompts)} prompts were given)")
         if g in own:  # another process runs the others (HostShardedEngine)
-            reqs.append(engine.request(key, prompts[grp], grp, int(j), prompt_ids=prompt_tokens[r][prompt_mask[r]],
-                                       prefix=engine.branch_prefix(parents, r, t), kind=KIND_BRANCH, parent=r,
-                                       branch_pos=t, score=float(scores[g, j])))
+            req = engine.request(key, prompts[grp], grp, int(j), prompt_ids=prompt_tokens[r][prompt_mask[r]],
+                                 prefix=engine.branch_prefix(parents, r, t), kind=KIND_BRANCH, parent=r,
+                                 branch_pos=t, score=float(scores[g, j]))
+            req.fork = _fork_source(fork, r, list(req.prompt_ids) + req.prefix.tokens.tolist())
+            reqs.append(req)
     if parent_tree is None:
         parent_tree = tree_ids(np.asarray(parents.parent), np.asarray(parents.row_valid))
-    return engine.rollout(reqs, num_g, budget, progress=progress, parent_tree=np.asarray(parent_tree))
+    batch = engine.rollout(reqs, num_g, budget, progress=progress, parent_tree=np.asarray(parent_tree))
+    batch.kv_forked = sum(r.fork is not None for r in reqs)
+    return batch
+
+
+def _fork_source(fork, row: int, tokens: list[int]):
+    """``(snapshot, slot)`` when the slot parent ``row`` ended in still holds ``tokens[:-1]`` in the snapshot
+    (nothing reused it before the snapshot), else None (the branch prefills its prefix)."""
+    if fork is None or fork[0] is None:
+        return None
+    snapshot, slots = fork
+    slot = int(slots[row]) if slots is not None and 0 <= row < len(slots) else -1
+    if slot < 0 or snapshot.seqs[slot] is None or int(snapshot.cached[slot]) < len(tokens) - 1:
+        return None
+    return (snapshot, slot) if tuple(snapshot.seqs[slot][:len(tokens) - 1]) == tuple(tokens[:-1]) else None
 
 
 # ---------------------------------------------------------------------------------------------------- strategies
@@ -420,9 +439,11 @@ class AppoBranching:
                         clip_eps=float(o.omega_clip), decisions=decisions, parity=o.branching_parity,
                         per_row=per_row)
         points = c.to_host(points)
+        fork = (engine.snapshot(), parents.slot) if engine.cfg.kv_fork and parents.slot is not None else None
         branches = _timed(metrics, "time/branch_rollout_s", branch_rollouts, engine, parents.traj, prompts,
                           points.rows, points.positions, points.selected_scores, points.valid, key, progress,
-                          parents.tree_id)
+                          parents.tree_id, fork)
+        metrics["branch/kv_forked"] = metrics.get("branch/kv_forked", 0.0) + float(branches.kv_forked)
         if "omega/abs_log_ratio_mean" not in metrics:  # of the initial rows
             metrics["omega/abs_log_ratio_mean"] = _masked_abs_mean(np.asarray(lc) - np.asarray(lb), parents.traj)
         return points, lc, branches
@@ -435,7 +456,8 @@ def _shift_parents(batch: RolloutBatch, start: int) -> RolloutBatch:
         return batch
     parent = np.asarray(batch.traj.parent)
     traj = batch.traj.replace(parent=np.where(parent >= 0, parent + start, parent).astype(parent.dtype))
-    return RolloutBatch(traj, batch.texts, batch.tool_calls, batch.accuracy, batch.tree_id, batch.format_ok)
+    return RolloutBatch(traj, batch.texts, batch.tool_calls, batch.accuracy, batch.tree_id, batch.format_ok,
+                        batch.slot)
 
 
 def _masked_abs_mean(x: np.ndarray, traj: Trajectory) -> float:
