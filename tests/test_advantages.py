@@ -541,14 +541,13 @@ def random_tree_batch(seed, num_groups, n_init, branches, levels, L):
                 pos=pos.astype(np.int32), m=m, valid=valid)
 
 
-@settings(max_examples=20)
-@given(st.sampled_from([(2, 2, 1, 2), (1, 2, 3, 2), (2, 1, 2, 3)]), st.integers(0, 10_000), st.booleans(),
-       st.booleans())
-def test_appo_levels_match_the_chain_walking_loop(shape, seed, norm, dual):
+@settings(max_examples=15)
+@given(st.sampled_from([(2, 2, 1, 2), (1, 2, 3, 2), (2, 1, 2, 3)]), st.integers(0, 10_000), st.booleans())
+def test_appo_levels_match_the_chain_walking_loop(shape, seed, dual):
     """L levels (docs/algorithm.md §1.10): each level's branches normalised as their own group (or, w/o dual
     group, with the initial rows), prefix credit to the root up to the prefix the branch shares with it."""
     ng, n_init, branches, levels = shape
-    L = 6
+    L, norm = 6, seed % 2 == 0  # norm_by_std from the seed: half the compiled variants
     b = random_tree_batch(seed, ng, n_init, branches, levels, L)
     got = np.asarray(appo_advantages(b["r"], b["g"], b["br"], b["par"], b["pos"], b["m"], ng, norm,
                                      valid=b["valid"], levels=levels, dual_group=dual))

@@ -183,7 +183,7 @@ def test_llm_judge_retries_transient_errors_and_fails_clearly_on_garbage_down_or
 
 
 # ------------------------------------------------------------------------------------------------------ the CLI
-EVAL_ARGS = ["eval", "--model", "tiny-llama", "--tokenizer", "smollm2-135m-instruct", "--max-response-len", "48",
+EVAL_ARGS = ["eval", "--model", "tiny-llama", "--tokenizer", "smollm2-135m-instruct", "--max-response-len", "32",
              "--no-progress"]
 
 
@@ -197,7 +197,7 @@ def test_eval_saves_every_answer_resumes_after_sigkill_and_refuses_other_setting
     from appo_jax.cli import main
 
     out = tmp_path / "ev"
-    args = [*EVAL_ARGS, "--benchmarks", "gsm8k,hotpotqa", "--limit", "4", "--runs", "2", "--num-slots", "1",
+    args = [*EVAL_ARGS, "--benchmarks", "gsm8k,hotpotqa", "--limit", "3", "--runs", "2", "--num-slots", "1",
             "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "appo_jax.cli", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -207,14 +207,14 @@ def test_eval_saves_every_answer_resumes_after_sigkill_and_refuses_other_setting
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = _answers(out)
-    assert 2 <= len(before) < 16, f"the kill should land mid-run; {len(before)} answers were saved"
+    assert 2 <= len(before) < 12, f"the kill should land mid-run; {len(before)} answers were saved"
     capsys.readouterr()
     assert main(args) == 0  # the same command again resumes
     done = capsys.readouterr()
-    assert f"{len(before)} already in" in done.err and f"{16 - len(before)} to sample" in done.err
+    assert f"{len(before)} already in" in done.err and f"{12 - len(before)} to sample" in done.err
     rows = _answers(out)
     keys = [(r["benchmark"], r["question_id"], r["run"]) for r in rows]
-    assert len(rows) == 16 and len(set(keys)) == 16
+    assert len(rows) == 12 and len(set(keys)) == 12
     assert rows[:len(before)] == before  # finished answers are kept as they were, never sampled again
     row = rows[0]
     for field in ("model_id", "benchmark", "question_id", "question", "run", "sampling", "response", "tool_calls",
@@ -225,8 +225,8 @@ def test_eval_saves_every_answer_resumes_after_sigkill_and_refuses_other_setting
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["benchmarks"]) == {"gsm8k", "hotpotqa"} and summary["benchmarks"]["hotpotqa"]["metric"] == "f1"
     assert summary["benchmarks"]["gsm8k"]["runs"] == 2 and "pass@2" in summary["benchmarks"]["gsm8k"]
-    assert "| gsm8k | 4 | 2 | pass@1 |" in done.out
-    assert main(args) == 0 and "0 to sample" in capsys.readouterr().err and len(_answers(out)) == 16
+    assert "| gsm8k | 3 | 2 | pass@1 |" in done.out
+    assert main(args) == 0 and "0 to sample" in capsys.readouterr().err and len(_answers(out)) == 12
     assert main([*args, "--preset", "official"]) == 2
     assert "preset: 'paper' -> 'official'" in capsys.readouterr().err
 

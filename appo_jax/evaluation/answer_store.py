@@ -32,6 +32,17 @@ def settings_differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def check_settings(directory: str | os.PathLike, settings: dict) -> None:
+    """``ValueError`` naming each difference when ``directory`` holds answers made with other settings (what
+    :class:`AnswerStore` refuses), before anything is loaded; nothing happens for a new directory."""
+    path = Path(directory) / SETTINGS_FILE
+    if path.is_file():
+        diff = settings_differences(json.loads(path.read_text(encoding="utf-8")), json.loads(json.dumps(settings)))
+        if diff:
+            raise ValueError(f"{directory} holds answers made with other settings ({'; '.join(diff)}); give another "
+                             "--out directory, or the same settings to resume it")
+
+
 class AnswerStore:
     """The answers of one evaluation directory (module doc). Thread-safe :meth:`append`."""
 
@@ -41,13 +52,8 @@ class AnswerStore:
         self.path = self.directory / ANSWERS_FILE
         settings_path = self.directory / SETTINGS_FILE
         settings = json.loads(json.dumps(settings))  # as it reads back (tuples -> lists)
-        if settings_path.is_file():
-            old = json.loads(settings_path.read_text(encoding="utf-8"))
-            diff = settings_differences(old, settings)
-            if diff:
-                raise ValueError(f"{self.directory} holds answers made with other settings ({'; '.join(diff)}); "
-                                 "give another --out directory, or the same settings to resume it")
-        else:
+        check_settings(self.directory, settings)
+        if not settings_path.is_file():
             settings_path.write_text(json.dumps(settings, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         self.settings = settings
         self._rows = self._read()

@@ -31,7 +31,8 @@ def _eval(args) -> int:
     from appo_jax.rollout.presets import get_preset
     from appo_jax.evaluation.runner import EvalSpec, evaluate_to_dir, summary_markdown
     from appo_jax.rollout.engine import default_tools
-    from appo_jax.training.policy_source import resolve_policy
+    from appo_jax.evaluation.answer_store import check_settings
+    from appo_jax.training.policy_source import policy_id, resolve_policy
 
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     if not names:
@@ -47,6 +48,7 @@ def _eval(args) -> int:
                     system_prompt=args.system_prompt or "", data_dir=args.data_dir or "", dtype=args.dtype)
     out = args.out or f"runs/eval_{time.strftime('%Y%m%d_%H%M%S')}"
     log = functools.partial(print, file=sys.stderr, flush=True)  # stdout holds only the summary
+    check_settings(out, spec.settings(policy_id(args.model, args.tokenizer or ""), judge))  # before loading
     log(f"eval: loading {args.model}")
     policy = resolve_policy(args.model, args.tokenizer or "", dtype=args.dtype)
     with default_tools(spec.engine_config()) as tools:

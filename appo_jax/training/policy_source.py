@@ -78,16 +78,25 @@ def resolve_policy(spec: str, tokenizer: str = "", dtype: str = "float32", init_
     if spec.endswith("@") or ("@" in spec and Path(spec.rpartition("@")[0]).is_dir()):
         raise ValueError(f"--model {spec!r}: WORKDIR@STEP needs a train workdir (config.json + checkpoints/) and an "
                          "integer step")
+    model_id = policy_id(spec, tokenizer, init_seed)
     config, params, tok = load_policy(spec, tokenizer, dtype=dtype, init_seed=init_seed)
-    resolved = resolve_model_path(spec)
-    if resolved.endswith(".gguf"):
-        model_id = f"{Path(resolved).resolve()} {weights_fingerprint([resolved])}"
-    elif Path(resolved).is_dir():
-        files = sorted(Path(resolved).glob("*.safetensors"))
-        model_id = f"{Path(resolved).resolve()} {weights_fingerprint(files)}"
-    else:
-        model_id = f"{spec} (random init, seed {init_seed}, tokenizer {tokenizer or 'own'})"
     return Policy(config, params, tok, model_id)
+
+
+def policy_id(spec: str, tokenizer: str = "", init_seed: int = 0) -> str:
+    """The ``model_id`` :func:`resolve_policy` gives ``spec`` (module doc), without loading any weights: a command
+    can refuse a mismatch before minutes of loading."""
+    path, step = _split_step(spec)
+    if is_train_workdir(path):
+        steps = sorted(int(p.name) for p in (Path(path) / "checkpoints").iterdir() if p.name.isdigit())
+        return f"{Path(path).resolve()}@step{step if step is not None else (steps[-1] if steps else 'none')}"
+    resolved = resolve_model_path(spec)
+    if resolved.endswith(".gguf") and Path(resolved).is_file():
+        return f"{Path(resolved).resolve()} {weights_fingerprint([resolved])}"
+    if Path(resolved).is_dir():
+        files = sorted(Path(resolved).glob("*.safetensors"))
+        return f"{Path(resolved).resolve()} {weights_fingerprint(files)}"
+    return f"{spec} (random init, seed {init_seed}, tokenizer {tokenizer or 'own'})"
 
 
 def _trained_policy(workdir: Path, step: int | None, tokenizer: str, dtype: str) -> Policy:
