@@ -234,3 +234,19 @@ def test_plan_model_shapes_come_from_the_presets():
     v5p = {s.name: s for s in SLICES}["v5p-64"]
     assert (v5p.chips, v5p.hosts, v5p.hbm_gib, v5p.accelerator_type) == (32, 8, 95, "v5p-64")
     assert dataclasses.astuple({s.name: s for s in SLICES}["v5e-8"])[1:] == ("v5litepod-8", 8, 8, 16)
+
+
+def test_a_two_level_row_reaches_the_strategy_and_the_estimator_with_its_levels():
+    """`table3_budgets.py:N3_B1_L2`: the rollout strategy branches two levels of one branch per rollout and the
+    advantage estimator normalises two branch levels (the run itself: `appo-jax train --config
+    experiments/paper/table3_budgets.py:N3_B1_L2` with tiny-model overrides; the two-level engine path is tested
+    in test_rollout_engine.py)."""
+    from appo_jax.training.config import algorithm_spec
+
+    cfg = _load("table3", "N3_B1_L2")
+    spec = algorithm_spec(cfg)
+    strategy = spec.strategy(cfg.algorithm)
+    assert (strategy.options.levels, strategy.options.branches, strategy.options.branch_selection) == (
+        2, 1, "per_rollout")
+    assert strategy.train_rows_per_prompt == 3 and strategy.rollouts_per_prompt == 3
+    assert spec.advantage_options(cfg.algorithm).levels == 2

