@@ -4,7 +4,9 @@ From `appo_jax.models.memory_plan.plan_memory` (nothing is allocated; runs on a 
 
     python benchmarks/memory_table.py            # prints the markdown table
 
-Setup (experiments/paper/table1_reasoning.py): sequences of 2048 prompt + 6144 response = 8192 tokens, a PPO
+Setup (the official scripts' Table 1 row, experiments/paper/table1_reasoning.py:qwen2.5-7b,appo,official; the
+paper's own set uses 4096-token responses, docs/paper_configs.md): sequences of 2048 prompt + 6144 response = 8192
+tokens, a PPO
 mini-batch of 16 prompts x 16 rollouts = 256 rows per optimizer update, bf16 compute with fp32 master weights,
 AdamW, log-prob chunk 1024, the reference policy kept for the KL term (one more copy of the params), and the
 sampler's KV cache of 256 slots x 8192 tokens (bf16) held alongside. A setup fits when that total is at most
