@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from appo_jax.training.config import ConfigError, load_config, to_dict, validate
-from appo_jax.training.paper_hyperparameters import SETS, budget_n, differences, steps_for
+from appo_jax.rollout.strategies import budget_n
+from appo_jax.training.paper_hyperparameters import SETS, differences, steps_for
 from appo_jax.training.plan_commands import SLICES, config_model, plan_config, select_slices
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -79,31 +79,6 @@ def grpo_advantages(rewards, group_ids, num_groups: int, norm_by_std: bool = Tru
     return segment_zscore(rewards, group_ids, num_groups, mask=ok, eps=eps, norm_by_std=norm_by_std)
 
 
-def landed_branches(group_ids, is_branch, parent, branch_pos, length: int, valid=None,
-                    rewards=None, num_groups: int | None = None) -> tuple[Array, Array, Array]:
-    """Which branch rows are *landed* (see the module docstring) and where they attach.
-
-    Returns ``(landed [N] bool, parent_row [N] int32, position [N] int32)``; ``parent_row`` and
-    ``position`` are clipped into range (only meaningful where ``landed``). ``rewards`` (finite check) and
-    ``num_groups`` (range check of group ids) are optional; without ``num_groups`` any group id >= 0 is
-    accepted.
-    """
-    g = jnp.asarray(group_ids, jnp.int32)
-    n = g.shape[0]
-    ok = g >= 0 if num_groups is None else (g >= 0) & (g < num_groups)
-    if valid is not None:
-        ok = ok & jnp.asarray(valid).astype(bool)
-    if rewards is not None:
-        ok = ok & jnp.isfinite(jnp.asarray(rewards, jnp.float32))
-    br = jnp.asarray(is_branch).astype(bool)
-    par = jnp.asarray(parent, jnp.int32)
-    pos = jnp.asarray(branch_pos, jnp.int32)
-    safe_par = jnp.clip(par, 0, n - 1)
-    landed = (br & ok & (par >= 0) & (par < n) & (pos >= 0) & (pos < length)
-              & ok[safe_par] & ~br[safe_par] & (g[safe_par] == g))
-    return landed, safe_par, jnp.clip(pos, 0, length - 1)
-
-
 def branch_lineage(group_ids, is_branch, parent, branch_pos, length: int, levels: int = 1, valid=None,
                    rewards=None, num_groups: int | None = None) -> tuple[Array, Array, Array, Array]:
     """Where each branch row hangs in its tree, by following parent pointers at most ``levels`` (static) hops.

@@ -6,6 +6,7 @@ from typing import Any, Mapping
 
 from appo_jax.data import arith_program, kb_multihop
 from appo_jax.data.builders import load_split
+from appo_jax.data.encoding import encode_records
 from appo_jax.data.records import Record
 from appo_jax.data.rows import DATASETS
 from appo_jax.data.tasks import Task
@@ -59,3 +60,19 @@ def load_dataset(name: str, split: str | None = None, *, limit: int | None = Non
     if task_options:
         raise ValueError(f"dataset {name!r} is a file dataset; task options apply to generated tasks only")
     return load_split(spec.name, split or spec.split, data_dir, limit, tfds_dir)
+
+
+def benchmark_prompts(name: str, tokenizer, *, max_prompt_len: int, limit: int | None = None, seed: int = 0,
+                      data_dir: str | os.PathLike | None = None, system_prompt: str = "",
+                      task_options: Mapping[str, Any] | None = None, budget_name: str = "max_prompt_len"
+                      ) -> tuple[list[Record], list[Record], list]:
+    """``(records, prompts, too_long)`` of an evaluation benchmark: :func:`load_dataset` (``task_options`` only
+    for a generated task), then `encode_records`; ``ValueError`` naming ``budget_name`` when no question fits
+    ``max_prompt_len``."""
+    records = load_dataset(name, limit=limit or None, seed=seed, data_dir=data_dir or None,
+                           task_options=task_options if get_task(name) is not None else None)
+    prompts, too_long = encode_records(records, tokenizer, max_prompt_len=max_prompt_len,
+                                       system_prompt=system_prompt)
+    if not prompts:
+        raise ValueError(f"benchmark {name!r}: no question fits {budget_name}={max_prompt_len}")
+    return records, prompts, too_long

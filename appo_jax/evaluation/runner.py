@@ -22,8 +22,9 @@ import jax
 import numpy as np
 
 from appo_jax.core.trajectory import FINISH_NAMES
-from appo_jax.data import encode_records, get_task, load_dataset
+from appo_jax.data import get_task
 from appo_jax.data.breakdowns import record_breakdowns
+from appo_jax.data.loading import benchmark_prompts
 from appo_jax.evaluation.answer_store import AnswerStore
 from appo_jax.evaluation.metrics import summarize, summary_table
 from appo_jax.rollout.presets import get_preset
@@ -137,16 +138,13 @@ def _load(spec: EvalSpec, tokenizer, log) -> dict:
     skipped with a message."""
     out = {}
     for name in spec.benchmarks:
-        records = load_dataset(name, limit=spec.limit or None, seed=spec.seed, data_dir=spec.data_dir or None,
-                               task_options=None if get_task(name) is None else {})
+        records, prompts, too_long = benchmark_prompts(
+            name, tokenizer, max_prompt_len=spec.rollout.max_prompt_len, limit=spec.limit, seed=spec.seed,
+            data_dir=spec.data_dir, system_prompt=spec.system_prompt, task_options={}, budget_name="--max-prompt-len")
         index = {r.id: i for i, r in enumerate(records)}
-        prompts, too_long = encode_records(records, tokenizer, max_prompt_len=spec.rollout.max_prompt_len,
-                                           system_prompt=spec.system_prompt)
         if too_long:
             log(f"eval: {name}: skipped {len(too_long)} question(s) longer than {spec.rollout.max_prompt_len} "
                 "prompt tokens")
-        if not prompts:
-            raise ValueError(f"benchmark {name!r}: no question fits --max-prompt-len {spec.rollout.max_prompt_len}")
         out[name] = [(index[p.id], p) for p in prompts]
     return out
 

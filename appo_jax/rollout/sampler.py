@@ -111,6 +111,24 @@ class CacheSnapshot:
     cached: np.ndarray
     params_id: int
 
+    def cannot_fork(self, row: int, prefix: Sequence[int]) -> str | None:
+        """Why a slot cannot start from ``prefix`` by copying row ``row`` (which must hold exactly
+        ``prefix[:-1]``), or None when it can."""
+        if not len(prefix):
+            return "the prefix is empty (it needs at least one token)"
+        if not 0 <= row < len(self.seqs) or self.seqs[row] is None:
+            return f"row {row} of the snapshot holds no sequence"
+        need, held = len(prefix) - 1, int(self.cached[row])
+        if need > held:
+            return (f"it needs the first {need} tokens of row {row}, which holds {held}: the branch point "
+                    f"(position {need - 1}) lies past the row's end")
+        source = self.seqs[row]
+        pos = next((i for i in range(need) if prefix[i] != source[i]), None)
+        if pos is not None:
+            return (f"row {row} of the snapshot holds another sequence than the prefix (they differ at position "
+                    f"{pos}): its slot was reused before the snapshot")
+        return None
+
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _fork_rows(cache: KVCache, source: KVCache, dst: jax.Array, src: jax.Array, counts: jax.Array) -> KVCache:
@@ -433,7 +451,9 @@ class Sampler:
                              f"sampler's {self.num_slots} x {self.max_len}")
         seqs = [self._check_tokens(p, f"fork: prefix for slot {s}") for s, p in zip(slots, prefixes)]
         for s, r, seq in zip(slots, rows, seqs):
-            self._check_fork_source(s, int(r), seq, snapshot)
+            problem = snapshot.cannot_fork(int(r), seq)
+            if problem:
+                raise ValueError(f"fork: slot {s}: {problem}")
         key_data = [_key_data(k) for k in keys]
         dst = np.asarray(slots, np.int32)
         self._cache = _fork_rows(self._cache, snapshot.cache, jnp.asarray(dst), jnp.asarray(np.asarray(rows, np.int32)),
@@ -443,21 +463,6 @@ class Sampler:
             self._seq[s], self._keys[s] = list(seq), kd
             self._end[s], self._cached[s] = int(end), len(seq) - 1
             self._turn[s], self._checked[s] = [], 0
-
-    def _check_fork_source(self, slot: int, row: int, seq: list[int], snapshot: CacheSnapshot) -> None:
-        if not seq:
-            raise ValueError(f"fork: the prefix for slot {slot} is empty (it needs at least one token)")
-        if not 0 <= row < len(snapshot.seqs) or snapshot.seqs[row] is None:
-            raise ValueError(f"fork: row {row} of the snapshot holds no sequence (slot {slot})")
-        need, held = len(seq) - 1, int(snapshot.cached[row])
-        if need > held:
-            raise ValueError(f"fork: slot {slot} needs the first {need} tokens of row {row}, which holds {held}: the "
-                             f"branch point (position {need - 1}) lies past the row's end")
-        source = snapshot.seqs[row]
-        if tuple(seq[:need]) != tuple(source[:need]):
-            pos = next(i for i in range(need) if seq[i] != source[i])
-            raise ValueError(f"fork: row {row} of the snapshot holds another sequence than the prefix for slot {slot} "
-                             f"(they differ at position {pos}): its slot was reused before the snapshot")
 
     def append(self, slots: Sequence[int], tokens: Sequence[Sequence[int]]) -> None:
         """Append ``tokens[i]`` to slot ``slots[i]`` as context (not sampled, nothing recorded). The slot's next

@@ -177,14 +177,12 @@ def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequenc
 
 def _fork_source(fork, row: int, tokens: list[int]):
     """``(snapshot, slot)`` when the slot parent ``row`` ended in still holds ``tokens[:-1]`` in the snapshot
-    (nothing reused it before the snapshot), else None (the branch prefills its prefix)."""
+    (nothing reused it before the snapshot: `CacheSnapshot.cannot_fork`), else None (the branch prefills)."""
     if fork is None or fork[0] is None:
         return None
     snapshot, slots = fork
     slot = int(slots[row]) if slots is not None and 0 <= row < len(slots) else -1
-    if slot < 0 or snapshot.seqs[slot] is None or int(snapshot.cached[slot]) < len(tokens) - 1:
-        return None
-    return (snapshot, slot) if tuple(snapshot.seqs[slot][:len(tokens) - 1]) == tuple(tokens[:-1]) else None
+    return (snapshot, slot) if slot >= 0 and snapshot.cannot_fork(slot, tokens) is None else None
 
 
 # ---------------------------------------------------------------------------------------------------- strategies
@@ -315,14 +313,17 @@ def select_groups(groups: Sequence[tuple[RolloutBatch, int]], n: int, num_groups
 BRANCH_SELECTIONS = ("per_group", "per_rollout")
 
 
+def budget_n(n_init: int, branches: int, levels: int) -> int:
+    """Total rollouts per prompt of the paper's budget: ``M = N (1 + B + ... + B^L)`` (docs/algorithm.md §1.10)."""
+    return n_init * sum(branches ** level for level in range(levels + 1))
+
+
 def branches_per_rollout(n: int, n_init: int, levels: int) -> int | None:
-    """The B with ``n = n_init (1 + B + ... + B^levels)`` (docs/algorithm.md §1.10), or None when there is none."""
+    """The B with ``n = budget_n(n_init, B, levels)``, or None when there is none."""
     for b in range(1, n + 1):
-        total = n_init * sum(b ** k for k in range(levels + 1))
-        if total == n:
-            return b
-        if total > n:
-            return None
+        total = budget_n(n_init, b, levels)
+        if total >= n:
+            return b if total == n else None
     return None
 
 
@@ -355,7 +356,7 @@ class AppoOptions:
             raise ValueError(f"algorithm.levels={self.levels} branches the rollouts of each level: it needs "
                              "algorithm.branch_selection=per_rollout")
         if self.branch_selection == "per_rollout" and self.branches is None:
-            options = [self.n_init * sum(b ** k for k in range(self.levels + 1)) for b in (1, 2, 3, 4)]
+            options = [budget_n(self.n_init, b, self.levels) for b in (1, 2, 3, 4)]
             raise ValueError(f"algorithm.n={self.n} is not n_init (1 + B + ... + B^L) for any B with "
                              f"n_init={self.n_init}, levels={self.levels}; B = 1, 2, 3, 4 give n = "
                              f"{', '.join(map(str, options))}")

@@ -19,7 +19,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from appo_jax.data import encode_records, get_task, load_dataset
+from appo_jax.data.loading import benchmark_prompts
 from appo_jax.rollout.presets import PRESETS
 from appo_jax.progress import RolloutProgress
 from appo_jax.rewards.answers import last_boxed
@@ -91,13 +91,9 @@ def evaluate_pass1(model_config, params, tokenizer, tools, benchmarks: Sequence[
     rollout = rollout or RolloutConfig()
     prompts_of = {}
     for name in benchmarks:
-        records = load_dataset(name, limit=limit or None, seed=seed, data_dir=data_dir or None,
-                               task_options=task_options if get_task(name) is not None else None)
-        prompts, _ = encode_records(records, tokenizer, max_prompt_len=rollout.max_prompt_len,
-                                    system_prompt=system_prompt)
-        if not prompts:
-            raise ValueError(f"benchmark {name!r}: no question fits rollout.max_prompt_len={rollout.max_prompt_len}")
-        prompts_of[name] = prompts
+        prompts_of[name] = benchmark_prompts(name, tokenizer, max_prompt_len=rollout.max_prompt_len, limit=limit,
+                                             seed=seed, data_dir=data_dir, system_prompt=system_prompt,
+                                             task_options=task_options, budget_name="rollout.max_prompt_len")[1]
     every = [p for prompts in prompts_of.values() for p in prompts]
     cfg = eval_rollout_config(rollout, every, max(len(v) for v in prompts_of.values()) * runs, mode)
     if engine is not None and (engine.cfg.max_prompt_len < cfg.max_prompt_len or engine.cfg.num_slots < cfg.num_slots

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from appo_jax.rollout.strategies import budget_n
 from appo_jax.training.config import ConfigError, ExperimentConfig, rows_per_mini_batch
 
 #: The hyperparameter sets: ``paper`` (the default) and ``official`` (``ROW,official``).
@@ -116,11 +117,6 @@ SETUPS = {
     "deep_search_8b": Setup("hard_search_1k", 2000, 6, 16, 10, 20, "gaia,webwalker,hle,xbench"),
     "deep_search_14b": Setup("hard_search_1k", 2000, 6, 16, 10, 20, "gaia,webwalker,hle,xbench"),
 }
-
-
-def budget_n(n_init: int, branches: int, levels: int) -> int:
-    """Total rollouts per prompt of the paper's budget: ``M = N (1 + B + ... + B^L)`` (docs/algorithm.md §1.10)."""
-    return n_init * sum(branches ** level for level in range(levels + 1))
 
 
 def steps_for(dataset: str, epochs: int, prompts_per_step: int) -> int:
@@ -228,5 +224,5 @@ def differences(setup: str) -> dict[str, tuple]:
     return {k: (paper.get(k), official.get(k)) for k in keys if paper.get(k) != official.get(k)}
 
 
-__all__ = ["DATASET_RECORDS", "SETS", "SETUPS", "SET_NAMES", "Setup", "budget_n", "differences", "paper_config",
+__all__ = ["DATASET_RECORDS", "SETS", "SETUPS", "SET_NAMES", "Setup", "differences", "paper_config",
            "select_row", "steps_for"]
