@@ -423,21 +423,17 @@ def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(t
         assert got[0] == want and got[1] == want, name
 
 
-def test_appo_branches_forked_from_the_parents_kv_equal_reprefilled_ones(tok, tools):
-    """``rollout.kv_fork``: APPO's branches start from a copy of their parent's KV rows (a snapshot after the
-    initial phase) instead of prefilling; with the same keys the batch is the same as with re-prefilled branches
-    (greedy: tokens equal, log-probs within 1e-5 + 1e-5 |log p|), every branch was forked, at one level and at
-    two. Sampled forks are checked at the sampler level (`test_sampler.py::test_fork_from_a_snapshot_equals_a_
-    reprefilled_start`): the KV a decode step wrote and the KV a prefill computes differ in the last float bits,
-    which flips a draw landing within ~1e-6 of a boundary of the cumulative distribution; over this random
-    model's flat 49k-token distributions, sampled two-level branches flipped one draw in 8 rows."""
-    temperature, top_k, deepest = 0.0, 0, 2
+def tiny_forking_policy(tok):
+    """``(config, params, items, make_engine, context)`` of the KV-fork checks: a sharpened tiny model, two
+    prompts, ``make_engine(kv_fork)`` whose every rollout starts with a python call (branches then start after a
+    tool result) and the APPO strategy context."""
     from test_sampler import _sharp_params
 
     from appo_jax.core.candidates import candidate_token_table
     from appo_jax.models.logprobs import trajectory_logprobs
     from appo_jax.models.presets import get_config
-    from appo_jax.rollout.strategies import AppoBranching, AppoOptions, StrategyContext
+    from appo_jax.rollout.agent_loop import Prefix
+    from appo_jax.rollout.strategies import StrategyContext
 
     config = dataclasses.replace(get_config("tiny-llama"), vocab_size=len(tok), eos_token_ids=(tok.eos_token_id,),
                                  pad_token_id=tok.pad_token_id)
@@ -448,21 +444,120 @@ def test_appo_branches_forked_from_the_parents_kv_equal_reprefilled_ones(tok, to
         return logprobs(policy_params, traj, config=config, chunk=16)[0], traj.behavior_logp
 
     items = [prompt_record(prompt_ids(tok, q), ["5"]) for q in ("Compute two plus three.", "What is 7 minus 2?")]
-    context = StrategyContext(table=candidate_token_table(tok), logprobs=current_and_sampler)
+    call = np.asarray(tok.encode("<python>print(2 + 3)</python>", add_special_tokens=False), np.int32)
+    seed_call = Prefix(call, np.ones(call.size, bool), np.zeros(call.size, bool), np.zeros(call.size, np.float32),
+                       np.zeros(call.size, np.float32))
+
+    def make_engine(tools, kv_fork: bool) -> RolloutEngine:
+        cfg = RolloutConfig(max_prompt_len=32, max_response_len=40, tool_call_limit=2, num_slots=4, decode_chunk=8,
+                            temperature=0.0, top_k=0, kv_fork=kv_fork, probe_len=4)
+        eng = RolloutEngine(config, params, tok, tools, cfg)
+        plain_request = eng.request
+
+        def request(key, item, group, local, *, prefix=None, **kw):
+            return plain_request(key, item, group, local, prefix=seed_call if prefix is None else prefix, **kw)
+
+        eng.request = request
+        return eng
+
+    return config, params, items, make_engine, StrategyContext(table=candidate_token_table(tok),
+                                                               logprobs=current_and_sampler)
+
+
+def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(tok, tools):
+    """``rollout.kv_fork`` for every branching strategy, each run once with and once without it on a tiny model
+    (same keys, greedy): APPO at one and two levels and Tree-GRPO (two rounds) fork from a snapshot of the cache
+    after the previous phase, ARPO / AEPO fork their in-loop copies from the parent's running slot, and every
+    rollout starts with a python call so that branches start after a tool result. With the fork the batch is the
+    one re-prefilled branches give (tokens and masks equal, log-probs within 1e-5 + 1e-5 |log p|) and every
+    branch was forked (``branch/kv_forked``); without it none was. Sampled forks are checked at the sampler level
+    (`test_sampler.py::test_fork_from_a_snapshot_equals_a_reprefilled_start`): the KV a decode step wrote and
+    the KV a prefill computes differ in the last float bits, which flips a draw landing within ~1e-6 of a
+    boundary of the cumulative distribution (over this random model's flat 49k-token distributions, sampled
+    two-level branches flipped one draw in 8 rows)."""
+    from appo_jax.rollout.strategies import make_strategy
+
+    _, params, items, make_engine, context = tiny_forking_policy(tok)
+    # (name, options, branches forked with kv_fork): APPO 4 and 2 + 4 (per_rollout), Tree-GRPO 3 expansions,
+    # ARPO / AEPO one copy per group (alpha 1: every tool result branches while the group has room)
+    cases = [("appo", dict(n=4, n_init=2, levels=1, branch_selection="per_rollout"), 4),
+             ("appo", dict(n=6, n_init=2, levels=2, branch_selection="per_rollout"), 8),
+             ("tree", dict(n=5, n_init=2, tree_rounds=2), 6),
+             ("arpo", dict(n=2, n_init=1, arpo_alpha=1.0), 2),
+             ("aepo", dict(n=2, n_init=1, arpo_alpha=1.0, aepo_penalty=0.3), 2)]
     out = {}
     for fork in (False, True):
-        cfg = RolloutConfig(max_prompt_len=32, max_response_len=32, tool_call_limit=2, num_slots=4, decode_chunk=8,
-                            temperature=temperature, top_k=top_k, kv_fork=fork)
-        eng = RolloutEngine(config, params, tok, tools, cfg)
-        for levels, n in ((1, 4), (2, 6))[:deepest]:
-            options = AppoOptions(n=n, n_init=2, levels=levels, branch_selection="per_rollout")
-            out[fork, levels] = AppoBranching(options, context).sample(eng, params, lambda k: items[:k], 2,
-                                                                       jax.random.key(11))
+        eng = make_engine(tools, fork)
+        for i, (name, options, _) in enumerate(cases):
+            out[fork, i] = make_strategy(name, options, context).sample(eng, params, lambda k: items[:k], 2,
+                                                                        jax.random.key(11))
         eng.close()
-    for levels, branches in ((1, 4), (2, 8))[:deepest]:
-        plain, forked = out[False, levels], out[True, levels]
-        assert plain.metrics["branch/kv_forked"] == 0 and forked.metrics["branch/kv_forked"] == branches
+    for i, (name, options, branches) in enumerate(cases):
+        plain, forked = out[False, i], out[True, i]
+        assert plain.metrics.get("branch/kv_forked", 0) == 0, (name, options)
+        assert forked.metrics["branch/kv_forked"] == branches, (name, options)
         a, b = plain.batch.traj, forked.batch.traj
-        np.testing.assert_array_equal(a.tokens, b.tokens)
-        np.testing.assert_array_equal(a.gen_mask, b.gen_mask)
-        np.testing.assert_allclose(a.behavior_logp, b.behavior_logp, rtol=1e-5, atol=1e-5)
+        assert int(np.asarray(a.tool_calls).sum()) > 0, (name, options)
+        np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=name)
+        np.testing.assert_array_equal(a.gen_mask, b.gen_mask, err_msg=name)
+        np.testing.assert_array_equal(a.parent, b.parent, err_msg=name)
+        np.testing.assert_allclose(a.behavior_logp, b.behavior_logp, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_host_sharded_forks_use_each_process_own_slots(tok, tools, monkeypatch):
+    """`HostShardedEngine` with ``rollout.kv_fork``: two processes (threads, in-memory all-gather), each with
+    its own sampler, fork the branches of their own groups from their own slots (the gathered batch keeps each
+    row's slot in the sampler that ran it) and end with the batch one process builds without forks, on both
+    processes; every branch was forked (APPO at two levels, Tree-GRPO's rounds, ARPO's in-loop copy)."""
+    import threading
+
+    from appo_jax.rollout import host_sharded
+    from appo_jax.rollout.host_sharded import HostShardedEngine
+    from appo_jax.rollout.strategies import make_strategy
+
+    _, params, items, make_engine, context = tiny_forking_policy(tok)
+    procs, where, box = 2, threading.local(), {}
+    barrier = threading.Barrier(procs, timeout=120)
+
+    def all_gather(obj):
+        box[where.index] = obj
+        barrier.wait()
+        out = [box[p] for p in range(procs)]
+        barrier.wait()
+        return out
+
+    monkeypatch.setattr(host_sharded, "gather_objects", all_gather)
+    monkeypatch.setattr(host_sharded, "gather_rows", lambda tree: jax.tree.map(
+        lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *all_gather(tree)))
+    cases = [("appo", dict(n=6, n_init=2, levels=2, branch_selection="per_rollout"), 8),
+             ("tree", dict(n=5, n_init=2, tree_rounds=2), 6), ("arpo", dict(n=2, n_init=1, arpo_alpha=1.0), 2)]
+
+    def sample_all(engine):
+        return [make_strategy(name, options, context).sample(engine, params, lambda k: items[:k], 2,
+                                                             jax.random.key(11)) for name, options, _ in cases]
+
+    want = sample_all(make_engine(tools, False))
+    got: dict = {}
+
+    def process(p):
+        where.index = p
+        try:
+            got[p] = sample_all(HostShardedEngine(make_engine(tools, True), p, procs, lambda x: x, params))
+        except BaseException as exc:  # noqa: BLE001 - reported below, with the process
+            got[p] = exc
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(p,)) for p in range(procs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in range(procs):
+        if isinstance(got[p], BaseException):
+            raise got[p]
+        for (name, _, branches), plain, forked in zip(cases, want, got[p]):
+            assert forked.metrics["branch/kv_forked"] == branches, (p, name)
+            a, b = plain.batch.traj, forked.batch.traj
+            np.testing.assert_array_equal(a.tokens, b.tokens, err_msg=f"process {p}, {name}")
+            np.testing.assert_array_equal(a.parent, b.parent, err_msg=f"process {p}, {name}")
+            np.testing.assert_allclose(a.behavior_logp, b.behavior_logp, rtol=1e-5, atol=1e-5)

@@ -691,3 +691,70 @@ def test_fork_from_a_snapshot_equals_a_reprefilled_start(llama, sampling):
     s.set_params(jax.tree.map(lambda x: x * 1.0, params))
     with pytest.raises(ValueError, match="other weights"):
         s.fork([1], snap, [0], [prompt], [key])
+
+
+def test_fork_within_the_live_cache_equals_a_reprefilled_start(llama):
+    """`Sampler.live` (no copy): a slot forked from a row that is still running (ARPO's copy after a tool result)
+    samples what a slot started by prefilling the same prefix samples, and the source row goes on unchanged;
+    a fork into the source row's own slot truncates it to the prefix; a view older than the last cache change is
+    refused."""
+    config, params = llama
+    prompt, key = [1, 8, 21, 7], jax.random.key(5)
+    s = new_sampler(config, params, sampling=SamplingParams(1.0), eos_token_ids=())
+    s.start([0], [prompt], [key])
+    s.decode(np.array([True, False, False, False]), 7)
+    s.append([0], [[40, 41, 42]])
+    s.decode(np.array([True, False, False, False]), 5)
+    parent = s.sequence(0)
+    prefix = parent[:len(prompt) + 10]  # ends with the tool result's last token
+    view = s.live()
+    s.fork([1], view, [0], [prefix], [key])
+    s.start([2], [prefix], [key])
+    out = s.decode(np.array([True, True, True, False]), 8)
+    assert out.tokens[1].tolist() == out.tokens[2].tolist()
+    np.testing.assert_allclose(out.logprobs[1], out.logprobs[2], atol=1e-5)
+    alone = new_sampler(config, params, sampling=SamplingParams(1.0), eos_token_ids=())
+    alone.start([0], [prompt], [key])
+    alone.decode(np.array([True, False, False, False]), 7)
+    alone.append([0], [[40, 41, 42]])
+    alone.decode(np.array([True, False, False, False]), 13)
+    assert s.sequence(0) == alone.sequence(0)  # the source row was only read
+    with pytest.raises(ValueError, match="live view is stale"):
+        s.fork([3], view, [0], [prefix], [key])
+    s.fork([0], s.live(), [0], [prefix], [key])  # into its own slot: the row keeps the prefix only
+    s.start([3], [prefix], [key])
+    out = s.decode(np.array([True, False, False, True]), 6)
+    assert out.tokens[0].tolist() == out.tokens[3].tolist()
+
+
+def test_forks_on_a_sharded_cache_equal_a_one_device_start(llama):
+    """On 8 fake devices (params over fsdp x tensor, cache rows over data x fsdp): a fork from a snapshot and one
+    within the live cache sample what a one-device sampler started by prefilling the same prefix samples, and
+    the cache keeps its sharding."""
+    from appo_jax.models.sharding import shard_params
+    from appo_jax.parallel.mesh import make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    config, params = llama
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    prompt, key, sampling = [1, 8, 21, 7], jax.random.key(5), SamplingParams(0.9)
+    s = new_sampler(config, shard_params(params, mesh, config), sampling=sampling, eos_token_ids=(), mesh=mesh)
+    s.start([0], [prompt], [key])
+    s.decode(np.array([True, False, False, False]), 7)
+    s.append([0], [[40, 41, 42]])
+    s.decode(np.array([True, False, False, False]), 4)
+    prefix = s.sequence(0)[:len(prompt) + 9]
+    shardings = jax.tree.map(lambda x: x.sharding, s.cache)
+    snap = s.snapshot()
+    s.start([1], [[1, 2, 3]], [key])
+    s.fork([2], snap, [0], [prefix], [key])
+    s.fork([3], s.live(), [0], [prefix], [key])
+    got = s.decode(np.array([False, False, True, True]), 8)
+    assert jax.tree.map(lambda x: x.sharding, s.cache) == shardings
+    one = new_sampler(config, params, sampling=sampling, eos_token_ids=())
+    one.start([0], [prefix], [key])
+    want = one.decode(np.array([True, False, False, False]), 8)
+    for row in (2, 3):
+        assert got.tokens[row].tolist() == want.tokens[0].tolist()
+        np.testing.assert_allclose(got.logprobs[row], want.logprobs[0], atol=1e-4)

@@ -15,6 +15,10 @@ resumes. A rollout ends with
 
 Slot-level batching: a finished slot is refilled at once from the queue of pending rollout requests; requests
 may start from a response prefix (branches), and hooks may enqueue new requests while the loop runs (ARPO).
+KV forks: a request whose ``fork`` names a snapshot row starts from a copy of that row's KV instead of prefilling
+its prefix (APPO's branches, Tree-GRPO's expansions); with ``LoopConfig.kv_fork`` the requests a hook returns from
+``on_probe`` fork from the probed rollout's slot as it is at their start (ARPO / AEPO's copies after a tool
+result), or prefill when that slot no longer holds their prefix (its rollout ended and the slot was reused).
 A prefix may end anywhere: inside an unfinished call generation just continues; right after a completed call the
 call is run first; inside a stop string (e.g. ``</python``) the loop detects the stop that straddles the prefix
 end (the policy only searches text generated since the slot's start), drops what followed it and re-syncs the
@@ -76,7 +80,8 @@ class RolloutRequest:
     """One rollout to run: ``prompt_ids`` (non-empty), a PRNG ``key`` for its sampling stream, an optional
     response ``prefix`` to continue from, and caller data (``tag``, ``meta``) carried to the result. ``fork``:
     ``(snapshot, row)`` -- the sampler's ``CacheSnapshot`` row that holds ``prompt + prefix`` (all but its last
-    token): the slot starts from a copy of that row's KV (``Sampler.fork``) instead of prefilling."""
+    token): the slot starts from a copy of that row's KV (``Sampler.fork``) instead of prefilling; ``(None, slot)``
+    -- the loop's live slot ``slot``, when it still holds them at the start (else the slot prefills)."""
 
     prompt_ids: Sequence[int]
     key: Any
@@ -131,12 +136,13 @@ class LoopHooks(Protocol):
 class LoopConfig:
     """``max_response_len``: response budget L (generated + observation tokens); ``tool_call_limit``: calls
     allowed per rollout; ``decode_chunk``: steps per ``decode`` call; ``probe_len``: tokens of a segment probed
-    for hooks (ARPO: 20)."""
+    for hooks (ARPO: 20); ``kv_fork``: the requests ``on_probe`` returns fork from the probed slot (module doc)."""
 
     max_response_len: int
     tool_call_limit: int
     decode_chunk: int = 16
     probe_len: int = 20
+    kv_fork: bool = False
 
     def __post_init__(self):
         if self.max_response_len < 1:
@@ -152,7 +158,8 @@ class LoopStats:
     """Host-side accounting of one :meth:`AgentLoop.run`: wall time, time inside ``policy.decode`` and inside
     ``start`` + ``append`` (``prefill_s``; JAX dispatches prefill asynchronously, so most of its device time
     shows up in ``decode_s``), time the loop sat idle waiting for tool futures because no slot could decode
-    (``tool_wait_s``), time spent collecting rewards after the last rollout (``reward_wait_s``), counts."""
+    (``tool_wait_s``), time spent collecting rewards after the last rollout (``reward_wait_s``), counts
+    (``kv_forked``: slots started from a copy of another row's KV)."""
 
     wall_s: float = 0.0
     decode_s: float = 0.0
@@ -164,6 +171,7 @@ class LoopStats:
     observation_tokens: int = 0
     tool_calls: int = 0
     rollouts: int = 0
+    kv_forked: int = 0
 
 
 _DECODING, _TOOL = 0, 1
@@ -276,14 +284,20 @@ class _Run:
         if not (self.starts or self.appends):
             return
         t0 = time.perf_counter()
-        live = [x for x in self.starts if self.slots[x[0]] is x[1]]  # skip rollouts that finished at start
-        for snapshot in {id(x[3][0]): x[3][0] for x in live if x[3] is not None}.values():
-            forks = [x for x in live if x[3] is not None and x[3][0] is snapshot]
+        pending = [x for x in self.starts if self.slots[x[0]] is x[1]]  # skip rollouts that finished at start
+        # forks from live slots first: a slot they copy from may be restarted by this call's other starts
+        view = self.sampler.live() if any(x[3] is not None and x[3][0] is None for x in pending) else None
+        sources = [(view if x[3][0] is None else x[3][0]) if x[3] is not None else None for x in pending]
+        sources = [None if src is not None and src is view and src.cannot_fork(x[3][1], x[2]) else src
+                   for x, src in zip(pending, sources)]
+        for snapshot in sorted({id(src): src for src in sources if src is not None}.values(), key=lambda v: not v.live):
+            forks = [x for x, src in zip(pending, sources) if src is snapshot]
             self.sampler.fork([x[0] for x in forks], snapshot, [x[3][1] for x in forks], [x[2] for x in forks],
                               [x[1].request.key for x in forks])
-        live = [x for x in live if x[3] is None]
-        if live:
-            self.sampler.start([x[0] for x in live], [x[2] for x in live], [x[1].request.key for x in live])
+            self.stats.kv_forked += len(forks)
+        plain = [x for x, src in zip(pending, sources) if src is None]
+        if plain:
+            self.sampler.start([x[0] for x in plain], [x[2] for x in plain], [x[1].request.key for x in plain])
         if self.appends:
             self.sampler.append([a[0] for a in self.appends], [a[1] for a in self.appends])
         self.starts.clear()
@@ -384,7 +398,11 @@ class _Run:
         mean = float(ent.mean()) if ent.size else 0.0
         first, start = st.probe_first, st.probe_start
         st.probe_start, st.probe_first = -1, False
-        self.enqueue(self.hooks.on_probe(st.request, st.prefix(start), mean, first))
+        children = list(self.hooks.on_probe(st.request, st.prefix(start), mean, first))
+        if self.cfg.kv_fork:
+            for child in children:
+                child.fork = child.fork or (None, s)
+        self.enqueue(children)
 
     def segment_end(self, s: int) -> None:
         """Slot ``s``'s segment completed a stop string: finish (answer, call limit, no room left), or submit its

@@ -33,9 +33,10 @@ class RolloutConfig:
     likely tokens) or ``official_topk`` (the official code's, from vLLM's top-k log-probs;
     `appo_jax.core.branching.topk_entropy`). ``dtype``: the sampler's compute dtype (``""`` = the model's;
     ``bfloat16`` samples in bf16 against an fp32 trainer, the mismatch the ``mismatch/*`` metrics and
-    ``loss.tis_cap`` are about). ``kv_fork``: an APPO branch starts from a copy of its parent's KV rows up to
-    the branch point (a snapshot of the cache after the parents' phase) instead of prefilling its prefix again;
-    a parent whose slot was reused before the snapshot is re-prefilled (``branch/kv_forked`` counts the forks).
+    ``loss.tis_cap`` are about). ``kv_fork``: a branch starts from a copy of its parent's KV rows up to the
+    branch point instead of prefilling its prefix again: APPO's branches (every level) and Tree-GRPO's expansions
+    from a snapshot of the cache after the previous phase, ARPO / AEPO's copies from the parent's slot while it
+    runs; a parent whose slot was reused before that is re-prefilled (``branch/kv_forked`` counts the forks).
     """
 
     max_prompt_len: int = 2048

@@ -47,9 +47,9 @@ class RolloutBatch:
     """A Trajectory plus host-side per-row extras: decoded response ``texts``, ``tool_calls``, ``accuracy``
     (float32 [N]: the reward's answer accuracy, 0 for padding rows), ``tree_id`` (int32 [N]: row index of the
     row's root, -1 for padding rows), ``format_ok`` (float32 [N]: 1 where the reward's format check passed,
-    0 elsewhere and for padding rows) and, for a batch straight from the engine, ``slot`` (int32 [N]: the sampler
-    slot each row's rollout ended in, -1 for padding rows; None after batches are combined); ``kv_forked``: rows
-    that started from a copy of their parent's KV (`appo_jax.rollout.strategies.branch_rollouts`)."""
+    0 elsewhere and for padding rows) and ``slot`` (int32 [N]: the sampler slot each row's rollout ended in, -1 for
+    padding rows; None after `concat_batches`); ``kv_forked``: rollouts that started from a copy of another row's
+    KV instead of prefilling their prefix (`LoopStats.kv_forked`, summed over the calls a batch combines)."""
 
     traj: Trajectory
     texts: list[str]
@@ -74,7 +74,7 @@ def concat_batches(a: RolloutBatch, b: RolloutBatch) -> RolloutBatch:
     """:func:`concat_trajectories` for :class:`RolloutBatch` (tree ids of ``b`` index rows of ``a`` too)."""
     return RolloutBatch(concat_trajectories(a.traj, b.traj), a.texts + b.texts, a.tool_calls + b.tool_calls,
                         np.concatenate([a.accuracy, b.accuracy]), np.concatenate([a.tree_id, b.tree_id]),
-                        np.concatenate([a.format_ok, b.format_ok]))
+                        np.concatenate([a.format_ok, b.format_ok]), kv_forked=a.kv_forked + b.kv_forked)
 
 
 def overlay_batches(base: RolloutBatch, top: RolloutBatch) -> RolloutBatch:
@@ -91,8 +91,9 @@ def overlay_batches(base: RolloutBatch, top: RolloutBatch) -> RolloutBatch:
     traj = jax.tree_util.tree_map(pick, base.traj, top.traj)
     texts = [t if k else b for b, t, k in zip(base.texts, top.texts, take)]
     calls = [t if k else b for b, t, k in zip(base.tool_calls, top.tool_calls, take)]
+    slot = None if base.slot is None or top.slot is None else pick(base.slot, top.slot)
     return RolloutBatch(traj, texts, calls, pick(base.accuracy, top.accuracy), pick(base.tree_id, top.tree_id),
-                        pick(base.format_ok, top.format_ok))
+                        pick(base.format_ok, top.format_ok), slot, base.kv_forked + top.kv_forked)
 
 
 def default_tools(cfg: RolloutConfig, search_backend: tuple[str, dict] | None = None) -> ToolRegistry:
@@ -198,7 +199,7 @@ class RolloutEngine:
         self._reward_pool = ThreadPoolExecutor(max(1, min(4, cfg.tool_workers)), thread_name_prefix="reward")
         self.loop = AgentLoop(sampler, tokenizer,
                               LoopConfig(cfg.max_response_len, cfg.tool_call_limit, cfg.decode_chunk,
-                                         cfg.probe_len),
+                                         cfg.probe_len, cfg.kv_fork and hasattr(sampler, "live")),
                               submit_tool=tools.submit, submit_reward=self._submit_reward,
                               on_event=on_event, pad_id=self.pad_id)
 
@@ -315,7 +316,9 @@ class RolloutEngine:
         if rows_per_group < 1:
             raise ValueError(f"rows_per_group must be >= 1, got {rows_per_group}")
         mine = [r for r in requests if r.meta["group"] in groups]
-        return self._assemble(self.run(mine, hooks, progress), groups, rows_per_group)
+        batch = self._assemble(self.run(mine, hooks, progress), groups, rows_per_group)
+        batch.kv_forked = self.loop.stats.kv_forked
+        return batch
 
     def _assemble(self, rollouts: Sequence[Rollout], groups: range, rows_per_group: int) -> RolloutBatch:
         """The block of rows of ``groups`` (padding rows: kind branch) from finished rollouts."""

@@ -12,6 +12,10 @@ of it; a scheme that decides between calls (APPO's branch points, Tree-GRPO's no
 batch with the same seed on every process, and ARPO / AEPO's in-loop draws are keyed by the global group and row
 (which rollout of a group gets the group's last copies still follows the loop's scheduling, as on one process).
 
+KV forks (``rollout.kv_fork``): the gathered batch keeps each row's ``slot`` in the sampler of the process that
+ran it. A process builds branch requests only for its own groups, whose parents are its own rows, so the slots it
+forks from are its own sampler's; ``kv_forked`` is the sum over the processes.
+
 ``set_params(global_params)`` copies the train state's parameters to this host's sampler (a gather where they
 are sharded across hosts) and accumulates the seconds spent in ``param_copy_s``; ``params`` is that copy.
 ``gather_s`` accumulates the seconds spent exchanging rollout rows between hosts.
@@ -84,10 +88,12 @@ class HostShardedEngine:
         order; the seconds go to ``gather_s``."""
         t0 = time.perf_counter()
         arrays = gather_rows({"traj": batch.traj, "accuracy": batch.accuracy, "format_ok": batch.format_ok,
-                              "tree_id": batch.tree_id})
-        texts, calls = [], []
-        for p_texts, p_calls in gather_objects((batch.texts, batch.tool_calls)):
+                              "tree_id": batch.tree_id, "slot": batch.slot})
+        texts, calls, forked = [], [], 0
+        for p_texts, p_calls, p_forked in gather_objects((batch.texts, batch.tool_calls, batch.kv_forked)):
             texts += p_texts
             calls += p_calls
+            forked += p_forked
         self.gather_s += time.perf_counter() - t0
-        return RolloutBatch(arrays["traj"], texts, calls, arrays["accuracy"], arrays["tree_id"], arrays["format_ok"])
+        return RolloutBatch(arrays["traj"], texts, calls, arrays["accuracy"], arrays["tree_id"], arrays["format_ok"],
+                            arrays["slot"], forked)

@@ -8,8 +8,9 @@ the cache holds ``seq[:-1]`` (the RoPE position of token i is i: padding never c
 * ``start(slots, prefixes, keys)`` resets rows and prefills ``prefix[:-1]`` (any token prefix: a prompt, or a
   branch's ``prompt + response[: t + 1]``);
 * ``fork(slots, snapshot, rows, prefixes, keys)`` starts slots like ``start`` but copies ``prefix[:-1]``'s KV from
-  rows of a :class:`CacheSnapshot` (``snapshot()``: a copy of the cache, e.g. after the initial rollouts) that
-  hold exactly those tokens, instead of prefilling them: a branch shares its parent's prefix;
+  rows of a :class:`CacheSnapshot` (``snapshot()``: a copy of the cache, e.g. after the initial rollouts; or
+  ``live()``: the cache as it is, no copy, e.g. a rollout still running in its slot) that hold exactly those
+  tokens, instead of prefilling them: a branch shares its parent's prefix;
 * ``append(slots, tokens)`` puts external tokens (tool results) into a slot's context: it forwards
   ``[pending] + tokens[:-1]``, nothing is sampled or recorded;
 * ``decode(active, max_new)`` runs an on-device `lax.while_loop` of at most ``decode_chunk`` steps per call over
@@ -110,6 +111,7 @@ class CacheSnapshot:
     seqs: tuple
     cached: np.ndarray
     params_id: int
+    live: bool = False
 
     def cannot_fork(self, row: int, prefix: Sequence[int]) -> str | None:
         """Why a slot cannot start from ``prefix`` by copying row ``row`` (which must hold exactly
@@ -130,11 +132,10 @@ class CacheSnapshot:
         return None
 
 
-@functools.partial(jax.jit, donate_argnames=("cache",))
-def _fork_rows(cache: KVCache, source: KVCache, dst: jax.Array, src: jax.Array, counts: jax.Array) -> KVCache:
-    """Rows ``dst[i]`` of ``cache`` := the first ``counts[i]`` real tokens of row ``src[i]`` of ``source``: its
-    k / v, its valid slots up to the ``counts[i]``-th one, ``end`` one past that slot (``dst`` entries out of
-    range are dropped)."""
+def _copy_rows(cache: KVCache, source: KVCache, dst: jax.Array, src: jax.Array, counts: jax.Array) -> KVCache:
+    """Rows ``dst[i]`` of ``cache`` := the first ``counts[i]`` real tokens of row ``src[i]`` of ``source`` (read
+    before any write): its k / v, its valid slots up to the ``counts[i]``-th one, ``end`` one past that slot
+    (``dst`` entries out of range are dropped)."""
     valid = source.valid[src]
     keep = valid & (jnp.cumsum(valid.astype(jnp.int32), axis=1) <= counts[:, None])
     end = jnp.max(jnp.where(keep, jnp.arange(valid.shape[1], dtype=jnp.int32)[None, :] + 1, 0), axis=1)
@@ -142,6 +143,12 @@ def _fork_rows(cache: KVCache, source: KVCache, dst: jax.Array, src: jax.Array, 
                    v=cache.v.at[:, dst].set(source.v[:, src], mode="drop"),
                    valid=cache.valid.at[dst].set(keep, mode="drop"),
                    end=cache.end.at[dst].set(end.astype(jnp.int32), mode="drop"))
+
+
+#: `_copy_rows` from a snapshot's cache, and within the cache itself (a live fork)
+_fork_rows = functools.partial(jax.jit, donate_argnames=("cache",))(_copy_rows)
+_fork_rows_within = jax.jit(lambda cache, dst, src, counts: _copy_rows(cache, cache, dst, src, counts),
+                            donate_argnums=(0,))
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -433,6 +440,12 @@ class Sampler:
                              tuple(None if q is None else tuple(q) for q in self._seq), self._cached.copy(),
                              id(self.params))
 
+    def live(self) -> CacheSnapshot:
+        """The cache and slot sequences as they are now, not copied: :meth:`fork` from it copies rows within the
+        cache (a branch of a rollout still running in its slot). It holds until the next call that changes the
+        cache; :meth:`fork` refuses it after that."""
+        return CacheSnapshot(self._cache, tuple(self._seq), self._cached.copy(), id(self.params), live=True)
+
     def fork(self, slots: Sequence[int], snapshot: CacheSnapshot, rows: Sequence[int],
              prefixes: Sequence[Sequence[int]], keys: Sequence) -> None:
         """:meth:`start` each slot ``slots[i]`` from ``prefixes[i]`` without prefilling it: its first
@@ -446,6 +459,8 @@ class Sampler:
                              f"{len(keys)} keys")
         if snapshot.params_id != id(self.params):
             raise ValueError("fork: the snapshot was taken with other weights (set_params since); take a new one")
+        if snapshot.live and snapshot.cache is not self._cache:
+            raise ValueError("fork: the live view is stale (the cache changed since `live()`); take a new one")
         if snapshot.cache.max_len != self.max_len or snapshot.cache.batch != self.num_slots:
             raise ValueError(f"fork: the snapshot's cache is {snapshot.cache.batch} x {snapshot.cache.max_len}, this "
                              f"sampler's {self.num_slots} x {self.max_len}")
@@ -456,8 +471,10 @@ class Sampler:
                 raise ValueError(f"fork: slot {s}: {problem}")
         key_data = [_key_data(k) for k in keys]
         dst = np.asarray(slots, np.int32)
-        self._cache = _fork_rows(self._cache, snapshot.cache, jnp.asarray(dst), jnp.asarray(np.asarray(rows, np.int32)),
-                                 jnp.asarray(np.array([len(q) - 1 for q in seqs], np.int32)))
+        args = (jnp.asarray(dst), jnp.asarray(np.asarray(rows, np.int32)),
+                jnp.asarray(np.array([len(q) - 1 for q in seqs], np.int32)))
+        self._cache = (_fork_rows_within(self._cache, *args) if snapshot.live
+                       else _fork_rows(self._cache, snapshot.cache, *args))
         ends = np.asarray(jax.device_get(self._cache.end))[dst]
         for s, seq, kd, end in zip(slots, seqs, key_data, ends):
             self._seq[s], self._keys[s] = list(seq), kd

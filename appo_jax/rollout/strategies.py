@@ -143,8 +143,9 @@ def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequenc
     ``tree_id`` is the parent's tree: ``parent_tree`` (the tree ids of ``parents``, needed when they are branch
     rows of another batch, e.g. a previous branching level), else computed from ``parents.parent``. ``fork``:
     ``(snapshot, slots)`` -- a `Sampler.snapshot` taken after the parents ran and the slot each parent row ended
-    in (``RolloutBatch.slot``): a branch whose parent's slot still holds the parent starts from a copy of its KV
-    (``RolloutRequest.fork``), the others prefill their prefix; ``batch.metrics["kv_forked"]`` counts the forks."""
+    in (``RolloutBatch.slot``; `fork_source`): a branch whose parent's slot still holds the parent starts from a
+    copy of its KV (``RolloutRequest.fork``, `attach_fork`), the others prefill their prefix; ``kv_forked`` of the
+    batch counts the forks."""
     rows, positions = np.asarray(rows), np.asarray(positions)
     scores, valid = np.asarray(scores, np.float32), np.asarray(valid, bool)
     if not rows.shape == positions.shape == scores.shape == valid.shape or rows.ndim != 2:
@@ -166,23 +167,34 @@ def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequenc
             req = engine.request(key, prompts[grp], grp, int(j), prompt_ids=prompt_tokens[r][prompt_mask[r]],
                                  prefix=engine.branch_prefix(parents, r, t), kind=KIND_BRANCH, parent=r,
                                  branch_pos=t, score=float(scores[g, j]))
-            req.fork = _fork_source(fork, r, list(req.prompt_ids) + req.prefix.tokens.tolist())
-            reqs.append(req)
+            reqs.append(attach_fork(req, fork, r))
     if parent_tree is None:
         parent_tree = tree_ids(np.asarray(parents.parent), np.asarray(parents.row_valid))
-    batch = engine.rollout(reqs, num_g, budget, progress=progress, parent_tree=np.asarray(parent_tree))
-    batch.kv_forked = sum(r.fork is not None for r in reqs)
-    return batch
+    return engine.rollout(reqs, num_g, budget, progress=progress, parent_tree=np.asarray(parent_tree))
 
 
-def _fork_source(fork, row: int, tokens: list[int]):
-    """``(snapshot, slot)`` when the slot parent ``row`` ended in still holds ``tokens[:-1]`` in the snapshot
-    (nothing reused it before the snapshot: `CacheSnapshot.cannot_fork`), else None (the branch prefills)."""
-    if fork is None or fork[0] is None:
+def fork_source(engine: RolloutEngine, parents: RolloutBatch):
+    """``(snapshot, slots)`` to fork the branches of ``parents``' rows from (`branch_rollouts`' ``fork``): a
+    `Sampler.snapshot` taken now and the slot each row ended in, when ``rollout.kv_fork`` is on, the sampler can
+    fork and the batch knows its slots; else None."""
+    if not engine.cfg.kv_fork or parents.slot is None:
         return None
+    snapshot = engine.snapshot()
+    return None if snapshot is None else (snapshot, parents.slot)
+
+
+def attach_fork(req, fork, row: int):
+    """``req`` with ``fork = (snapshot, slot)`` when the slot parent ``row`` ended in still holds the request's
+    ``prompt + prefix`` (all but its last token) in the snapshot (`CacheSnapshot.cannot_fork`: nothing reused the
+    slot before the snapshot), else unchanged (the branch prefills)."""
+    if fork is None:
+        return req
     snapshot, slots = fork
-    slot = int(slots[row]) if slots is not None and 0 <= row < len(slots) else -1
-    return (snapshot, slot) if slot >= 0 and snapshot.cannot_fork(slot, tokens) is None else None
+    tokens = list(req.prompt_ids) + ([] if req.prefix is None else req.prefix.tokens.tolist())
+    slot = int(slots[row]) if 0 <= row < len(slots) else -1
+    if slot >= 0 and snapshot.cannot_fork(slot, tokens) is None:
+        req.fork = (snapshot, slot)
+    return req
 
 
 # ---------------------------------------------------------------------------------------------------- strategies
@@ -209,6 +221,8 @@ class EveryRowTrains:
         metrics: dict = {}
         prompts = next_prompts(num_prompts)
         batch = _timed(metrics, "time/rollout_s", self.draw, engine, prompts, key, progress)
+        if engine.cfg.kv_fork:
+            metrics["branch/kv_forked"] = float(batch.kv_forked)
         return Sampled(batch, list(prompts), num_prompts * self.options.n, metrics=metrics)
 
     def draw(self, engine: RolloutEngine, prompts: Sequence[Record], key, progress) -> RolloutBatch:
@@ -440,10 +454,9 @@ class AppoBranching:
                         clip_eps=float(o.omega_clip), decisions=decisions, parity=o.branching_parity,
                         per_row=per_row)
         points = c.to_host(points)
-        fork = (engine.snapshot(), parents.slot) if engine.cfg.kv_fork and parents.slot is not None else None
         branches = _timed(metrics, "time/branch_rollout_s", branch_rollouts, engine, parents.traj, prompts,
                           points.rows, points.positions, points.selected_scores, points.valid, key, progress,
-                          parents.tree_id, fork)
+                          parents.tree_id, fork_source(engine, parents))
         metrics["branch/kv_forked"] = metrics.get("branch/kv_forked", 0.0) + float(branches.kv_forked)
         if "omega/abs_log_ratio_mean" not in metrics:  # of the initial rows
             metrics["omega/abs_log_ratio_mean"] = _masked_abs_mean(np.asarray(lc) - np.asarray(lb), parents.traj)
@@ -458,7 +471,7 @@ def _shift_parents(batch: RolloutBatch, start: int) -> RolloutBatch:
     parent = np.asarray(batch.traj.parent)
     traj = batch.traj.replace(parent=np.where(parent >= 0, parent + start, parent).astype(parent.dtype))
     return RolloutBatch(traj, batch.texts, batch.tool_calls, batch.accuracy, batch.tree_id, batch.format_ok,
-                        batch.slot)
+                        batch.slot, batch.kv_forked)
 
 
 def _masked_abs_mean(x: np.ndarray, traj: Trajectory) -> float:

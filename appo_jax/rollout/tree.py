@@ -26,7 +26,7 @@ import numpy as np
 from appo_jax.core.trajectory import KIND_BRANCH
 from appo_jax.data.records import Record
 from appo_jax.rollout.engine import RolloutBatch, RolloutEngine, overlay_batches
-from appo_jax.rollout.strategies import STRATEGIES, EveryRowTrains, check_budget
+from appo_jax.rollout.strategies import STRATEGIES, EveryRowTrains, attach_fork, check_budget, fork_source
 
 
 def expansion_counts(n: int, n_init: int) -> list[int]:
@@ -66,7 +66,9 @@ def round_quota(remaining: int, rounds_left: int) -> int:
 def tree_rollouts(engine: RolloutEngine, prompts: Sequence[Record], n: int, n_init: int, key, rounds: int,
                   progress=None) -> RolloutBatch:
     """Tree-GRPO groups of ``n`` rows (module doc): rows ``g * n + i``, ``i < n_init``, are the tree roots;
-    expansions follow in creation order with ``parent`` / ``branch_pos`` set and ``tree_id`` = their root row."""
+    expansions follow in creation order with ``parent`` / ``branch_pos`` set and ``tree_id`` = their root row.
+    With ``rollout.kv_fork`` an expansion starts from a copy of its node's KV in a snapshot taken after the
+    previous round (`fork_source`) where its row's slot still holds it."""
     num_g, quota = len(prompts), expansion_counts(n, n_init)
     length = engine.cfg.max_response_len
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
@@ -76,7 +78,7 @@ def tree_rollouts(engine: RolloutEngine, prompts: Sequence[Record], n: int, n_in
     count = [n_init] * num_g
     remaining = {g * n + i: quota[i] for g in range(num_g) for i in range(n_init)}
     for rnd in range(rounds):
-        traj, reqs = batch.traj, []
+        traj, reqs, fork = batch.traj, [], fork_source(engine, batch)
         for tree_root, left in remaining.items():
             k = round_quota(left, rounds - rnd)
             if k == 0:
@@ -89,8 +91,8 @@ def tree_rollouts(engine: RolloutEngine, prompts: Sequence[Record], n: int, n_in
             for r, t in picked:
                 if g in own:
                     prefix = engine.branch_prefix(traj, r, t, batch.tool_calls[r]) if t >= 0 else None
-                    reqs.append(engine.request(key, prompts[g], g, count[g], prefix=prefix, kind=KIND_BRANCH,
-                                               parent=r, branch_pos=t))
+                    reqs.append(attach_fork(engine.request(key, prompts[g], g, count[g], prefix=prefix,
+                                                           kind=KIND_BRANCH, parent=r, branch_pos=t), fork, r))
                 count[g] += 1
         batch = overlay_batches(batch, engine.rollout(reqs, num_g, n, progress=progress, parent_tree=batch.tree_id))
     return batch
