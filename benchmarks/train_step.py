@@ -10,9 +10,9 @@
    (4 initial + 4 branch) rollouts) run for two iterations without SFT; the seconds per phase of the second
    (compiled) iteration: rollout, log-probs, branching, branch rollouts, advantages, update.
 3. ``--mfu`` (GPU / TPU): model FLOPs utilisation of the train step for ``--mfu-model`` (default qwen2.5-0.5b,
-   bf16 compute, fp32 params, full remat): 6 N + 12 L T d flops per trained token (N non-embedding + lm-head
-   params; the attention term uses the context length T) against the device peak (``--peak-tflops``, or a
-   table of known devices).
+   bf16 compute, fp32 params, full remat) on ``--mfu-rows`` rows of ``--mfu-prompt-len`` + ``--mfu-response-len``
+   (1024 + 3072) tokens: 6 N + 12 L T d flops per trained token (N non-embedding + lm-head params; the attention
+   term uses the context length T) against the device peak (``--peak-tflops``, or a table of known devices).
 """
 from __future__ import annotations
 
@@ -119,11 +119,14 @@ def main() -> None:
     ap.add_argument("--mfu-model", default="qwen2.5-0.5b")
     ap.add_argument("--mfu-rows", type=int, default=16)
     ap.add_argument("--mfu-micro", type=int, default=1)
+    ap.add_argument("--mfu-prompt-len", type=int, default=1024)
+    ap.add_argument("--mfu-response-len", type=int, default=3072)
     ap.add_argument("--peak-tflops", type=float, default=None)
     args = ap.parse_args()
     out = {"backend": jax.default_backend(), "devices": jax.device_count()}
     if args.mfu:
-        out["mfu"] = mfu(args.mfu_model, args.mfu_rows, 1024, 3072, args.repeats, args.mfu_micro, args.peak_tflops)
+        out["mfu"] = mfu(args.mfu_model, args.mfu_rows, args.mfu_prompt_len, args.mfu_response_len, args.repeats,
+                         args.mfu_micro, args.peak_tflops)
         print(json.dumps(out))
         return
     from appo_jax.models.presets import get_config
