@@ -467,8 +467,9 @@ def tiny_forking_policy(tok):
 def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(tok, tools):
     """``rollout.kv_fork`` for every branching strategy, each run once with and once without it on a tiny model
     (same keys, greedy): APPO at one and two levels and Tree-GRPO (two rounds) fork from a snapshot of the cache
-    after the previous phase, ARPO / AEPO fork their in-loop copies from the parent's running slot, and every
-    rollout starts with a python call so that branches start after a tool result. With the fork the batch is the
+    after the previous phase, AEPO (ARPO's loop with a penalty; ARPO's own in `test_host_sharded_forks_...`) forks
+    its in-loop copies from the parent's running slot, and every rollout starts with a python call so that
+    branches start after a tool result. With the fork the batch is the
     one re-prefilled branches give (tokens and masks equal, log-probs within 1e-5 + 1e-5 |log p|) and every
     branch was forked (``branch/kv_forked``); without it none was. Sampled forks are checked at the sampler level
     (`test_sampler.py::test_fork_from_a_snapshot_equals_a_reprefilled_start`): the KV a decode step wrote and
@@ -479,11 +480,10 @@ def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(
 
     _, params, items, make_engine, context = tiny_forking_policy(tok)
     # (name, options, branches forked with kv_fork): APPO 4 and 2 + 4 (per_rollout), Tree-GRPO 3 expansions,
-    # ARPO / AEPO one copy per group (alpha 1: every tool result branches while the group has room)
+    # AEPO one copy per group (alpha 1: every tool result branches while the group has room)
     cases = [("appo", dict(n=4, n_init=2, levels=1, branch_selection="per_rollout"), 4),
              ("appo", dict(n=6, n_init=2, levels=2, branch_selection="per_rollout"), 8),
              ("tree", dict(n=5, n_init=2, tree_rounds=2), 6),
-             ("arpo", dict(n=2, n_init=1, arpo_alpha=1.0), 2),
              ("aepo", dict(n=2, n_init=1, arpo_alpha=1.0, aepo_penalty=0.3), 2)]
     out = {}
     for fork in (False, True):
@@ -508,7 +508,7 @@ def test_host_sharded_forks_use_each_process_own_slots(tok, tools, monkeypatch):
     """`HostShardedEngine` with ``rollout.kv_fork``: two processes (threads, in-memory all-gather), each with
     its own sampler, fork the branches of their own groups from their own slots (the gathered batch keeps each
     row's slot in the sampler that ran it) and end with the batch one process builds without forks, on both
-    processes; every branch was forked (APPO at two levels, Tree-GRPO's rounds, ARPO's in-loop copy)."""
+    processes; every branch was forked (APPO at two levels from snapshots, ARPO's in-loop copy from a live slot)."""
     import threading
 
     from appo_jax.rollout import host_sharded
@@ -530,7 +530,7 @@ def test_host_sharded_forks_use_each_process_own_slots(tok, tools, monkeypatch):
     monkeypatch.setattr(host_sharded, "gather_rows", lambda tree: jax.tree.map(
         lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *all_gather(tree)))
     cases = [("appo", dict(n=6, n_init=2, levels=2, branch_selection="per_rollout"), 8),
-             ("tree", dict(n=5, n_init=2, tree_rounds=2), 6), ("arpo", dict(n=2, n_init=1, arpo_alpha=1.0), 2)]
+             ("arpo", dict(n=2, n_init=1, arpo_alpha=1.0), 2)]
 
     def sample_all(engine):
         return [make_strategy(name, options, context).sample(engine, params, lambda k: items[:k], 2,
