@@ -258,3 +258,28 @@ def test_config_is_hashable_and_validated():
         get_config("tiny-llama", dtype="float8")
     with pytest.raises(ValueError, match="batch > 0"):
         init_cache(get_config("tiny-llama"), 0, 4)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+def test_unstacked_layers_give_the_stacked_forward(name):
+    """`unstack_layers`: leaf ``layers_i/...`` is ``layers/...[i]``, and the forward over the unstacked tree
+    (one submodule per layer, no slicing of stacked weights) equals the scanned one, with and without a cache
+    (prefill, then one decode step writing the same cache)."""
+    from appo_jax.models.decoder import unstack_layers
+
+    config, params = _model(name)
+    flat = unstack_layers(params)
+    assert "layers" not in flat and unstack_layers(flat) is flat
+    for i in (0, config.num_layers - 1):
+        jax.tree.map(lambda a, b, i=i: np.testing.assert_array_equal(a[i], b), params["layers"], flat[f"layers_{i}"])
+    tokens, positions = _tokens(2, 6), _arange(2, 6)
+    want, _ = fwd(params, tokens, positions, config=config)
+    got, _ = fwd(flat, tokens, positions, config=config)
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    caches = []
+    for p in (params, flat):
+        _, cache = fwd(p, tokens[:, :5], positions[:, :5], config=config, cache=init_cache(config, 2, 8))
+        logits, cache = fwd(p, tokens[:, 5:], positions[:, 5:], config=config, cache=cache)
+        caches.append((logits, cache))
+    np.testing.assert_allclose(caches[1][0], caches[0][0], atol=2e-6)
+    np.testing.assert_allclose(caches[1][1].k, caches[0][1].k, atol=2e-6)

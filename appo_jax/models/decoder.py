@@ -6,6 +6,7 @@ Public API (docs/architecture.md, "Model"):
   forward(params, tokens, positions, *, config, token_mask=None, cache=None, return_hidden=False)
       -> (float32 logits [B, T, V] | final-normed hidden [B, T, D], new_cache)
   unembed(params, hidden, *, config) -> float32 logits [..., V]
+  unstack_layers(params) -> params              the layers as one subtree per layer (forward accepts both)
   init_cache(config, batch, max_len) -> KVCache   (re-exported from kv_cache)
 
 Parameter tree (names follow HF so that import/export is a rename):
@@ -14,6 +15,10 @@ Parameter tree (names follow HF so that import/export is a rename):
           self_attn/{q_proj/kernel [L, D, H, hd], q_proj/bias [L, H, hd] (qkv_bias), k_proj/kernel [L, D, KV, hd],
                      v_proj/kernel [L, D, KV, hd], o_proj/kernel [L, H, hd, D], q_norm/scale, k_norm/scale [L, hd]},
           mlp/{gate_proj/kernel [L, D, F], up_proj/kernel [L, D, F], down_proj/kernel [L, F, D]}}.
+Unstacked (`unstack_layers`): ``layers`` replaced by ``layers_0`` .. ``layers_{L-1}``, the same subtree without the
+leading L axis. XLA's CPU backend materialises every slice of a stacked weight (a copy per layer and call) before
+its dot, so a decode step reads the layer weights three times instead of once; the sampler on CPU keeps its
+weights unstacked (`appo_jax.rollout.sampler.Sampler`).
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ from appo_jax.models.config import ModelConfig
 from appo_jax.models.kv_cache import KVCache, init_cache
 from appo_jax.models.rope import apply_rope, rope_cos_sin
 
-__all__ = ["init_params", "param_logical_axes", "forward", "unembed", "init_cache", "KVCache", "Decoder"]
+__all__ = ["init_params", "param_logical_axes", "forward", "unembed", "unstack_layers", "init_cache", "KVCache",
+           "Decoder"]
 
 _INIT = nn.initializers.normal(stddev=0.02)
 _MASK_VALUE = -1e30  # finite: a query with no visible key gets a uniform (finite) distribution, never NaN
@@ -213,9 +219,11 @@ def _project(hidden, weight, tied: bool):
 
 
 class Decoder(nn.Module):
-    """The full causal LM; see `forward` for the contract."""
+    """The full causal LM; see `forward` for the contract. ``unstacked``: its layers are the submodules
+    ``layers_0`` .. ``layers_{L-1}`` (parameters of `unstack_layers`) instead of one scanned ``layers``."""
 
     config: ModelConfig
+    unstacked: bool = False
 
     @nn.compact
     def __call__(self, tokens, positions, token_mask=None, cache: KVCache | None = None, return_hidden=False):
@@ -248,20 +256,26 @@ class Decoder(nn.Module):
 
         layer_cls = DecoderLayer
         if cfg.remat_policy != "none":
-            layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers,
+            layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers or self.unstacked,
                                  policy=_remat_policy(cfg.remat_policy))
-        scanned = nn.scan(
-            layer_cls,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast),
-            length=cfg.num_layers,
-            unroll=1 if cfg.scan_layers else cfg.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        (x, k_cache, v_cache), _ = scanned(cfg, name="layers")(
-            (x, k_cache, v_cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), ctx
-        )
+        if self.unstacked:
+            carry = (x, k_cache, v_cache)
+            for i in range(cfg.num_layers):
+                carry, _ = layer_cls(cfg, name=f"layers_{i}")(carry, i, ctx)
+            x, k_cache, v_cache = carry
+        else:
+            scanned = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=cfg.num_layers,
+                unroll=1 if cfg.scan_layers else cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            (x, k_cache, v_cache), _ = scanned(cfg, name="layers")(
+                (x, k_cache, v_cache), jnp.arange(cfg.num_layers, dtype=jnp.int32), ctx
+            )
         hidden = RMSNorm(cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="norm")(x)
         new_cache = None if cache is None else KVCache(k=k_cache, v=v_cache, valid=new_valid, end=new_end)
         if return_hidden:
@@ -311,13 +325,28 @@ def forward(
     new_end[b] = end[b] + T if any(token_mask[b]) else end[b]. Writes past the last slot are dropped (callers
     keep end + T <= S).
     Returns (out, new_cache): out = float32 logits [B, T, V], or with return_hidden the final-normed hidden
-    states [B, T, D] in the compute dtype; new_cache is None without a cache.
+    states [B, T, D] in the compute dtype; new_cache is None without a cache. ``params`` may hold its layers
+    stacked (``layers``) or unstacked (`unstack_layers`): the same function either way.
     """
     if tokens.ndim != 2 or positions.shape != tokens.shape:
         raise ValueError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")
     if cache is not None and cache.batch != tokens.shape[0]:
         raise ValueError(f"cache has {cache.batch} rows but tokens has batch {tokens.shape[0]}")
-    return Decoder(config).apply({"params": params}, tokens, positions, token_mask, cache, return_hidden)
+    return Decoder(config, unstacked="layers" not in params).apply({"params": params}, tokens, positions,
+                                                                  token_mask, cache, return_hidden)
+
+
+def unstack_layers(params: dict) -> dict:
+    """``params`` with ``layers`` (every leaf stacked on axis 0 over the L layers) replaced by ``layers_0`` ..
+    ``layers_{L-1}``, leaf ``layers_i/...`` = ``layers/...[i]`` (copies; module doc). Unstacked params pass
+    through."""
+    if "layers" not in params:
+        return params
+    stacked = params["layers"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != "layers"}
+    out.update({f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)})
+    return out
 
 
 def unembed(params: dict, hidden: jnp.ndarray, *, config: ModelConfig) -> jnp.ndarray:

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from appo_jax.models.config import ModelConfig
-from appo_jax.models.decoder import forward
+from appo_jax.models.decoder import forward, unstack_layers
 from appo_jax.models.kv_cache import KVCache, init_cache
 from appo_jax.models.sharding import cache_shardings
 from appo_jax.rollout.sampling import SamplingParams, select_tokens
@@ -345,6 +345,9 @@ class Sampler:
     row). W is a static shape: at most log2(max_len / min_attention_window) + 1 compiled variants per function.
     ``mesh``: place the cache with `appo_jax.models.sharding.cache_shardings` (rows over data x fsdp, kv heads
     over tensor where they divide); params are used as given (e.g. from ``load_model(..., mesh=mesh)``).
+    Without a mesh on the CPU backend the sampler keeps an unstacked copy of the weights
+    (`appo_jax.models.decoder.unstack_layers`: XLA's CPU backend copies every slice of a stacked weight before its
+    dot, tripling a decode step's weight traffic); elsewhere it uses them as given.
     """
 
     def __init__(self, config: ModelConfig, params, *, num_slots: int, max_len: int,
@@ -368,7 +371,8 @@ class Sampler:
         if stop_strings and detokenize is None:
             raise ValueError("stop_strings need a detokenize function (token ids -> text)")
         self.config = config
-        self.params = params
+        self._unstack = mesh is None and jax.default_backend() == "cpu"
+        self.params = unstack_layers(params) if self._unstack else params
         self.num_slots = int(num_slots)
         self.max_len = int(max_len)
         self.sampling = sampling
@@ -392,8 +396,9 @@ class Sampler:
 
     # -------------------------------------------------------------------------------------------- inspection
     def set_params(self, params) -> None:
-        """Use new policy weights for later calls (same tree structure, shapes and dtypes: no recompile)."""
-        self.params = params
+        """Use new policy weights for later calls (same tree structure, shapes and dtypes: no recompile; on CPU an
+        unstacked copy, class doc)."""
+        self.params = unstack_layers(params) if self._unstack else params
 
     def sequence(self, slot: int) -> list[int]:
         """A copy of slot ``slot``'s full token sequence (prefix, generated and appended tokens)."""
