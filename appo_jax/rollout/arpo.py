@@ -178,6 +178,7 @@ class ArpoBranching(EveryRowTrains):
     trains."""
 
     options: ArpoOptions = field(default_factory=ArpoOptions)
+    branches = True
 
     def draw(self, engine, prompts, key, progress):
         """:func:`arpo_rollouts` with the options' knobs."""

@@ -33,10 +33,11 @@ class RolloutConfig:
     likely tokens) or ``official_topk`` (the official code's, from vLLM's top-k log-probs;
     `appo_jax.core.branching.topk_entropy`). ``dtype``: the sampler's compute dtype (``""`` = the model's;
     ``bfloat16`` samples in bf16 against an fp32 trainer, the mismatch the ``mismatch/*`` metrics and
-    ``loss.tis_cap`` are about). ``kv_fork``: a branch starts from a copy of its parent's KV rows up to the
-    branch point instead of prefilling its prefix again: APPO's branches (every level) and Tree-GRPO's expansions
-    from a snapshot of the cache after the previous phase, ARPO / AEPO's copies from the parent's slot while it
-    runs; a parent whose slot was reused before that is re-prefilled (``branch/kv_forked`` counts the forks).
+    ``loss.tis_cap`` are about). ``kv_fork`` (default on): a branch starts from a copy of its parent's KV rows up
+    to the branch point, within the cache, instead of prefilling its prefix again: APPO's branches (every level)
+    and Tree-GRPO's expansions from the slots the previous phase left, ARPO / AEPO's copies from the parent's slot
+    while it runs; a branch whose parent's slot was reused first (a later wave of a call with more branches than
+    slots) prefills (``branch/kv_forked`` counts the forks). No copy of the cache is kept.
     """
 
     max_prompt_len: int = 2048
@@ -55,7 +56,7 @@ class RolloutConfig:
     entropy: str = "exact"
     entropy_k: int = 10
     dtype: str = ""
-    kv_fork: bool = False
+    kv_fork: bool = True
 
     def __post_init__(self):
         self.validate()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import jax
 import numpy as np
@@ -142,10 +142,10 @@ def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequenc
     key ``fold_in(fold_in(key, g), j)``; invalid slots give padding rows. ``parent`` indexes ``parents`` and
     ``tree_id`` is the parent's tree: ``parent_tree`` (the tree ids of ``parents``, needed when they are branch
     rows of another batch, e.g. a previous branching level), else computed from ``parents.parent``. ``fork``:
-    ``(snapshot, slots)`` -- a `Sampler.snapshot` taken after the parents ran and the slot each parent row ended
-    in (``RolloutBatch.slot``; `fork_source`): a branch whose parent's slot still holds the parent starts from a
-    copy of its KV (``RolloutRequest.fork``, `attach_fork`), the others prefill their prefix; ``kv_forked`` of the
-    batch counts the forks."""
+    ``(source, slots)`` -- the slot each parent row ended in (``RolloutBatch.slot``) and where its KV is: None =
+    the live cache (`fork_source`), or a `Sampler.snapshot` taken after the parents ran: a branch whose parent's
+    row still holds the parent starts from a copy of its KV (``RolloutRequest.fork``, `attach_fork`), the others
+    prefill their prefix; ``kv_forked`` of the batch counts the forks."""
     rows, positions = np.asarray(rows), np.asarray(positions)
     scores, valid = np.asarray(scores, np.float32), np.asarray(valid, bool)
     if not rows.shape == positions.shape == scores.shape == valid.shape or rows.ndim != 2:
@@ -174,25 +174,30 @@ def branch_rollouts(engine: RolloutEngine, parents: Trajectory, prompts: Sequenc
 
 
 def fork_source(engine: RolloutEngine, parents: RolloutBatch):
-    """``(snapshot, slots)`` to fork the branches of ``parents``' rows from (`branch_rollouts`' ``fork``): a
-    `Sampler.snapshot` taken now and the slot each row ended in, when ``rollout.kv_fork`` is on, the sampler can
-    fork and the batch knows its slots; else None."""
-    if not engine.cfg.kv_fork or parents.slot is None:
+    """``(None, slots)`` to fork the branches of ``parents``' rows from (`branch_rollouts`' ``fork``): the live
+    cache and the slot each row ended in, when ``rollout.kv_fork`` is on, the sampler can fork and the batch knows
+    its slots; else None. No copy of the cache is made: the branches that start in the call's first wave of
+    slots (all of them when the sampler has a slot per branch, as the trainer sizes it) copy their parents' rows
+    before any slot is reused (`AgentLoop` forks before it starts anything); a later branch whose parent's slot
+    was reused by then prefills its prefix."""
+    if not engine.cfg.kv_fork or parents.slot is None or not hasattr(engine.sampler, "live"):
         return None
-    snapshot = engine.snapshot()
-    return None if snapshot is None else (snapshot, parents.slot)
+    return None, parents.slot
 
 
 def attach_fork(req, fork, row: int):
-    """``req`` with ``fork = (snapshot, slot)`` when the slot parent ``row`` ended in still holds the request's
-    ``prompt + prefix`` (all but its last token) in the snapshot (`CacheSnapshot.cannot_fork`: nothing reused the
-    slot before the snapshot), else unchanged (the branch prefills)."""
+    """``req`` with ``fork`` set to fork from the row parent ``row`` ended in: ``fork = (None, slots)`` (live, the
+    loop checks the slot when the request starts) or ``(snapshot, slots)`` (a `Sampler.snapshot`: only when the
+    snapshot's row holds the request's ``prompt + prefix``, all but its last token, `CacheSnapshot.cannot_fork`);
+    else ``req`` unchanged (the branch prefills)."""
     if fork is None:
         return req
     snapshot, slots = fork
-    tokens = list(req.prompt_ids) + ([] if req.prefix is None else req.prefix.tokens.tolist())
     slot = int(slots[row]) if 0 <= row < len(slots) else -1
-    if slot >= 0 and snapshot.cannot_fork(slot, tokens) is None:
+    if slot < 0:
+        return req
+    tokens = list(req.prompt_ids) + ([] if req.prefix is None else req.prefix.tokens.tolist())
+    if snapshot is None or snapshot.cannot_fork(slot, tokens) is None:
         req.fork = (snapshot, slot)
     return req
 
@@ -205,6 +210,8 @@ class EveryRowTrains:
 
     options: Any
     context: StrategyContext = field(default_factory=StrategyContext)
+    #: the strategy branches rows off others (``branch/kv_forked`` is logged when ``rollout.kv_fork`` is on)
+    branches: ClassVar[bool] = False
 
     @property
     def rollouts_per_prompt(self) -> int:
@@ -221,7 +228,7 @@ class EveryRowTrains:
         metrics: dict = {}
         prompts = next_prompts(num_prompts)
         batch = _timed(metrics, "time/rollout_s", self.draw, engine, prompts, key, progress)
-        if engine.cfg.kv_fork:
+        if self.branches and engine.cfg.kv_fork:
             metrics["branch/kv_forked"] = float(batch.kv_forked)
         return Sampled(batch, list(prompts), num_prompts * self.options.n, metrics=metrics)
 

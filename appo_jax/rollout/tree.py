@@ -67,8 +67,8 @@ def tree_rollouts(engine: RolloutEngine, prompts: Sequence[Record], n: int, n_in
                   progress=None) -> RolloutBatch:
     """Tree-GRPO groups of ``n`` rows (module doc): rows ``g * n + i``, ``i < n_init``, are the tree roots;
     expansions follow in creation order with ``parent`` / ``branch_pos`` set and ``tree_id`` = their root row.
-    With ``rollout.kv_fork`` an expansion starts from a copy of its node's KV in a snapshot taken after the
-    previous round (`fork_source`) where its row's slot still holds it."""
+    With ``rollout.kv_fork`` an expansion starts from a copy of its node's KV where its row's slot still holds it
+    when the round starts (`fork_source`: the rows of the previous round, unless a later wave reused the slot)."""
     num_g, quota = len(prompts), expansion_counts(n, n_init)
     length = engine.cfg.max_response_len
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 31 - 1)))
@@ -117,6 +117,7 @@ class TreeSearch(EveryRowTrains):
     rows (:func:`tree_rollouts`); every row trains."""
 
     options: TreeOptions = field(default_factory=TreeOptions)
+    branches = True
 
     def draw(self, engine, prompts, key, progress):
         """:func:`tree_rollouts` with the options' knobs."""
