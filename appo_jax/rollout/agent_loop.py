@@ -15,10 +15,12 @@ resumes. A rollout ends with
 
 Slot-level batching: a finished slot is refilled at once from the queue of pending rollout requests; requests
 may start from a response prefix (branches), and hooks may enqueue new requests while the loop runs (ARPO).
-KV forks: a request whose ``fork`` names a snapshot row starts from a copy of that row's KV instead of prefilling
-its prefix (APPO's branches, Tree-GRPO's expansions); with ``LoopConfig.kv_fork`` the requests a hook returns from
-``on_probe`` fork from the probed rollout's slot as it is at their start (ARPO / AEPO's copies after a tool
-result), or prefill when that slot no longer holds their prefix (its rollout ended and the slot was reused).
+KV forks: a request whose ``fork`` names a row starts from a copy of that row's KV instead of prefilling its
+prefix: a row of a ``CacheSnapshot``, or a live slot (APPO's branches and Tree-GRPO's expansions name the slots
+their parents ended in; with ``LoopConfig.kv_fork`` the requests a hook returns from ``on_probe`` name the probed
+rollout's slot: ARPO / AEPO's copies after a tool result). A live slot is checked when the request starts: one
+that no longer holds the prefix (its rollout ended and the slot was reused) means a prefill. Forks from live
+slots run before anything else of the same prefill, so a slot restarted there is copied first.
 A prefix may end anywhere: inside an unfinished call generation just continues; right after a completed call the
 call is run first; inside a stop string (e.g. ``</python``) the loop detects the stop that straddles the prefix
 end (the policy only searches text generated since the slot's start), drops what followed it and re-syncs the
