@@ -1,9 +1,9 @@
 """Decode step time of the sampler with stacked vs unstacked layer weights (SmolLM2-135M-Instruct, float32).
 
 XLA's CPU backend materialises every slice of a stacked weight ``layers/...[i]`` (a copy per layer and call)
-before its dot; the sampler on CPU therefore keeps an unstacked copy (`appo_jax.models.decoder.unstack_layers`).
-This script measures both layouts side by side in one process: for each batch size, a `Sampler` with the weights
-as loaded (stacked, forced) and one as the sampler keeps them on CPU (unstacked), each decoding ``--new-tokens``
+before its dot; ``Sampler(..., unstack_weights=True)`` keeps an unstacked copy instead
+(`appo_jax.models.decoder.unstack_layers`). This script measures both layouts side by side in one process: for
+each batch size, a `Sampler` with the weights as loaded (stacked) and one with ``unstack_weights``, each decoding ``--new-tokens``
 tokens per row after a 32-token prompt, ``--runs`` timed runs after a compiling one (median ms per step). The
 first 8 tokens of row 0 are recorded for both: the layouts must sample the same tokens.
 
@@ -41,9 +41,8 @@ def main() -> None:
         prompts, first = [list(range(3, 35))] * b, {}
         for layout in ("stacked", "unstacked"):
             s = Sampler(config, params, num_slots=b, max_len=cache_len_for([32] * b, args.new_tokens),
-                        sampling=SamplingParams(1.0), eos_token_ids=(), decode_chunk=32)
-            if layout == "stacked":
-                s._unstack, s.params = False, params  # the weights as given, as on an accelerator
+                        sampling=SamplingParams(1.0), eos_token_ids=(), decode_chunk=32,
+                        unstack_weights=layout == "unstacked")
             times = []
             for _ in range(args.runs + 1):
                 s.start(list(range(b)), prompts, [jax.random.key(i) for i in range(b)])

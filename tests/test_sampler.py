@@ -758,3 +758,22 @@ def test_forks_on_a_sharded_cache_equal_a_one_device_start(llama):
     for row in (2, 3):
         assert got.tokens[row].tolist() == want.tokens[0].tolist()
         np.testing.assert_allclose(got.logprobs[row], want.logprobs[0], atol=1e-4)
+
+
+def test_unstacked_weights_sample_what_stacked_ones_do(llama):
+    """``Sampler(unstack_weights=True)`` (one weight subtree per layer) samples the tokens the default sampler
+    samples, log-probs within 1e-5, through a prefill, an append and two decode chunks."""
+    config, params = llama
+    outs = []
+    for unstack in (False, True):
+        s = new_sampler(config, params, sampling=SamplingParams(1.0), eos_token_ids=(), unstack_weights=unstack)
+        s.start([0, 1], [[1, 8, 21, 7], [1, 5]], [jax.random.key(1), jax.random.key(2)])
+        a = s.decode(np.array([True, True, False, False]), 5)
+        s.append([0], [[40, 41]])
+        b = s.decode(np.array([True, True, False, False]), 6)
+        outs.append((a, b, "layers" in s.params))
+    (a0, b0, stacked0), (a1, b1, stacked1) = outs
+    assert stacked0 and not stacked1
+    for x, y in ((a0, a1), (b0, b1)):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)

@@ -17,8 +17,7 @@ Parameter tree (names follow HF so that import/export is a rename):
           mlp/{gate_proj/kernel [L, D, F], up_proj/kernel [L, D, F], down_proj/kernel [L, F, D]}}.
 Unstacked (`unstack_layers`): ``layers`` replaced by ``layers_0`` .. ``layers_{L-1}``, the same subtree without the
 leading L axis. XLA's CPU backend materialises every slice of a stacked weight (a copy per layer and call) before
-its dot, so a decode step reads the layer weights three times instead of once; the sampler on CPU keeps its
-weights unstacked (`appo_jax.rollout.sampler.Sampler`).
+its dot; the sampler can keep its weights unstacked (`appo_jax.rollout.sampler.Sampler`, ``unstack_weights``).
 """
 from __future__ import annotations
 

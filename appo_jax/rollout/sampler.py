@@ -345,16 +345,18 @@ class Sampler:
     row). W is a static shape: at most log2(max_len / min_attention_window) + 1 compiled variants per function.
     ``mesh``: place the cache with `appo_jax.models.sharding.cache_shardings` (rows over data x fsdp, kv heads
     over tensor where they divide); params are used as given (e.g. from ``load_model(..., mesh=mesh)``).
-    Without a mesh on the CPU backend the sampler keeps an unstacked copy of the weights
-    (`appo_jax.models.decoder.unstack_layers`: XLA's CPU backend copies every slice of a stacked weight before its
-    dot, tripling a decode step's weight traffic); elsewhere it uses them as given.
+    ``unstack_weights``: keep an unstacked copy of the weights (`appo_jax.models.decoder.unstack_layers`): XLA's
+    CPU backend copies every slice of a stacked weight before its dot, so on CPU decode steps are 7-21% faster
+    (benchmarks/sampler_layouts.py), at about 4.5 s more compile time per program variant for SmolLM2's 30
+    layers (an unrolled forward); off by default.
     """
 
     def __init__(self, config: ModelConfig, params, *, num_slots: int, max_len: int,
                  sampling: SamplingParams = SamplingParams(), stop_strings: Sequence[str] = (),
                  detokenize: Callable[[list[int]], str] | None = None,
                  eos_token_ids: Sequence[int] | None = None, decode_chunk: int = 32, prefill_chunk: int = 512,
-                 min_attention_window: int | None = 256, mesh: jax.sharding.Mesh | None = None):
+                 min_attention_window: int | None = 256, mesh: jax.sharding.Mesh | None = None,
+                 unstack_weights: bool = False):
         if num_slots < 1:
             raise ValueError(f"Sampler num_slots must be >= 1, got {num_slots}")
         if max_len < 2:
@@ -371,7 +373,7 @@ class Sampler:
         if stop_strings and detokenize is None:
             raise ValueError("stop_strings need a detokenize function (token ids -> text)")
         self.config = config
-        self._unstack = mesh is None and jax.default_backend() == "cpu"
+        self._unstack = bool(unstack_weights)
         self.params = unstack_layers(params) if self._unstack else params
         self.num_slots = int(num_slots)
         self.max_len = int(max_len)
@@ -396,8 +398,8 @@ class Sampler:
 
     # -------------------------------------------------------------------------------------------- inspection
     def set_params(self, params) -> None:
-        """Use new policy weights for later calls (same tree structure, shapes and dtypes: no recompile; on CPU an
-        unstacked copy, class doc)."""
+        """Use new policy weights for later calls (same tree structure, shapes and dtypes: no recompile; an
+        unstacked copy with ``unstack_weights``, class doc)."""
         self.params = unstack_layers(params) if self._unstack else params
 
     def sequence(self, slot: int) -> list[int]:
