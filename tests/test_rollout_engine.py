@@ -358,22 +358,16 @@ def test_every_branching_knob_reaches_the_engine_from_the_experiment_config(tok,
     assert tree("algorithm.tree_rounds=1") != tree("algorithm.tree_rounds=3")
 
 
-def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(tok, tools, monkeypatch):
-    """`HostShardedEngine` shards the engine's one primitive: two processes (threads here, with an in-memory
-    all-gather) each run the requests of their block of groups, and every strategy (a single call: independent,
-    ARPO / AEPO with in-loop copies; several calls with decisions between them: Tree-GRPO's rounds) ends with the
-    batch one process builds, on both processes: rows, group ids, kinds, texts, tokens and, where no decision
-    depends on the loop's timing, parent rows, branch positions and tree ids (which rollout of an ARPO group is
-    copied follows the order its rollouts reach their tool results, on one process as on several: there each
-    group is checked to be a valid tree of its own rows)."""
+def run_as_processes(monkeypatch, procs: int, work) -> list:
+    """``[work(0), ..., work(procs - 1)]``, each on its own thread standing in for a process of a multi-host job:
+    `appo_jax.rollout.host_sharded`'s gathers become an in-memory all-gather between the threads; an exception
+    on one thread breaks the other's barrier and is raised here, with the thread's own."""
     import threading
 
     from appo_jax.rollout import host_sharded
-    from appo_jax.rollout.host_sharded import HostShardedEngine
-    from appo_jax.rollout.strategies import make_strategy
 
-    procs, where, box = 2, threading.local(), {}
-    barrier = threading.Barrier(procs, timeout=60)  # a process that fails breaks it for the other
+    where, box, got = threading.local(), {}, {}
+    barrier = threading.Barrier(procs, timeout=120)
 
     def all_gather(obj):
         box[where.index] = obj
@@ -385,6 +379,37 @@ def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(t
     monkeypatch.setattr(host_sharded, "gather_objects", all_gather)
     monkeypatch.setattr(host_sharded, "gather_rows", lambda tree: jax.tree.map(
         lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *all_gather(tree)))
+
+    def process(p):
+        where.index = p
+        try:
+            got[p] = work(p)
+        except BaseException as exc:  # noqa: BLE001 - reported below, with the process
+            got[p] = exc
+            barrier.abort()
+
+    threads = [threading.Thread(target=process, args=(p,), daemon=True) for p in range(procs)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=240)
+    for p in range(procs):
+        if isinstance(got.get(p), BaseException):
+            raise got[p]
+    return [got[p] for p in range(procs)]
+
+
+def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(tok, tools, monkeypatch):
+    """`HostShardedEngine` shards the engine's one primitive: two processes (threads here, with an in-memory
+    all-gather) each run the requests of their block of groups, and every strategy (a single call: independent,
+    ARPO / AEPO with in-loop copies; several calls with decisions between them: Tree-GRPO's rounds) ends with the
+    batch one process builds, on both processes: rows, group ids, kinds, texts, tokens and, where no decision
+    depends on the loop's timing, parent rows, branch positions and tree ids (which rollout of an ARPO group is
+    copied follows the order its rollouts reach their tool results, on one process as on several: there each
+    group is checked to be a valid tree of its own rows)."""
+    from appo_jax.rollout.host_sharded import HostShardedEngine
+    from appo_jax.rollout.strategies import make_strategy
+
     scripts, items = two_prompts(tok)
 
     def sample(name, options, engine):
@@ -401,25 +426,8 @@ def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(t
                           ("aepo", {"n": 4, "n_init": 1, "arpo_alpha": 1.0, "aepo_penalty": 0.3}),
                           ("tree", {"n": 5, "n_init": 2, "tree_rounds": 2})):
         want = sample(name, options, engine_for(tok, tools, scripts)[0])
-        got: dict = {}
-
-        def process(p):
-            where.index = p
-            try:
-                got[p] = sample(name, options, HostShardedEngine(engine_for(tok, tools, scripts)[0], p, procs,
-                                                                 lambda x: x, None))
-            except BaseException as exc:  # noqa: BLE001 - reported below, with the process
-                got[p] = exc
-                barrier.abort()
-
-        threads = [threading.Thread(target=process, args=(p,), daemon=True) for p in range(procs)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(timeout=120)
-        for p in range(procs):
-            if isinstance(got.get(p), BaseException):
-                raise got[p]
+        got = run_as_processes(monkeypatch, 2, lambda p, name=name, options=options: sample(
+            name, options, HostShardedEngine(engine_for(tok, tools, scripts)[0], p, 2, lambda x: x, None)))
         assert got[0] == want and got[1] == want, name
 
 
@@ -508,27 +516,12 @@ def test_host_sharded_forks_use_each_process_own_slots(tok, tools, monkeypatch):
     """`HostShardedEngine` with ``rollout.kv_fork``: two processes (threads, in-memory all-gather), each with
     its own sampler, fork the branches of their own groups from their own slots (the gathered batch keeps each
     row's slot in the sampler that ran it) and end with the batch one process builds without forks, on both
-    processes; every branch was forked (APPO at two levels from snapshots, ARPO's in-loop copy from a live slot)."""
-    import threading
-
-    from appo_jax.rollout import host_sharded
+    processes; every branch was forked (APPO at two levels from the slots its parents left, ARPO's in-loop copy
+    from a running slot)."""
     from appo_jax.rollout.host_sharded import HostShardedEngine
     from appo_jax.rollout.strategies import make_strategy
 
     _, params, items, make_engine, context = tiny_forking_policy(tok)
-    procs, where, box = 2, threading.local(), {}
-    barrier = threading.Barrier(procs, timeout=120)
-
-    def all_gather(obj):
-        box[where.index] = obj
-        barrier.wait()
-        out = [box[p] for p in range(procs)]
-        barrier.wait()
-        return out
-
-    monkeypatch.setattr(host_sharded, "gather_objects", all_gather)
-    monkeypatch.setattr(host_sharded, "gather_rows", lambda tree: jax.tree.map(
-        lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *all_gather(tree)))
     cases = [("appo", dict(n=6, n_init=2, levels=2, branch_selection="per_rollout"), 8),
              ("arpo", dict(n=2, n_init=1, arpo_alpha=1.0), 2)]
 
@@ -537,24 +530,9 @@ def test_host_sharded_forks_use_each_process_own_slots(tok, tools, monkeypatch):
                                                              jax.random.key(11)) for name, options, _ in cases]
 
     want = sample_all(make_engine(tools, False))
-    got: dict = {}
-
-    def process(p):
-        where.index = p
-        try:
-            got[p] = sample_all(HostShardedEngine(make_engine(tools, True), p, procs, lambda x: x, params))
-        except BaseException as exc:  # noqa: BLE001 - reported below, with the process
-            got[p] = exc
-            barrier.abort()
-
-    threads = [threading.Thread(target=process, args=(p,)) for p in range(procs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for p in range(procs):
-        if isinstance(got[p], BaseException):
-            raise got[p]
+    got = run_as_processes(monkeypatch, 2, lambda p: sample_all(
+        HostShardedEngine(make_engine(tools, True), p, 2, lambda x: x, params)))
+    for p in range(2):
         for (name, _, branches), plain, forked in zip(cases, want, got[p]):
             assert forked.metrics["branch/kv_forked"] == branches, (p, name)
             a, b = plain.batch.traj, forked.batch.traj

@@ -105,7 +105,8 @@ def _reset_rows(cache: KVCache, rows: jax.Array) -> KVCache:
 @dataclasses.dataclass(frozen=True)
 class CacheSnapshot:
     """A copy of a sampler's KV cache (`Sampler.snapshot`) with, per row, the token sequence it holds (``seqs``:
-    the first ``cached[r]`` tokens of ``seqs[r]`` are in the cache) and the weights it was computed with."""
+    the first ``cached[r]`` tokens of ``seqs[r]`` are in the cache) and the weights it was computed with; ``live``:
+    the sampler's own cache, not a copy (`Sampler.live`)."""
 
     cache: KVCache
     seqs: tuple
