@@ -27,6 +27,10 @@ def _gguf_or_skip():
         pytest.skip(str(e))
 
 
+#: the tests of the `smollm2` fixture run on one worker, which loads it once (conftest.py)
+SMOLLM2_WORKER = pytest.mark.xdist_group("smollm2")
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     """(config, params, tokenizer, torch model), loaded once per session (~30 s on 2 cores). torch runs
@@ -51,6 +55,7 @@ def _prompt_ids(tokenizer, kind, text):
     return tokenizer(text)["input_ids"]
 
 
+@SMOLLM2_WORKER
 def test_config_from_gguf_metadata(smollm2):
     config = smollm2[0]
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim) == (
@@ -59,6 +64,7 @@ def test_config_from_gguf_metadata(smollm2):
     assert config.eos_token_ids == (2,) and config.model_type == "llama"
 
 
+@SMOLLM2_WORKER
 def test_prompt_logits_match_transformers(smollm2):
     import torch
 
@@ -74,6 +80,7 @@ def test_prompt_logits_match_transformers(smollm2):
     np.testing.assert_array_equal(np.asarray(ours).argmax(-1), ref.argmax(-1))
 
 
+@SMOLLM2_WORKER
 def test_greedy_continuations_match_transformers(smollm2):
     """All prompts in one left-padded batch: prefill + 32 single-token cached decode steps, argmax each step.
     transformers: generate(do_sample=False) per prompt without padding and with EOS stopping disabled (both run the

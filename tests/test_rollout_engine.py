@@ -474,7 +474,7 @@ def tiny_forking_policy(tok):
 
 def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(tok, tools):
     """``rollout.kv_fork`` for every branching strategy, each run once with and once without it on a tiny model
-    (same keys, greedy): APPO at one and two levels and Tree-GRPO (two rounds) fork from a snapshot of the cache
+    (same keys, greedy): APPO at two levels (level 1 is one-level APPO's branch phase) and Tree-GRPO (two rounds) fork from a snapshot of the cache
     after the previous phase, AEPO (ARPO's loop with a penalty; ARPO's own in `test_host_sharded_forks_...`) forks
     its in-loop copies from the parent's running slot, and every rollout starts with a python call so that
     branches start after a tool result. With the fork the batch is the
@@ -487,10 +487,10 @@ def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(
     from appo_jax.rollout.strategies import make_strategy
 
     _, params, items, make_engine, context = tiny_forking_policy(tok)
-    # (name, options, branches forked with kv_fork): APPO 4 and 2 + 4 (per_rollout), Tree-GRPO 3 expansions,
-    # AEPO one copy per group (alpha 1: every tool result branches while the group has room)
-    cases = [("appo", dict(n=4, n_init=2, levels=1, branch_selection="per_rollout"), 4),
-             ("appo", dict(n=6, n_init=2, levels=2, branch_selection="per_rollout"), 8),
+    # (name, options, branches forked with kv_fork): APPO 4 per group over its two levels (per_rollout; level 1
+    # forks as a one-level APPO does), Tree-GRPO 3 expansions per group, AEPO one copy per group (alpha 1: every
+    # tool result branches while the group has room)
+    cases = [("appo", dict(n=6, n_init=2, levels=2, branch_selection="per_rollout"), 8),
              ("tree", dict(n=5, n_init=2, tree_rounds=2), 6),
              ("aepo", dict(n=2, n_init=1, arpo_alpha=1.0, aepo_penalty=0.3), 2)]
     out = {}
