@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest tests -n 2 --dist loadgroup --no-loadscope-reorder
+	$(PY) -m pytest tests -n 2 --maxschedchunk 2
 
 # A short APPO run on CPU that learns (experiments/demo_cpu.py: the tiny mini-tasks policy, cold-start SFT from a
 # systematically wrong teacher, then APPO on the generated arith_program tool task; held-out accuracy before / after);

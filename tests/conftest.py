@@ -41,8 +41,13 @@ if "APPO_MODEL_CACHE" not in os.environ:
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+# 25 examples per property: fresh random ones in every local run (``default``), a fixed set in CI (``ci``);
+# ``HYPOTHESIS_PROFILE=thorough`` searches 200 for a change to the formulas
 settings.register_profile(
-    "default", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow]
+    "default", deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "thorough", deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile(
     "ci", deadline=None, max_examples=25, derandomize=True, suppress_health_check=[HealthCheck.too_slow]

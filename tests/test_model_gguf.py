@@ -27,25 +27,16 @@ def _gguf_or_skip():
         pytest.skip(str(e))
 
 
-#: the tests of the `smollm2` fixture run on one worker, which loads it once (conftest.py)
-SMOLLM2_WORKER = pytest.mark.xdist_group("smollm2")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    """(config, params, tokenizer, torch model), loaded once per session (~30 s on 2 cores). torch runs
-    single-threaded meanwhile: with XLA's threads and other processes on 2 cores, its OpenMP pool is 5-10x slower."""
+def _load_smollm2():
+    """(config, params, tokenizer, torch model) of the GGUF, ours and transformers'."""
     path = _gguf_or_skip()
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     config, params, tokenizer = load_model(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     ).eval()
-    yield config, params, tokenizer, model
-    torch.set_num_threads(threads)
+    return config, params, tokenizer, model
 
 
 def _prompt_ids(tokenizer, kind, text):
@@ -55,20 +46,31 @@ def _prompt_ids(tokenizer, kind, text):
     return tokenizer(text)["input_ids"]
 
 
-@SMOLLM2_WORKER
-def test_config_from_gguf_metadata(smollm2):
-    config = smollm2[0]
-    assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim) == (
-        30, 576, 9, 3, 64)
-    assert config.tie_word_embeddings and config.vocab_size == 49152 and config.rope_theta == 100000.0
-    assert config.eos_token_ids == (2,) and config.model_type == "llama"
-
-
-@SMOLLM2_WORKER
-def test_prompt_logits_match_transformers(smollm2):
+def test_smollm2_config_logits_and_greedy_decoding_match_transformers():
+    """One test, so that the two loads (ours, ~20 s, and transformers' GGUF loader, ~15 s on 2 cores) happen once
+    in the suite (a module fixture would load on each pytest-xdist worker that runs one of several tests):
+    the config from the GGUF metadata, then `_check_prompt_logits` and `_check_greedy_continuations`. torch runs
+    single-threaded meanwhile: with XLA's threads and other processes on 2 cores, its OpenMP pool is 5-10x slower."""
     import torch
 
-    config, params, tokenizer, model = smollm2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config, params, tokenizer, model = _load_smollm2()
+        assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim) == (
+            30, 576, 9, 3, 64)
+        assert config.tie_word_embeddings and config.vocab_size == 49152 and config.rope_theta == 100000.0
+        assert config.eos_token_ids == (2,) and config.model_type == "llama"
+        _check_prompt_logits(config, params, tokenizer, model)
+        _check_greedy_continuations(config, params, tokenizer, model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_prompt_logits(config, params, tokenizer, model):
+    """The logits of a chat prompt: max abs difference < 2e-3 and the same argmax at every position."""
+    import torch
+
     ids = np.asarray(_prompt_ids(tokenizer, *PROMPTS[0]))[None]
     with torch.no_grad():
         ref = model(torch.tensor(ids)).logits.numpy()
@@ -80,14 +82,12 @@ def test_prompt_logits_match_transformers(smollm2):
     np.testing.assert_array_equal(np.asarray(ours).argmax(-1), ref.argmax(-1))
 
 
-@SMOLLM2_WORKER
-def test_greedy_continuations_match_transformers(smollm2):
+def _check_greedy_continuations(config, params, tokenizer, model):
     """All prompts in one left-padded batch: prefill + 32 single-token cached decode steps, argmax each step.
     transformers: generate(do_sample=False) per prompt without padding and with EOS stopping disabled (both run the
     full 32 steps). Identical token ids."""
     import torch
 
-    config, params, tokenizer, model = smollm2
     model.generation_config.eos_token_id = None
     prompts = [_prompt_ids(tokenizer, kind, text) for kind, text in PROMPTS]
     width = max(len(p) for p in prompts)

@@ -43,9 +43,6 @@ from appo_jax.serving.scheduler import (
     seed_key,
 )
 
-# one worker runs the module: its server subprocess and tiny policy are started once (conftest.py)
-pytestmark = pytest.mark.xdist_group("serve")
-
 MODEL = "tiny-sharp"  # the served model name
 SLOTS, CONTEXT = 4, 256
 
