@@ -14,9 +14,14 @@ runs the same branches with the same keys twice per repeat, in alternating order
   after the initial rollouts (``fork=(snapshot, parents.slot)``) and prefills nothing.
 
 Both then decode the same continuations (greedy by default: ``--temperature 0``), so the difference is the prefill
-of the prefixes against the copy. ``fork_matches_reprefill``: the two batches have identical tokens and masks and
-behaviour log-probs within 1e-5 + 1e-5 |log p| (the KV of a decoded token and the KV a prefill computes for it may
-differ in the last float bits; see ``tests/test_rollout_engine.py``), and every branch was forked.
+of the prefixes against the copy. ``fork_matches_reprefill``: the two batches have identical tokens and masks,
+every branch was forked, and the behaviour log-probs of the branches' generated tokens agree within
+1e-5 + 1e-5 |log p| or within the float32 noise floor of the computation itself (``match``:
+``noise_floor_max_abs_logp_diff``, the largest gap between the re-prefilled branches' behaviour log-probs and a
+teacher-forced forward pass over the same tokens; see `compare`). The KV of a decoded token and the KV a prefill
+computes for it differ in the last float bits (matrix products of 1 and of many rows sum in different orders), and
+over prefixes of a thousand tokens that moves a log-prob by ~1e-5; a fork is exact when it is as close to the
+re-prefill as the re-prefill is to the teacher-forced pass. ``match`` reports both criteria.
 
 The first run of each mode compiles and is not timed; ``branch_phase_seconds_*`` are medians of ``--repeats``
 timed runs. ``cost_model`` argues the speed-up on an accelerator from the measured work: prefill is compute-bound
@@ -107,19 +112,29 @@ def cost_model(n_params: int, param_bytes: int, prefill_tokens: int, decode_step
     return out
 
 
-def compare(a, b) -> dict:
-    """Token / mask equality and the largest behaviour log-prob gap of two branch batches."""
+def compare(a, b, teacher_forced_a, after) -> dict:
+    """Token / mask equality of two branch batches (``a`` re-prefilled, ``b`` forked), the largest gap of their
+    behaviour log-probs over the tokens the branches generated (``after``), and the float32 noise floor those
+    log-probs carry anyway: the largest gap between ``a``'s behaviour log-probs and ``teacher_forced_a``, the same
+    tokens' log-probs from one teacher-forced forward pass (`make_logprob_fn`, the pass PPO's ratio uses) — two
+    exact evaluations of the same policy that differ only in how the KV of each position was computed (a decode
+    step or a prefill), which is also all that tells a fork from a re-prefill."""
     ta, tb = a.traj, b.traj
     ok = np.asarray(ta.row_valid)
     same = (np.array_equal(np.asarray(ta.tokens), np.asarray(tb.tokens))
             and np.array_equal(np.asarray(ta.gen_mask), np.asarray(tb.gen_mask))
             and np.array_equal(np.asarray(ta.obs_mask), np.asarray(tb.obs_mask)))
-    la, lb = np.asarray(ta.behavior_logp)[ok], np.asarray(tb.behavior_logp)[ok]
+    sel = after & ok[:, None]
+    la, lb, lt = (np.asarray(x)[sel] for x in (ta.behavior_logp, tb.behavior_logp, teacher_forced_a))
     close = bool(np.all(np.abs(la - lb) <= 1e-5 + 1e-5 * np.abs(la)))
+    fork_gap, floor = float(np.max(np.abs(la - lb), initial=0)), float(np.max(np.abs(la - lt), initial=0))
     rows_equal = float(np.mean([np.array_equal(x, y) for x, y in zip(np.asarray(ta.tokens)[ok],
                                                                       np.asarray(tb.tokens)[ok])]))
     return {"tokens_equal": same, "logp_tolerance": "1e-5 + 1e-5 |log p|", "logp_close": close,
-            "max_abs_logp_diff": float(np.max(np.abs(la - lb), initial=0)), "rows_with_equal_tokens": rows_equal}
+            "max_abs_logp_diff": fork_gap, "compared_tokens": int(sel.sum()),
+            "noise_floor_max_abs_logp_diff": floor, "logp_within_noise_floor": fork_gap <= floor,
+            "max_abs_logp_diff_fork_vs_teacher_forced": float(np.max(np.abs(lb - lt), initial=0)),
+            "rows_with_equal_tokens": rows_equal}
 
 
 def main() -> None:
@@ -144,6 +159,7 @@ def main() -> None:
 
     from appo_jax.data import read_records
     from appo_jax.models.loading import load_policy
+    from appo_jax.models.logprobs import make_logprob_fn
     from appo_jax.rollout.config import RolloutConfig
     from appo_jax.rollout.engine import RolloutEngine, default_tools
     from appo_jax.rollout.strategies import branch_rollouts, initial_rollouts
@@ -191,10 +207,16 @@ def main() -> None:
         engine.close()
 
     fork_s, pre_s = statistics.median(times["fork"]), statistics.median(times["reprefill"])
-    match = compare(batches["reprefill"], batches["fork"])
     forked_all = batches["fork"].kv_forked == int(valid.sum()) and batches["reprefill"].kv_forked == 0
     traj = batches["fork"].traj
     after = np.asarray(traj.gen_mask) & (np.arange(traj.tokens.shape[1])[None, :] > pos.reshape(-1)[:, None])
+    t0 = time.perf_counter()
+    ref = batches["reprefill"].traj
+    rows = ref.tokens.shape[0]
+    teacher = make_logprob_fn(config, chunk=128, temperature=1.0, micro_rows=4 if rows % 4 == 0 else 0)(
+        params, ref.prompt_tokens, ref.prompt_mask, ref.tokens, ref.gen_mask | ref.obs_mask)
+    match = compare(batches["reprefill"], batches["fork"], np.asarray(teacher), after)
+    log(f"teacher-forced log-probs of the {rows} branch rows (the noise floor) in {time.perf_counter() - t0:.1f}s")
     gen_tokens, decode_steps = int(after.sum()), int(after.sum(axis=1).max(initial=0))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
@@ -223,7 +245,8 @@ def main() -> None:
         "branch_phase_speedup": round(pre_s / fork_s, 3),
         "runs_fork": [round(x, 3) for x in times["fork"]],
         "runs_reprefill": [round(x, 3) for x in times["reprefill"]],
-        "fork_matches_reprefill": bool(match["tokens_equal"] and match["logp_close"] and forked_all),
+        "fork_matches_reprefill": bool(match["tokens_equal"] and forked_all
+                                       and (match["logp_close"] or match["logp_within_noise_floor"])),
         "match": match,
         "all_branches_forked": bool(forked_all),
         "cost_model": {"assumed_prefill_mfu": args.mfu, "assumed_bandwidth_share": args.bandwidth_share,

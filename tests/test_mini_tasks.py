@@ -311,7 +311,7 @@ def test_grid_smoke(tmp_path):
     assert (out / "RESULTS.md").read_text().startswith("# Mini reproduction")
     assert (out / "arith_program_vs_tokens.png").stat().st_size > 1000
     pilot = subprocess.run([sys.executable, str(ROOT / "experiments" / "mini" / "pilot.py"), "--task", "arith_program",
-                            "--grid", str(out), "--rl-steps", "1", "--prompts", "2", "--k", "2"],
+                            "--grid", str(out), "--rl-steps", "0", "--prompts", "2", "--k", "2"],
                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert pilot.returncode == 0, pilot.stderr[-3000:]
     result = json.loads(pilot.stdout.strip().splitlines()[-1])

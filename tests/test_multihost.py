@@ -40,21 +40,21 @@ def test_two_processes_equal_one_process_survive_a_kill_and_resume_anywhere(tmp_
     assert steps == [1, 2, 3]
 
 
-def _train(tmp_path, port, num, pid, *extra, devices=4):
+def _train(tmp_path, port, num, pid, *extra, devices=4, init_timeout=10):
     env = multihost_check.process_env(devices)
     cmd = multihost_check.train_command(tmp_path / "cfg.py", tmp_path / "run", "--coordinator", f"127.0.0.1:{port}",
-                                      "--num-processes", str(num), "--process-id", str(pid), "--init-timeout", "10",
-                                      *extra)
+                                      "--num-processes", str(num), "--process-id", str(pid), "--init-timeout",
+                                      str(init_timeout), *extra)
     return subprocess.Popen(cmd, cwd=multihost_check.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_a_coordinator_that_does_not_answer_is_one_clear_line(tmp_path):
     (tmp_path / "cfg.py").write_text(multihost_check.CONFIG)
     t0 = time.monotonic()
-    p = _train(tmp_path, multihost_check.free_port(), 2, 1)
+    p = _train(tmp_path, multihost_check.free_port(), 2, 1, init_timeout=3)
     out, _ = p.communicate(timeout=120)
     assert p.returncode == 1
-    assert "the coordinator 127.0.0.1:" in out and "did not answer within 10 s" in out
+    assert "the coordinator 127.0.0.1:" in out and "did not answer within 3 s" in out
     assert time.monotonic() - t0 < 60
 
 

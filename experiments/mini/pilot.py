@@ -130,14 +130,14 @@ def main(argv=None) -> None:
     ap.add_argument("--task", default="arith_program")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--grid", type=Path, default=Path("runs/mini/grid"), help="its sft/ cache is reused")
-    ap.add_argument("--rl-steps", type=int, default=2)
+    ap.add_argument("--rl-steps", type=int, default=2, help="APPO iterations first (0: the SFT policy as it is)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--k", type=int, default=4, help="continuations re-sampled per chosen point")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     cfg = _config(args.task, args.seed, args.grid)
-    cfg.train.steps = args.rl_steps
+    cfg.train.steps = max(args.rl_steps, 1)  # 0: the SFT policy itself (its lagged policy is the current one)
     cfg.algorithm.omega_baseline = "lagged"
     workdir = Path(f"/tmp/appo_pilot_{args.task}_{args.seed}_{int(time.time())}")
     trainer = Trainer(cfg, workdir=str(workdir), log=lambda s: None)
@@ -153,7 +153,8 @@ def main(argv=None) -> None:
         traj = init.traj
         decisions = DecisionLabeller(trainer.task, trainer.tokenizer)(traj, prompts)
         lc = np.asarray(pol.logprobs(trainer.state.params, traj))
-        baselines = {"lagged": np.asarray(pol.logprobs(pol.lagged[0], traj)),
+        lagged = pol.lagged[0] if pol.lagged else trainer.state.params  # --rl-steps 0: no older policy yet
+        baselines = {"lagged": np.asarray(pol.logprobs(lagged, traj)),
                      "sampler": np.asarray(traj.behavior_logp),
                      "reference": np.asarray(pol.logprobs(sft_params, traj))}
         gen = np.asarray(traj.gen_mask) & np.asarray(traj.row_valid)[:, None]
