@@ -105,6 +105,24 @@ def _param_shapes(config: ModelConfig):
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))), param_logical_axes(config)
 
 
+@functools.lru_cache(maxsize=1024)
+def _weight_bytes(config: ModelConfig, data: int, fsdp: int, tensor: int, rules: tuple,
+                  optimizer_dtype: str) -> tuple[int, int, int, int]:
+    """Per-device bytes of the params (their dtype), of the params in float32, of one optimizer moment and of the
+    gathered weights (two copies of one layer's weights sharded over ``tensor`` when ``fsdp > 1``, else 0) on a
+    ``data x fsdp x tensor`` mesh with the logical-axis ``rules`` (items). Cached: a plan of many slices and
+    batch shapes asks for the same few meshes again and again."""
+    shapes, axes = _param_shapes(config)
+    rules_map, mesh = dict(rules), abstract_mesh(data, fsdp, tensor)
+    gathered = 0
+    if fsdp > 1:
+        layer = {"layers": shapes["layers"]}
+        gathered = 2 * sharded_bytes(layer, {"layers": axes["layers"]}, abstract_mesh(1, 1, tensor), rules_map)
+        gathered //= config.num_layers
+    return (sharded_bytes(shapes, axes, mesh, rules_map), sharded_bytes(shapes, axes, mesh, rules_map, "float32"),
+            sharded_bytes(shapes, axes, mesh, rules_map, optimizer_dtype), gathered)
+
+
 def plan_memory(config: ModelConfig, *, data: int = 1, fsdp: int = 1, tensor: int = 1, batch: int = 16,
                 seq_len: int = 8192, micro_batches: int = 1, kv_batch: int = 0, kv_len: int = 0,
                 optimizer_moments: int = 2, optimizer_dtype: str = "float32", prompt_len: int = 0,
@@ -127,15 +145,10 @@ def plan_memory(config: ModelConfig, *, data: int = 1, fsdp: int = 1, tensor: in
                          f"{micro_batches} micro-batches")
     if not 0 <= prompt_len < seq_len:
         raise ValueError(f"prompt_len {prompt_len} must be in [0, seq_len={seq_len})")
-    shapes, axes = _param_shapes(config)
-    params = sharded_bytes(shapes, axes, mesh, rules)
-    grads = 2 * sharded_bytes(shapes, axes, mesh, rules, dtype="float32")
-    gathered = 0
-    if fsdp > 1:
-        layer = {"layers": shapes["layers"]}
-        gathered = 2 * sharded_bytes(layer, {"layers": axes["layers"]}, abstract_mesh(1, 1, tensor), rules)
-        gathered //= config.num_layers
-    optimizer = optimizer_moments * sharded_bytes(shapes, axes, mesh, rules, dtype=optimizer_dtype)
+    params, float32_params, moment, gathered = _weight_bytes(config, data, fsdp, tensor, tuple(rules.items()),
+                                                              optimizer_dtype)
+    grads = 2 * float32_params
+    optimizer = optimizer_moments * moment
     rows = batch // (batch_shards * micro_batches)
     activations = activation_bytes(config, rows, seq_len, tensor, logprob_chunk, seq_len - prompt_len)
     kv = 0
@@ -148,7 +161,7 @@ def plan_memory(config: ModelConfig, *, data: int = 1, fsdp: int = 1, tensor: in
              "activations": activations, "kv_cache": kv}
     return {
         "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
-        "num_params": int(sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))),
+        "num_params": int(sum(math.prod(s.shape) for s in jax.tree.leaves(_param_shapes(config)[0]))),
         "bytes_per_device": {**parts, "total": sum(parts.values())},
         "gib_per_device": {k: round(v / GIB, 3) for k, v in {**parts, "total": sum(parts.values())}.items()},
     }
