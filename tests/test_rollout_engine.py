@@ -474,10 +474,10 @@ def tiny_forking_policy(tok):
 
 def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(tok, tools):
     """``rollout.kv_fork`` for every branching strategy, each run once with and once without it on a tiny model
-    (same keys, greedy): APPO at two levels (level 1 is one-level APPO's branch phase) and Tree-GRPO (two rounds) fork from a snapshot of the cache
-    after the previous phase, AEPO (ARPO's loop with a penalty; ARPO's own in `test_host_sharded_forks_...`) forks
-    its in-loop copies from the parent's running slot, and every rollout starts with a python call so that
-    branches start after a tool result. With the fork the batch is the
+    (same keys, greedy): APPO at two levels (level 1 is one-level APPO's branch phase) and Tree-GRPO (two
+    rounds) fork from the slots the previous phase left, AEPO (ARPO's loop with a penalty; ARPO's own in
+    `test_host_sharded_forks_...`) forks its in-loop copies from the parent's running slot, and every rollout
+    starts with a python call so that branches start after a tool result. With the fork the batch is the
     one re-prefilled branches give (tokens and masks equal, log-probs within 1e-5 + 1e-5 |log p|) and every
     branch was forked (``branch/kv_forked``); without it none was. Sampled forks are checked at the sampler level
     (`test_sampler.py::test_fork_from_a_snapshot_equals_a_reprefilled_start`): the KV a decode step wrote and
