@@ -320,7 +320,32 @@ def test_branch_inside_stop_string_still_runs_the_tool(tok, tools):
         np.testing.assert_array_equal(b.obs_mask[0], parents.obs_mask[0])
 
 
-def test_every_branching_knob_reaches_the_engine_from_the_experiment_config(tok, tools):
+class _Memoised:
+    """A tool of ``registry`` whose result for each input is computed once (the real tool runs; thread-safe: two
+    first calls with one input may both run it)."""
+
+    def __init__(self, registry, name: str):
+        self.name, self._registry, self._results = name, registry, {}
+
+    def __call__(self, input_text: str):
+        if input_text not in self._results:
+            self._results[input_text] = self._registry.call(self.name, input_text)
+        return self._results[input_text]
+
+
+@pytest.fixture(scope="module")
+def memoised_tools(tools):
+    """`tools` with every result memoised on its input, for the tests that sample many strategies: their rollouts
+    make the same few tool calls hundreds of times (each python call a sandbox process), and what they check is
+    where the branches go and what the engine forks, not the tools (tests/test_tools_*.py check those)."""
+    from appo_jax.tools.registry import ToolRegistry
+
+    registry = ToolRegistry([_Memoised(tools, name) for name in tools.names], max_workers=4)
+    yield registry
+    registry.close()
+
+
+def test_every_branching_knob_reaches_the_engine_from_the_experiment_config(tok, memoised_tools):
     """``--set algorithm.<knob>=...`` (and ``rollout.probe_len``) on an experiment config changes what the engine
     does, for every ARPO / AEPO / Tree-GRPO knob (the algorithm section's knobs reach the strategy's typed options,
     the rollout section is the engine's config, neither a copy that drops fields)."""
@@ -336,7 +361,8 @@ def test_every_branching_knob_reaches_the_engine_from_the_experiment_config(tok,
 
     def sample(algorithm, sets):
         cfg = apply_overrides(ExperimentConfig(), base + [f"algorithm.name={algorithm}"] + list(sets))
-        eng = RolloutEngine(None, None, tok, tools, cfg.rollout, sampler=ScriptedPolicy(tok, scripts, num_slots=2))
+        eng = RolloutEngine(None, None, tok, memoised_tools, cfg.rollout,
+                            sampler=ScriptedPolicy(tok, scripts, num_slots=2))
         strategy = algorithm_spec(cfg).strategy(cfg.algorithm)
         return shape(strategy.sample(eng, None, lambda k: items[:k], 2, jax.random.key(0)).batch)
 
@@ -399,7 +425,7 @@ def run_as_processes(monkeypatch, procs: int, work) -> list:
     return [got[p] for p in range(procs)]
 
 
-def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(tok, tools, monkeypatch):
+def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(tok, memoised_tools, monkeypatch):
     """`HostShardedEngine` shards the engine's one primitive: two processes (threads here, with an in-memory
     all-gather) each run the requests of their block of groups, and every strategy (a single call: independent,
     ARPO / AEPO with in-loop copies; several calls with decisions between them: Tree-GRPO's rounds) ends with the
@@ -425,9 +451,9 @@ def test_the_host_sharded_primitive_gives_every_strategy_the_one_process_batch(t
     for name, options in (("independent", {"n": 3}), ("arpo", {"n": 4, "n_init": 2, "arpo_alpha": 1.0}),
                           ("aepo", {"n": 4, "n_init": 1, "arpo_alpha": 1.0, "aepo_penalty": 0.3}),
                           ("tree", {"n": 5, "n_init": 2, "tree_rounds": 2})):
-        want = sample(name, options, engine_for(tok, tools, scripts)[0])
+        want = sample(name, options, engine_for(tok, memoised_tools, scripts)[0])
         got = run_as_processes(monkeypatch, 2, lambda p, name=name, options=options: sample(
-            name, options, HostShardedEngine(engine_for(tok, tools, scripts)[0], p, 2, lambda x: x, None)))
+            name, options, HostShardedEngine(engine_for(tok, memoised_tools, scripts)[0], p, 2, lambda x: x, None)))
         assert got[0] == want and got[1] == want, name
 
 
@@ -472,7 +498,7 @@ def tiny_forking_policy(tok):
                                                                logprobs=current_and_sampler)
 
 
-def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(tok, tools):
+def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(tok, memoised_tools):
     """``rollout.kv_fork`` for every branching strategy, each run once with and once without it on a tiny model
     (same keys, greedy): APPO at two levels (level 1 is one-level APPO's branch phase) and Tree-GRPO (two
     rounds) fork from the slots the previous phase left, AEPO (ARPO's loop with a penalty; ARPO's own in
@@ -495,7 +521,7 @@ def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(
              ("aepo", dict(n=2, n_init=1, arpo_alpha=1.0, aepo_penalty=0.3), 2)]
     out = {}
     for fork in (False, True):
-        eng = make_engine(tools, fork)
+        eng = make_engine(memoised_tools, fork)
         for i, (name, options, _) in enumerate(cases):
             out[fork, i] = make_strategy(name, options, context).sample(eng, params, lambda k: items[:k], 2,
                                                                         jax.random.key(11))
@@ -512,7 +538,7 @@ def test_every_branching_strategy_forked_from_the_parents_kv_equals_reprefilled(
         np.testing.assert_allclose(a.behavior_logp, b.behavior_logp, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_host_sharded_forks_use_each_process_own_slots(tok, tools, monkeypatch):
+def test_host_sharded_forks_use_each_process_own_slots(tok, memoised_tools, monkeypatch):
     """`HostShardedEngine` with ``rollout.kv_fork``: two processes (threads, in-memory all-gather), each with
     its own sampler, fork the branches of their own groups from their own slots (the gathered batch keeps each
     row's slot in the sampler that ran it) and end with the batch one process builds without forks, on both
@@ -529,9 +555,9 @@ def test_host_sharded_forks_use_each_process_own_slots(tok, tools, monkeypatch):
         return [make_strategy(name, options, context).sample(engine, params, lambda k: items[:k], 2,
                                                              jax.random.key(11)) for name, options, _ in cases]
 
-    want = sample_all(make_engine(tools, False))
+    want = sample_all(make_engine(memoised_tools, False))
     got = run_as_processes(monkeypatch, 2, lambda p: sample_all(
-        HostShardedEngine(make_engine(tools, True), p, 2, lambda x: x, params)))
+        HostShardedEngine(make_engine(memoised_tools, True), p, 2, lambda x: x, params)))
     for p in range(2):
         for (name, _, branches), plain, forked in zip(cases, want, got[p]):
             assert forked.metrics["branch/kv_forked"] == branches, (p, name)
