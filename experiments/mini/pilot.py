@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,8 +141,8 @@ def main(argv=None) -> None:
     cfg = _config(args.task, args.seed, args.grid)
     cfg.train.steps = max(args.rl_steps, 1)  # 0: the SFT policy itself (its lagged policy is the current one)
     cfg.algorithm.omega_baseline = "lagged"
-    workdir = Path(f"/tmp/appo_pilot_{args.task}_{args.seed}_{int(time.time())}")
-    trainer = Trainer(cfg, workdir=str(workdir), log=lambda s: None)
+    workdir = tempfile.mkdtemp(prefix=f"appo_pilot_{args.task}_{args.seed}_")  # the trainer's scratch, removed after
+    trainer = Trainer(cfg, workdir=workdir, log=lambda s: None)
     try:
         trainer.run_sft()
         sft_params = copy_tree(trainer.state.params)  # the reference policy of the runs: the SFT result
@@ -205,6 +207,7 @@ def main(argv=None) -> None:
             "command": "python experiments/mini/pilot.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     finally:
         trainer.close()
+        shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
