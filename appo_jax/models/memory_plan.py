@@ -107,9 +107,9 @@ def _param_shapes(config: ModelConfig):
 
 @functools.lru_cache(maxsize=1024)
 def _weight_bytes(config: ModelConfig, data: int, fsdp: int, tensor: int, rules: tuple,
-                  optimizer_dtype: str) -> tuple[int, int, int, int]:
-    """Per-device bytes of the params (their dtype), of the params in float32, of one optimizer moment and of the
-    gathered weights (two copies of one layer's weights sharded over ``tensor`` when ``fsdp > 1``, else 0) on a
+                  optimizer_dtype: str) -> tuple[int, int, int, int, int]:
+    """The number of params, then per-device bytes of the params (their dtype), of the params in float32, of one
+    optimizer moment and of the gathered weights (two copies of one layer's weights sharded over ``tensor`` when ``fsdp > 1``, else 0) on a
     ``data x fsdp x tensor`` mesh with the logical-axis ``rules`` (items). Cached: a plan of many slices and
     batch shapes asks for the same few meshes again and again."""
     shapes, axes = _param_shapes(config)
@@ -119,7 +119,8 @@ def _weight_bytes(config: ModelConfig, data: int, fsdp: int, tensor: int, rules:
         layer = {"layers": shapes["layers"]}
         gathered = 2 * sharded_bytes(layer, {"layers": axes["layers"]}, abstract_mesh(1, 1, tensor), rules_map)
         gathered //= config.num_layers
-    return (sharded_bytes(shapes, axes, mesh, rules_map), sharded_bytes(shapes, axes, mesh, rules_map, "float32"),
+    return (sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)), sharded_bytes(shapes, axes, mesh, rules_map),
+            sharded_bytes(shapes, axes, mesh, rules_map, "float32"),
             sharded_bytes(shapes, axes, mesh, rules_map, optimizer_dtype), gathered)
 
 
@@ -145,8 +146,8 @@ def plan_memory(config: ModelConfig, *, data: int = 1, fsdp: int = 1, tensor: in
                          f"{micro_batches} micro-batches")
     if not 0 <= prompt_len < seq_len:
         raise ValueError(f"prompt_len {prompt_len} must be in [0, seq_len={seq_len})")
-    params, float32_params, moment, gathered = _weight_bytes(config, data, fsdp, tensor, tuple(rules.items()),
-                                                              optimizer_dtype)
+    num_params, params, float32_params, moment, gathered = _weight_bytes(config, data, fsdp, tensor,
+                                                                          tuple(rules.items()), optimizer_dtype)
     grads = 2 * float32_params
     optimizer = optimizer_moments * moment
     rows = batch // (batch_shards * micro_batches)
@@ -161,7 +162,7 @@ def plan_memory(config: ModelConfig, *, data: int = 1, fsdp: int = 1, tensor: in
              "activations": activations, "kv_cache": kv}
     return {
         "mesh": {"data": data, "fsdp": fsdp, "tensor": tensor},
-        "num_params": int(sum(math.prod(s.shape) for s in jax.tree.leaves(_param_shapes(config)[0]))),
+        "num_params": int(num_params),
         "bytes_per_device": {**parts, "total": sum(parts.values())},
         "gib_per_device": {k: round(v / GIB, 3) for k, v in {**parts, "total": sum(parts.values())}.items()},
     }
