@@ -42,6 +42,31 @@ def test_converted_gguf_equals_reading_the_gguf(monkeypatch):
     assert (tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             == ref_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     assert (tok.eos_token_id, tok.pad_token_id, len(tok)) == (ref_tok.eos_token_id, ref_tok.pad_token_id, len(ref_tok))
+    assert type(tok) is type(ref_tok)
+
+
+@pytest.mark.parametrize("tokenizer_class", ["PreTrainedTokenizerFast", "GPT2TokenizerFast"])
+def test_a_directory_tokenizer_is_what_autotokenizer_gives(tmp_path, tokenizer_class):
+    """`load_hf_tokenizer` skips AutoTokenizer's imports for the tokenizers backend class only: the same class,
+    ids, text and chat template as ``AutoTokenizer.from_pretrained``, and a model-specific class goes through it."""
+    import json
+    import shutil
+    from transformers import AutoTokenizer
+    from appo_jax.models.hf_io import load_hf_tokenizer
+    shipped = Path(gguf_io.__file__).parent / "tokenizers" / "mini-tasks"
+    folder = tmp_path / "tok"
+    shutil.copytree(shipped, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": tokenizer_class}))
+    tok, ref = load_hf_tokenizer(str(folder)), AutoTokenizer.from_pretrained(str(folder))
+    assert type(tok) is type(ref)
+    text = "Compute 12 + 30. <python>print(42)</python> \\boxed{42}"
+    assert tok.encode(text) == ref.encode(text) and tok.decode(tok.encode(text)) == ref.decode(ref.encode(text))
+    messages = [{"role": "user", "content": text}]
+    assert (tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert (tok.eos_token_id, tok.pad_token_id, len(tok)) == (ref.eos_token_id, ref.pad_token_id, len(ref))
+    assert load_hf_tokenizer(str(tmp_path)) is None
 
 
 def test_model_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from appo_jax.models.config import ModelConfig
-from appo_jax.models.hf_io import export_hf, load_hf
+from appo_jax.models.hf_io import export_hf, load_hf, load_hf_tokenizer
 from appo_jax.models.weight_map import assemble_params
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
@@ -271,6 +271,4 @@ def load_gguf_tokenizer(path: str):
     cached = converted_gguf_dir(path)
     if cached is None:
         return _gguf_file_tokenizer(path)
-    from transformers import AutoTokenizer  # deferred: importing transformers takes seconds
-
-    return AutoTokenizer.from_pretrained(str(cached))
+    return load_hf_tokenizer(str(cached))

@@ -3,6 +3,7 @@
   load_hf_config(path, **overrides) -> ModelConfig
   load_hf(path, mesh=None, rules=None, **overrides) -> (config, params)
   export_hf(params, config, out_dir, tokenizer=None, max_shard_bytes=...) -> out_dir
+  load_hf_tokenizer(path) -> the directory's transformers tokenizer, or None when it has no tokenizer files
 """
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ from appo_jax.models.safetensors_file import SafetensorsFile, write_file
 from appo_jax.models.weight_map import get_path, assemble_params, hf_layout, hf_tensors
 
 INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+#: ``tokenizer_class`` values that name the tokenizers-library backend itself (transformers 5 writes
+#: ``TokenizersBackend``, 4 ``PreTrainedTokenizerFast``): `load_hf_tokenizer` builds them as
+#: ``PreTrainedTokenizerFast``, the class AutoTokenizer resolves them to, without importing AutoTokenizer's
+#: registry of every model's tokenizer (2-5 s of imports in each process that loads a tokenizer).
+FAST_BACKEND_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 class HFDirSource:
@@ -143,3 +151,25 @@ def export_hf(params: dict, config: ModelConfig, out_dir: str, tokenizer=None,
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def load_hf_tokenizer(path: str):
+    """The tokenizer of HF directory ``path`` (None when it has none of `TOKENIZER_FILES`): a
+    ``tokenizer.json`` whose ``tokenizer_config.json`` names a `FAST_BACKEND_CLASSES` class (our GGUF conversions,
+    the shipped tokenizers) loads as ``transformers.PreTrainedTokenizerFast``, anything else through
+    ``AutoTokenizer`` (model-specific tokenizer classes, sentencepiece files); either way the object
+    ``AutoTokenizer.from_pretrained(path)`` returns."""
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        return None
+    try:
+        with open(os.path.join(path, "tokenizer_config.json")) as f:
+            tokenizer_class = json.load(f).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        tokenizer_class = None
+    if tokenizer_class in FAST_BACKEND_CLASSES and os.path.exists(os.path.join(path, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast  # deferred: transformers' tokenizer base only
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer  # deferred: importing AutoTokenizer takes seconds
+
+    return AutoTokenizer.from_pretrained(path)

@@ -23,7 +23,7 @@ import jax
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.decoder import init_params
 from appo_jax.models.gguf_io import load_gguf, load_gguf_config, load_gguf_tokenizer
-from appo_jax.models.hf_io import load_hf, load_hf_config
+from appo_jax.models.hf_io import load_hf, load_hf_config, load_hf_tokenizer
 from appo_jax.models.presets import PRESETS, get_config
 from appo_jax.models.sharding import param_shardings
 from appo_jax.parallel.rules import DEFAULT_RULES
@@ -64,15 +64,6 @@ def _unknown(spec: str) -> ValueError:
     )
 
 
-def _hf_tokenizer(path: str):
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
-                                                                "tokenizer.model")):
-        return None
-    from transformers import AutoTokenizer  # deferred: importing transformers takes seconds
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 #: Tokenizers shipped with the package (``appo_jax/models/tokenizers/NAME``), loadable by name.
 SHIPPED_TOKENIZERS = ("mini-tasks",)
 
@@ -92,7 +83,7 @@ def load_tokenizer(source: str):
     if not os.path.isdir(source):
         raise FileNotFoundError(f"tokenizer source {source!r} is not smollm2-135m-instruct, a .gguf file or a "
                                 "directory")
-    tokenizer = _hf_tokenizer(source)
+    tokenizer = load_hf_tokenizer(source)
     if tokenizer is None:
         raise FileNotFoundError(f"tokenizer source {source!r} has no tokenizer files")
     return tokenizer
@@ -128,7 +119,7 @@ def load_model(
         return config, params, load_gguf_tokenizer(spec)
     if os.path.isdir(spec):
         config, params = load_hf(spec, mesh, rules, **overrides)
-        return config, params, _hf_tokenizer(spec)
+        return config, params, load_hf_tokenizer(spec)
     raise _unknown(spec)
 
 
