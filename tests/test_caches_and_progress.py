@@ -45,6 +45,33 @@ def test_converted_gguf_equals_reading_the_gguf(monkeypatch):
     assert type(tok) is type(ref_tok)
 
 
+def _tensorboard_scalars(folder: Path) -> dict:
+    """(step, tag) -> value of every scalar in the TensorBoard event files under ``folder`` (TFRecord framing:
+    length, its CRC, the Event proto, its CRC)."""
+    import struct
+    from tensorboardX.proto.event_pb2 import Event
+    scalars = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            scalars.update({(event.step, v.tag): v.simple_value for v in event.summary.value})
+    return scalars
+
+
+def test_tensorboard_scalars_are_written_without_importing_torch(tmp_path):
+    code = ("import sys; from appo_jax.training.metrics import MetricsWriter; "
+            f"w = MetricsWriter({str(tmp_path)!r}, total_steps=2, progress=False); "
+            "w.write(1, {'reward/mean': 0.25, 'train/loss': float('nan')}); w.write(2, {'reward/mean': 0.5}); "
+            "w.close(); print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "False"  # tensorboardX loaded without torch (appo_jax.training.metrics)
+    assert _tensorboard_scalars(tmp_path / "tensorboard") == {(1, "reward/mean"): 0.25, (2, "reward/mean"): 0.5}
+
+
 @pytest.mark.parametrize("tokenizer_class", ["PreTrainedTokenizerFast", "GPT2TokenizerFast"])
 def test_a_directory_tokenizer_is_what_autotokenizer_gives(tmp_path, tokenizer_class):
     """`load_hf_tokenizer` skips AutoTokenizer's imports for the tokenizers backend class only: the same class,

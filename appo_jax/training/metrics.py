@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -35,6 +36,21 @@ def read_metrics(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def summary_writer_class():
+    """``tensorboardX.SummaryWriter``, imported without torch when torch is not loaded yet: ``tensorboardX.writer``
+    imports torch, if it is installed, only to widen a type annotation, and that import costs a training process
+    ~4 s of start-up. We log Python floats, which never touch torch; while tensorboardX loads, ``import torch``
+    raises ImportError (the path tensorboardX takes when torch is absent)."""
+    if "tensorboardX.writer" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+        try:
+            import tensorboardX.writer  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Writes metrics (module doc). ``start_step``: last completed step of a resumed run (0 for a new one);
     ``primary=False`` (a process other than 0 of a multi-host run) writes nothing and shows no progress bar."""
@@ -57,8 +73,7 @@ class MetricsWriter:
         self._file = self.path.open("a")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=start_step + 1)
+            self._tb = summary_writer_class()(str(self.workdir / "tensorboard"), purge_step=start_step + 1)
         self._bar = None
         if progress:
             from tqdm import tqdm
