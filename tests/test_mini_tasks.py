@@ -283,7 +283,7 @@ def test_report_curve_statistics_and_learning_check():
 
 
 @pytest.mark.heavy(order=1)
-def test_grid_smoke(tmp_path):
+def test_grid_smoke(tmp_path, capsys):
     """The CI smoke of the grid: 1 seed, 2 steps, APPO and the oracle on arith_program (GRPO trains in
     tests/test_learning.py and tests/test_train_rl.py), then the report."""
     out = tmp_path / "grid"
@@ -296,12 +296,15 @@ def test_grid_smoke(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (out / "arith_program" / "appo" / "seed1" / "result.json").is_file()
     assert len(list((out / "sft").glob("sft-*.npz"))) == 1  # one SFT policy, shared by the two methods
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0 and again.stdout.count("done before") == 2  # resumable, nothing overwritten
-    other = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert other.returncode != 0 and "another grid" in other.stderr
-    bad = subprocess.run(cmd[:3] + ["appo,nope"] + cmd[4:], capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert bad.returncode != 0 and "nope" in bad.stderr
+    # the same grid again, another one into its directory, an unknown method: in this process (no start-up)
+    run_grid = _module(ROOT / "experiments" / "mini" / "run_grid.py")
+    capsys.readouterr()
+    run_grid.main(cmd[2:])
+    assert capsys.readouterr().out.count("done before") == 2  # resumable, nothing overwritten
+    with pytest.raises(SystemExit, match="another grid"):
+        run_grid.main(cmd[2:-2])
+    with pytest.raises(SystemExit, match="nope"):
+        run_grid.main(cmd[2:3] + ["appo,nope"] + cmd[4:])
     rep = subprocess.run([sys.executable, str(ROOT / "experiments" / "mini" / "report.py"), str(out)],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert rep.returncode == 0, rep.stderr[-3000:]
