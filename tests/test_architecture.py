@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "appo_jax"
 
 #: Lowest first. A top-level module (appo_jax/<name>.py) or a subpackage (appo_jax/<name>/) per entry.
-LAYERS = ("protocol", "progress", "compilation_cache", "core", "parallel", "models", "data", "rewards", "tools",
+LAYERS = ("protocol", "progress", "compilation_cache", "core", "parallel", "kernels", "models", "data", "rewards", "tools",
           "rollout", "training", "evaluation", "serving", "cli")
 
 

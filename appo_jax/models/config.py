@@ -46,7 +46,10 @@ class ModelConfig:
     qk_norm (Qwen3: RMSNorm over head_dim on q and k before RoPE), max_position_embeddings, bos_token_id,
     eos_token_ids (tuple), pad_token_id, dtype (compute dtype name), param_dtype (parameter dtype name),
     remat_policy (one of REMAT_POLICIES), scan_layers (True: lax.scan over layers; False: the same stacked
-    parameters, fully unrolled loop), model_type ("llama" | "qwen2" | "qwen3", used for HF export).
+    parameters, fully unrolled loop), model_type ("llama" | "qwen2" | "qwen3", used for HF export), cpu_kernels
+    (float32 products of a few rows, i.e. decode steps, go to the CPU kernel of `appo_jax.kernels.cpu_matmul` at
+    the row counts where it beats XLA's dot, `use_kernel`; set by the sampler, never for training: the kernel has
+    no gradient).
 
     Hashable (usable as a jit static argument) even though rope_scaling is a dict.
     """
@@ -73,6 +76,7 @@ class ModelConfig:
     remat_policy: str = "none"
     scan_layers: bool = True
     model_type: str = "llama"
+    cpu_kernels: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

@@ -22,12 +22,14 @@ its dot; the sampler can keep its weights unstacked (`appo_jax.rollout.sampler.S
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
+from appo_jax.kernels.cpu_matmul import skinny_matmul, use_kernel
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.kv_cache import KVCache, init_cache
 from appo_jax.models.rope import apply_rope, rope_cos_sin
@@ -64,8 +66,9 @@ class RMSNorm(nn.Module):
 
 class Dense(nn.Module):
     """y = x . kernel (+ bias), contracting the last `n_in` axes of x with the leading axes of kernel
-    [*in_shape, *features]; computed in `dtype`. (Own module rather than nn.DenseGeneral, whose flattened-kernel
-    initializer breaks logical partitioning of multi-axis kernels.)"""
+    [*in_shape, *features]; computed in `dtype` (with ``cpu_kernels``, float32 products of few rows by the CPU
+    kernel, `_skinny`: the same sums in another order). (Own module rather than nn.DenseGeneral, whose
+    flattened-kernel initializer breaks logical partitioning of multi-axis kernels.)"""
 
     features: tuple[int, ...]
     axes: tuple[str, ...]
@@ -73,17 +76,24 @@ class Dense(nn.Module):
     n_in: int
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    cpu_kernels: bool = False
 
     @nn.compact
     def __call__(self, x):
         in_shape = x.shape[x.ndim - self.n_in:]
         kernel = self.param("kernel", _partitioned(_INIT, self.axes), (*in_shape, *self.features),
                             self.param_dtype)
-        x_letters = "abcdefgh"[: x.ndim - self.n_in]
-        in_letters = "ijkl"[: self.n_in]
-        out_letters = "mnop"[: len(self.features)]
-        y = jnp.einsum(f"{x_letters}{in_letters},{in_letters}{out_letters}->{x_letters}{out_letters}",
-                       x.astype(self.dtype), kernel.astype(self.dtype))
+        lead = x.shape[:x.ndim - self.n_in]
+        if self.cpu_kernels and _skinny(math.prod(lead), self.dtype, kernel.dtype):
+            flat = skinny_matmul(x.reshape(math.prod(lead), -1).astype(jnp.float32),
+                                 kernel.reshape(math.prod(in_shape), -1))
+            y = flat.reshape(*lead, *self.features)
+        else:
+            x_letters = "abcdefgh"[: x.ndim - self.n_in]
+            in_letters = "ijkl"[: self.n_in]
+            out_letters = "mnop"[: len(self.features)]
+            y = jnp.einsum(f"{x_letters}{in_letters},{in_letters}{out_letters}->{x_letters}{out_letters}",
+                           x.astype(self.dtype), kernel.astype(self.dtype))
         if self.bias_axes is not None:
             bias = self.param("bias", _partitioned(nn.initializers.zeros, self.bias_axes), self.features,
                               self.param_dtype)
@@ -93,7 +103,16 @@ class Dense(nn.Module):
 
 def _dense(features, axes, bias_axes=None, *, config, name, n_in=1):
     features = (features,) if isinstance(features, int) else tuple(features)
-    return Dense(features, axes, bias_axes, n_in, config.compute_dtype, config.params_dtype, name=name)
+    return Dense(features, axes, bias_axes, n_in, config.compute_dtype, config.params_dtype, config.cpu_kernels,
+                 name=name)
+
+
+def _skinny(rows: int, dtype, weight_dtype, w_transposed: bool = False) -> bool:
+    """Whether a product of ``rows`` rows goes to the CPU kernel (``ModelConfig.cpu_kernels``): float32 inputs
+    and weights, a row count where the kernel is the faster (`appo_jax.kernels.cpu_matmul.use_kernel`), and the
+    kernel built (decided at trace time)."""
+    return (jnp.dtype(dtype) == jnp.float32 and jnp.dtype(weight_dtype) == jnp.float32
+            and use_kernel(rows, w_transposed=w_transposed))
 
 
 def dot_product_attention(q, k, v, mask):
@@ -209,9 +228,13 @@ class _LMHead(nn.Module):
         )
 
 
-def _project(hidden, weight, tied: bool):
+def _project(hidden, weight, tied: bool, cpu_kernels: bool = False):
     """float32 logits: hidden [..., D] times embedding[V, D]^T (tied) or kernel [D, V] (untied), accumulated in
-    float32."""
+    float32 (by the CPU kernel for few rows with ``cpu_kernels``, `_skinny`)."""
+    lead = hidden.shape[:-1]
+    if cpu_kernels and _skinny(math.prod(lead), hidden.dtype, weight.dtype, tied):
+        logits = skinny_matmul(hidden.reshape(math.prod(lead), -1), weight, w_transposed=tied)
+        return logits.reshape(*lead, logits.shape[-1])
     weight = weight.astype(hidden.dtype)
     spec = "...d,vd->...v" if tied else "...d,dv->...v"
     return jnp.einsum(spec, hidden, weight, preferred_element_type=jnp.float32)
@@ -280,7 +303,7 @@ class Decoder(nn.Module):
         if return_hidden:
             return hidden, new_cache
         weight = embed.embedding if cfg.tie_word_embeddings else _LMHead(cfg, name="lm_head")()
-        logits = _project(hidden, weight, cfg.tie_word_embeddings)
+        logits = _project(hidden, weight, cfg.tie_word_embeddings, cfg.cpu_kernels)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
 
 
@@ -352,5 +375,5 @@ def unembed(params: dict, hidden: jnp.ndarray, *, config: ModelConfig) -> jnp.nd
     """float32 logits [..., V] = hidden [..., D] @ W, W = embed_tokens.embedding^T if tied else lm_head.kernel
     (inputs in hidden's dtype, float32 accumulation)."""
     if config.tie_word_embeddings:
-        return _project(hidden, params["embed_tokens"]["embedding"], True)
-    return _project(hidden, params["lm_head"]["kernel"], False)
+        return _project(hidden, params["embed_tokens"]["embedding"], True, config.cpu_kernels)
+    return _project(hidden, params["lm_head"]["kernel"], False, config.cpu_kernels)

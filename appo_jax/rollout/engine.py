@@ -193,7 +193,8 @@ class RolloutEngine:
                                          tool_call_limit=cfg.tool_call_limit, temperature=cfg.temperature,
                                          top_p=cfg.top_p, top_k=cfg.top_k,
                                          repetition_penalty=cfg.repetition_penalty, entropy=cfg.entropy,
-                                         entropy_k=cfg.entropy_k, decode_chunk=cfg.decode_chunk)
+                                         entropy_k=cfg.entropy_k, decode_chunk=cfg.decode_chunk,
+                                         cpu_kernels=cfg.cpu_kernels)
         self.sampler = sampler
         self.reward_fn = reward_fn if reward_fn is not None else RecordReward("auto")
         self._reward_pool = ThreadPoolExecutor(max(1, min(4, cfg.tool_workers)), thread_name_prefix="reward")

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from appo_jax.kernels.cpu_matmul import kernel_status
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.decoder import forward, unstack_layers
 from appo_jax.models.kv_cache import KVCache, init_cache
@@ -297,6 +298,19 @@ def _decode_rows(params, cache, rows, keys, tokens, positions, budget, seen, *, 
 
 
 # ------------------------------------------------------------------------------------------------ host helpers
+def _cpu_kernels_status(config: ModelConfig, params, mesh: jax.sharding.Mesh | None) -> tuple[bool, str]:
+    """Whether a sampler for ``config`` with ``params`` on ``mesh`` can use the CPU kernel (`Sampler`'s
+    ``cpu_kernels``)."""
+    if config.dtype != "float32" or config.param_dtype != "float32":
+        return False, f"the sampler computes in {config.dtype} with {config.param_dtype} weights, not float32"
+    if mesh is not None and mesh.size > 1:
+        return False, f"the sampler is sharded over {mesh.size} devices"
+    devices = {d for leaf in jax.tree.leaves(params) for d in getattr(leaf, "devices", lambda: set())()}
+    if len(devices) > 1:
+        return False, f"the weights are spread over {len(devices)} devices"
+    return kernel_status()
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -350,6 +364,11 @@ class Sampler:
     CPU backend copies every slice of a stacked weight before its dot, so on CPU decode steps are 7-21% faster
     (benchmarks/sampler_layouts.py), at about 4.5 s more compile time per program variant for SmolLM2's 30
     layers (an unrolled forward); off by default.
+    ``cpu_kernels``: decode steps multiply by the weights in the C++ kernel of `appo_jax.kernels.cpu_matmul`
+    at the row counts where it is faster than XLA's dot (2-8 slots, ``ModelConfig.cpu_kernels``; with
+    unstacked weights, which it implies) when the kernel is available, the sampler float32 and not sharded over
+    several devices; ``cpu_kernels_status`` says whether it is used and why not. Results agree with XLA's dot to
+    float32 rounding.
     """
 
     def __init__(self, config: ModelConfig, params, *, num_slots: int, max_len: int,
@@ -357,7 +376,7 @@ class Sampler:
                  detokenize: Callable[[list[int]], str] | None = None,
                  eos_token_ids: Sequence[int] | None = None, decode_chunk: int = 32, prefill_chunk: int = 512,
                  min_attention_window: int | None = 256, mesh: jax.sharding.Mesh | None = None,
-                 unstack_weights: bool = False):
+                 unstack_weights: bool = False, cpu_kernels: bool = False):
         if num_slots < 1:
             raise ValueError(f"Sampler num_slots must be >= 1, got {num_slots}")
         if max_len < 2:
@@ -373,6 +392,9 @@ class Sampler:
             raise ValueError(f"stop_strings must be non-empty strings, got {stop_strings!r}")
         if stop_strings and detokenize is None:
             raise ValueError("stop_strings need a detokenize function (token ids -> text)")
+        self.cpu_kernels_status = _cpu_kernels_status(config, params, mesh) if cpu_kernels else (False, "not asked for")
+        if self.cpu_kernels_status[0]:
+            config, unstack_weights = dataclasses.replace(config, cpu_kernels=True), True
         self.config = config
         self._unstack = bool(unstack_weights)
         self.params = unstack_layers(params) if self._unstack else params

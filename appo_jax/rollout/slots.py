@@ -65,12 +65,12 @@ def make_slot_sampler(model_config, params, tokenizer, *, num_slots: int, max_pr
                         max_response_len: int, tool_call_limit: int, temperature: float = 1.0, top_p: float = 1.0,
                         top_k: int = 0, repetition_penalty: float = 1.0, entropy: str = "exact",
                         entropy_k: int = 10, decode_chunk: int = 16, prefill_chunk: int = 128,
-                        stop_strings: Sequence[str] = STOP_STRINGS) -> Sampler:
+                        stop_strings: Sequence[str] = STOP_STRINGS, cpu_kernels: bool = False) -> Sampler:
     """The jitted :class:`Sampler` set up as the tool loop's :class:`SlotSampler`: stop strings (default: the
     protocol's, :data:`~appo_jax.protocol.STOP_STRINGS`) detected on the tokenizer's text, EOS ids
     from ``model_config``, ``SamplingParams(temperature, top_p, top_k, repetition_penalty, entropy, entropy_k)``,
     and a cache row of
-    :func:`rollout_cache_len` slots."""
+    :func:`rollout_cache_len` slots; ``cpu_kernels``: the sampler's option of that name."""
     def detokenize(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=False)
 
@@ -79,7 +79,7 @@ def make_slot_sampler(model_config, params, tokenizer, *, num_slots: int, max_pr
                    sampling=SamplingParams(float(temperature), float(top_p), int(top_k), float(repetition_penalty),
                                            entropy, int(entropy_k)),
                    stop_strings=tuple(stop_strings), detokenize=detokenize, decode_chunk=decode_chunk,
-                   prefill_chunk=prefill_chunk)
+                   prefill_chunk=prefill_chunk, cpu_kernels=cpu_kernels)
 
 
 __all__ = ["CHUNK_EOS", "CHUNK_LENGTH", "CHUNK_RUNNING", "CHUNK_STOP", "DecodeChunk", "SlotSampler",

@@ -96,18 +96,20 @@ def decode_roofline(config: ModelConfig, params, *, batch: int, windows: list[in
 def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int, prompt_len: int = 32,
                     sampling: SamplingParams = SamplingParams(), runs: int = 3, decode_chunk: int = 32,
                     prompts: list[list[int]] | None = None, after_each_run: Callable[[], None] | None = None,
-                    unstack_weights: bool = False) -> dict:
+                    unstack_weights: bool = False, cpu_kernels: bool = False) -> dict:
     """Median decode / prefill throughput over ``runs`` steady runs (module doc). Returns a JSON-able dict:
     tokens_per_s (generated tokens / decode seconds), prefill_tokens_per_s (prompt tokens / prefill seconds),
     compile_s, decode_s, prefill_s, and the settings. ``after_each_run`` is called after every run (the compiling
-    one included), e.g. to interleave a baseline's runs so both see the same machine load. ``unstack_weights``:
-    the sampler's option of that name."""
+    one included), e.g. to interleave a baseline's runs so both see the same machine load. ``unstack_weights``,
+    ``cpu_kernels``: the sampler's options of those names (``cpu_kernels`` in the result: whether the kernel ran,
+    or why not)."""
     if batch < 1 or new_tokens < 1 or prompt_len < 1 or runs < 1:
         raise ValueError(f"bench needs batch, new_tokens, prompt_len, runs >= 1; got {batch}, {new_tokens}, "
                          f"{prompt_len}, {runs}")
     prompts = prompts or random_prompts(config.vocab_size, batch, prompt_len)
     sampler = Sampler(config, params, num_slots=batch, max_len=cache_len_for([len(p) for p in prompts], new_tokens),
-                      sampling=sampling, eos_token_ids=(), decode_chunk=decode_chunk, unstack_weights=unstack_weights)
+                      sampling=sampling, eos_token_ids=(), decode_chunk=decode_chunk, unstack_weights=unstack_weights,
+                      cpu_kernels=cpu_kernels)
     windows = []  # the attention window of every decode step (the sampler picks one per device chunk)
     slots = list(range(batch))
     keys = [jax.random.key(i) for i in slots]
@@ -165,5 +167,6 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
         "device": str(jax.devices()[0].platform),
         "device_kind": jax.devices()[0].device_kind,
         "dtype": str(np.dtype(config.compute_dtype)),
+        "cpu_kernels": sampler.cpu_kernels_status[0] or sampler.cpu_kernels_status[1],
         "roofline": decode_roofline(config, params, batch=batch, windows=windows, step_s=decode_s / new_tokens),
     }

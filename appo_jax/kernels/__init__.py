@@ -1,0 +1,1 @@
+"""Hand-written kernels called through the XLA FFI (see each module)."""

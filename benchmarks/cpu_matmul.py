@@ -1,0 +1,85 @@
+"""The CPU kernel for decode-step products (`appo_jax.kernels.cpu_matmul`) against XLA's dot, in GB/s of weights.
+
+Shapes are SmolLM2-135M's: ``kn`` = the products of 8 decoder layers (q, k, v, o, gate, up, down; [K, N] kernels,
+120 MB, beyond the last-level cache) chained in one jitted function, ``nk`` = the tied LM head (x . E^T, E
+[49152, 576], 113 MB). For each row count M of ``--rows``, the kernel and XLA's dot run alternately ``--runs``
+times; the medians give GB/s (weight bytes / seconds) and the ratio kernel / XLA; ``stream_GB_per_s`` is the
+streaming bandwidth measured in the same process (`appo_jax.rollout.throughput.measure_memory_bandwidth`). The
+row counts where the kernel wins are the ones `appo_jax.kernels.cpu_matmul.KERNEL_ROWS` hands it.
+
+Progress goes to stderr; the last stdout line is one JSON object. Run: ``python benchmarks/cpu_matmul.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1,2,4,8")
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from appo_jax.kernels.cpu_matmul import kernel_status, skinny_matmul
+    from appo_jax.rollout.throughput import measure_memory_bandwidth
+    from appo_jax.training.multihost_check import processor_name
+
+    ok, why = kernel_status()
+    if not ok:
+        raise SystemExit(f"cpu_matmul: the kernel is not available here: {why}")
+    rng = np.random.default_rng(0)
+    hidden, inter, q, kv, vocab, layers = 576, 1536, 576, 192, 49152, 8
+    shapes = [(hidden, q), (hidden, kv), (hidden, kv), (q, hidden), (hidden, inter), (hidden, inter), (inter, hidden)]
+    kn_weights = [jnp.asarray(rng.standard_normal(s, dtype=np.float32) * 0.02) for _ in range(layers) for s in shapes]
+    embedding = jnp.asarray(rng.standard_normal((vocab, hidden), dtype=np.float32) * 0.02)
+
+    def chain(mm):
+        def f(x, ws):  # every product reads its weights (its input: x, or x's first columns repeated for K = inter)
+            wide = jnp.tile(x, (1, -(-inter // hidden)))[:, :inter]
+            total = jnp.zeros((x.shape[0],), jnp.float32)
+            for w in ws:
+                total = total + mm(x if w.shape[0] == hidden else wide, w)[:, 0]
+            return total
+        return jax.jit(f)
+
+    kinds = {
+        "kn": (kn_weights, sum(w.size * 4 for w in kn_weights),
+               chain(lambda x, w: skinny_matmul(x, w)), chain(lambda x, w: x @ w)),
+        "nk": (embedding, embedding.size * 4,
+               jax.jit(lambda x, e: skinny_matmul(x, e, w_transposed=True)),
+               jax.jit(lambda x, e: jnp.einsum("md,vd->mv", x, e))),
+    }
+    bandwidth = measure_memory_bandwidth()
+    results = {}
+    for kind, (weights, nbytes, kernel, xla) in kinds.items():
+        for m in [int(r) for r in args.rows.split(",")]:
+            x = jnp.asarray(rng.standard_normal((m, hidden), dtype=np.float32))
+            times = {"kernel": [], "xla": []}
+            for name, f in (("kernel", kernel), ("xla", xla)):
+                f(x, weights).block_until_ready()  # compile
+            for _ in range(args.runs):
+                for name, f in (("kernel", kernel), ("xla", xla)):
+                    t0 = time.perf_counter()
+                    f(x, weights).block_until_ready()
+                    times[name].append(time.perf_counter() - t0)
+            gbps = {name: nbytes / statistics.median(ts) / 1e9 for name, ts in times.items()}
+            results[f"{kind}_rows{m}"] = {"kernel_GB_per_s": round(gbps["kernel"], 1),
+                                          "xla_GB_per_s": round(gbps["xla"], 1),
+                                          "kernel_vs_xla": round(gbps["kernel"] / gbps["xla"], 2)}
+            print(kind, m, results[f"{kind}_rows{m}"], file=sys.stderr, flush=True)
+    print(json.dumps({"benchmark": "cpu_matmul", "results": results, "stream_GB_per_s": round(bandwidth / 1e9, 1),
+                      "runs": args.runs, "kernel": why, "processor": processor_name(), "cpus": os.cpu_count(),
+                      "jax": jax.__version__}))
+
+
+if __name__ == "__main__":
+    main()
