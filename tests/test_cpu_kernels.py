@@ -25,16 +25,18 @@ def kernel():
 
 
 @pytest.mark.parametrize("transposed", [False, True])
-def test_skinny_matmul_matches_float64_numpy(kernel, transposed):
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+def test_skinny_matmul_matches_float64_numpy(kernel, transposed, weight_dtype):
     rng = np.random.default_rng(0)
     f = jax.jit(lambda x, w: cpu_matmul.skinny_matmul(x, w, w_transposed=transposed))
     for m, k, n in [(1, 576, 192), (2, 576, 1536), (3, 17, 47), (5, 1, 16), (8, 577, 15), (8, 64, 1), (11, 33, 100),
-                    (16, 40, 577), (1, 1536, 576)]:
+                    (16, 40, 577), (1, 1536, 576), (2, 9, 7)]:
         x = rng.standard_normal((m, k), dtype=np.float32)
-        w = rng.standard_normal((n, k) if transposed else (k, n), dtype=np.float32)
+        w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n), dtype=np.float32), weight_dtype)
         y = np.asarray(f(x, w))
-        ref = x.astype(np.float64) @ (w.T if transposed else w).astype(np.float64)
-        bound = np.abs(x).astype(np.float64) @ np.abs(w.T if transposed else w).astype(np.float64)
+        w64 = np.asarray(w.astype(jnp.float32), np.float64)  # bf16 -> float32 is exact
+        ref = x.astype(np.float64) @ (w64.T if transposed else w64)
+        bound = np.abs(x).astype(np.float64) @ np.abs(w64.T if transposed else w64)
         assert y.shape == (m, n) and y.dtype == np.float32
         assert np.all(np.abs(y - ref) <= 1e-6 * bound + 1e-30), (m, k, n, float(np.max(np.abs(y - ref) / bound)))
 
@@ -45,6 +47,8 @@ def test_skinny_matmul_refuses_what_it_cannot_compute(kernel):
         cpu_matmul.skinny_matmul(x, jnp.ones((4, 8), jnp.float32))
     with pytest.raises(ValueError, match="float32"):
         cpu_matmul.skinny_matmul(x.astype(jnp.bfloat16), jnp.ones((8, 4), jnp.bfloat16))
+    with pytest.raises(ValueError, match="bfloat16 w"):
+        cpu_matmul.skinny_matmul(x, jnp.ones((8, 4), jnp.float16))
 
 
 @pytest.mark.parametrize("rows, expected", [(1, set()), (3, {"appo_skinny_kn", "appo_skinny_nk"}),
@@ -61,9 +65,12 @@ def test_the_decoder_calls_the_kernel_at_the_row_counts_where_it_is_faster(kerne
     assert all(set(cpu_matmul.KERNEL_ROWS[t]) <= set(range(2, 9)) for t in (False, True))
 
 
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2"])  # a tied embedding (nk) / an lm_head + q/k/v bias
-def test_the_sampler_with_cpu_kernels_samples_what_xla_does(kernel, preset):
-    config, params, _ = load_model(preset, rng=jax.random.PRNGKey(3))
+@pytest.mark.parametrize("preset, weights", [("tiny-llama", "float32"), ("tiny-qwen2", "float32"),
+                                             ("tiny-llama", "bfloat16")])  # tied (nk) / lm_head + q/k/v bias
+def test_the_sampler_with_cpu_kernels_samples_what_xla_does(kernel, preset, weights):
+    """The same tokens and log-probs with the kernel as with XLA's dot (bf16 weights: XLA widens them to float32
+    before its dot, the kernel in registers; the same products either way)."""
+    config, params, _ = load_model(preset, rng=jax.random.PRNGKey(3), dtype="float32", param_dtype=weights)
     outs = []
     for cpu_kernels in (False, True):
         s = Sampler(config, params, num_slots=4, max_len=64, decode_chunk=4, min_attention_window=32,
@@ -83,7 +90,8 @@ def test_the_sampler_with_cpu_kernels_samples_what_xla_does(kernel, preset):
 def test_the_sampler_says_why_it_does_not_use_the_kernel(monkeypatch):
     config, params, _ = load_model("tiny-llama", dtype="bfloat16")
     s = Sampler(config, params, num_slots=2, max_len=32, cpu_kernels=True)
-    assert s.cpu_kernels_status == (False, "the sampler computes in bfloat16 with bfloat16 weights, not float32")
+    assert s.cpu_kernels_status == (False, "the sampler computes in bfloat16 with bfloat16 weights, not float32 "
+                                           "with float32 or bfloat16 weights")
     assert not s.config.cpu_kernels
     config, params, _ = load_model("tiny-llama")
     mesh = make_mesh(data=2, devices=jax.devices()[:2])

@@ -8,7 +8,8 @@ AVX-512 or AVX2 + FMA, on XLA's intra-op thread pool) called through the XLA FFI
     skinny_matmul(x, w)                   y[m, n] = sum_k x[m, k] w[k, n]     (w [K, N]: the model's kernels)
     skinny_matmul(x, w, w_transposed=True)  y[m, n] = sum_k x[m, k] w[n, k]   (w [N, K]: a tied embedding)
 
-accumulated in float32 (per output: one FMA chain per vector lane, summed at the end; not the order of XLA's dot,
+x and y float32; w float32 or bfloat16 (`WEIGHT_DTYPES`: bf16 weights are widened to float32 in registers, so a
+step reads half the bytes with the same float32 arithmetic); accumulated in float32 (per output: one FMA chain per vector lane, summed at the end; not the order of XLA's dot,
 so results agree to float32 rounding, ~1e-6 relative).
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3
@@ -41,8 +42,10 @@ CACHE_ENV = "APPO_JAX_KERNEL_CACHE"
 #: 19.7 at 4). One row (27.5 vs 29.8 and 28.1 vs 32.2: XLA's dot streams as fast) and [K, N] with 5-8 rows (15.7
 #: vs 16.7 at 8) stay with XLA.
 KERNEL_ROWS = {False: range(2, 5), True: range(2, 9)}
-_TARGETS = {False: "appo_skinny_kn", True: "appo_skinny_nk"}
-_SYMBOLS = {"appo_skinny_kn": "AppoSkinnyKn", "appo_skinny_nk": "AppoSkinnyNk"}
+_SYMBOLS = {"appo_skinny_kn": "AppoSkinnyKn", "appo_skinny_nk": "AppoSkinnyNk",
+            "appo_skinny_kn_bf16": "AppoSkinnyKnBf16", "appo_skinny_nk_bf16": "AppoSkinnyNkBf16"}
+#: Weight dtypes the kernel reads (bfloat16: widened to float32 in registers, float32 accumulation).
+WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
@@ -115,18 +118,22 @@ def kernel_available() -> bool:
     return kernel_status()[0]
 
 
-def use_kernel(rows: int, *, w_transposed: bool = False) -> bool:
-    """Whether a product of ``rows`` rows should go to the kernel (`KERNEL_ROWS`, and the kernel built)."""
-    return rows in KERNEL_ROWS[w_transposed] and kernel_available()
+def use_kernel(rows: int, *, w_transposed: bool = False, weight_dtype=jnp.float32) -> bool:
+    """Whether a product of ``rows`` rows should go to the kernel, it being built: float32 weights at
+    `KERNEL_ROWS`, bfloat16 weights at 1-8 rows (XLA's dot would widen every weight to float32 first)."""
+    rows_ok = rows in (range(1, 9) if jnp.dtype(weight_dtype) == jnp.bfloat16 else KERNEL_ROWS[w_transposed])
+    return rows_ok and kernel_available()
 
 
 def skinny_matmul(x: jax.Array, w: jax.Array, *, w_transposed: bool = False) -> jax.Array:
     """float32 ``x[M, K] . w[K, N]`` (``w_transposed``: ``x . w[N, K]^T``) by the kernel (module doc), for any M
     (passes of 8 rows over the weights). The caller checks `kernel_available` (or `use_kernel`)."""
-    if x.ndim != 2 or w.ndim != 2 or x.dtype != jnp.float32 or w.dtype != jnp.float32:
-        raise ValueError(f"skinny_matmul: float32 x [M, K] and w, got {x.shape} {x.dtype} and {w.shape} {w.dtype}")
+    if x.ndim != 2 or w.ndim != 2 or x.dtype != jnp.float32 or w.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"skinny_matmul: float32 x [M, K] and float32 / bfloat16 w, got {x.shape} {x.dtype} and "
+                         f"{w.shape} {w.dtype}")
     k_axis, n_axis = (1, 0) if w_transposed else (0, 1)
     if w.shape[k_axis] != x.shape[1]:
         raise ValueError(f"skinny_matmul: x {x.shape} and w {w.shape} (w_transposed={w_transposed}) do not contract")
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[n_axis]), jnp.float32)
-    return jax.ffi.ffi_call(_TARGETS[w_transposed], out)(x, w)
+    target = "appo_skinny_" + ("nk" if w_transposed else "kn") + ("_bf16" if w.dtype == jnp.bfloat16 else "")
+    return jax.ffi.ffi_call(target, out)(x, w)

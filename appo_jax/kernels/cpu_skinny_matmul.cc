@@ -4,6 +4,9 @@
 //   appo_skinny_kn: y[M, N] = x[M, K] . w[K, N]      (w row-major, the model's [in, out] kernels)
 //   appo_skinny_nk: y[M, N] = x[M, K] . w[N, K]^T    (w row-major, a tied embedding [vocab, hidden])
 //
+// x and y are float32; w float32 (appo_skinny_kn / _nk) or bfloat16 (appo_skinny_kn_bf16 / _nk_bf16, widened to
+// float32 in registers: half the bytes read, the same float32 accumulation).
+//
 // Each thread of the pool gets one contiguous range of the weights (kn: rows of w, summed into its own partial
 // y that the caller adds up; nk: rows of w, i.e. outputs), so that every thread reads one sequential stream; every
 // weight element is loaded once and used for all M rows (M <= 8 per pass; larger M makes passes of 8). kn sweeps
@@ -57,25 +60,45 @@ inline void vstore_n(float* p, vec v, int n) { _mm256_maskstore_ps(p, tail_mask(
 #error "cpu_skinny_matmul needs AVX2 + FMA or AVX-512"
 #endif
 
+// Weights: float32, or bfloat16 (the upper 16 bits of a float32, widened by a shift: exact).
+inline vec wload(const float* p) { return vload(p); }
+inline vec wload_n(const float* p, int n) { return vload_n(p, n); }
+inline vec wload(const uint16_t* p) {
+#if defined(__AVX512F__)
+  __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+#else
+  __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+#endif
+}
+inline vec wload_n(const uint16_t* p, int n) {
+  alignas(64) uint16_t part[W] = {};
+  for (int i = 0; i < n; ++i) part[i] = p[i];
+  return wload(part);
+}
+
 // One chunk: columns [n0, n0 + NV * W) (the last vector holding `last` columns) over rows [kb, ke), accumulated
 // into p[M, N] (`fresh`: p is overwritten). Prefetches the same columns KB_ROWS rows further: the next block.
 constexpr int64_t KB_ROWS = 8;
+template <typename T>
+constexpr int VECS_PER_LINE = 64 / (W * int(sizeof(T))) > 0 ? 64 / (W * int(sizeof(T))) : 1;
 
-template <int MR, int NV>
-void chunk_kn(const float* x, const float* w, float* p, int64_t K, int64_t N, int64_t kb, int64_t ke, int64_t n0,
+template <typename T, int MR, int NV>
+void chunk_kn(const float* x, const T* w, float* p, int64_t K, int64_t N, int64_t kb, int64_t ke, int64_t n0,
               int last, bool fresh) {
   vec acc[MR][NV];
   for (int m = 0; m < MR; ++m) {
     for (int j = 0; j < NV - 1; ++j) acc[m][j] = fresh ? vzero() : vload(p + m * N + n0 + j * W);
     acc[m][NV - 1] = fresh ? vzero() : vload_n(p + m * N + n0 + (NV - 1) * W, last);
   }
-  const float* wp = w + kb * N + n0;
+  const T* wp = w + kb * N + n0;
   for (int64_t k = kb; k < ke; ++k, wp += N) {
     vec wv[NV];
-    for (int j = 0; j < NV - 1; ++j) wv[j] = vload(wp + j * W);
-    wv[NV - 1] = last == W ? vload(wp + (NV - 1) * W) : vload_n(wp + (NV - 1) * W, last);
+    for (int j = 0; j < NV - 1; ++j) wv[j] = wload(wp + j * W);
+    wv[NV - 1] = last == W ? wload(wp + (NV - 1) * W) : wload_n(wp + (NV - 1) * W, last);
     if (k + KB_ROWS < K)
-      for (int j = 0; j < NV; j += 64 / (W * 4) > 0 ? 64 / (W * 4) : 1)
+      for (int j = 0; j < NV; j += VECS_PER_LINE<T>)
         _mm_prefetch(reinterpret_cast<const char*>(wp + KB_ROWS * N + j * W), _MM_HINT_T0);
     for (int m = 0; m < MR; ++m) {
       vec xv = vbcast(x + m * K + k);
@@ -98,51 +121,52 @@ constexpr int nv_max(int mr) {
 #endif
 }
 
-template <int MR, int NV>
-void chunk_kn_dispatch(int nv, const float* x, const float* w, float* p, int64_t K, int64_t N, int64_t kb,
+template <typename T, int MR, int NV>
+void chunk_kn_dispatch(int nv, const float* x, const T* w, float* p, int64_t K, int64_t N, int64_t kb,
                        int64_t ke, int64_t n0, int last, bool fresh) {
   if constexpr (NV >= 1) {
-    if (nv == NV) return chunk_kn<MR, NV>(x, w, p, K, N, kb, ke, n0, last, fresh);
-    return chunk_kn_dispatch<MR, NV - 1>(nv, x, w, p, K, N, kb, ke, n0, last, fresh);
+    if (nv == NV) return chunk_kn<T, MR, NV>(x, w, p, K, N, kb, ke, n0, last, fresh);
+    return chunk_kn_dispatch<T, MR, NV - 1>(nv, x, w, p, K, N, kb, ke, n0, last, fresh);
   }
 }
 
 // Rows [k0, k1) of w for MR rows of x, into p: block by block of KB_ROWS rows (contiguous in memory), each block
 // swept in chunks of nv_max(MR) vectors across all N columns.
-template <int MR>
-void range_kn(const float* x, const float* w, float* p, int64_t K, int64_t N, int64_t k0, int64_t k1) {
+template <typename T, int MR>
+void range_kn(const float* x, const T* w, float* p, int64_t K, int64_t N, int64_t k0, int64_t k1) {
   constexpr int NV = nv_max(MR);
   for (int64_t kb = k0; kb < k1; kb += KB_ROWS) {
     int64_t ke = kb + KB_ROWS < k1 ? kb + KB_ROWS : k1;
     for (int64_t n0 = 0; n0 < N; n0 += int64_t(NV) * W) {
       int64_t cols = N - n0 < int64_t(NV) * W ? N - n0 : int64_t(NV) * W;
       int vecs = int((cols + W - 1) / W);
-      chunk_kn_dispatch<MR, NV>(vecs, x, w, p, K, N, kb, ke, n0, int(cols - int64_t(vecs - 1) * W), kb == k0);
+      chunk_kn_dispatch<T, MR, NV>(vecs, x, w, p, K, N, kb, ke, n0, int(cols - int64_t(vecs - 1) * W), kb == k0);
     }
   }
 }
 
-void range_kn_rows(int64_t M, const float* x, const float* w, float* p, int64_t K, int64_t N, int64_t k0,
+template <typename T>
+void range_kn_rows(int64_t M, const float* x, const T* w, float* p, int64_t K, int64_t N, int64_t k0,
                    int64_t k1) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const float* xb = x + m0 * K;
     float* pb = p + m0 * N;
     switch (M - m0 < 8 ? M - m0 : 8) {
-      case 1: range_kn<1>(xb, w, pb, K, N, k0, k1); break;
-      case 2: range_kn<2>(xb, w, pb, K, N, k0, k1); break;
-      case 3: range_kn<3>(xb, w, pb, K, N, k0, k1); break;
-      case 4: range_kn<4>(xb, w, pb, K, N, k0, k1); break;
-      case 5: range_kn<5>(xb, w, pb, K, N, k0, k1); break;
-      case 6: range_kn<6>(xb, w, pb, K, N, k0, k1); break;
-      case 7: range_kn<7>(xb, w, pb, K, N, k0, k1); break;
-      default: range_kn<8>(xb, w, pb, K, N, k0, k1); break;
+      case 1: range_kn<T, 1>(xb, w, pb, K, N, k0, k1); break;
+      case 2: range_kn<T, 2>(xb, w, pb, K, N, k0, k1); break;
+      case 3: range_kn<T, 3>(xb, w, pb, K, N, k0, k1); break;
+      case 4: range_kn<T, 4>(xb, w, pb, K, N, k0, k1); break;
+      case 5: range_kn<T, 5>(xb, w, pb, K, N, k0, k1); break;
+      case 6: range_kn<T, 6>(xb, w, pb, K, N, k0, k1); break;
+      case 7: range_kn<T, 7>(xb, w, pb, K, N, k0, k1); break;
+      default: range_kn<T, 8>(xb, w, pb, K, N, k0, k1); break;
     }
   }
 }
 
 // ---- nk: y[M, N] = x[M, K] . w[N, K]^T ------------------------------------------------------------------------
-template <int MR, int NR>
-void tile_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n) {
+template <typename T, int MR, int NR>
+void tile_nk(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n) {
   vec acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NR; ++j) acc[m][j] = vzero();
@@ -150,7 +174,7 @@ void tile_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int
   for (; k + W <= K; k += W) {
     vec wv[NR];
     for (int j = 0; j < NR; ++j) {
-      wv[j] = vload(w + (n + j) * K + k);
+      wv[j] = wload(w + (n + j) * K + k);
       if (n + NR + j < N) _mm_prefetch(reinterpret_cast<const char*>(w + (n + NR + j) * K + k), _MM_HINT_T0);
     }
     for (int m = 0; m < MR; ++m) {
@@ -161,7 +185,7 @@ void tile_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int
   if (k < K) {
     int rest = int(K - k);
     vec wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = vload_n(w + (n + j) * K + k, rest);
+    for (int j = 0; j < NR; ++j) wv[j] = wload_n(w + (n + j) * K + k, rest);
     for (int m = 0; m < MR; ++m) {
       vec xv = vload_n(x + m * K + k, rest);
       for (int j = 0; j < NR; ++j) acc[m][j] = vfma(wv[j], xv, acc[m][j]);
@@ -171,27 +195,28 @@ void tile_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int
     for (int j = 0; j < NR; ++j) y[m * N + n + j] = vsum(acc[m][j]);
 }
 
-template <int MR>
-void rows_nk(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+template <typename T, int MR>
+void rows_nk(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   constexpr int NR = MR <= 2 ? 4 : (MR <= 4 ? 3 : 2);
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) tile_nk<MR, NR>(x, w, y, K, N, n);
-  for (; n < n1; ++n) tile_nk<MR, 1>(x, w, y, K, N, n);
+  for (; n + NR <= n1; n += NR) tile_nk<T, MR, NR>(x, w, y, K, N, n);
+  for (; n < n1; ++n) tile_nk<T, MR, 1>(x, w, y, K, N, n);
 }
 
-void block_nk(int64_t M, const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+template <typename T>
+void block_nk(int64_t M, const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t m0 = 0; m0 < M; m0 += 8) {
     const float* xb = x + m0 * K;
     float* yb = y + m0 * N;
     switch (M - m0 < 8 ? M - m0 : 8) {
-      case 1: rows_nk<1>(xb, w, yb, K, N, n0, n1); break;
-      case 2: rows_nk<2>(xb, w, yb, K, N, n0, n1); break;
-      case 3: rows_nk<3>(xb, w, yb, K, N, n0, n1); break;
-      case 4: rows_nk<4>(xb, w, yb, K, N, n0, n1); break;
-      case 5: rows_nk<5>(xb, w, yb, K, N, n0, n1); break;
-      case 6: rows_nk<6>(xb, w, yb, K, N, n0, n1); break;
-      case 7: rows_nk<7>(xb, w, yb, K, N, n0, n1); break;
-      default: rows_nk<8>(xb, w, yb, K, N, n0, n1); break;
+      case 1: rows_nk<T, 1>(xb, w, yb, K, N, n0, n1); break;
+      case 2: rows_nk<T, 2>(xb, w, yb, K, N, n0, n1); break;
+      case 3: rows_nk<T, 3>(xb, w, yb, K, N, n0, n1); break;
+      case 4: rows_nk<T, 4>(xb, w, yb, K, N, n0, n1); break;
+      case 5: rows_nk<T, 5>(xb, w, yb, K, N, n0, n1); break;
+      case 6: rows_nk<T, 6>(xb, w, yb, K, N, n0, n1); break;
+      case 7: rows_nk<T, 7>(xb, w, yb, K, N, n0, n1); break;
+      default: rows_nk<T, 8>(xb, w, yb, K, N, n0, n1); break;
     }
   }
 }
@@ -218,8 +243,10 @@ void run_job(ffi::ThreadPool& pool, const std::shared_ptr<Job>& job) {
   while (job->done.load(std::memory_order_acquire) < job->units) _mm_pause();
 }
 
+template <typename T>
 struct KnJob : Job {
-  const float *x, *w;
+  const float* x;
+  const T* w;
   float* y;
   int64_t M, K, N;
   std::vector<float> partial;  // [units - 1, M, N]: the sums of ranges 1.. (range 0 sums into y)
@@ -234,8 +261,10 @@ struct KnJob : Job {
   }
 };
 
+template <typename T>
 struct NkJob : Job {
-  const float *x, *w;
+  const float* x;
+  const T* w;
   float* y;
   int64_t M, K, N, rows;
   void unit(int64_t u) override {
@@ -246,13 +275,13 @@ struct NkJob : Job {
 
 int64_t threads_of(ffi::ThreadPool& pool) { return pool.num_threads() > 0 ? pool.num_threads() : 1; }
 
-ffi::Error SkinnyKn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::ResultBuffer<ffi::F32> y) {
+template <typename T, ffi::DataType D>
+ffi::Error SkinnyKn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0])
     return ffi::Error::InvalidArgument("appo_skinny_kn: expects x [M, K] and w [K, N]");
-  auto job = std::make_shared<KnJob>();
-  job->x = x.typed_data(); job->w = w.typed_data(); job->y = y->typed_data();
+  auto job = std::make_shared<KnJob<T>>();
+  job->x = x.typed_data(); job->w = static_cast<const T*>(w.untyped_data()); job->y = y->typed_data();
   job->M = xd[0]; job->K = xd[1]; job->N = wd[1];
   if (job->M == 0 || job->N == 0) return ffi::Error::Success();
   if (job->K == 0) {
@@ -272,13 +301,13 @@ ffi::Error SkinnyKn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-ffi::Error SkinnyNk(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                    ffi::ResultBuffer<ffi::F32> y) {
+template <typename T, ffi::DataType D>
+ffi::Error SkinnyNk(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<D> w, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
     return ffi::Error::InvalidArgument("appo_skinny_nk: expects x [M, K] and w [N, K]");
-  auto job = std::make_shared<NkJob>();
-  job->x = x.typed_data(); job->w = w.typed_data(); job->y = y->typed_data();
+  auto job = std::make_shared<NkJob<T>>();
+  job->x = x.typed_data(); job->w = static_cast<const T*>(w.untyped_data()); job->y = y->typed_data();
   job->M = xd[0]; job->K = xd[1]; job->N = wd[0];
   int64_t threads = threads_of(pool);  // one contiguous range of rows per thread: sequential streams
   job->rows = (job->N + threads - 1) / threads;
@@ -290,9 +319,11 @@ ffi::Error SkinnyNk(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AppoSkinnyKn, SkinnyKn,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AppoSkinnyNk, SkinnyNk,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+#define APPO_SKINNY(NAME, FN, T, D)                                                                     \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, (FN<T, ffi::D>),                                                   \
+                                ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>()     \
+                                    .Arg<ffi::Buffer<ffi::D>>().Ret<ffi::Buffer<ffi::F32>>());
+APPO_SKINNY(AppoSkinnyKn, SkinnyKn, float, F32)
+APPO_SKINNY(AppoSkinnyNk, SkinnyNk, float, F32)
+APPO_SKINNY(AppoSkinnyKnBf16, SkinnyKn, uint16_t, BF16)
+APPO_SKINNY(AppoSkinnyNkBf16, SkinnyNk, uint16_t, BF16)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-from appo_jax.kernels.cpu_matmul import skinny_matmul, use_kernel
+from appo_jax.kernels.cpu_matmul import WEIGHT_DTYPES, skinny_matmul, use_kernel
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.kv_cache import KVCache, init_cache
 from appo_jax.models.rope import apply_rope, rope_cos_sin
@@ -108,11 +108,11 @@ def _dense(features, axes, bias_axes=None, *, config, name, n_in=1):
 
 
 def _skinny(rows: int, dtype, weight_dtype, w_transposed: bool = False) -> bool:
-    """Whether a product of ``rows`` rows goes to the CPU kernel (``ModelConfig.cpu_kernels``): float32 inputs
-    and weights, a row count where the kernel is the faster (`appo_jax.kernels.cpu_matmul.use_kernel`), and the
+    """Whether a product of ``rows`` rows goes to the CPU kernel (``ModelConfig.cpu_kernels``): float32 inputs,
+    float32 or bfloat16 weights, a row count where the kernel is the faster (`appo_jax.kernels.cpu_matmul.use_kernel`), and the
     kernel built (decided at trace time)."""
-    return (jnp.dtype(dtype) == jnp.float32 and jnp.dtype(weight_dtype) == jnp.float32
-            and use_kernel(rows, w_transposed=w_transposed))
+    return (jnp.dtype(dtype) == jnp.float32 and jnp.dtype(weight_dtype) in WEIGHT_DTYPES
+            and use_kernel(rows, w_transposed=w_transposed, weight_dtype=weight_dtype))
 
 
 def dot_product_attention(q, k, v, mask):

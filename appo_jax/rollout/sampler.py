@@ -301,8 +301,9 @@ def _decode_rows(params, cache, rows, keys, tokens, positions, budget, seen, *, 
 def _cpu_kernels_status(config: ModelConfig, params, mesh: jax.sharding.Mesh | None) -> tuple[bool, str]:
     """Whether a sampler for ``config`` with ``params`` on ``mesh`` can use the CPU kernel (`Sampler`'s
     ``cpu_kernels``)."""
-    if config.dtype != "float32" or config.param_dtype != "float32":
-        return False, f"the sampler computes in {config.dtype} with {config.param_dtype} weights, not float32"
+    if config.dtype != "float32" or config.param_dtype not in ("float32", "bfloat16"):
+        return False, (f"the sampler computes in {config.dtype} with {config.param_dtype} weights, not float32 "
+                       "with float32 or bfloat16 weights")
     if mesh is not None and mesh.size > 1:
         return False, f"the sampler is sharded over {mesh.size} devices"
     devices = {d for leaf in jax.tree.leaves(params) for d in getattr(leaf, "devices", lambda: set())()}
@@ -366,8 +367,9 @@ class Sampler:
     layers (an unrolled forward); off by default.
     ``cpu_kernels``: decode steps multiply by the weights in the C++ kernel of `appo_jax.kernels.cpu_matmul`
     at the row counts where it is faster than XLA's dot (2-8 slots, ``ModelConfig.cpu_kernels``; with
-    unstacked weights, which it implies) when the kernel is available, the sampler float32 and not sharded over
-    several devices; ``cpu_kernels_status`` says whether it is used and why not. Results agree with XLA's dot to
+    unstacked weights, which it implies) when the kernel is available, the sampler computes in float32 (with
+    float32 weights, or bfloat16 ones: ``param_dtype="bfloat16"``, half the bytes a step reads) and is not sharded
+    over several devices; ``cpu_kernels_status`` says whether it is used and why not. Results agree with XLA's dot to
     float32 rounding.
     """
 
