@@ -65,21 +65,21 @@ def test_the_decoder_calls_the_kernel_at_the_row_counts_where_it_is_faster(kerne
     assert all(set(cpu_matmul.KERNEL_ROWS[t]) <= set(range(2, 9)) for t in (False, True))
 
 
-@pytest.mark.parametrize("preset, weights", [("tiny-llama", "float32"), ("tiny-qwen2", "float32"),
-                                             ("tiny-llama", "bfloat16")])  # tied (nk) / lm_head + q/k/v bias
+@pytest.mark.parametrize("preset, weights", [("tiny-llama", "float32"),    # a tied embedding: the nk kernel
+                                             ("tiny-qwen2", "bfloat16")])  # lm_head + q/k/v bias, bf16 weights
 def test_the_sampler_with_cpu_kernels_samples_what_xla_does(kernel, preset, weights):
     """The same tokens and log-probs with the kernel as with XLA's dot (bf16 weights: XLA widens them to float32
     before its dot, the kernel in registers; the same products either way)."""
     config, params, _ = load_model(preset, rng=jax.random.PRNGKey(3), dtype="float32", param_dtype=weights)
     outs = []
     for cpu_kernels in (False, True):
-        s = Sampler(config, params, num_slots=4, max_len=64, decode_chunk=4, min_attention_window=32,
+        s = Sampler(config, params, num_slots=4, max_len=64, decode_chunk=6, min_attention_window=64,
                     sampling=SamplingParams(1.0), eos_token_ids=(), cpu_kernels=cpu_kernels)
         assert s.cpu_kernels_status[0] == cpu_kernels and s.config.cpu_kernels == cpu_kernels
         s.start([0, 1, 2], [[1, 8, 21, 7], [1, 5], [3, 3, 3]], [jax.random.key(i) for i in range(3)])
-        a = s.decode(np.array([True, True, True, False]), 5)
-        s.append([0], [[40, 41]])
-        b = s.decode(np.array([True, True, False, False]), 6)
+        a = s.decode(np.array([True, True, True, False]), 6)
+        s.append([0], [[40, 41]])  # an extend of 4 x 2 rows: the kernel's 8-row case
+        b = s.decode(np.array([True, True, True, False]), 6)
         outs.append((a, b))
     for x, y in zip(*outs):
         np.testing.assert_array_equal(x.tokens, y.tokens)
