@@ -125,3 +125,26 @@ def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
         assert not list((tmp_path / "kernels").glob("*.so"))
     finally:
         cpu_matmul.kernel_status.cache_clear()
+
+
+def test_the_sampler_keeps_its_weights_in_the_configs_param_dtype():
+    """``rollout.weights_dtype``: a float32 policy given to a sampler whose config says bfloat16 weights is cast once
+    (and samples what a sampler given the bf16 weights directly samples); a bad dtype is one clear error."""
+    import dataclasses
+    from appo_jax.rollout.config import RolloutConfig
+    config, params, _ = load_model("tiny-llama", rng=jax.random.PRNGKey(5))
+    bf16 = dataclasses.replace(config, param_dtype="bfloat16")
+    cast = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    outs = []
+    for weights in (params, cast):
+        s = Sampler(bf16, weights, num_slots=2, max_len=32, decode_chunk=4, sampling=SamplingParams(0.0),
+                    eos_token_ids=())
+        assert {x.dtype for x in jax.tree.leaves(s.params)} == {jnp.dtype(jnp.bfloat16)}
+        s.start([0, 1], [[1, 8, 21], [1, 5]], [jax.random.key(0), jax.random.key(1)])
+        outs.append(s.decode(np.array([True, True]), 4))
+        s.set_params(params)  # a new float32 policy: cast again
+        assert {x.dtype for x in jax.tree.leaves(s.params)} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+    np.testing.assert_array_equal(outs[0].logprobs, outs[1].logprobs)
+    with pytest.raises(ValueError, match="rollout.weights_dtype='int8'"):
+        RolloutConfig(weights_dtype="int8")

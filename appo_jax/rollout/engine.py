@@ -188,6 +188,8 @@ class RolloutEngine:
         if sampler is None:
             if cfg.dtype:  # the sampler computes in its own precision (e.g. bf16 against an fp32 trainer)
                 model_config = dataclasses.replace(model_config, dtype=cfg.dtype)
+            if cfg.weights_dtype:  # the sampler keeps its weights in their own dtype (cast per new policy)
+                model_config = dataclasses.replace(model_config, param_dtype=cfg.weights_dtype)
             sampler = make_slot_sampler(model_config, params, tokenizer, num_slots=cfg.num_slots,
                                          max_prompt_len=cfg.max_prompt_len, max_response_len=cfg.max_response_len,
                                          tool_call_limit=cfg.tool_call_limit, temperature=cfg.temperature,

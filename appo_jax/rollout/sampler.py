@@ -399,7 +399,7 @@ class Sampler:
             config, unstack_weights = dataclasses.replace(config, cpu_kernels=True), True
         self.config = config
         self._unstack = bool(unstack_weights)
-        self.params = unstack_layers(params) if self._unstack else params
+        self.params = self._own_weights(params)
         self.num_slots = int(num_slots)
         self.max_len = int(max_len)
         self.sampling = sampling
@@ -425,7 +425,15 @@ class Sampler:
     def set_params(self, params) -> None:
         """Use new policy weights for later calls (same tree structure, shapes and dtypes: no recompile; an
         unstacked copy with ``unstack_weights``, class doc)."""
-        self.params = unstack_layers(params) if self._unstack else params
+        self.params = self._own_weights(params)
+
+    def _own_weights(self, params):
+        """The sampler's copy of ``params``: floating leaves in ``config.param_dtype`` (cast when they differ, e.g.
+        bfloat16 weights from a float32 trainer: ``rollout.weights_dtype``), unstacked with ``unstack_weights``."""
+        want = self.config.params_dtype
+        params = jax.tree.map(lambda x: x.astype(want) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != want
+                              else x, params)
+        return unstack_layers(params) if self._unstack else params
 
     def sequence(self, slot: int) -> list[int]:
         """A copy of slot ``slot``'s full token sequence (prefix, generated and appended tokens)."""
