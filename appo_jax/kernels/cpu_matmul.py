@@ -1,16 +1,16 @@
 """Skinny float32 matrix products for decoding on a CPU: ``x[M, K] . w`` with a few rows, every weight read once.
 
 A decode step multiplies a handful of rows (the batch) by every weight matrix, so it is bound by reading the
-weights from memory; XLA's CPU dot for such shapes reaches a third to a half of the memory bandwidth (the
-``memory_bandwidth_share`` of ``benchmarks/sampler.py``). `skinny_matmul` is a C++ kernel (``cpu_skinny_matmul.cc``,
-AVX-512 or AVX2 + FMA, on XLA's intra-op thread pool) called through the XLA FFI:
+weights from memory. XLA's CPU dot streams them well for one row but reads them 1.2-1.4x slower than this kernel
+at 2-8 rows (`KERNEL_ROWS`, ``benchmarks/cpu_matmul.py``). `skinny_matmul` is a C++ kernel
+(``cpu_skinny_matmul.cc``, AVX-512 or AVX2 + FMA, on XLA's intra-op thread pool) called through the XLA FFI:
 
     skinny_matmul(x, w)                   y[m, n] = sum_k x[m, k] w[k, n]     (w [K, N]: the model's kernels)
     skinny_matmul(x, w, w_transposed=True)  y[m, n] = sum_k x[m, k] w[n, k]   (w [N, K]: a tied embedding)
 
 x and y float32; w float32 or bfloat16 (`WEIGHT_DTYPES`: bf16 weights are widened to float32 in registers, so a
-step reads half the bytes with the same float32 arithmetic); accumulated in float32 (per output: one FMA chain per vector lane, summed at the end; not the order of XLA's dot,
-so results agree to float32 rounding, ~1e-6 relative).
+step reads half the bytes with the same float32 arithmetic); accumulated in float32 in another order than XLA's
+dot, so results agree to float32 rounding (~1e-6 relative).
 
 The kernel is compiled on first use with the system's C++ compiler (``$CXX``, else ``g++``; ``-O3
 -march=native``) against the FFI headers shipped with jaxlib, into ``$APPO_JAX_KERNEL_CACHE`` (default
