@@ -56,8 +56,8 @@ def main() -> None:
         sampler.start(list(range(len(prompts))), prompts, [jax.random.key(i) for i in range(len(prompts))])
         out = sampler.decode(np.ones(len(prompts), bool), args.new_tokens)
         greedy[weights] = (np.asarray(out.tokens), sampler.cpu_kernels_status)
-        print(f"greedy {weights}: {len(prompts)} rows x {args.new_tokens} tokens (kernel: {sampler.cpu_kernels_status})",
-              file=sys.stderr, flush=True)
+        print(f"greedy {weights}: {len(prompts)} rows x {args.new_tokens} tokens "
+              f"(kernel: {sampler.cpu_kernels_status})", file=sys.stderr, flush=True)
     a, b = greedy["float32"][0], greedy["bfloat16"][0]
     first = [int(np.argmax(a[i] != b[i])) if (a[i] != b[i]).any() else None for i in range(len(prompts))]
     agreement = {"rows_identical": round(sum(f is None for f in first) / len(first), 3),

@@ -72,7 +72,8 @@ def _gain(metrics) -> float:
     return float(np.mean(rewards[-4:]) - np.mean(rewards[:4]))
 
 
-RUNS = [(control, seed) for control, seeds in (("none", SEEDS), ("permute_rewards", SEEDS), ("negate_rewards", SEEDS[:1]))
+RUNS = [(control, seed)
+        for control, seeds in (("none", SEEDS), ("permute_rewards", SEEDS), ("negate_rewards", SEEDS[:1]))
         for seed in seeds]
 
 

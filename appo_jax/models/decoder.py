@@ -109,8 +109,8 @@ def _dense(features, axes, bias_axes=None, *, config, name, n_in=1):
 
 def _skinny(rows: int, dtype, weight_dtype, w_transposed: bool = False) -> bool:
     """Whether a product of ``rows`` rows goes to the CPU kernel (``ModelConfig.cpu_kernels``): float32 inputs,
-    float32 or bfloat16 weights, a row count where the kernel is the faster (`appo_jax.kernels.cpu_matmul.use_kernel`), and the
-    kernel built (decided at trace time)."""
+    float32 or bfloat16 weights, a row count where the kernel is the faster and the kernel built
+    (`appo_jax.kernels.cpu_matmul.use_kernel`; decided at trace time)."""
     return (jnp.dtype(dtype) == jnp.float32 and jnp.dtype(weight_dtype) in WEIGHT_DTYPES
             and use_kernel(rows, w_transposed=w_transposed, weight_dtype=weight_dtype))
 
