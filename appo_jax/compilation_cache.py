@@ -29,6 +29,11 @@ _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _TIME_SAVED = "/jax/compilation_cache/compile_time_saved_sec"
 
 
+def user_cache_dir(name: str) -> Path:
+    """``$XDG_CACHE_HOME/appo_jax/<name>`` (``~/.cache/appo_jax/<name>``): the project's default cache place."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "appo_jax" / name
+
+
 def default_cache_dir() -> Path | None:
     """The cache directory from ``$APPO_JAX_COMPILE_CACHE`` / ``$XDG_CACHE_HOME`` (None when set to ``off``)."""
     env = os.environ.get(CACHE_ENV, "").strip()
@@ -36,8 +41,7 @@ def default_cache_dir() -> Path | None:
         return None
     if env:
         return Path(env).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
-    return base / "appo_jax" / "jax_compilation"
+    return user_cache_dir("jax_compilation")
 
 
 def enable_compilation_cache(path: str | os.PathLike | None) -> Path | None:

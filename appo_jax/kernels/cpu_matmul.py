@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 
+from appo_jax.compilation_cache import user_cache_dir
+
 SOURCE = Path(__file__).with_name("cpu_skinny_matmul.cc")
 CACHE_ENV = "APPO_JAX_KERNEL_CACHE"
 #: The row counts for which `use_kernel` says yes: where the kernel read the weights faster than XLA's dot in
@@ -54,7 +56,7 @@ def kernel_cache_dir() -> Path:
     env = os.environ.get(CACHE_ENV, "").strip()
     if env:
         return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "appo_jax" / "kernels"
+    return user_cache_dir("kernels")
 
 
 def _cpu_flags() -> str:

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -145,23 +146,27 @@ void range_kn(const float* x, const T* w, float* p, int64_t K, int64_t N, int64_
   }
 }
 
+// f(std::integral_constant<int, MR>{}, m0) for each pass of MR <= 8 rows (starting at row m0) over M rows.
+template <typename F>
+void for_row_passes(int64_t M, F&& f) {
+  for (int64_t m0 = 0; m0 < M; m0 += 8) {
+    switch (M - m0 < 8 ? M - m0 : 8) {
+      case 1: f(std::integral_constant<int, 1>{}, m0); break;
+      case 2: f(std::integral_constant<int, 2>{}, m0); break;
+      case 3: f(std::integral_constant<int, 3>{}, m0); break;
+      case 4: f(std::integral_constant<int, 4>{}, m0); break;
+      case 5: f(std::integral_constant<int, 5>{}, m0); break;
+      case 6: f(std::integral_constant<int, 6>{}, m0); break;
+      case 7: f(std::integral_constant<int, 7>{}, m0); break;
+      default: f(std::integral_constant<int, 8>{}, m0); break;
+    }
+  }
+}
+
 template <typename T>
 void range_kn_rows(int64_t M, const float* x, const T* w, float* p, int64_t K, int64_t N, int64_t k0,
                    int64_t k1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const float* xb = x + m0 * K;
-    float* pb = p + m0 * N;
-    switch (M - m0 < 8 ? M - m0 : 8) {
-      case 1: range_kn<T, 1>(xb, w, pb, K, N, k0, k1); break;
-      case 2: range_kn<T, 2>(xb, w, pb, K, N, k0, k1); break;
-      case 3: range_kn<T, 3>(xb, w, pb, K, N, k0, k1); break;
-      case 4: range_kn<T, 4>(xb, w, pb, K, N, k0, k1); break;
-      case 5: range_kn<T, 5>(xb, w, pb, K, N, k0, k1); break;
-      case 6: range_kn<T, 6>(xb, w, pb, K, N, k0, k1); break;
-      case 7: range_kn<T, 7>(xb, w, pb, K, N, k0, k1); break;
-      default: range_kn<T, 8>(xb, w, pb, K, N, k0, k1); break;
-    }
-  }
+  for_row_passes(M, [&](auto mr, int64_t m0) { range_kn<T, mr.value>(x + m0 * K, w, p + m0 * N, K, N, k0, k1); });
 }
 
 // ---- nk: y[M, N] = x[M, K] . w[N, K]^T ------------------------------------------------------------------------
@@ -205,20 +210,7 @@ void rows_nk(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t
 
 template <typename T>
 void block_nk(int64_t M, const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t m0 = 0; m0 < M; m0 += 8) {
-    const float* xb = x + m0 * K;
-    float* yb = y + m0 * N;
-    switch (M - m0 < 8 ? M - m0 : 8) {
-      case 1: rows_nk<T, 1>(xb, w, yb, K, N, n0, n1); break;
-      case 2: rows_nk<T, 2>(xb, w, yb, K, N, n0, n1); break;
-      case 3: rows_nk<T, 3>(xb, w, yb, K, N, n0, n1); break;
-      case 4: rows_nk<T, 4>(xb, w, yb, K, N, n0, n1); break;
-      case 5: rows_nk<T, 5>(xb, w, yb, K, N, n0, n1); break;
-      case 6: rows_nk<T, 6>(xb, w, yb, K, N, n0, n1); break;
-      case 7: rows_nk<T, 7>(xb, w, yb, K, N, n0, n1); break;
-      default: rows_nk<T, 8>(xb, w, yb, K, N, n0, n1); break;
-    }
-  }
+  for_row_passes(M, [&](auto mr, int64_t m0) { rows_nk<T, mr.value>(x + m0 * K, w, y + m0 * N, K, N, n0, n1); });
 }
 
 // ---- the pool: `units` pieces of work, handed out through an atomic counter; the caller works too -----------

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from appo_jax.compilation_cache import user_cache_dir
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.hf_io import export_hf, load_hf, load_hf_tokenizer
 from appo_jax.models.weight_map import assemble_params
@@ -206,7 +207,7 @@ def gguf_cache_root() -> Path | None:
         return None
     if env:
         return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "appo_jax" / "models"
+    return user_cache_dir("models")
 
 
 def _cache_dir(path: str) -> Path | None:
