@@ -1,11 +1,12 @@
 """The CPU kernel for decode-step products (`appo_jax.kernels.cpu_matmul`) against XLA's dot, in GB/s of weights.
 
-Shapes are SmolLM2-135M's: ``kn`` = the products of 8 decoder layers (q, k, v, o, gate, up, down; [K, N] kernels,
-120 MB, beyond the last-level cache) chained in one jitted function, ``nk`` = the tied LM head (x . E^T, E
-[49152, 576], 113 MB). For each row count M of ``--rows``, the kernel and XLA's dot run alternately ``--runs``
-times; the medians give GB/s (weight bytes / seconds) and the ratio kernel / XLA; ``stream_GB_per_s`` is the
-streaming bandwidth measured in the same process (`appo_jax.rollout.throughput.measure_memory_bandwidth`). The
-row counts where the kernel wins are the ones `appo_jax.kernels.cpu_matmul.KERNEL_ROWS` hands it.
+Shapes are SmolLM2-135M's: ``layers`` = the products of 8 decoder layers (q, k, v, o, gate, up, down, 120 MB,
+beyond the last-level cache) chained in one jitted function, ``head`` = the tied LM head (x . E^T, E [49152, 576],
+113 MB). The kernel reads the weights as column panels (`pack_panels`); XLA's dot reads them as the model stores
+them ([K, N] kernels, E [V, D]). For each row count M of ``--rows``, the two run alternately ``--runs`` times;
+the medians give GB/s (weight bytes / seconds) and the ratio kernel / XLA; ``stream_GB_per_s`` is the streaming
+bandwidth measured in the same process (`appo_jax.rollout.throughput.measure_memory_bandwidth`). The largest row
+count where the kernel still wins is what `appo_jax.kernels.cpu_matmul.KERNEL_MAX_ROWS` says.
 
 Progress goes to stderr; the last stdout line is one JSON object. Run: ``python benchmarks/cpu_matmul.py``.
 """
@@ -21,7 +22,7 @@ import time
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="1,2,4,8")
+    parser.add_argument("--rows", default="1,2,4,8,16,32,64")
     parser.add_argument("--runs", type=int, default=15)
     args = parser.parse_args()
 
@@ -29,7 +30,7 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from appo_jax.kernels.cpu_matmul import kernel_status, skinny_matmul
+    from appo_jax.kernels.cpu_matmul import kernel_matmul, kernel_status, pack_panels
     from appo_jax.rollout.throughput import measure_memory_bandwidth
     from appo_jax.training.multihost_check import processor_name
 
@@ -47,27 +48,29 @@ def main() -> None:
             wide = jnp.tile(x, (1, -(-inter // hidden)))[:, :inter]
             total = jnp.zeros((x.shape[0],), jnp.float32)
             for w in ws:
-                total = total + mm(x if w.shape[0] == hidden else wide, w)[:, 0]
+                total = total + mm(x if w.shape[-2 if w.ndim == 3 else 0] == hidden else wide, w)[:, 0]
             return total
         return jax.jit(f)
 
-    kinds = {
-        "kn": (kn_weights, sum(w.size * 4 for w in kn_weights),
-               chain(lambda x, w: skinny_matmul(x, w)), chain(lambda x, w: x @ w)),
-        "nk": (embedding, embedding.size * 4,
-               jax.jit(lambda x, e: skinny_matmul(x, e, w_transposed=True)),
-               jax.jit(lambda x, e: jnp.einsum("md,vd->mv", x, e))),
+    packed = [pack_panels(w) for w in kn_weights]
+    kinds = {  # name: (weights of the kernel, of XLA, bytes, kernel, XLA)
+        "layers": (packed, kn_weights, sum(w.size * 4 for w in kn_weights),
+                   chain(lambda x, w: kernel_matmul(x, w, w.shape[0] * w.shape[2])), chain(lambda x, w: x @ w)),
+        "head": (pack_panels(embedding.T), embedding, embedding.size * 4,
+                 jax.jit(lambda x, wp: kernel_matmul(x, wp, vocab)),
+                 jax.jit(lambda x, e: jnp.einsum("md,vd->mv", x, e))),
     }
     bandwidth = measure_memory_bandwidth()
     results = {}
-    for kind, (weights, nbytes, kernel, xla) in kinds.items():
+    for kind, (kernel_weights, xla_weights, nbytes, kernel, xla) in kinds.items():
         for m in [int(r) for r in args.rows.split(",")]:
             x = jnp.asarray(rng.standard_normal((m, hidden), dtype=np.float32))
             times = {"kernel": [], "xla": []}
-            for name, f in (("kernel", kernel), ("xla", xla)):
+            sides = (("kernel", kernel, kernel_weights), ("xla", xla, xla_weights))
+            for name, f, weights in sides:
                 f(x, weights).block_until_ready()  # compile
             for _ in range(args.runs):
-                for name, f in (("kernel", kernel), ("xla", xla)):
+                for name, f, weights in sides:
                     t0 = time.perf_counter()
                     f(x, weights).block_until_ready()
                     times[name].append(time.perf_counter() - t0)

@@ -1,14 +1,19 @@
-"""The CPU kernel for decode-step products (`appo_jax.kernels.cpu_matmul`): against float64 NumPy over shapes
-that hit every tail (rows past 8, columns not a multiple of the vector width, K of 1), inside the sampler against
-XLA's dot, and the reasons it is not used."""
+"""The CPU kernels for decode steps (`appo_jax.kernels`): the column-panel product against float64 NumPy over shapes
+that hit every tail (rows past 8 and past `KERNEL_MAX_ROWS`, columns not a multiple of the panel, K of 1), the
+decode attention against a float64 softmax (grouped heads, masks, rows with no visible slot), the packed decoder
+against the plain one, the sampler against XLA, and the reasons they are not used."""
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from appo_jax.kernels import cpu_matmul
+from appo_jax.kernels import build, cpu_matmul
+from appo_jax.kernels.cpu_attention import decode_attention
+from appo_jax.models.decoder import forward, init_cache, pack_weights, unstack_layers
 from appo_jax.models.loading import load_model
 from appo_jax.parallel.mesh import make_mesh
 from appo_jax.rollout.sampler import Sampler
@@ -17,65 +22,143 @@ from appo_jax.rollout.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def kernel():
-    ok, why = cpu_matmul.kernel_status()
+    ok, why = build.kernel_status()
     if not ok and why.startswith("no C++ compiler"):
         pytest.skip(why)  # the one condition outside the project: everything else must build here
     assert ok, why
     return ok
 
 
-@pytest.mark.parametrize("transposed", [False, True])
+def test_pack_panels_is_the_documented_layout():
+    w = jnp.arange(5 * 100, dtype=jnp.float32).reshape(5, 100)
+    wp = np.asarray(cpu_matmul.pack_panels(w))
+    assert wp.shape == (3, 5, 48)
+    for p in range(3):
+        for c in range(48):
+            col = 48 * p + c
+            np.testing.assert_array_equal(wp[p, :, c], np.asarray(w)[:, col] if col < 100 else 0)
+    cols = jnp.array([[0, 47], [48, 99]])
+    np.testing.assert_array_equal(cpu_matmul.panel_columns(jnp.asarray(wp), cols), np.asarray(w).T[np.asarray(cols)])
+
+
 @pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
-def test_skinny_matmul_matches_float64_numpy(kernel, transposed, weight_dtype):
+@pytest.mark.parametrize("via", ["kernel", "panel_matmul"])
+def test_panel_products_match_float64_numpy(kernel, weight_dtype, via):
+    """`kernel_matmul` at any row count (passes of 8) and `panel_matmul` (the kernel up to `KERNEL_MAX_ROWS` rows,
+    XLA's dot past it) against float64 NumPy."""
     rng = np.random.default_rng(0)
-    f = jax.jit(lambda x, w: cpu_matmul.skinny_matmul(x, w, w_transposed=transposed))
+    fn = cpu_matmul.kernel_matmul if via == "kernel" else cpu_matmul.panel_matmul
+    f = jax.jit(fn, static_argnums=2)
     for m, k, n in [(1, 576, 192), (2, 576, 1536), (3, 17, 47), (5, 1, 16), (8, 577, 15), (8, 64, 1), (11, 33, 100),
-                    (16, 40, 577), (1, 1536, 576), (2, 9, 7)]:
+                    (16, 40, 577), (1, 1536, 576), (2, 9, 7), (9, 5, 49), (cpu_matmul.KERNEL_MAX_ROWS + 3, 20, 50)]:
         x = rng.standard_normal((m, k), dtype=np.float32)
-        w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n), dtype=np.float32), weight_dtype)
-        y = np.asarray(f(x, w))
+        w = jnp.asarray(rng.standard_normal((k, n), dtype=np.float32), weight_dtype)
+        y = np.asarray(f(x, cpu_matmul.pack_panels(w), n))
         w64 = np.asarray(w.astype(jnp.float32), np.float64)  # bf16 -> float32 is exact
-        ref = x.astype(np.float64) @ (w64.T if transposed else w64)
-        bound = np.abs(x).astype(np.float64) @ np.abs(w64.T if transposed else w64)
+        ref, bound = x.astype(np.float64) @ w64, np.abs(x).astype(np.float64) @ np.abs(w64)
         assert y.shape == (m, n) and y.dtype == np.float32
         assert np.all(np.abs(y - ref) <= 1e-6 * bound + 1e-30), (m, k, n, float(np.max(np.abs(y - ref) / bound)))
 
 
-def test_skinny_matmul_refuses_what_it_cannot_compute(kernel):
+def test_panel_products_refuse_what_they_cannot_compute(kernel):
     x = jnp.ones((2, 8), jnp.float32)
-    with pytest.raises(ValueError, match="do not contract"):
-        cpu_matmul.skinny_matmul(x, jnp.ones((4, 8), jnp.float32))
-    with pytest.raises(ValueError, match="float32"):
-        cpu_matmul.skinny_matmul(x.astype(jnp.bfloat16), jnp.ones((8, 4), jnp.bfloat16))
-    with pytest.raises(ValueError, match="bfloat16 w"):
-        cpu_matmul.skinny_matmul(x, jnp.ones((8, 4), jnp.float16))
+    wp = cpu_matmul.pack_panels(jnp.ones((8, 50), jnp.float32))
+    with pytest.raises(ValueError, match="x \\[M, K\\] and wp"):
+        cpu_matmul.panel_matmul(x, wp[:, :4], 50)
+    with pytest.raises(ValueError, match="do not hold n = 97"):
+        cpu_matmul.panel_matmul(x, wp, 97)
+    with pytest.raises(ValueError, match="do not hold n = 48"):
+        cpu_matmul.panel_matmul(x, wp, 48)  # the second panel would be empty
+    with pytest.raises(ValueError, match="float32 x"):
+        cpu_matmul.kernel_matmul(x.astype(jnp.bfloat16), wp, 50)
+    with pytest.raises(ValueError, match="bfloat16 wp"):
+        cpu_matmul.kernel_matmul(x, wp.astype(jnp.float16), 50)
 
 
-@pytest.mark.parametrize("rows, expected", [(1, set()), (3, {"appo_skinny_kn", "appo_skinny_nk"}),
-                                            (8, {"appo_skinny_nk"}), (16, set())])
-def test_the_decoder_calls_the_kernel_at_the_row_counts_where_it_is_faster(kernel, rows, expected):
-    """``ModelConfig.cpu_kernels``: the products of a [rows, 1] forward go to the kernel per `KERNEL_ROWS`."""
-    import dataclasses
-    from appo_jax.models.decoder import forward, unstack_layers
-    config, params, _ = load_model("tiny-llama")
-    config = dataclasses.replace(config, cpu_kernels=True)
-    tokens = jnp.ones((rows, 1), jnp.int32)
-    hlo = jax.jit(lambda p, t: forward(p, t, t, config=config)[0]).lower(unstack_layers(params), tokens).as_text()
-    assert {t for t in ("appo_skinny_kn", "appo_skinny_nk") if t in hlo} == expected
-    assert all(set(cpu_matmul.KERNEL_ROWS[t]) <= set(range(2, 9)) for t in (False, True))
+def _attention_float64(q, k, v, mask):
+    """out[b, h] = sum_s softmax_s(q[b, h] . k[b, s, h // G] / sqrt(hd), masked at -1e30) v[b, s, h // G]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, h, hd = q.shape
+    g = h // k.shape[2]
+    out = np.zeros((b, h, hd))
+    for i in range(b):
+        for j in range(h):
+            scores = k[i, :, j // g] @ q[i, j] / np.sqrt(hd)
+            scores = np.where(mask[i], scores, -1e30)
+            p = np.exp(scores - scores.max())
+            out[i, j] = (p / p.sum()) @ v[i, :, j // g]
+    return out
+
+
+def test_decode_attention_matches_a_float64_softmax(kernel):
+    rng = np.random.default_rng(1)
+    f = jax.jit(decode_attention)
+    for layers, b, s, kv, h, hd in [(2, 3, 37, 3, 9, 64), (1, 2, 16, 1, 4, 20), (3, 4, 70, 2, 2, 128), (1, 1, 1, 1, 1, 8)]:
+        k = rng.standard_normal((layers, b, s, kv, hd), dtype=np.float32) * 2
+        v = rng.standard_normal((layers, b, s, kv, hd), dtype=np.float32)
+        q = rng.standard_normal((b, h, hd), dtype=np.float32)
+        mask = rng.random((b, s)) < 0.6
+        mask[0] = False                 # no visible slot: the uniform average
+        mask[-1, rng.integers(s)] = True
+        for layer in range(layers):
+            out = np.asarray(f(q, k, v, layer, mask))
+            ref = _attention_float64(q, k[layer], v[layer], mask)
+            np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * np.abs(v).max())
+    with pytest.raises(ValueError, match="H % KV == 0"):
+        decode_attention(jnp.ones((1, 3, 8)), jnp.ones((1, 1, 4, 2, 8)), jnp.ones((1, 1, 4, 2, 8)), 0,
+                         jnp.ones((1, 4), bool))
+    with pytest.raises(ValueError, match="float32 q and caches"):
+        decode_attention(jnp.ones((1, 2, 8), jnp.bfloat16), jnp.ones((1, 1, 4, 2, 8)), jnp.ones((1, 1, 4, 2, 8)), 0,
+                         jnp.ones((1, 4), bool))
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])  # tied; lm_head + bias; q/k norm
+def test_the_packed_decoder_computes_what_the_plain_one_does(kernel, preset):
+    """`pack_weights` + ``cpu_kernels``: the same logits and cache as the plain decoder, for a prefill (XLA's dot
+    over the panels past `KERNEL_MAX_ROWS` rows, the kernel below) and for decode steps over a cache (the panel
+    kernel and the attention kernel), stacked or unstacked params in; the HLO calls the kernels where documented."""
+    config, params, _ = load_model(preset, rng=jax.random.PRNGKey(1))
+    packed_config = dataclasses.replace(config, cpu_kernels=True)
+    packed = pack_weights(params, config)
+    assert jax.tree.structure(pack_weights(unstack_layers(params), config)) == jax.tree.structure(packed)
+    jax.tree.map(np.testing.assert_array_equal, pack_weights(packed, config), packed)  # packed ones pass through
+    rows, prompt = 3, 30
+    tokens = (jnp.arange(rows * prompt).reshape(rows, prompt) * 7) % config.vocab_size
+    positions = jnp.broadcast_to(jnp.arange(prompt), (rows, prompt))
+    outs = {}
+    for name, cfg, p in (("plain", config, params), ("packed", packed_config, packed)):
+        cache = init_cache(cfg, rows, 48)
+        logits, cache = forward(p, tokens, positions, config=cfg, cache=cache)
+        steps = [logits]
+        for t in range(3):
+            tok = jnp.full((rows, 1), 5 + t)
+            step, cache = forward(p, tok, jnp.full((rows, 1), prompt + t), config=cfg, cache=cache)
+            steps.append(step)
+        outs[name] = (steps, cache)
+    for a, b in zip(outs["plain"][0], outs["packed"][0]):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(outs["plain"][1].k, outs["packed"][1].k, atol=2e-5, rtol=1e-5)
+    step_hlo = jax.jit(lambda p, c: forward(p, jnp.ones((rows, 1), jnp.int32), jnp.ones((rows, 1), jnp.int32),
+                                            config=packed_config, cache=c)).lower(packed, cache).as_text()
+    assert "appo_panel_matmul" in step_hlo and "appo_decode_attention" in step_hlo
+    prefill_hlo = jax.jit(lambda p: forward(p, tokens, positions, config=packed_config)[0]).lower(packed).as_text()
+    assert "appo_panel_matmul" not in prefill_hlo and "appo_decode_attention" not in prefill_hlo  # 90 rows: XLA
+    with pytest.raises(Exception, match="shape"):  # plain params for a packed config: flax names the mismatch
+        forward(unstack_layers(params), tokens, positions, config=packed_config)
 
 
 @pytest.mark.parametrize("preset, weights", [("tiny-llama", "float32"),    # a tied embedding: the nk kernel
                                              ("tiny-qwen2", "bfloat16")])  # lm_head + q/k/v bias, bf16 weights
 def test_the_sampler_with_cpu_kernels_samples_what_xla_does(kernel, preset, weights):
-    """The same tokens and log-probs with the kernel as with XLA's dot (bf16 weights: XLA widens them to float32
-    before its dot, the kernel in registers; the same products either way)."""
+    """The same tokens and log-probs with the kernels as with XLA (bf16 weights: XLA widens them to float32 before
+    its dot, the kernel in registers; the same products either way); the sampler's weights are packed."""
     config, params, _ = load_model(preset, rng=jax.random.PRNGKey(3), dtype="float32", param_dtype=weights)
     outs = []
     for cpu_kernels in (False, True):
         s = Sampler(config, params, num_slots=4, max_len=64, decode_chunk=6, min_attention_window=64,
                     sampling=SamplingParams(1.0), eos_token_ids=(), cpu_kernels=cpu_kernels)
         assert s.cpu_kernels_status[0] == cpu_kernels and s.config.cpu_kernels == cpu_kernels
+        assert ("layers_0" in s.params and s.params["layers_0"]["mlp"]["up_proj"]["kernel"].ndim == 3) == cpu_kernels
         s.start([0, 1, 2], [[1, 8, 21, 7], [1, 5], [3, 3, 3]], [jax.random.key(i) for i in range(3)])
         a = s.decode(np.array([True, True, True, False]), 6)
         s.append([0], [[40, 41]])  # an extend of 4 x 2 rows: the kernel's 8-row case
@@ -103,13 +186,13 @@ def test_the_sampler_says_why_it_does_not_use_the_kernel(monkeypatch):
         False, "the weights are spread over 2 devices")
     # no compiler: the status says so (and the kernel is never called)
     monkeypatch.setenv("CXX", "no-such-compiler-appo")
-    cpu_matmul.kernel_status.cache_clear()
+    build.kernel_status.cache_clear()
     try:
-        assert cpu_matmul.kernel_status() == (False, "no C++ compiler (no-such-compiler-appo) on PATH")
+        assert build.kernel_status() == (False, "no C++ compiler (no-such-compiler-appo) on PATH")
         s = Sampler(config, params, num_slots=2, max_len=32, cpu_kernels=True)
         assert not s.cpu_kernels_status[0] and not s.config.cpu_kernels
     finally:
-        cpu_matmul.kernel_status.cache_clear()
+        build.kernel_status.cache_clear()
 
 
 def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
@@ -117,20 +200,19 @@ def test_a_failed_build_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fake 1.0; exit 0; }\necho 'fake: no' >&2; exit 1\n")
     fake.chmod(0o755)
     monkeypatch.setenv("CXX", str(fake))
-    monkeypatch.setenv(cpu_matmul.CACHE_ENV, str(tmp_path / "kernels"))
-    cpu_matmul.kernel_status.cache_clear()
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "kernels"))
+    build.kernel_status.cache_clear()
     try:
-        ok, why = cpu_matmul.kernel_status()
-        assert not ok and why.startswith("building cpu_skinny_matmul.cc failed") and "fake: no" in why
+        ok, why = build.kernel_status()
+        assert not ok and why.startswith("building the CPU kernels failed") and "fake: no" in why
         assert not list((tmp_path / "kernels").glob("*.so"))
     finally:
-        cpu_matmul.kernel_status.cache_clear()
+        build.kernel_status.cache_clear()
 
 
 def test_the_sampler_keeps_its_weights_in_the_configs_param_dtype():
     """``rollout.weights_dtype``: a float32 policy given to a sampler whose config says bfloat16 weights is cast once
     (and samples what a sampler given the bf16 weights directly samples); a bad dtype is one clear error."""
-    import dataclasses
     from appo_jax.rollout.config import RolloutConfig
     config, params, _ = load_model("tiny-llama", rng=jax.random.PRNGKey(5))
     bf16 = dataclasses.replace(config, param_dtype="bfloat16")

@@ -47,9 +47,9 @@ class ModelConfig:
     eos_token_ids (tuple), pad_token_id, dtype (compute dtype name), param_dtype (parameter dtype name),
     remat_policy (one of REMAT_POLICIES), scan_layers (True: lax.scan over layers; False: the same stacked
     parameters, fully unrolled loop), model_type ("llama" | "qwen2" | "qwen3", used for HF export), cpu_kernels
-    (float32 products of a few rows, i.e. decode steps, go to the CPU kernel of `appo_jax.kernels.cpu_matmul` at
-    the row counts where it beats XLA's dot, `use_kernel`; set by the sampler, never for training: the kernel has
-    no gradient).
+    (the weight matrices are stored as column panels, `appo_jax.models.decoder.pack_weights`, and products of at
+    most `appo_jax.kernels.cpu_matmul.KERNEL_MAX_ROWS` float32 rows, i.e. decode steps, go to the CPU kernel of
+    that module; set by the sampler, never for training: the kernel has no gradient).
 
     Hashable (usable as a jit static argument) even though rope_scaling is a dict.
     """

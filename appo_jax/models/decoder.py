@@ -7,6 +7,7 @@ Public API (docs/architecture.md, "Model"):
       -> (float32 logits [B, T, V] | final-normed hidden [B, T, D], new_cache)
   unembed(params, hidden, *, config) -> float32 logits [..., V]
   unstack_layers(params) -> params              the layers as one subtree per layer (forward accepts both)
+  pack_weights(params, config) -> params        unstacked, matrices as column panels (``cpu_kernels``)
   init_cache(config, batch, max_len) -> KVCache   (re-exported from kv_cache)
 
 Parameter tree (names follow HF so that import/export is a rename):
@@ -18,9 +19,14 @@ Parameter tree (names follow HF so that import/export is a rename):
 Unstacked (`unstack_layers`): ``layers`` replaced by ``layers_0`` .. ``layers_{L-1}``, the same subtree without the
 leading L axis. XLA's CPU backend materialises every slice of a stacked weight (a copy per layer and call) before
 its dot; the sampler can keep its weights unstacked (`appo_jax.rollout.sampler.Sampler`, ``unstack_weights``).
+Packed (``ModelConfig.cpu_kernels``, `pack_weights`): unstacked, and every matrix stored as the column panels
+that the CPU kernel streams (`appo_jax.kernels.cpu_matmul.pack_panels`): a Dense kernel [*in, *out] as
+[ceil(prod(out) / 48), prod(in), 48], lm_head/kernel as [ceil(V / 48), D, 48], a tied embed_tokens/embedding as
+the panels of its transpose (rows looked up as columns). The sampler keeps such a copy for decoding on a CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -29,13 +35,15 @@ import jax
 import jax.numpy as jnp
 from flax.linen import meta
 
-from appo_jax.kernels.cpu_matmul import WEIGHT_DTYPES, skinny_matmul, use_kernel
+from appo_jax.kernels.build import kernel_available
+from appo_jax.kernels.cpu_attention import decode_attention
+from appo_jax.kernels.cpu_matmul import pack_panels, panel_columns, panel_matmul
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.kv_cache import KVCache, init_cache
 from appo_jax.models.rope import apply_rope, rope_cos_sin
 
-__all__ = ["init_params", "param_logical_axes", "forward", "unembed", "unstack_layers", "init_cache", "KVCache",
-           "Decoder"]
+__all__ = ["init_params", "param_logical_axes", "forward", "unembed", "unstack_layers", "pack_weights", "init_cache",
+           "KVCache", "Decoder"]
 
 _INIT = nn.initializers.normal(stddev=0.02)
 _MASK_VALUE = -1e30  # finite: a query with no visible key gets a uniform (finite) distribution, never NaN
@@ -66,9 +74,10 @@ class RMSNorm(nn.Module):
 
 class Dense(nn.Module):
     """y = x . kernel (+ bias), contracting the last `n_in` axes of x with the leading axes of kernel
-    [*in_shape, *features]; computed in `dtype` (with ``cpu_kernels``, float32 products of few rows by the CPU
-    kernel, `_skinny`: the same sums in another order). (Own module rather than nn.DenseGeneral, whose
-    flattened-kernel initializer breaks logical partitioning of multi-axis kernels.)"""
+    [*in_shape, *features]; computed in `dtype`. With ``cpu_kernels`` the kernel is stored as column panels of its
+    [prod(in_shape), prod(features)] matrix (`appo_jax.kernels.cpu_matmul.pack_panels`) and multiplied by
+    `panel_matmul` (the CPU kernel for few float32 rows: the same sums in another order). (Own module rather than
+    nn.DenseGeneral, whose flattened-kernel initializer breaks logical partitioning of multi-axis kernels.)"""
 
     features: tuple[int, ...]
     axes: tuple[str, ...]
@@ -81,14 +90,15 @@ class Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         in_shape = x.shape[x.ndim - self.n_in:]
-        kernel = self.param("kernel", _partitioned(_INIT, self.axes), (*in_shape, *self.features),
-                            self.param_dtype)
         lead = x.shape[:x.ndim - self.n_in]
-        if self.cpu_kernels and _skinny(math.prod(lead), self.dtype, kernel.dtype):
-            flat = skinny_matmul(x.reshape(math.prod(lead), -1).astype(jnp.float32),
-                                 kernel.reshape(math.prod(in_shape), -1))
+        if self.cpu_kernels:
+            k, n = math.prod(in_shape), math.prod(self.features)
+            kernel = self.param("kernel", _packed(_INIT, k, n), None, self.param_dtype)
+            flat = panel_matmul(x.reshape(math.prod(lead), k).astype(self.dtype), kernel, n)
             y = flat.reshape(*lead, *self.features)
         else:
+            kernel = self.param("kernel", _partitioned(_INIT, self.axes), (*in_shape, *self.features),
+                                self.param_dtype)
             x_letters = "abcdefgh"[: x.ndim - self.n_in]
             in_letters = "ijkl"[: self.n_in]
             out_letters = "mnop"[: len(self.features)]
@@ -101,18 +111,19 @@ class Dense(nn.Module):
         return y
 
 
+def _packed(init, k: int, n: int, transposed: bool = False):
+    """An initializer of the column panels of a [k, n] matrix drawn by ``init`` (``transposed``: of the transpose
+    of an [n, k] matrix, a tied embedding); the shape argument is ignored."""
+    def packed_init(key, _shape, dtype):
+        w = init(key, (n, k) if transposed else (k, n), dtype)
+        return pack_panels(w.T if transposed else w)
+    return packed_init
+
+
 def _dense(features, axes, bias_axes=None, *, config, name, n_in=1):
     features = (features,) if isinstance(features, int) else tuple(features)
     return Dense(features, axes, bias_axes, n_in, config.compute_dtype, config.params_dtype, config.cpu_kernels,
                  name=name)
-
-
-def _skinny(rows: int, dtype, weight_dtype, w_transposed: bool = False) -> bool:
-    """Whether a product of ``rows`` rows goes to the CPU kernel (``ModelConfig.cpu_kernels``): float32 inputs,
-    float32 or bfloat16 weights, a row count where the kernel is the faster and the kernel built
-    (`appo_jax.kernels.cpu_matmul.use_kernel`; decided at trace time)."""
-    return (jnp.dtype(dtype) == jnp.float32 and jnp.dtype(weight_dtype) in WEIGHT_DTYPES
-            and use_kernel(rows, w_transposed=w_transposed, weight_dtype=weight_dtype))
 
 
 def dot_product_attention(q, k, v, mask):
@@ -133,12 +144,20 @@ def dot_product_attention(q, k, v, mask):
     return out.reshape(b, t, h, hd).astype(q.dtype)
 
 
+def _decode_kernel(config: ModelConfig, q, k_cache) -> bool:
+    """Whether attention over the cache goes to the CPU kernel (`appo_jax.kernels.cpu_attention`): ``cpu_kernels``,
+    one query token per row (a decode step), float32 and the kernel built (decided at trace time)."""
+    return (config.cpu_kernels and q.shape[1] == 1 and q.dtype == k_cache.dtype == jnp.float32
+            and kernel_available())
+
+
 class Attention(nn.Module):
     """GQA self-attention with RoPE, optional qkv bias (Qwen2) and per-head q/k RMSNorm before RoPE (Qwen3).
 
     With a cache (k_cache/v_cache [L, B, S, KV, hd] plus the layer index and write slots) the new keys/values are
     scattered at (layer, b, slot[b, t]) and the queries attend over the layer's S slots; without, over the T new
-    tokens. `mask` [B, T, S or T] is the full visibility mask."""
+    tokens. `mask` [B, T, S or T] is the full visibility mask. With ``cpu_kernels``, one query token per row
+    attends over the cache in the CPU kernel (`_decode_kernel`: the same sums without copying the window)."""
 
     config: ModelConfig
 
@@ -166,10 +185,11 @@ class Attention(nn.Module):
             rows = jnp.arange(x.shape[0])[:, None]
             k_cache = k_cache.at[layer, rows, slot].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[layer, rows, slot].set(v.astype(v_cache.dtype), mode="drop")
-            k_att, v_att = k_cache[layer], v_cache[layer]
+        if k_cache is not None and _decode_kernel(cfg, q, k_cache):
+            out = decode_attention(q[:, 0], k_cache, v_cache, layer, mask[:, 0])[:, None]
         else:
-            k_att, v_att = k, v
-        out = dot_product_attention(q, k_att.astype(q.dtype), v_att.astype(q.dtype), mask)
+            k_att, v_att = (k_cache[layer], v_cache[layer]) if k_cache is not None else (k, v)
+            out = dot_product_attention(q, k_att.astype(q.dtype), v_att.astype(q.dtype), mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = _dense(cfg.hidden_size, ("heads", "head_dim", "embed"), config=cfg, name="o_proj", n_in=2)(out)
         return out, k_cache, v_cache
@@ -223,20 +243,37 @@ class _LMHead(nn.Module):
     @nn.compact
     def __call__(self):
         cfg = self.config
+        if cfg.cpu_kernels:
+            return self.param("kernel", _packed(_INIT, cfg.hidden_size, cfg.vocab_size), None, cfg.params_dtype)
         return self.param(
             "kernel", _partitioned(_INIT, ("embed", "vocab")), (cfg.hidden_size, cfg.vocab_size), cfg.params_dtype
         )
 
 
-def _project(hidden, weight, tied: bool, cpu_kernels: bool = False):
-    """float32 logits: hidden [..., D] times embedding[V, D]^T (tied) or kernel [D, V] (untied), accumulated in
-    float32 (by the CPU kernel for few rows with ``cpu_kernels``, `_skinny`)."""
-    lead = hidden.shape[:-1]
-    if cpu_kernels and _skinny(math.prod(lead), hidden.dtype, weight.dtype, tied):
-        logits = skinny_matmul(hidden.reshape(math.prod(lead), -1), weight, w_transposed=tied)
-        return logits.reshape(*lead, logits.shape[-1])
+class _PanelEmbed(nn.Module):
+    """A tied embedding E [V, D] stored as the column panels of E^T (``cpu_kernels``: the LM head's layout);
+    looks rows up as columns (`panel_columns`), in the compute dtype."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param("embedding", _packed(_INIT, cfg.hidden_size, cfg.vocab_size, transposed=True),
+                                    None, cfg.params_dtype)
+
+    def __call__(self, tokens):
+        return panel_columns(self.embedding, tokens).astype(self.config.compute_dtype)
+
+
+def _project(hidden, weight, config: ModelConfig):
+    """float32 logits [..., V]: hidden [..., D] times embedding[V, D]^T (tied) or kernel [D, V] (untied), accumulated
+    in float32; with ``cpu_kernels`` the weight is the column panels of that [D, V] matrix (`panel_matmul`)."""
+    if config.cpu_kernels:
+        lead = hidden.shape[:-1]
+        logits = panel_matmul(hidden.reshape(math.prod(lead), -1), weight, config.vocab_size)
+        return logits.reshape(*lead, config.vocab_size).astype(jnp.float32)
     weight = weight.astype(hidden.dtype)
-    spec = "...d,vd->...v" if tied else "...d,dv->...v"
+    spec = "...d,vd->...v" if config.tie_word_embeddings else "...d,dv->...v"
     return jnp.einsum(spec, hidden, weight, preferred_element_type=jnp.float32)
 
 
@@ -254,10 +291,13 @@ class Decoder(nn.Module):
         if token_mask is None:
             token_mask = jnp.ones((b, t), jnp.bool_)
         token_mask = token_mask.astype(jnp.bool_)
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-            embedding_init=_partitioned(_INIT, ("vocab", "embed")), name="embed_tokens",
-        )
+        if cfg.cpu_kernels and cfg.tie_word_embeddings:
+            embed = _PanelEmbed(cfg, name="embed_tokens")
+        else:
+            embed = nn.Embed(
+                cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+                embedding_init=_partitioned(_INIT, ("vocab", "embed")), name="embed_tokens",
+            )
         x = nn.with_logical_constraint(embed(tokens), ("batch", "length", "embed"))
         cos, sin = rope_cos_sin(positions, cfg)
         ctx = {"cos": cos, "sin": sin}
@@ -303,7 +343,7 @@ class Decoder(nn.Module):
         if return_hidden:
             return hidden, new_cache
         weight = embed.embedding if cfg.tie_word_embeddings else _LMHead(cfg, name="lm_head")()
-        logits = _project(hidden, weight, cfg.tie_word_embeddings, cfg.cpu_kernels)
+        logits = _project(hidden, weight, cfg)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab")), new_cache
 
 
@@ -371,9 +411,31 @@ def unstack_layers(params: dict) -> dict:
     return out
 
 
+def pack_weights(params: dict, config: ModelConfig) -> dict:
+    """``params`` (stacked or not) in the layout of ``config`` with ``cpu_kernels`` (module doc): unstacked, every
+    Dense kernel [*in, *out] as the column panels of its [prod(in), prod(out)] matrix, the untied LM head's [D, V]
+    kernel as its panels, a tied embedding E [V, D] as the panels of E^T (`pack_panels`); the rest unchanged.
+    Packed params pass through."""
+    params = unstack_layers(params)
+    cfg = dataclasses.replace(config, cpu_kernels=True)
+    target = jax.eval_shape(lambda: Decoder(cfg, unstacked=True).init(jax.random.PRNGKey(0), *_dummy_inputs()))
+
+    def pack(path, leaf, want):
+        names = tuple(p.key for p in path)
+        if leaf.shape == want.shape:
+            return leaf
+        if names[-2:] == ("embed_tokens", "embedding"):
+            return pack_panels(leaf.T)
+        if names[-1] != "kernel":
+            raise ValueError(f"pack_weights: {'/'.join(names)} {leaf.shape} does not fit the model's layout")
+        return pack_panels(leaf.reshape(want.shape[1], -1))
+
+    return jax.tree_util.tree_map_with_path(pack, params, meta.unbox(target["params"]))
+
+
 def unembed(params: dict, hidden: jnp.ndarray, *, config: ModelConfig) -> jnp.ndarray:
     """float32 logits [..., V] = hidden [..., D] @ W, W = embed_tokens.embedding^T if tied else lm_head.kernel
     (inputs in hidden's dtype, float32 accumulation)."""
     if config.tie_word_embeddings:
-        return _project(hidden, params["embed_tokens"]["embedding"], True, config.cpu_kernels)
-    return _project(hidden, params["lm_head"]["kernel"], False, config.cpu_kernels)
+        return _project(hidden, params["embed_tokens"]["embedding"], config)
+    return _project(hidden, params["lm_head"]["kernel"], config)

@@ -54,9 +54,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from appo_jax.kernels.cpu_matmul import kernel_status
+from appo_jax.kernels.build import kernel_status
 from appo_jax.models.config import ModelConfig
-from appo_jax.models.decoder import forward, unstack_layers
+from appo_jax.models.decoder import forward, pack_weights, unstack_layers
 from appo_jax.models.kv_cache import KVCache, init_cache
 from appo_jax.models.sharding import cache_shardings
 from appo_jax.rollout.sampling import SamplingParams, select_tokens
@@ -312,6 +312,9 @@ def _cpu_kernels_status(config: ModelConfig, params, mesh: jax.sharding.Mesh | N
     return kernel_status()
 
 
+_packed_weights = jax.jit(pack_weights, static_argnums=1)
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -429,10 +432,13 @@ class Sampler:
 
     def _own_weights(self, params):
         """The sampler's copy of ``params``: floating leaves in ``config.param_dtype`` (cast when they differ, e.g.
-        bfloat16 weights from a float32 trainer: ``rollout.weights_dtype``), unstacked with ``unstack_weights``."""
+        bfloat16 weights from a float32 trainer: ``rollout.weights_dtype``), unstacked with ``unstack_weights``,
+        packed into column panels with the CPU kernel (`appo_jax.models.decoder.pack_weights`)."""
         want = self.config.params_dtype
         params = jax.tree.map(lambda x: x.astype(want) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != want
                               else x, params)
+        if self.config.cpu_kernels:
+            return _packed_weights(params, self.config)
         return unstack_layers(params) if self._unstack else params
 
     def sequence(self, slot: int) -> list[int]:

@@ -9,7 +9,8 @@ compile time JAX reports (`jax.monitoring` duration events "/jax/core/compile/*"
 Roofline: a decode step at small batch is bound by memory traffic, so the result also reports the bytes one step
 must read (`decode_step_bytes`: every parameter once, plus the K and V cache slots of the attention window) and
 ``memory_bandwidth_share`` = (bytes per step / seconds per step) / the device's streaming bandwidth measured in
-the same process (`measure_memory_bandwidth`), next to the nominal peak where the device is known
+the same process (`measure_memory_bandwidth` after each steady run, the median: on a shared machine it moves by
+a third from one minute to the next), next to the nominal peak where the device is known
 (NOMINAL_PEAK_BANDWIDTH, e.g. HBM of an H100).
 """
 from __future__ import annotations
@@ -74,12 +75,14 @@ def random_prompts(vocab_size: int, batch: int, prompt_len: int, seed: int = 0) 
     return rng.integers(3, vocab_size, size=(batch, prompt_len)).tolist()
 
 
-def decode_roofline(config: ModelConfig, params, *, batch: int, windows: list[int], step_s: float) -> dict:
+def decode_roofline(config: ModelConfig, params, *, batch: int, windows: list[int], step_s: float,
+                    bandwidth: float | None = None) -> dict:
     """Where one decode step of ``step_s`` seconds stands against memory bandwidth: the bytes it reads
     (`decode_step_bytes` at the mean attention window of ``windows``), the GB/s that makes, the streaming bandwidth
-    measured now (`measure_memory_bandwidth`) and the share of it, and of the device's nominal peak when known."""
+    (``bandwidth`` bytes/s, else measured now: `measure_memory_bandwidth`) and the share of it, and of the device's
+    nominal peak when known."""
     step_bytes = decode_step_bytes(config, params, batch=batch, window=float(np.mean(windows)))
-    bandwidth = measure_memory_bandwidth()
+    bandwidth = bandwidth or measure_memory_bandwidth()
     nominal = NOMINAL_PEAK_BANDWIDTH.get(jax.devices()[0].device_kind)
     return {
         "bytes_per_step": step_bytes,
@@ -129,8 +132,12 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
             raise RuntimeError(f"bench: expected {new_tokens} tokens per row, got {out.num_new.tolist()}")
         return t1 - t0, t2 - t1
 
-    def run_and_interleave() -> tuple[float, float]:
+    streams = []  # the streaming bandwidth after each steady run: the machine as the runs found it
+
+    def run_and_interleave(steady: bool = True) -> tuple[float, float]:
         times = one_run()
+        if steady:
+            streams.append(measure_memory_bandwidth())
         if after_each_run is not None:
             after_each_run()
         return times
@@ -143,7 +150,7 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
     try:
-        run_and_interleave()
+        run_and_interleave(steady=False)
         steady = [run_and_interleave() for _ in range(runs)]
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
@@ -168,5 +175,6 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
         "device_kind": jax.devices()[0].device_kind,
         "dtype": str(np.dtype(config.compute_dtype)),
         "cpu_kernels": sampler.cpu_kernels_status[0] or sampler.cpu_kernels_status[1],
-        "roofline": decode_roofline(config, params, batch=batch, windows=windows, step_s=decode_s / new_tokens),
+        "roofline": decode_roofline(config, params, batch=batch, windows=windows, step_s=decode_s / new_tokens,
+                                    bandwidth=statistics.median(streams)),
     }
