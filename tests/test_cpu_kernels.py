@@ -93,7 +93,8 @@ def _attention_float64(q, k, v, mask):
 def test_decode_attention_matches_a_float64_softmax(kernel):
     rng = np.random.default_rng(1)
     f = jax.jit(decode_attention)
-    for layers, b, s, kv, h, hd in [(2, 3, 37, 3, 9, 64), (1, 2, 16, 1, 4, 20), (3, 4, 70, 2, 2, 128), (1, 1, 1, 1, 1, 8)]:
+    shapes = [(2, 3, 37, 3, 9, 64), (1, 2, 16, 1, 4, 20), (3, 4, 70, 2, 2, 128), (1, 1, 1, 1, 1, 8)]
+    for layers, b, s, kv, h, hd in shapes:  # L, B, S, KV, H, hd
         k = rng.standard_normal((layers, b, s, kv, hd), dtype=np.float32) * 2
         v = rng.standard_normal((layers, b, s, kv, hd), dtype=np.float32)
         q = rng.standard_normal((b, h, hd), dtype=np.float32)
