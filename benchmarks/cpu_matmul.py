@@ -30,7 +30,8 @@ def main() -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from appo_jax.kernels.cpu_matmul import kernel_matmul, kernel_status, pack_panels
+    from appo_jax.kernels.build import kernel_status
+    from appo_jax.kernels.cpu_matmul import kernel_matmul, pack_panels
     from appo_jax.rollout.throughput import measure_memory_bandwidth
     from appo_jax.training.multihost_check import processor_name
 

@@ -32,7 +32,7 @@ from appo_jax.kernels.build import kernel_available
 #: Columns of a panel (three AVX-512 vectors; `pack_panels`).
 PANEL = 48
 #: Products of at most this many rows go to the kernel, more to XLA's dot (measured: ``benchmarks/cpu_matmul.py``).
-KERNEL_MAX_ROWS = 64
+KERNEL_MAX_ROWS = 128
 #: Weight dtypes the kernel reads (bfloat16: widened to float32 in registers, float32 accumulation).
 WEIGHT_DTYPES = (jnp.float32, jnp.bfloat16)
 

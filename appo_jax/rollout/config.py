@@ -38,13 +38,14 @@ class RolloutConfig:
     and Tree-GRPO's expansions from the slots the previous phase left, ARPO / AEPO's copies from the parent's slot
     while it runs; a branch whose parent's slot was reused first (a later wave of a call with more branches than
     slots) prefills (``branch/kv_forked`` counts the forks). No copy of the cache is kept. ``cpu_kernels``
-    (default off): on a CPU, decode steps over 2-8 slots multiply by the weights in the C++ kernel of
-    `appo_jax.kernels.cpu_matmul` (1.28x faster steps at 2 slots for SmolLM2 on a 2-core EPYC; the sampler's
-    ``cpu_kernels``: float32, weights on one device, a C++ compiler). ``weights_dtype`` (``""`` = the model's):
-    the sampler keeps its copy of the weights in this dtype, cast once per new policy; ``bfloat16`` with float32
-    compute halves the bytes a decode step reads (with ``cpu_kernels``, 1.37-1.60x faster steps for SmolLM2; 78% of
-    32 greedy GSM8K rows identical to float32 over 96 tokens, `benchmarks/sampler_bf16.py`); the trainer's
-    log-probs stay float32, and the ``mismatch/*`` metrics show the difference.
+    (default off): on a CPU, decode steps run in the C++ kernels of `appo_jax.kernels` (weights packed as column
+    panels, attention over the cache in place; for SmolLM2 on a 2-core EPYC, 1.4-2.1x faster steps than XLA at
+    1-8 slots, README "Speed"; the sampler's ``cpu_kernels``: float32, weights on one device, a C++ compiler).
+    ``weights_dtype`` (``""`` = the model's): the sampler keeps its copy of the weights in this dtype, cast once
+    per new policy; ``bfloat16`` with float32 compute halves the bytes a decode step reads (with ``cpu_kernels``,
+    1.17-1.66x faster steps for SmolLM2; 78% of 32 greedy GSM8K rows identical to float32 over 96 tokens,
+    `benchmarks/sampler_bf16.py`); the trainer's log-probs stay float32, and the ``mismatch/*`` metrics show the
+    difference.
     """
 
     max_prompt_len: int = 2048

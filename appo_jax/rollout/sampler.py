@@ -368,12 +368,13 @@ class Sampler:
     CPU backend copies every slice of a stacked weight before its dot, so on CPU decode steps are 7-21% faster
     (benchmarks/sampler_layouts.py), at about 4.5 s more compile time per program variant for SmolLM2's 30
     layers (an unrolled forward); off by default.
-    ``cpu_kernels``: decode steps multiply by the weights in the C++ kernel of `appo_jax.kernels.cpu_matmul`
-    at the row counts where it is faster than XLA's dot (2-8 slots, ``ModelConfig.cpu_kernels``; with
-    unstacked weights, which it implies) when the kernel is available, the sampler computes in float32 (with
-    float32 weights, or bfloat16 ones: ``param_dtype="bfloat16"``, half the bytes a step reads) and is not sharded
-    over several devices; ``cpu_kernels_status`` says whether it is used and why not. Results agree with XLA's dot to
-    float32 rounding.
+    ``cpu_kernels``: decode steps run in the C++ kernels of `appo_jax.kernels` (``ModelConfig.cpu_kernels``): the
+    sampler keeps its weights packed as column panels (`appo_jax.models.decoder.pack_weights`, unstacked; products
+    of up to `appo_jax.kernels.cpu_matmul.KERNEL_MAX_ROWS` rows by the panel kernel, larger ones by XLA's dot over
+    the panels) and one-token steps attend over the cache in place (`appo_jax.kernels.cpu_attention`), when the
+    kernels are built, the sampler computes in float32 (with float32 weights, or bfloat16 ones:
+    ``param_dtype="bfloat16"``, half the bytes a step reads) and is not sharded over several devices;
+    ``cpu_kernels_status`` says whether they are used and why not. Results agree with XLA to float32 rounding.
     """
 
     def __init__(self, config: ModelConfig, params, *, num_slots: int, max_len: int,

@@ -114,9 +114,8 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
                       sampling=sampling, eos_token_ids=(), decode_chunk=decode_chunk, unstack_weights=unstack_weights,
                       cpu_kernels=cpu_kernels)
     windows = []  # the attention window of every decode step (the sampler picks one per device chunk)
-    slots = list(range(batch))
+    slots, active = list(range(batch)), np.ones(batch, bool)
     keys = [jax.random.key(i) for i in slots]
-    active = np.ones(batch, bool)
 
     def one_run() -> tuple[float, float]:
         t0 = time.perf_counter()
@@ -132,12 +131,11 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
             raise RuntimeError(f"bench: expected {new_tokens} tokens per row, got {out.num_new.tolist()}")
         return t1 - t0, t2 - t1
 
-    streams = []  # the streaming bandwidth after each steady run: the machine as the runs found it
+    streams = []  # the streaming bandwidth after each run: the machine as the runs found it
 
-    def run_and_interleave(steady: bool = True) -> tuple[float, float]:
+    def run_and_interleave() -> tuple[float, float]:
         times = one_run()
-        if steady:
-            streams.append(measure_memory_bandwidth())
+        streams.append(measure_memory_bandwidth())
         if after_each_run is not None:
             after_each_run()
         return times
@@ -150,7 +148,7 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
     try:
-        run_and_interleave(steady=False)
+        run_and_interleave()
         steady = [run_and_interleave() for _ in range(runs)]
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
@@ -176,5 +174,5 @@ def measure_sampler(config: ModelConfig, params, *, batch: int, new_tokens: int,
         "dtype": str(np.dtype(config.compute_dtype)),
         "cpu_kernels": sampler.cpu_kernels_status[0] or sampler.cpu_kernels_status[1],
         "roofline": decode_roofline(config, params, batch=batch, windows=windows, step_s=decode_s / new_tokens,
-                                    bandwidth=statistics.median(streams)),
+                                    bandwidth=statistics.median(streams[1:])),  # the steady runs' 
     }
