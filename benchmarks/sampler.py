@@ -13,6 +13,10 @@ in one process) with its best torch thread count (a short probe of os.cpu_count(
 machine torch's OpenMP spinning can make 2 threads far slower than 1). Runs of the two sides alternate
 (ours, transformers, ours, ...) so that both see the same machine load; the 1-minute load average is recorded.
 
+On a CPU with float32 compute, our side runs decode steps in the C++ kernels of `appo_jax.kernels`
+(``Sampler(cpu_kernels=True)``; ``--no-cpu-kernels`` for XLA alone, e.g. with ``--unstack-weights`` as the
+baseline); each row says whether they ran, or why not.
+
 Each row also carries our decode roofline (`appo_jax.rollout.throughput`): bytes one step reads (parameters +
 the K/V of the attention window), the achieved bytes/s and its share of the streaming bandwidth measured in the
 same process (and of the nominal HBM peak on a known accelerator).
@@ -107,9 +111,10 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--unstack-weights", action="store_true",
                         help="the sampler keeps unstacked layer weights (faster decode on CPU, longer compiles)")
-    parser.add_argument("--cpu-kernels", action="store_true",
-                        help="decode steps multiply by the weights in the C++ kernel of appo_jax.kernels.cpu_matmul "
-                             "(implies unstacked weights; each row says whether it ran)")
+    parser.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode steps in the C++ kernels of appo_jax.kernels where they can run (a CPU, float32 "
+                             "compute: packed weights, attention over the cache in place; each row says whether they "
+                             "ran, or why not); --no-cpu-kernels: XLA alone")
     parser.add_argument("--weights", default="", choices=("", "float32", "bfloat16"),
                         help="our parameter dtype when it differs from --dtype (bfloat16 weights with float32 compute: "
                              "with --cpu-kernels, read as bf16 and widened in registers)")

@@ -133,13 +133,14 @@ def _bench_sampler(args) -> int:
     config, params, _ = _load(args.model, args.dtype)
     result = measure_sampler(config, params, batch=args.batch, new_tokens=args.new_tokens,
                              prompt_len=args.prompt_len, sampling=_sampling(args), runs=args.repeats,
-                             decode_chunk=args.decode_chunk)
+                             decode_chunk=args.decode_chunk, cpu_kernels=args.cpu_kernels)
     result["model"] = args.model
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.model} batch {args.batch}: {result['tokens_per_s']:.1f} generated tokens/s, prefill "
-              f"{result['prefill_tokens_per_s']:.1f} tokens/s, compile {result['compile_s']:.1f} s")
+              f"{result['prefill_tokens_per_s']:.1f} tokens/s, compile {result['compile_s']:.1f} s, CPU kernels: "
+              f"{result['cpu_kernels']}, memory_bandwidth_share {result['roofline']['memory_bandwidth_share']}")
     return 0
 
 
@@ -326,6 +327,9 @@ def register_bench(bench: argparse._SubParsersAction) -> None:
     b.add_argument("--prompt-len", type=int, default=32, help="random prompt tokens per row")
     b.add_argument("--repeats", type=int, default=3, help="timed runs after the compiling one (median)")
     b.add_argument("--decode-chunk", type=int, default=32, help="decode steps per device loop")
+    b.add_argument("--cpu-kernels", action=argparse.BooleanOptionalAction, default=True,
+                   help="decode steps in the C++ kernels of appo_jax.kernels where they can run (a CPU, float32; the "
+                        "result says whether they ran, or why not); --no-cpu-kernels: XLA alone")
     _add_sampling_args(b)
     b.add_argument("--json", action="store_true", help="print one JSON object")
     b.set_defaults(func=_bench_sampler)
