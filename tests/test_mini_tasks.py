@@ -282,6 +282,38 @@ def test_report_curve_statistics_and_learning_check():
     assert any(line.startswith("- grpo_permuted, greedy") and "**within noise**" in line for line in lines)
 
 
+def test_report_compares_appo_with_grpo_at_each_budget(tmp_path):
+    """``--budget``: a second grid at another algorithm.n; per budget the final accuracies and APPO - GRPO (Welch)."""
+    report = _module(ROOT / "experiments" / "mini" / "report.py")
+    key = "eval/kb_multihop:heldout/greedy"
+
+    def write(root, method, seed, n, final):
+        d = root / "kb_multihop" / method / f"seed{seed}"
+        d.mkdir(parents=True)
+        config = {"algorithm": {"n": n}}
+        (d / "result.json").write_text(json.dumps({"task": "kb_multihop", "method": method, "seed": seed,
+                                                   "seconds": 1.0, "summary": {}, "config": config}))
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in ({"step": 0, key: 0.5},
+                                                                             {"step": 5, key: final})))
+
+    for seed, (g8, a8, g16, a16) in enumerate([(0.6, 0.7, 0.6, 0.9), (0.62, 0.69, 0.61, 0.92),
+                                               (0.58, 0.72, 0.63, 0.91)], start=1):
+        write(tmp_path / "n8", "grpo", seed, 8, g8)
+        write(tmp_path / "n8", "appo", seed, 8, a8)
+        write(tmp_path / "n16", "grpo", seed, 16, g16)
+        write(tmp_path / "n16", "appo", seed, 16, a16)
+    report.main([str(tmp_path / "n8"), "--budget", str(tmp_path / "n16")])
+    budget = json.loads((tmp_path / "n8" / "results.json").read_text())["budget"]["kb_multihop"]
+    assert set(budget) == {"8", "16"}
+    assert budget["8"]["appo - grpo"]["diff"] == pytest.approx(0.1033, abs=1e-3)
+    assert budget["16"]["appo - grpo"]["diff"] == pytest.approx(0.2967, abs=1e-3)
+    text = (tmp_path / "n8" / "RESULTS.md").read_text()
+    assert "| kb_multihop | 16 | greedy |" in text and "reproduced" in text
+    assert f"report.py {tmp_path / 'n8'} --budget {tmp_path / 'n16'}" in text
+    with pytest.raises(SystemExit, match="no finished runs"):
+        report.main([str(tmp_path / "n8"), "--budget", str(tmp_path)])
+
+
 @pytest.mark.heavy(order=1)
 def test_grid_smoke(tmp_path, capsys):
     """The CI smoke of the grid: 1 seed, 2 steps, APPO and the oracle on arith_program (GRPO trains in

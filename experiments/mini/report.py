@@ -1,12 +1,14 @@
 """Build the report of a mini-reproduction grid: ``DIR/RESULTS.md``, ``DIR/results.json`` and learning-curve PNGs.
 
-    python experiments/mini/report.py runs/mini/grid
+    python experiments/mini/report.py runs/mini/grid [--budget runs/mini/grid_n16]
 
 Per task and method, over seeds: held-out accuracy before RL (the SFT policy), at the end and at its best, each
 as ``{mean, ci95: [lo, hi], per_seed}`` (Student-t interval of the mean; one seed: no interval); tool calls per
 rollout, generated tokens and seconds per RL iteration. Comparisons: APPO minus each baseline (Welch interval of
 the difference of means). The verdict at the top of RESULTS.md says, for APPO vs GRPO and APPO vs ARPO: reproduced
-(the interval of the difference lies above 0), refuted (below 0) or inconclusive (it contains 0).
+(the interval of the difference lies above 0), refuted (below 0) or inconclusive (it contains 0). ``--budget``:
+another grid of GRPO and APPO at another rollout budget per prompt (``--set algorithm.n=16 --set
+algorithm.n_init=8``); the report then compares APPO with GRPO at each budget (the paper's equal-budget claim).
 """
 from __future__ import annotations
 
@@ -247,7 +249,45 @@ def pilot_section(pilots: list[dict]) -> list[str]:
     return out
 
 
-def build_report(root: Path) -> dict:
+def _budget(runs: list[dict]) -> str:
+    """Rollouts per prompt (``algorithm.n``) of the runs, as the report writes it (several: comma-separated)."""
+    return ",".join(str(n) for n in sorted({r["config"]["algorithm"]["n"] for r in runs}))
+
+
+def budget_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
+    """APPO vs GRPO at this grid's budget and at ``other``'s (a grid of the same tasks at another ``algorithm.n``):
+    per task and budget the final held-out accuracy (first evaluation mode) of each, and APPO - GRPO with its Welch
+    interval and verdict."""
+    other_runs = read_runs(other)
+    if not other_runs:
+        raise SystemExit(f"report: no finished runs under {other} (--budget)")
+    out = ["## Budget sensitivity: APPO vs GRPO at two rollout budgets per prompt", "",
+           "| task | rollouts per prompt | mode | GRPO final (seeds) | APPO final (seeds) | APPO - GRPO (points) | "
+           "verdict |", "|---|---:|---|---:|---:|---:|---|"]
+    table: dict = {}
+    for task in sorted({r["task"] for r in runs + other_runs}):
+        for grid in (runs, other_runs):
+            mine = [r for r in grid if r["task"] == task]
+            by = {m: [r for r in mine if r["method"] == m] for m in ("grpo", "appo")}
+            if not all(by.values()):
+                continue
+            modes = eval_modes(mine, task)
+            stats = {m: summarize_method(rs, task, modes) for m, rs in by.items()}
+            d = diff_ci(stats["appo"]["final_heldout_accuracy"]["per_seed"],
+                        stats["grpo"]["final_heldout_accuracy"]["per_seed"])
+            budget = _budget(mine)
+            table.setdefault(task, {})[budget] = {"grpo": stats["grpo"]["final_heldout_accuracy"],
+                                                  "appo": stats["appo"]["final_heldout_accuracy"], "appo - grpo": d}
+            diff = "fewer than 2 seeds" if d is None else (
+                f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
+            out.append(f"| {task} | {budget} | {modes[0]} | {_fmt(stats['grpo']['final_heldout_accuracy'])} "
+                       f"({len(by['grpo'])}) | {_fmt(stats['appo']['final_heldout_accuracy'])} ({len(by['appo'])}) | "
+                       f"{diff} | {verdict(d)} |")
+    out += ["", "Regenerate the other budget's runs:", "", "```", regenerate_command(other, other_runs), "```", ""]
+    return out, table
+
+
+def build_report(root: Path, budget: Path | None = None) -> dict:
     runs = read_runs(root)
     if not runs:
         raise SystemExit(f"report: no finished runs under {root} (expected TASK/METHOD/seedS/result.json)")
@@ -310,10 +350,14 @@ def build_report(root: Path) -> dict:
     lines += ["## Verdict", "", *(verdicts or ["- no APPO-vs-baseline comparison in this grid"]), "",
               "Reproduced = the 95% interval of the difference of final held-out accuracy lies above 0; refuted = "
               "below 0; inconclusive = it contains 0.", ""]
-    lines += ["## Regenerate", "", "```", regenerate_command(root, runs), f"python experiments/mini/report.py {root}",
+    again = f"python experiments/mini/report.py {root}" + ("" if budget is None else f" --budget {budget}")
+    lines += ["## Regenerate", "", "```", regenerate_command(root, runs), again,
               "```", "", f"{len(runs)} runs, {sum(r['seconds'] for r in runs) / 60:.1f} minutes of training in all "
               f"(sum of the runs' wall times, SFT included where a run trained it).", ""]
     lines += body
+    if budget is not None:
+        section, results["budget"] = budget_section(runs, budget)
+        lines += section
     pilots = [json.loads(p.read_text()) for p in sorted(root.glob("pilot_*.json"))]
     if pilots:
         results["pilot"] = pilots
@@ -327,10 +371,13 @@ def build_report(root: Path) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dir", type=Path)
+    ap.add_argument("--budget", type=Path, default=None,
+                    help="a grid of GRPO and APPO at another rollout budget per prompt, compared with this one")
     args = ap.parse_args(argv)
-    if not args.dir.is_dir():
-        raise SystemExit(f"report: {args.dir} is not a directory")
-    results = build_report(args.dir)
+    for d in (args.dir, args.budget):
+        if d is not None and not d.is_dir():
+            raise SystemExit(f"report: {d} is not a directory")
+    results = build_report(args.dir, args.budget)
     print(f"report: wrote {args.dir / 'RESULTS.md'} and results.json ({len(results['tasks'])} task(s))")
 
 
