@@ -15,6 +15,13 @@ differs from the current one), ``--prompts`` training prompts x 4 initial rollou
     continuations re-sampled from each chosen point (the mean over points of the variance of their 0/1
     accuracy, and the share of points whose continuations disagree). The standard deviation of Omega under each
     baseline shows whether the Branching Score can use it at all.
+``--real``: the same question on a model a user can run (the paper's Figure 1): SmolLM2-135M-Instruct on the
+integer-arithmetic questions of experiments/demo_smollm2.py with the python tool, after that config's brief SFT
+and ``--rl-steps`` APPO iterations (decode in the CPU kernels). Its tokens carry no decision labels, so a chosen
+point counts as decisive when its ``--k`` continuations disagree in outcome (``outcome_changes``); the oracle
+rule is left out. Each rule's decisive share comes with a 95% interval (bootstrap over prompts: the points of one
+prompt are not independent).
+
 Prints and writes one JSON object.
 """
 from __future__ import annotations
@@ -42,15 +49,36 @@ def _run_grid():
     return module
 
 
-def _config(task: str, seed: int, grid: Path):
+def _config(task: str, seed: int, grid: Path, real: bool):
     from appo_jax.training.config import apply_overrides
 
+    if real:  # SmolLM2 on the demo's arithmetic questions with the python tool, its brief SFT
+        spec = importlib.util.spec_from_file_location("demo_smollm2", HERE.parent / "demo_smollm2.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return apply_overrides(module.get_config(), [f"train.seed={seed}", f"data.seed={seed}", "logging.eval_every=0",
+                                                     "logging.progress=false", "rollout.cpu_kernels=true",
+                                                     "checkpoint.every=0", "logging.dump_rollouts_every=0"])
     module = _run_grid()._load_config_module()
     marker = grid / "grid.json"  # the grid's own overrides, so that its cached SFT policy is the one reused
     overrides = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
     return apply_overrides(module.get_config(f"appo,{task},{seed}"),
                            [*overrides, f"sft.cache_dir={grid / 'sft'}", "logging.eval_every=0",
                             "logging.progress=false"])
+
+
+def share_ci(changes: np.ndarray, ok: np.ndarray, draws: int = 2000, seed: int = 0) -> list[float] | None:
+    """95% interval of the share of valid points whose continuations disagree (``changes``, ``ok``: bool
+    [prompts, points]): percentiles of the share over ``draws`` resamples of the prompts with replacement."""
+    if not ok.any():
+        return None
+    rng = np.random.default_rng(seed)
+    shares = []
+    for _ in range(draws):
+        pick = rng.integers(0, ok.shape[0], ok.shape[0])
+        if ok[pick].any():
+            shares.append(changes[pick][ok[pick]].mean())
+    return [float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))]
 
 
 def _arpo_points(traj, groups: int, budget: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,9 +164,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--k", type=int, default=4, help="continuations re-sampled per chosen point")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct on arithmetic with the python tool")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    cfg = _config(args.task, args.seed, args.grid)
+    cfg = _config(args.task, args.seed, args.grid, args.real)
     cfg.train.steps = max(args.rl_steps, 1)  # 0: the SFT policy itself (its lagged policy is the current one)
     cfg.algorithm.omega_baseline = "lagged"
     workdir = tempfile.mkdtemp(prefix=f"appo_pilot_{args.task}_{args.seed}_")  # the trainer's scratch, removed after
@@ -153,13 +182,14 @@ def main(argv=None) -> None:
         key = jax.random.PRNGKey(1000 + args.seed)
         init = initial_rollouts(engine, prompts, n_init, key)
         traj = init.traj
-        decisions = DecisionLabeller(trainer.task, trainer.tokenizer)(traj, prompts)
+        gen = np.asarray(traj.gen_mask) & np.asarray(traj.row_valid)[:, None]
+        decisions = (np.zeros(gen.shape, bool) if args.real  # no labels: decisive = continuations disagree
+                     else DecisionLabeller(trainer.task, trainer.tokenizer)(traj, prompts))
         lc = np.asarray(pol.logprobs(trainer.state.params, traj))
         lagged = pol.lagged[0] if pol.lagged else trainer.state.params  # --rl-steps 0: no older policy yet
         baselines = {"lagged": np.asarray(pol.logprobs(lagged, traj)),
                      "sampler": np.asarray(traj.behavior_logp),
                      "reference": np.asarray(pol.logprobs(sft_params, traj))}
-        gen = np.asarray(traj.gen_mask) & np.asarray(traj.row_valid)[:, None]
         omega_std = {}
         rules = {}
         table = trainer.strategy.context.table
@@ -173,9 +203,10 @@ def main(argv=None) -> None:
             rules[f"{score}_only"] = choose_branch_points(
                 traj, jnp.asarray(lc), jnp.asarray(baselines["lagged"]), table, num_groups=len(prompts),
                 budget=budget, score=score)
-        rules["oracle"] = choose_branch_points(traj, jnp.asarray(lc), jnp.asarray(lc), table,
-                                               num_groups=len(prompts), budget=budget, score="oracle",
-                                               decisions=jnp.asarray(decisions))
+        if not args.real:
+            rules["oracle"] = choose_branch_points(traj, jnp.asarray(lc), jnp.asarray(lc), table,
+                                                   num_groups=len(prompts), budget=budget, score="oracle",
+                                                   decisions=jnp.asarray(decisions))
         rng = np.random.default_rng(args.seed)
         chosen = {name: (np.asarray(p.rows), np.asarray(p.positions), np.asarray(p.valid)) for name, p in rules.items()}
         chosen["arpo_after_tool_call"] = _arpo_points(traj, len(prompts), budget, rng)
@@ -186,22 +217,26 @@ def main(argv=None) -> None:
             cont = branch_rollouts(engine, traj, prompts, rep(rows), rep(pos), np.zeros(rep(rows).shape, np.float32),
                                    rep(valid), jax.random.fold_in(key, i + 1))
             acc = np.asarray(cont.accuracy, np.float64).reshape(len(prompts), budget, args.k)
-            ok = valid.astype(bool)
-            out_rules[name] = {"decision_hit_rate": _hits(decisions, rows, pos, valid),
+            ok, changes = valid.astype(bool), acc.min(2) != acc.max(2)
+            out_rules[name] = {"decision_hit_rate": None if args.real else _hits(decisions, rows, pos, valid),
                                "outcome_variance": float(acc.var(axis=2)[ok].mean()) if ok.any() else None,
-                               "outcome_changes": float((acc.min(2) != acc.max(2))[ok].mean()) if ok.any() else None,
+                               "outcome_changes": float(changes[ok].mean()) if ok.any() else None,
+                               "outcome_changes_ci95": share_ci(changes, ok, seed=args.seed),
                                "continuation_accuracy": float(acc.mean(2)[ok].mean()) if ok.any() else None,
                                "points": int(ok.sum())}
         dist = _boundary_distances(decisions, traj)
+        decision_stats = None if args.real else {
+            "share_of_generated": float(decisions[gen].mean()),
+            "median_tokens_to_tool_boundary": float(np.median(dist)) if dist else None,
+            "share_within_1_token_of_boundary": float(np.mean(np.asarray(dist) <= 1)) if dist else None,
+            "count": int(decisions.sum())}
         result = {
-            "task": args.task, "seed": args.seed, "rl_steps_before": args.rl_steps, "prompts": len(prompts),
+            "task": f"{cfg.data.train} ({cfg.model.name})" if args.real else args.task, "real": args.real,
+            "seed": args.seed, "rl_steps_before": args.rl_steps, "prompts": len(prompts),
             "initial_rollouts": int(np.asarray(traj.row_valid).sum()), "k": args.k,
-            "initial_accuracy": float(np.mean(init.accuracy)),
-            "decision_tokens": {"share_of_generated": float(decisions[gen].mean()),
-                                "median_tokens_to_tool_boundary": float(np.median(dist)) if dist else None,
-                                "share_within_1_token_of_boundary": float(np.mean(np.asarray(dist) <= 1)) if dist
-                                else None, "count": int(decisions.sum())},
-            "decision_tokens_that_are_candidates": _candidate_shares(trainer.tokenizer, traj, decisions),
+            "initial_accuracy": float(np.mean(init.accuracy)), "decision_tokens": decision_stats,
+            "decision_tokens_that_are_candidates": None if args.real else _candidate_shares(trainer.tokenizer, traj,
+                                                                                             decisions),
             "omega_std_per_baseline": omega_std, "rules": out_rules,
             "seconds": round(time.perf_counter() - t0, 1),
             "command": "python experiments/mini/pilot.py " + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -221,6 +221,9 @@ def pilot_section(pilots: list[dict]) -> list[str]:
     """The pilot analysis (experiments/mini/pilot.py outputs ``DIR/pilot_*.json``) as markdown."""
     out = ["## Pilot analysis: where the decision tokens are, and which rule finds them", ""]
     for p in pilots:
+        if p.get("real"):
+            out += _real_pilot_lines(p)
+            continue
         d = p["decision_tokens"]
         out += [f"### {p['task']} (seed {p['seed']}, SFT policy + {p['rl_steps_before']} APPO steps; {p['prompts']} "
                 f"prompts x 4 initial rollouts, initial accuracy {100 * p['initial_accuracy']:.1f}%; "
@@ -285,6 +288,26 @@ def budget_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
                        f"{diff} | {verdict(d)} |")
     out += ["", "Regenerate the other budget's runs:", "", "```", regenerate_command(other, other_runs), "```", ""]
     return out, table
+
+
+def _real_pilot_lines(p: dict) -> list[str]:
+    """The real-model pilot (``pilot.py --real``): per rule, the share of its points whose continuations disagree."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    out = [f"### On a real model: {p['task']} (seed {p['seed']}, its SFT + {p['rl_steps_before']} APPO steps; "
+           f"{p['prompts']} prompts x 4 initial rollouts, initial accuracy {100 * p['initial_accuracy']:.1f}%; "
+           f"{p['k']} continuations per chosen point)", "", f"`{p['command']}`", "",
+           "No decision labels here: a chosen point is decisive when its continuations disagree in outcome. "
+           "Omega's standard deviation over a rollout's tokens, per baseline: "
+           + ", ".join(f"{k} {v:.3g}" for k, v in p["omega_std_per_baseline"].items()) + ".", "",
+           "| rule | points | decisive share [95% CI, bootstrap over prompts] | outcome variance | continuation "
+           "accuracy |", "|---|---:|---:|---:|---:|"]
+    for name, r in p["rules"].items():
+        ci = r.get("outcome_changes_ci95")
+        ci = "" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+        var = "-" if r["outcome_variance"] is None else f"{r['outcome_variance']:.3f}"
+        out.append(f"| {name} | {r['points']} | {pct(r['outcome_changes'])}{ci} | {var} | "
+                   f"{pct(r['continuation_accuracy'])} |")
+    return out + [""]
 
 
 def build_report(root: Path, budget: Path | None = None) -> dict:
