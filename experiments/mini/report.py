@@ -9,6 +9,8 @@ the difference of means). The verdict at the top of RESULTS.md says, for APPO vs
 (the interval of the difference lies above 0), refuted (below 0) or inconclusive (it contains 0). ``--budget``:
 another grid of GRPO and APPO at another rollout budget per prompt (``--set algorithm.n=16 --set
 algorithm.n_init=8``); the report then compares APPO with GRPO at each budget (the paper's equal-budget claim).
+``--rerun``: a grid of GRPO and APPO on seeds this one never used; the report says, per task and method, whether
+its held-out gain has the same sign and an interval that overlaps this grid's (the result replicates).
 """
 from __future__ import annotations
 
@@ -310,7 +312,40 @@ def _real_pilot_lines(p: dict) -> list[str]:
     return out + [""]
 
 
-def build_report(root: Path, budget: Path | None = None) -> dict:
+def _overlap(a: list | None, b: list | None) -> bool | None:
+    return None if a is None or b is None else bool(a[0] <= b[1] and b[0] <= a[1])
+
+
+def rerun_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
+    """This grid against ``other`` (the same config on new seeds): per task and method (GRPO, APPO) the held-out
+    gain (first evaluation mode) in each, whether the signs agree and whether the 95% intervals overlap."""
+    other_runs = read_runs(other)
+    if not other_runs:
+        raise SystemExit(f"report: no finished runs under {other} (--rerun)")
+    out = ["## Replication on new seeds", "",
+           "| task | method | mode | gain here (seeds) | gain on new seeds (seeds) | same sign | intervals overlap |",
+           "|---|---|---|---:|---:|---|---|"]
+    table: dict = {}
+    for task in sorted({r["task"] for r in other_runs}):
+        for method in ("grpo", "appo"):
+            here = [r for r in runs if r["task"] == task and r["method"] == method]
+            new = [r for r in other_runs if r["task"] == task and r["method"] == method]
+            if not here or not new:
+                continue
+            modes = eval_modes(here + new, task)
+            a, b = (summarize_method(rs, task, modes)["modes"][modes[0]]["gain"] for rs in (here, new))
+            same = bool(np.sign(a["mean"]) == np.sign(b["mean"]))
+            overlap = _overlap(a["ci95"], b["ci95"])
+            table.setdefault(task, {})[method] = {"gain": a, "gain_new_seeds": b, "same_sign": same,
+                                                  "intervals_overlap": overlap}
+            out.append(f"| {task} | {method} | {modes[0]} | {_fmt(a)} ({len(here)}) | {_fmt(b)} ({len(new)}) | "
+                       f"{'yes' if same else '**no**'} | "
+                       f"{'-' if overlap is None else 'yes' if overlap else '**no**'} |")
+    out += ["", "Regenerate the new seeds' runs:", "", "```", regenerate_command(other, other_runs), "```", ""]
+    return out, table
+
+
+def build_report(root: Path, budget: Path | None = None, rerun: Path | None = None) -> dict:
     runs = read_runs(root)
     if not runs:
         raise SystemExit(f"report: no finished runs under {root} (expected TASK/METHOD/seedS/result.json)")
@@ -373,13 +408,17 @@ def build_report(root: Path, budget: Path | None = None) -> dict:
     lines += ["## Verdict", "", *(verdicts or ["- no APPO-vs-baseline comparison in this grid"]), "",
               "Reproduced = the 95% interval of the difference of final held-out accuracy lies above 0; refuted = "
               "below 0; inconclusive = it contains 0.", ""]
-    again = f"python experiments/mini/report.py {root}" + ("" if budget is None else f" --budget {budget}")
+    again = (f"python experiments/mini/report.py {root}" + ("" if budget is None else f" --budget {budget}")
+             + ("" if rerun is None else f" --rerun {rerun}"))
     lines += ["## Regenerate", "", "```", regenerate_command(root, runs), again,
               "```", "", f"{len(runs)} runs, {sum(r['seconds'] for r in runs) / 60:.1f} minutes of training in all "
               f"(sum of the runs' wall times, SFT included where a run trained it).", ""]
     lines += body
     if budget is not None:
         section, results["budget"] = budget_section(runs, budget)
+        lines += section
+    if rerun is not None:
+        section, results["rerun"] = rerun_section(runs, rerun)
         lines += section
     pilots = [json.loads(p.read_text()) for p in sorted(root.glob("pilot_*.json"))]
     if pilots:
@@ -396,11 +435,13 @@ def main(argv=None) -> None:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--budget", type=Path, default=None,
                     help="a grid of GRPO and APPO at another rollout budget per prompt, compared with this one")
+    ap.add_argument("--rerun", type=Path, default=None,
+                    help="a grid of GRPO and APPO on new seeds: does this one's held-out gain replicate there")
     args = ap.parse_args(argv)
-    for d in (args.dir, args.budget):
+    for d in (args.dir, args.budget, args.rerun):
         if d is not None and not d.is_dir():
             raise SystemExit(f"report: {d} is not a directory")
-    results = build_report(args.dir, args.budget)
+    results = build_report(args.dir, args.budget, args.rerun)
     print(f"report: wrote {args.dir / 'RESULTS.md'} and results.json ({len(results['tasks'])} task(s))")
 
 
