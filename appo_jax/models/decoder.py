@@ -412,23 +412,26 @@ def unstack_layers(params: dict) -> dict:
 
 
 def pack_weights(params: dict, config: ModelConfig) -> dict:
-    """``params`` (stacked or not) in the layout of ``config`` with ``cpu_kernels`` (module doc): unstacked, every
-    Dense kernel [*in, *out] as the column panels of its [prod(in), prod(out)] matrix, the untied LM head's [D, V]
-    kernel as its panels, a tied embedding E [V, D] as the panels of E^T (`pack_panels`); the rest unchanged.
-    Packed params pass through."""
+    """Plain ``params`` (stacked or not; `init_params` / `load_model` layout) in the layout of ``config`` with
+    ``cpu_kernels`` (module doc): unstacked, every Dense kernel [*in, *out] as the column panels of its
+    [prod(in), prod(out)] matrix, the untied LM head's [D, V] kernel as its panels, a tied embedding E [V, D] as the
+    panels of E^T (`pack_panels`); the rest unchanged. Decided by name, so params packed already must not be
+    given again."""
     params = unstack_layers(params)
     cfg = dataclasses.replace(config, cpu_kernels=True)
     target = jax.eval_shape(lambda: Decoder(cfg, unstacked=True).init(jax.random.PRNGKey(0), *_dummy_inputs()))
 
     def pack(path, leaf, want):
         names = tuple(p.key for p in path)
-        if leaf.shape == want.shape:
-            return leaf
-        if names[-2:] == ("embed_tokens", "embedding"):
-            return pack_panels(leaf.T)
-        if names[-1] != "kernel":
+        if names[-2:] == ("embed_tokens", "embedding") and config.tie_word_embeddings:
+            out = pack_panels(leaf.T)
+        elif names[-1] == "kernel":
+            out = pack_panels(leaf.reshape(want.shape[1], -1))
+        else:
+            out = leaf
+        if out.shape != want.shape:
             raise ValueError(f"pack_weights: {'/'.join(names)} {leaf.shape} does not fit the model's layout")
-        return pack_panels(leaf.reshape(want.shape[1], -1))
+        return out
 
     return jax.tree_util.tree_map_with_path(pack, params, meta.unbox(target["params"]))
 
