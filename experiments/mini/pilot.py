@@ -42,8 +42,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def _run_grid():
-    spec = importlib.util.spec_from_file_location("mini_run_grid", HERE / "run_grid.py")
+def _module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -53,13 +53,11 @@ def _config(task: str, seed: int, grid: Path, real: bool):
     from appo_jax.training.config import apply_overrides
 
     if real:  # SmolLM2 on the demo's arithmetic questions with the python tool, its brief SFT
-        spec = importlib.util.spec_from_file_location("demo_smollm2", HERE.parent / "demo_smollm2.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = _module("demo_smollm2", HERE.parent / "demo_smollm2.py")
         return apply_overrides(module.get_config(), [f"train.seed={seed}", f"data.seed={seed}", "logging.eval_every=0",
                                                      "logging.progress=false", "rollout.cpu_kernels=true",
                                                      "checkpoint.every=0", "logging.dump_rollouts_every=0"])
-    module = _run_grid()._load_config_module()
+    module = _module("mini_run_grid", HERE / "run_grid.py")._load_config_module()
     marker = grid / "grid.json"  # the grid's own overrides, so that its cached SFT policy is the one reused
     overrides = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
     return apply_overrides(module.get_config(f"appo,{task},{seed}"),

@@ -259,13 +259,23 @@ def _budget(runs: list[dict]) -> str:
     return ",".join(str(n) for n in sorted({r["config"]["algorithm"]["n"] for r in runs}))
 
 
+def _other_grid(other: Path, option: str) -> list[dict]:
+    """The finished runs of the grid given to ``option`` (``--budget`` / ``--rerun``); none is an error."""
+    runs = read_runs(other)
+    if not runs:
+        raise SystemExit(f"report: no finished runs under {other} ({option})")
+    return runs
+
+
+def _regenerate_lines(what: str, other: Path, runs: list[dict]) -> list[str]:
+    return ["", f"Regenerate {what}:", "", "```", regenerate_command(other, runs), "```", ""]
+
+
 def budget_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
     """APPO vs GRPO at this grid's budget and at ``other``'s (a grid of the same tasks at another ``algorithm.n``):
     per task and budget the final held-out accuracy (first evaluation mode) of each, and APPO - GRPO with its Welch
     interval and verdict."""
-    other_runs = read_runs(other)
-    if not other_runs:
-        raise SystemExit(f"report: no finished runs under {other} (--budget)")
+    other_runs = _other_grid(other, "--budget")
     out = ["## Budget sensitivity: APPO vs GRPO at two rollout budgets per prompt", "",
            "| task | rollouts per prompt | mode | GRPO final (seeds) | APPO final (seeds) | APPO - GRPO (points) | "
            "verdict |", "|---|---:|---|---:|---:|---:|---|"]
@@ -288,7 +298,7 @@ def budget_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
             out.append(f"| {task} | {budget} | {modes[0]} | {_fmt(stats['grpo']['final_heldout_accuracy'])} "
                        f"({len(by['grpo'])}) | {_fmt(stats['appo']['final_heldout_accuracy'])} ({len(by['appo'])}) | "
                        f"{diff} | {verdict(d)} |")
-    out += ["", "Regenerate the other budget's runs:", "", "```", regenerate_command(other, other_runs), "```", ""]
+    out += _regenerate_lines("the other budget's runs", other, other_runs)
     return out, table
 
 
@@ -319,9 +329,7 @@ def _overlap(a: list | None, b: list | None) -> bool | None:
 def rerun_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
     """This grid against ``other`` (the same config on new seeds): per task and method (GRPO, APPO) the held-out
     gain (first evaluation mode) in each, whether the signs agree and whether the 95% intervals overlap."""
-    other_runs = read_runs(other)
-    if not other_runs:
-        raise SystemExit(f"report: no finished runs under {other} (--rerun)")
+    other_runs = _other_grid(other, "--rerun")
     out = ["## Replication on new seeds", "",
            "| task | method | mode | gain here (seeds) | gain on new seeds (seeds) | same sign | intervals overlap |",
            "|---|---|---|---:|---:|---|---|"]
@@ -341,7 +349,7 @@ def rerun_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
             out.append(f"| {task} | {method} | {modes[0]} | {_fmt(a)} ({len(here)}) | {_fmt(b)} ({len(new)}) | "
                        f"{'yes' if same else '**no**'} | "
                        f"{'-' if overlap is None else 'yes' if overlap else '**no**'} |")
-    out += ["", "Regenerate the new seeds' runs:", "", "```", regenerate_command(other, other_runs), "```", ""]
+    out += _regenerate_lines("the new seeds' runs", other, other_runs)
     return out, table
 
 
