@@ -60,6 +60,61 @@ def test_panel_products_match_float64_numpy(kernel, weight_dtype, via):
         assert np.all(np.abs(y - ref) <= 1e-6 * bound + 1e-30), (m, k, n, float(np.max(np.abs(y - ref) / bound)))
 
 
+def _silu64(g):
+    return g / (1.0 + np.exp(-g))
+
+
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("via", ["kernel", "panel"])
+def test_the_fused_prologue_and_epilogues_match_float64_numpy(kernel, weight_dtype, via):
+    """The residual added in the product's epilogue (`kernel_matmul` / `panel_matmul` with ``residual``), the SwiGLU
+    product of two side-by-side panel sets (`kernel_swiglu` / `panel_swiglu`, gate sums from -60 to 60 so that
+    silu's both branches and its saturation are hit) and the RMSNorm prologue (``norm``) against float64 NumPy, over
+    every tail."""
+    rng = np.random.default_rng(2)
+    matmul = cpu_matmul.kernel_matmul if via == "kernel" else cpu_matmul.panel_matmul
+    swiglu_fn = cpu_matmul.kernel_swiglu if via == "kernel" else cpu_matmul.panel_swiglu
+    add, swiglu = jax.jit(matmul, static_argnums=2), jax.jit(swiglu_fn, static_argnums=2)
+    for m, k, n in [(1, 576, 1536), (3, 17, 47), (8, 577, 15), (9, 5, 49), (2, 64, 1),
+                    (cpu_matmul.KERNEL_MAX_ROWS + 3, 20, 50)]:
+        x = rng.standard_normal((m, k), dtype=np.float32)
+        w, up = (jnp.asarray(rng.standard_normal((k, n), dtype=np.float32), weight_dtype) for _ in range(2))
+        w = w * jnp.asarray(np.linspace(-60, 60, n) / np.sqrt(k), weight_dtype)  # gate sums across silu's range
+        r = rng.standard_normal((m, n), dtype=np.float32) * 10
+        w64, up64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (w, up))
+        x64 = x.astype(np.float64)
+        bound = np.abs(x64) @ np.abs(w64)
+        y = np.asarray(add(x, cpu_matmul.pack_panels(w), n, r))
+        assert np.all(np.abs(y - (r + x64 @ w64)) <= 1e-6 * (bound + np.abs(r)) + 1e-30), (m, k, n)
+        g, u = x64 @ w64, x64 @ up64
+        y = np.asarray(swiglu(x, cpu_matmul.pack_swiglu(w, up), n))
+        # silu is 1-Lipschitz-ish (|silu'| <= 1.1): the sums' error bounds carry through, plus silu's own rounding
+        tol = 1.1e-6 * bound * np.abs(u) + np.abs(_silu64(g)) * 1e-6 * (np.abs(x64) @ np.abs(up64)) + 2e-6 * np.abs(
+            _silu64(g) * u)
+        assert y.shape == (m, n) and np.all(np.abs(y - _silu64(g) * u) <= tol + 1e-30), (m, k, n)
+        scale, eps = rng.uniform(0.5, 2, k).astype(np.float32), 1e-5
+        normed = x64 / np.sqrt(np.mean(x64**2, axis=-1, keepdims=True) + eps) * scale
+        bound = np.abs(normed) @ np.abs(w64)
+        norm = (jnp.asarray(scale), eps)  # eps: a static float (an attribute of the kernel call)
+        y = np.asarray(jax.jit(lambda x, wp, n=n: matmul(x, wp, n, None, norm))(x, cpu_matmul.pack_panels(w)))
+        assert np.all(np.abs(y - normed @ w64) <= 2e-6 * bound + 1e-30), (m, k, n)
+        y = np.asarray(jax.jit(lambda x, wp, n=n: swiglu_fn(x, wp, n, norm))(x, cpu_matmul.pack_swiglu(w, up)))
+        g, u = normed @ w64, normed @ up64
+        tol = 2.2e-6 * bound * np.abs(u) + np.abs(_silu64(g)) * 2e-6 * (np.abs(normed) @ np.abs(up64)) + 2e-6 * np.abs(
+            _silu64(g) * u)
+        assert np.all(np.abs(y - _silu64(g) * u) <= tol + 1e-30), (m, k, n)
+
+
+def test_pack_swiglu_is_the_documented_layout():
+    gate, up = jnp.arange(6 * 50.0).reshape(6, 50), -jnp.arange(6 * 50.0).reshape(6, 50)
+    wgu = np.asarray(cpu_matmul.pack_swiglu(gate, up))
+    assert wgu.shape == (2, 2, 6, 48)
+    np.testing.assert_array_equal(wgu[:, 0], cpu_matmul.pack_panels(gate))
+    np.testing.assert_array_equal(wgu[:, 1], cpu_matmul.pack_panels(up))
+    with pytest.raises(ValueError, match="one shape"):
+        cpu_matmul.pack_swiglu(gate, up[:, :49])
+
+
 def test_panel_products_refuse_what_they_cannot_compute(kernel):
     x = jnp.ones((2, 8), jnp.float32)
     wp = cpu_matmul.pack_panels(jnp.ones((8, 50), jnp.float32))
@@ -73,6 +128,16 @@ def test_panel_products_refuse_what_they_cannot_compute(kernel):
         cpu_matmul.kernel_matmul(x.astype(jnp.bfloat16), wp, 50)
     with pytest.raises(ValueError, match="bfloat16 wp"):
         cpu_matmul.kernel_matmul(x, wp.astype(jnp.float16), 50)
+    with pytest.raises(ValueError, match="residual must be \\[M, n\\]"):
+        cpu_matmul.kernel_matmul(x, wp, 50, jnp.ones((2, 49)))
+    with pytest.raises(ValueError, match="and residual"):
+        cpu_matmul.kernel_matmul(x, wp, 50, jnp.ones((2, 50), jnp.bfloat16))
+    with pytest.raises(ValueError, match="wp \\[panels, 2, K, 48\\]"):
+        cpu_matmul.kernel_swiglu(x, wp, 50)  # one panel set where the gate's and the up's are needed
+    with pytest.raises(ValueError, match="norm scale must be \\[K\\]"):
+        cpu_matmul.kernel_matmul(x, wp, 50, norm=(jnp.ones(7), 1e-5))
+    with pytest.raises(ValueError, match="a residual or a norm, not both"):
+        cpu_matmul.panel_matmul(x, wp, 50, jnp.ones((2, 50)), (jnp.ones(8), 1e-5))
 
 
 def _attention_float64(q, k, v, mask):
@@ -143,11 +208,15 @@ def test_the_packed_decoder_computes_what_the_plain_one_does(kernel, preset):
     np.testing.assert_allclose(outs["plain"][1].k, outs["packed"][1].k, atol=2e-5, rtol=1e-5)
     step_hlo = jax.jit(lambda p, c: forward(p, jnp.ones((rows, 1), jnp.int32), jnp.ones((rows, 1), jnp.int32),
                                             config=packed_config, cache=c)).lower(packed, cache).as_text()
-    assert "appo_panel_matmul" in step_hlo and "appo_decode_attention" in step_hlo
+    for target in ("appo_panel_matmul", "appo_panel_matmul_add", "appo_panel_swiglu", "appo_decode_attention"):
+        assert f"@{target}(" in step_hlo, target
     prefill_hlo = jax.jit(lambda p: forward(p, tokens, positions, config=packed_config)[0]).lower(packed).as_text()
-    assert "appo_panel_matmul" not in prefill_hlo and "appo_decode_attention" not in prefill_hlo
-    with pytest.raises(Exception, match="shape"):  # plain params for a packed config: flax names the mismatch
-        forward(unstack_layers(params), tokens, positions, config=packed_config)
+    assert "appo_panel" not in prefill_hlo and "appo_decode_attention" not in prefill_hlo
+    for plain in (params, unstack_layers(params)):
+        with pytest.raises(ValueError, match="takes packed params"):
+            forward(plain, tokens, positions, config=packed_config)
+    with pytest.raises(ValueError, match="packed already"):
+        pack_weights(packed, config)
 
 
 @pytest.mark.parametrize("preset, weights", [("tiny-llama", "float32"),    # a tied embedding: the nk kernel
@@ -161,7 +230,7 @@ def test_the_sampler_with_cpu_kernels_samples_what_xla_does(kernel, preset, weig
         s = Sampler(config, params, num_slots=4, max_len=64, decode_chunk=6, min_attention_window=64,
                     sampling=SamplingParams(1.0), eos_token_ids=(), cpu_kernels=cpu_kernels)
         assert s.cpu_kernels_status[0] == cpu_kernels and s.config.cpu_kernels == cpu_kernels
-        assert ("layers_0" in s.params and s.params["layers_0"]["mlp"]["up_proj"]["kernel"].ndim == 3) == cpu_kernels
+        assert ("layers_0" in s.params and "gate_up_proj" in s.params["layers_0"]["mlp"]) == cpu_kernels
         s.start([0, 1, 2], [[1, 8, 21, 7], [1, 5], [3, 3, 3]], [jax.random.key(i) for i in range(3)])
         a = s.decode(np.array([True, True, True, False]), 6)
         s.append([0], [[40, 41]])  # an extend of 4 x 2 rows: the kernel's 8-row case

@@ -31,6 +31,8 @@ HEADERS = (HERE / "cpu_vectors.h",)
 CACHE_ENV = "APPO_JAX_KERNEL_CACHE"
 #: FFI target -> the library's handler symbol.
 TARGETS = {"appo_panel_matmul": "AppoPanelMatmul", "appo_panel_matmul_bf16": "AppoPanelMatmulBf16",
+           "appo_panel_matmul_add": "AppoPanelMatmulAdd", "appo_panel_matmul_add_bf16": "AppoPanelMatmulAddBf16",
+           "appo_panel_swiglu": "AppoPanelSwiglu", "appo_panel_swiglu_bf16": "AppoPanelSwigluBf16",
            "appo_decode_attention": "AppoDecodeAttention"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 

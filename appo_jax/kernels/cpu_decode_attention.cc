@@ -31,12 +31,51 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return vsum(acc);
 }
 
-// out[j] += p * v[j] for j < n
-inline void axpy(float p, const float* v, float* out, int64_t n) {
-  vec pv = vset(p);
+// Slots ahead of the one being read whose rows are prefetched: a (row, kv head) reads its slots at a stride of
+// KV * hd floats, which the hardware prefetcher does not follow far enough ahead on its own.
+constexpr int64_t AHEAD = 8;
+
+inline void prefetch(const float* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
+}
+
+// out[j] = sum_i p[i] v[slots[i] * stride + j] for j < n <= 4 W (the sums stay in registers), over `count` slots.
+inline void weighted_rows(const float* p, const float* v, int64_t stride, const int32_t* slots, int64_t count,
+                          float* out, int64_t n) {
+  vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
+  const int nv = int((n + W - 1) / W), tail = int(n - int64_t(nv - 1) * W);
+  for (int64_t i = 0; i < count; ++i) {
+    if (i + AHEAD < count) prefetch(v + slots[i + AHEAD] * stride, n);
+    const vec pi = vset(p[i]);
+    const float* row = v + slots[i] * stride;
+    for (int j = 0; j < nv; ++j)
+      acc[j] = vfma(pi, j + 1 < nv || tail == W ? vload(row + j * W) : vload_n(row + j * W, tail), acc[j]);
+  }
+  for (int j = 0; j < nv; ++j) {
+    if (j + 1 < nv || tail == W) vstore(out + j * W, acc[j]);
+    else vstore_n(out + j * W, acc[j], tail);
+  }
+}
+
+// p[:n] = softmax(p[:n]) in place.
+inline void softmax(float* p, int64_t n) {
+  float m = -INFINITY, total = 0.0f;
+  for (int64_t i = 0; i < n; ++i) m = p[i] > m ? p[i] : m;
+  const vec neg_m = vset(-m);
+  vec sum = vzero();
   int64_t i = 0;
-  for (; i + W <= n; i += W) vstore(out + i, vfma(pv, vload(v + i), vload(out + i)));
-  if (i < n) vstore_n(out + i, vfma(pv, vload_n(v + i, int(n - i)), vload_n(out + i, int(n - i))), int(n - i));
+  for (; i + W <= n; i += W) {
+    vec e = vexp_nonpositive(vadd(vload(p + i), neg_m));
+    vstore(p + i, e);
+    sum = vadd(sum, e);
+  }
+  if (i < n) {
+    vec e = vexp_nonpositive(vadd(vload_n(p + i, int(n - i)), neg_m));
+    vstore_n(p + i, e, int(n - i));
+    total += vsum(vload_n(p + i, int(n - i)));
+  }
+  const float inv = 1.0f / (total + vsum(sum));
+  for (i = 0; i < n; ++i) p[i] *= inv;
 }
 
 struct AttentionJob {
@@ -48,7 +87,9 @@ struct AttentionJob {
   std::atomic<int64_t> next{0}, done{0};
   int64_t units() const { return B * KV; }
 
-  void unit(int64_t u, std::vector<float>& scores) {
+  // Row b, kv head kvh: its G query heads over the row's visible slots only (listed first, so that no loop runs
+  // over masked slots); no visible slot: the uniform average over all S.
+  void unit(int64_t u, std::vector<float>& scores, std::vector<int32_t>& slots) {
     const int64_t b = u / KV, kvh = u % KV, G = H / KV, stride = KV * hd;
     const int64_t base = ((layer * B + b) * S) * stride + kvh * hd;
     const float* kb = k + base;
@@ -56,51 +97,33 @@ struct AttentionJob {
     const float* qb = q + (b * H + kvh * G) * hd;
     const bool* mb = mask + b * S;
     float* ob = out + (b * H + kvh * G) * hd;
-    scores.assign(size_t(G * S), 0.0f);
-    int64_t visible = 0;
-    for (int64_t s = 0; s < S; ++s) {
-      if (!mb[s]) {
-        for (int64_t g = 0; g < G; ++g) scores[g * S + s] = -INFINITY;
-        continue;
+    slots.clear();
+    for (int64_t s = 0; s < S; ++s)
+      if (mb[s]) slots.push_back(int32_t(s));
+    int64_t n = int64_t(slots.size());
+    scores.resize(size_t(G * (n > 0 ? n : S)));
+    if (n == 0) {  // the finite mask value's uniform distribution over every slot
+      for (int64_t s = 0; s < S; ++s) slots.push_back(int32_t(s));
+      n = S;
+      for (auto& p : scores) p = 1.0f / float(S);
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        if (i + AHEAD < n) prefetch(kb + slots[i + AHEAD] * stride, hd);
+        for (int64_t g = 0; g < G; ++g) scores[g * n + i] = dot(qb + g * hd, kb + slots[i] * stride, hd) * scale;
       }
-      ++visible;
-      for (int64_t g = 0; g < G; ++g) scores[g * S + s] = dot(qb + g * hd, kb + s * stride, hd) * scale;
+      for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * n, n);
     }
-    for (int64_t i = 0; i < G * hd; ++i) ob[i] = 0.0f;
-    for (int64_t g = 0; g < G; ++g) {
-      float* sc = scores.data() + g * S;
-      if (visible == 0) {
-        for (int64_t s = 0; s < S; ++s) sc[s] = 1.0f / float(S);
-      } else {
-        float m = -INFINITY, total = 0.0f;
-        for (int64_t s = 0; s < S; ++s) m = sc[s] > m ? sc[s] : m;
-        int64_t s = 0;
-        vec neg_m = vset(-m), sum = vzero();
-        for (; s + W <= S; s += W) {
-          vec e = vexp_nonpositive(vadd(vload(sc + s), neg_m));
-          vstore(sc + s, e);
-          sum = vadd(sum, e);
-        }
-        if (s < S) {
-          vec e = vexp_nonpositive(vadd(vload_n(sc + s, int(S - s)), neg_m));
-          vstore_n(sc + s, e, int(S - s));
-          total += vsum(vload_n(sc + s, int(S - s)));
-        }
-        total += vsum(sum);
-        const float inv = 1.0f / total;
-        for (s = 0; s < S; ++s) sc[s] *= inv;
-      }
-    }
-    for (int64_t s = 0; s < S; ++s) {
-      if (visible != 0 && !mb[s]) continue;
-      for (int64_t g = 0; g < G; ++g) axpy(scores[g * S + s], vb + s * stride, ob + g * hd, hd);
-    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < hd; c += 4 * W)
+        weighted_rows(scores.data() + g * n, vb + c, stride, slots.data(), n, ob + g * hd + c,
+                      hd - c < 4 * W ? hd - c : 4 * W);
   }
 
   void work() {
     std::vector<float> scores;
+    std::vector<int32_t> slots;
     for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units();) {
-      unit(u, scores);
+      unit(u, scores, slots);
       done.fetch_add(1, std::memory_order_release);
     }
   }

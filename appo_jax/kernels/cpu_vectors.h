@@ -16,8 +16,14 @@ inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline vec vbcast(const float* p) { return _mm512_set1_ps(*p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 inline vec vmax(vec a, vec b) { return _mm512_max_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+inline vec vabs(vec a) { return _mm512_abs_ps(a); }
+inline vec vselect_nonneg(vec x, vec a, vec b) {  // a where x >= 0, else b
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+}
 inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 inline __mmask16 lanes(int n) { return (__mmask16)((1u << n) - 1u); }
@@ -37,8 +43,14 @@ inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
 inline vec vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
 inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 inline vec vmax(vec a, vec b) { return _mm256_max_ps(a, b); }
+inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+inline vec vabs(vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+inline vec vselect_nonneg(vec x, vec a, vec b) {  // a where x >= 0, else b
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
+}
 inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -88,6 +100,12 @@ inline vec vexp_nonpositive(vec x) {
 #else
   return _mm256_blendv_ps(y, vzero(), _mm256_cmp_ps(x, vset(-87.33f), _CMP_LT_OQ));
 #endif
+}
+
+// silu(g) = g / (1 + e^-g), from e = e^-|g| <= 1 only: g / (1 + e) for g >= 0, g e / (1 + e) below (no overflow).
+inline vec vsilu(vec g) {
+  vec e = vexp_nonpositive(vsub(vzero(), vabs(g)));
+  return vdiv(vmul(g, vselect_nonneg(g, vset(1.0f), e)), vadd(vset(1.0f), e));
 }
 
 }  // namespace appo

@@ -22,13 +22,18 @@ its dot; the sampler can keep its weights unstacked (`appo_jax.rollout.sampler.S
 Packed (``ModelConfig.cpu_kernels``, `pack_weights`): unstacked, and every matrix stored as the column panels
 that the CPU kernel streams (`appo_jax.kernels.cpu_matmul.pack_panels`): a Dense kernel [*in, *out] as
 [ceil(prod(out) / 48), prod(in), 48], lm_head/kernel as [ceil(V / 48), D, 48], a tied embed_tokens/embedding as
-the panels of its transpose (rows looked up as columns). The sampler keeps such a copy for decoding on a CPU.
+the panels of its transpose (rows looked up as columns). Fewer, larger kernel calls a step: a layer's q/k/v are
+one matrix, self_attn/qkv_proj/{kernel [ceil((H + 2 KV) hd / 48), D, 48], bias [(H + 2 KV) hd]}; its gate and
+up projections' panels lie side by side, mlp/gate_up_proj/kernel [ceil(F / 48), 2, D, 48] (`pack_swiglu`: the
+SwiGLU product is the kernel's epilogue); o_proj and down_proj add the residual in theirs. The sampler keeps
+such a copy for decoding on a CPU.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -37,7 +42,7 @@ from flax.linen import meta
 
 from appo_jax.kernels.build import kernel_available
 from appo_jax.kernels.cpu_attention import decode_attention
-from appo_jax.kernels.cpu_matmul import pack_panels, panel_columns, panel_matmul
+from appo_jax.kernels.cpu_matmul import pack_panels, pack_swiglu, panel_columns, panel_matmul, panel_swiglu, rms_norm
 from appo_jax.models.config import ModelConfig
 from appo_jax.models.kv_cache import KVCache, init_cache
 from appo_jax.models.rope import apply_rope, rope_cos_sin
@@ -62,22 +67,35 @@ class RMSNorm(nn.Module):
     param_dtype: jnp.dtype
     axis_name: str = "norm"
 
+    #: Return `Normed` (x and the scale, for a product that normalises in its prologue) instead of the result.
+    deferred: bool = False
+
     @nn.compact
     def __call__(self, x):
         scale = self.param(
             "scale", _partitioned(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.param_dtype
         )
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return scale.astype(self.dtype) * normed.astype(self.dtype)
+        if self.deferred:
+            return Normed(x, scale, self.eps)
+        return rms_norm(x, scale, self.eps, self.dtype)
+
+
+class Normed(NamedTuple):
+    """RMSNorm(x) not yet computed (``RMSNorm(deferred=True)``, ``cpu_kernels``): the packed q/k/v and gate/up
+    products normalise x's rows in the kernel's prologue (`panel_matmul` / `panel_swiglu` ``norm``)."""
+
+    x: jax.Array
+    scale: jax.Array
+    eps: float
 
 
 class Dense(nn.Module):
-    """y = x . kernel (+ bias), contracting the last `n_in` axes of x with the leading axes of kernel
+    """y = (residual +) x . kernel (+ bias), contracting the last `n_in` axes of x with the leading axes of kernel
     [*in_shape, *features]; computed in `dtype`. With ``cpu_kernels`` the kernel is stored as column panels of its
     [prod(in_shape), prod(features)] matrix (`appo_jax.kernels.cpu_matmul.pack_panels`) and multiplied by
-    `panel_matmul` (the CPU kernel for few float32 rows: the same sums in another order). (Own module rather than
-    nn.DenseGeneral, whose flattened-kernel initializer breaks logical partitioning of multi-axis kernels.)"""
+    `panel_matmul` (the CPU kernel for few float32 rows: the same sums in another order, the residual added in its
+    epilogue). (Own module rather than nn.DenseGeneral, whose flattened-kernel initializer breaks logical
+    partitioning of multi-axis kernels.)"""
 
     features: tuple[int, ...]
     axes: tuple[str, ...]
@@ -88,14 +106,16 @@ class Dense(nn.Module):
     cpu_kernels: bool = False
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
         in_shape = x.shape[x.ndim - self.n_in:]
         lead = x.shape[:x.ndim - self.n_in]
         if self.cpu_kernels:
             k, n = math.prod(in_shape), math.prod(self.features)
             kernel = self.param("kernel", _packed(_INIT, k, n), None, self.param_dtype)
-            flat = panel_matmul(x.reshape(math.prod(lead), k).astype(self.dtype), kernel, n)
-            y = flat.reshape(*lead, *self.features)
+            rows = math.prod(lead)
+            flat = panel_matmul(x.reshape(rows, k).astype(self.dtype), kernel, n,
+                                None if residual is None else residual.reshape(rows, n))
+            y, residual = flat.reshape(*lead, *self.features), None
         else:
             kernel = self.param("kernel", _partitioned(_INIT, self.axes), (*in_shape, *self.features),
                                 self.param_dtype)
@@ -108,7 +128,7 @@ class Dense(nn.Module):
             bias = self.param("bias", _partitioned(nn.initializers.zeros, self.bias_axes), self.features,
                               self.param_dtype)
             y = y + bias.astype(self.dtype)
-        return y
+        return y if residual is None else residual + y
 
 
 def _packed(init, k: int, n: int, transposed: bool = False):
@@ -151,27 +171,54 @@ def _decode_kernel(config: ModelConfig, q, k_cache) -> bool:
             and kernel_available())
 
 
-class Attention(nn.Module):
-    """GQA self-attention with RoPE, optional qkv bias (Qwen2) and per-head q/k RMSNorm before RoPE (Qwen3).
-
-    With a cache (k_cache/v_cache [L, B, S, KV, hd] plus the layer index and write slots) the new keys/values are
-    scattered at (layer, b, slot[b, t]) and the queries attend over the layer's S slots; without, over the T new
-    tokens. `mask` [B, T, S or T] is the full visibility mask. With ``cpu_kernels``, one query token per row
-    attends over the cache in the CPU kernel (`_decode_kernel`: the same sums without copying the window)."""
+class _PackedQKV(nn.Module):
+    """q [.., H, hd], k / v [.., KV, hd] = norm(x) . [Wq | Wk | Wv] (+ [bq | bk | bv]) for h = `Normed` (x, norm):
+    the three projections as one matrix [D, (H + 2 KV) hd] in column panels (``cpu_kernels``; `pack_weights`), one
+    `panel_matmul` with the norm in its prologue."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, k_cache, v_cache, layer, slot):
+    def __call__(self, h: Normed):
         cfg = self.config
-        bias_q = ("heads", "head_dim") if cfg.qkv_bias else None
-        bias_kv = ("kv_heads", "head_dim") if cfg.qkv_bias else None
-        q = _dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), bias_q, config=cfg,
-                   name="q_proj")(x)
-        k = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), bias_kv, config=cfg,
-                   name="k_proj")(x)
-        v = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), bias_kv, config=cfg,
-                   name="v_proj")(x)
+        heads = (cfg.num_heads, cfg.num_kv_heads, cfg.num_kv_heads)
+        n = sum(heads) * cfg.head_dim
+        kernel = self.param("kernel", _packed(_INIT, cfg.hidden_size, n), None, cfg.params_dtype)
+        lead = h.x.shape[:-1]
+        y = panel_matmul(h.x.reshape(-1, cfg.hidden_size).astype(cfg.compute_dtype), kernel, n,
+                         norm=(h.scale, h.eps)).reshape(*lead, n)
+        if cfg.qkv_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (n,), cfg.params_dtype).astype(cfg.compute_dtype)
+        q, k, v = jnp.split(y, [heads[0] * cfg.head_dim, (heads[0] + heads[1]) * cfg.head_dim], axis=-1)
+        return tuple(a.reshape(*lead, h, cfg.head_dim) for a, h in zip((q, k, v), heads))
+
+
+class Attention(nn.Module):
+    """GQA self-attention with RoPE, optional qkv bias (Qwen2) and per-head q/k RMSNorm before RoPE (Qwen3), of
+    x = the normed residual stream (a `Normed` with ``cpu_kernels``); returns residual + attention output.
+
+    With a cache (k_cache/v_cache [L, B, S, KV, hd] plus the layer index and write slots) the new keys/values are
+    scattered at (layer, b, slot[b, t]) and the queries attend over the layer's S slots; without, over the T new
+    tokens. `mask` [B, T, S or T] is the full visibility mask. With ``cpu_kernels``, q/k/v are one product
+    (`_PackedQKV`), one query token per row attends over the cache in the CPU kernel (`_decode_kernel`: the same sums
+    without copying the window) and the residual is added in o_proj's kernel."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, residual, cos, sin, mask, k_cache, v_cache, layer, slot):
+        cfg = self.config
+        if cfg.cpu_kernels:
+            q, k, v = _PackedQKV(cfg, name="qkv_proj")(x)
+        else:
+            bias_q = ("heads", "head_dim") if cfg.qkv_bias else None
+            bias_kv = ("kv_heads", "head_dim") if cfg.qkv_bias else None
+            q = _dense((cfg.num_heads, cfg.head_dim), ("embed", "heads", "head_dim"), bias_q, config=cfg,
+                       name="q_proj")(x)
+            k = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), bias_kv, config=cfg,
+                       name="k_proj")(x)
+            v = _dense((cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), bias_kv, config=cfg,
+                       name="v_proj")(x)
         if cfg.qk_norm:
             norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype, "head_dim")
             q = norm(name="q_norm")(q)
@@ -182,7 +229,7 @@ class Attention(nn.Module):
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
         if k_cache is not None:
-            rows = jnp.arange(x.shape[0])[:, None]
+            rows = jnp.arange(q.shape[0])[:, None]
             k_cache = k_cache.at[layer, rows, slot].set(k.astype(k_cache.dtype), mode="drop")
             v_cache = v_cache.at[layer, rows, slot].set(v.astype(v_cache.dtype), mode="drop")
         if k_cache is not None and _decode_kernel(cfg, q, k_cache):
@@ -191,22 +238,47 @@ class Attention(nn.Module):
             k_att, v_att = (k_cache[layer], v_cache[layer]) if k_cache is not None else (k, v)
             out = dot_product_attention(q, k_att.astype(q.dtype), v_att.astype(q.dtype), mask)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
-        out = _dense(cfg.hidden_size, ("heads", "head_dim", "embed"), config=cfg, name="o_proj", n_in=2)(out)
+        out = _dense(cfg.hidden_size, ("heads", "head_dim", "embed"), config=cfg, name="o_proj", n_in=2)(out, residual)
         return out, k_cache, v_cache
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+class _PackedSwiGLU(nn.Module):
+    """silu(norm(x) . Wg) * (norm(x) . Wu) for h = `Normed` (x, norm), with Wg and Wu [D, F] packed side by side
+    (``cpu_kernels``; `pack_swiglu`): one `panel_swiglu` with the norm in its prologue."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, h: Normed):
         cfg = self.config
-        gate = _dense(cfg.intermediate_size, ("embed", "mlp"), config=cfg, name="gate_proj")(x)
-        up = _dense(cfg.intermediate_size, ("embed", "mlp"), config=cfg, name="up_proj")(x)
-        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return _dense(cfg.hidden_size, ("mlp", "embed"), config=cfg, name="down_proj")(h)
+        d, f = cfg.hidden_size, cfg.intermediate_size
+
+        def init(key, _shape, dtype):
+            return pack_swiglu(*(_INIT(k, (d, f), dtype) for k in jax.random.split(key)))
+
+        kernel = self.param("kernel", init, None, cfg.params_dtype)
+        y = panel_swiglu(h.x.reshape(-1, d).astype(cfg.compute_dtype), kernel, f, norm=(h.scale, h.eps))
+        return y.reshape(*h.x.shape[:-1], f)
+
+
+class MLP(nn.Module):
+    """SwiGLU: residual + down(silu(gate(x)) * up(x)), x the normed residual stream. With ``cpu_kernels`` x is a
+    `Normed`, gate and up are one kernel call over their panels side by side (``gate_up_proj``, `panel_swiglu`: the
+    norm in its prologue, the product in its epilogue) and the residual is added in down's."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, residual):
+        cfg = self.config
+        f = cfg.intermediate_size
+        if cfg.cpu_kernels:
+            h = _PackedSwiGLU(cfg, name="gate_up_proj")(x)
+        else:
+            gate = _dense(f, ("embed", "mlp"), config=cfg, name="gate_proj")(x)
+            up = _dense(f, ("embed", "mlp"), config=cfg, name="up_proj")(x)
+            h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return _dense(cfg.hidden_size, ("mlp", "embed"), config=cfg, name="down_proj")(h, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -218,13 +290,13 @@ class DecoderLayer(nn.Module):
     def __call__(self, carry, layer, ctx):
         cfg = self.config
         x, k_cache, v_cache = carry
-        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype)
+        norm = functools.partial(RMSNorm, cfg.rms_norm_eps, cfg.compute_dtype, cfg.params_dtype,
+                                 deferred=cfg.cpu_kernels)  # cpu_kernels: in the products' prologue
         h = norm(name="input_layernorm")(x)
-        attn, k_cache, v_cache = Attention(cfg, name="self_attn")(
-            h, ctx["cos"], ctx["sin"], ctx["mask"], k_cache, v_cache, layer, ctx.get("slot")
+        x, k_cache, v_cache = Attention(cfg, name="self_attn")(
+            h, x, ctx["cos"], ctx["sin"], ctx["mask"], k_cache, v_cache, layer, ctx.get("slot")
         )
-        x = x + attn
-        x = x + MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
+        x = MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x), x)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return (x, k_cache, v_cache), None
 
@@ -394,6 +466,8 @@ def forward(
         raise ValueError(f"tokens and positions must both be [B, T]; got {tokens.shape} and {positions.shape}")
     if cache is not None and cache.batch != tokens.shape[0]:
         raise ValueError(f"cache has {cache.batch} rows but tokens has batch {tokens.shape[0]}")
+    if config.cpu_kernels and "qkv_proj" not in params.get("layers_0", {}).get("self_attn", {}):
+        raise ValueError("forward: a config with cpu_kernels takes packed params; give pack_weights(params, config)")
     return Decoder(config, unstacked="layers" not in params).apply({"params": params}, tokens, positions,
                                                                   token_mask, cache, return_hidden)
 
@@ -411,13 +485,30 @@ def unstack_layers(params: dict) -> dict:
     return out
 
 
+def _fuse_layer(layer: dict) -> dict:
+    """One plain layer's q/k/v as ``self_attn/qkv_proj`` (kernel: the panels of [Wq | Wk | Wv] as [D, (H + 2 KV)
+    hd]; bias: [bq | bk | bv]) and gate / up as ``mlp/gate_up_proj/kernel`` (`pack_swiglu`)."""
+    attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
+    parts = [attn.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
+    d = parts[0]["kernel"].shape[0]
+    qkv = {"kernel": pack_panels(jnp.concatenate([p["kernel"].reshape(d, -1) for p in parts], axis=1))}
+    if "bias" in parts[0]:
+        qkv["bias"] = jnp.concatenate([p["bias"].reshape(-1) for p in parts])
+    attn["qkv_proj"] = qkv
+    mlp["gate_up_proj"] = {"kernel": pack_swiglu(mlp.pop("gate_proj")["kernel"], mlp.pop("up_proj")["kernel"])}
+    return {**layer, "self_attn": attn, "mlp": mlp}
+
+
 def pack_weights(params: dict, config: ModelConfig) -> dict:
     """Plain ``params`` (stacked or not; `init_params` / `load_model` layout) in the layout of ``config`` with
-    ``cpu_kernels`` (module doc): unstacked, every Dense kernel [*in, *out] as the column panels of its
-    [prod(in), prod(out)] matrix, the untied LM head's [D, V] kernel as its panels, a tied embedding E [V, D] as the
-    panels of E^T (`pack_panels`); the rest unchanged. Decided by name, so params packed already must not be
-    given again."""
+    ``cpu_kernels`` (module doc): unstacked; each layer's q/k/v one matrix and gate / up side by side
+    (`_fuse_layer`); every other Dense kernel [*in, *out] as the column panels of its [prod(in), prod(out)] matrix,
+    the untied LM head's [D, V] kernel as its panels, a tied embedding E [V, D] as the panels of E^T
+    (`pack_panels`); the rest unchanged. Params packed already are refused."""
     params = unstack_layers(params)
+    if "qkv_proj" in params.get("layers_0", {}).get("self_attn", {}):
+        raise ValueError("pack_weights: the params are packed already")
+    params = {k: _fuse_layer(v) if k.startswith("layers_") else v for k, v in params.items()}
     cfg = dataclasses.replace(config, cpu_kernels=True)
     target = jax.eval_shape(lambda: Decoder(cfg, unstacked=True).init(jax.random.PRNGKey(0), *_dummy_inputs()))
 
@@ -425,7 +516,7 @@ def pack_weights(params: dict, config: ModelConfig) -> dict:
         names = tuple(p.key for p in path)
         if names[-2:] == ("embed_tokens", "embedding") and config.tie_word_embeddings:
             out = pack_panels(leaf.T)
-        elif names[-1] == "kernel":
+        elif names[-1] == "kernel" and names[-2] not in ("qkv_proj", "gate_up_proj"):
             out = pack_panels(leaf.reshape(want.shape[1], -1))
         else:
             out = leaf
@@ -433,7 +524,10 @@ def pack_weights(params: dict, config: ModelConfig) -> dict:
             raise ValueError(f"pack_weights: {'/'.join(names)} {leaf.shape} does not fit the model's layout")
         return out
 
-    return jax.tree_util.tree_map_with_path(pack, params, meta.unbox(target["params"]))
+    want = meta.unbox(target["params"])
+    if jax.tree.structure(params) != jax.tree.structure(want):
+        raise ValueError("pack_weights: the params' tree does not fit the model's layout (another architecture)")
+    return jax.tree_util.tree_map_with_path(pack, params, want)
 
 
 def unembed(params: dict, hidden: jnp.ndarray, *, config: ModelConfig) -> jnp.ndarray:
