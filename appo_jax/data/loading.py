@@ -5,7 +5,6 @@ import os
 from typing import Any, Mapping
 
 from appo_jax.data import arith_program, kb_multihop
-from appo_jax.data.builders import load_split
 from appo_jax.data.encoding import encode_records
 from appo_jax.data.records import Record
 from appo_jax.data.rows import DATASETS
@@ -59,6 +58,9 @@ def load_dataset(name: str, split: str | None = None, *, limit: int | None = Non
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(dataset_names())}")
     if task_options:
         raise ValueError(f"dataset {name!r} is a file dataset; task options apply to generated tasks only")
+    # deferred: start-up (tensorflow_datasets is imported on first use; package doc)
+    from appo_jax.data.builders import load_split
+
     return load_split(spec.name, split or spec.split, data_dir, limit, tfds_dir)
 
 
