@@ -6,9 +6,10 @@
 //
 // q [B, H, hd], k / v [L, B, S, KV, hd] (G = H / KV query heads share a kv head), layer int32 [], mask bool [B, S],
 // out [B, H, hd], all float32. A row with no visible slot gets the uniform average over its S slots (what a
-// finite mask value gives). Work units are (row, kv head) pairs: each reads that head's keys and values once, and
-// only at visible slots, with no copy of the cache window (XLA's einsum transposes [B, S, KV, hd] to
-// [B, KV, S, hd] first, for every layer and step).
+// finite mask value gives). A work unit is a row (all its kv heads: a slot's keys are one contiguous run), or a
+// (row, kv head) pair when there are fewer rows than threads; it reads its keys and values once, only at visible
+// slots, with no copy of the cache window (XLA's einsum transposes [B, S, KV, hd] to [B, KV, S, hd] first, for
+// every layer and step).
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -39,22 +40,12 @@ inline void prefetch(const float* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
 }
 
-// out[j] = sum_i p[i] v[slots[i] * stride + j] for j < n <= 4 W (the sums stay in registers), over `count` slots.
-inline void weighted_rows(const float* p, const float* v, int64_t stride, const int32_t* slots, int64_t count,
-                          float* out, int64_t n) {
-  vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
-  const int nv = int((n + W - 1) / W), tail = int(n - int64_t(nv - 1) * W);
-  for (int64_t i = 0; i < count; ++i) {
-    if (i + AHEAD < count) prefetch(v + slots[i + AHEAD] * stride, n);
-    const vec pi = vset(p[i]);
-    const float* row = v + slots[i] * stride;
-    for (int j = 0; j < nv; ++j)
-      acc[j] = vfma(pi, j + 1 < nv || tail == W ? vload(row + j * W) : vload_n(row + j * W, tail), acc[j]);
-  }
-  for (int j = 0; j < nv; ++j) {
-    if (j + 1 < nv || tail == W) vstore(out + j * W, acc[j]);
-    else vstore_n(out + j * W, acc[j], tail);
-  }
+// out[j] += p * v[j] for j < n (out: a few KB that stay in L1).
+inline void axpy(float p, const float* v, float* out, int64_t n) {
+  vec pv = vset(p);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) vstore(out + i, vfma(pv, vload(v + i), vload(out + i)));
+  if (i < n) vstore_n(out + i, vfma(pv, vload_n(v + i, int(n - i)), vload_n(out + i, int(n - i))), int(n - i));
 }
 
 // p[:n] = softmax(p[:n]) in place.
@@ -84,39 +75,45 @@ struct AttentionJob {
   float* out;
   int64_t B, H, KV, S, hd, layer;
   float scale;
+  bool whole_rows = true;  // a unit is a row (all its kv heads), else a (row, kv head) pair
   std::atomic<int64_t> next{0}, done{0};
-  int64_t units() const { return B * KV; }
+  int64_t units() const { return whole_rows ? B : B * KV; }
 
-  // Row b, kv head kvh: its G query heads over the row's visible slots only (listed first, so that no loop runs
-  // over masked slots); no visible slot: the uniform average over all S.
+  // Row b's kv heads [h0, h1) and their G query heads each, over the row's visible slots only (listed first, so
+  // that no loop runs over masked slots); no visible slot: the uniform average over all S. A slot's keys (and
+  // values) of those heads are one contiguous run of (h1 - h0) hd floats, read once, the next ones prefetched.
   void unit(int64_t u, std::vector<float>& scores, std::vector<int32_t>& slots) {
-    const int64_t b = u / KV, kvh = u % KV, G = H / KV, stride = KV * hd;
-    const int64_t base = ((layer * B + b) * S) * stride + kvh * hd;
+    const int64_t b = whole_rows ? u : u / KV, h0 = whole_rows ? 0 : u % KV, h1 = whole_rows ? KV : h0 + 1;
+    const int64_t G = H / KV, heads = (h1 - h0) * G, stride = KV * hd, run = (h1 - h0) * hd;
+    const int64_t base = ((layer * B + b) * S) * stride + h0 * hd;
     const float* kb = k + base;
     const float* vb = v + base;
-    const float* qb = q + (b * H + kvh * G) * hd;
+    const float* qb = q + (b * H + h0 * G) * hd;  // query head j of this unit: qb + j hd, kv head h0 + j / G
     const bool* mb = mask + b * S;
-    float* ob = out + (b * H + kvh * G) * hd;
+    float* ob = out + (b * H + h0 * G) * hd;
     slots.clear();
     for (int64_t s = 0; s < S; ++s)
       if (mb[s]) slots.push_back(int32_t(s));
     int64_t n = int64_t(slots.size());
-    scores.resize(size_t(G * (n > 0 ? n : S)));
+    scores.resize(size_t(heads * (n > 0 ? n : S)));
     if (n == 0) {  // the finite mask value's uniform distribution over every slot
       for (int64_t s = 0; s < S; ++s) slots.push_back(int32_t(s));
       n = S;
       for (auto& p : scores) p = 1.0f / float(S);
     } else {
       for (int64_t i = 0; i < n; ++i) {
-        if (i + AHEAD < n) prefetch(kb + slots[i + AHEAD] * stride, hd);
-        for (int64_t g = 0; g < G; ++g) scores[g * n + i] = dot(qb + g * hd, kb + slots[i] * stride, hd) * scale;
+        if (i + AHEAD < n) prefetch(kb + slots[i + AHEAD] * stride, run);
+        const float* row = kb + slots[i] * stride;
+        for (int64_t j = 0; j < heads; ++j) scores[j * n + i] = dot(qb + j * hd, row + (j / G) * hd, hd) * scale;
       }
-      for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * n, n);
+      for (int64_t j = 0; j < heads; ++j) softmax(scores.data() + j * n, n);
     }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t c = 0; c < hd; c += 4 * W)
-        weighted_rows(scores.data() + g * n, vb + c, stride, slots.data(), n, ob + g * hd + c,
-                      hd - c < 4 * W ? hd - c : 4 * W);
+    for (int64_t i = 0; i < heads * hd; ++i) ob[i] = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      if (i + AHEAD < n) prefetch(vb + slots[i + AHEAD] * stride, run);
+      const float* row = vb + slots[i] * stride;
+      for (int64_t j = 0; j < heads; ++j) axpy(scores[j * n + i], row + (j / G) * hd, ob + j * hd, hd);
+    }
   }
 
   void work() {
@@ -147,9 +144,11 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   job->mask = mask.typed_data(); job->out = out->typed_data();
   job->B = qd[0]; job->H = qd[1]; job->KV = kd[3]; job->S = kd[2]; job->hd = qd[2]; job->layer = lay;
   job->scale = float(std::pow(double(job->hd), -0.5));
+  const int64_t threads = pool.num_threads() > 0 ? pool.num_threads() : 1;
+  job->whole_rows = job->B >= threads;  // fewer rows than threads: split rows by kv head to keep them all busy
   const int64_t units = job->units();
   if (units == 0 || job->hd == 0) return ffi::Error::Success();
-  int64_t helpers = (pool.num_threads() > 0 ? pool.num_threads() : 1) - 1;
+  int64_t helpers = threads - 1;
   if (helpers > units - 1) helpers = units - 1;
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->work(); });
   job->work();
