@@ -282,6 +282,20 @@ def test_report_curve_statistics_and_learning_check():
     assert any(line.startswith("- grpo_permuted, greedy") and "**within noise**" in line for line in lines)
 
 
+def test_report_regenerates_exactly_the_runs_present(tmp_path):
+    """One run_grid line per (tasks, seeds) set of methods; a method with other seeds on another task gets a line
+    per task, never a seed it does not have."""
+    report = _module(ROOT / "experiments" / "mini" / "report.py")
+    (tmp_path / "grid.json").write_text(json.dumps({"overrides": ["train.steps=30"]}))
+    runs = [{"method": m, "task": t, "seed": s} for m, t, s in [
+        ("grpo", "kb", 1), ("grpo", "kb", 2), ("grpo", "arith", 1), ("appo", "kb", 1), ("appo", "kb", 2),
+        ("dapo", "arith", 1)]]
+    lines = report.regenerate_command(tmp_path, runs).splitlines()
+    base = "python experiments/mini/run_grid.py --methods"
+    assert lines == [f"{base} grpo,dapo --seeds 1 --tasks arith --out {tmp_path} --set train.steps=30",
+                     f"{base} grpo,appo --seeds 1,2 --tasks kb --out {tmp_path} --set train.steps=30"]
+
+
 def test_report_compares_appo_with_grpo_at_each_budget(tmp_path):
     """``--budget``: a second grid at another algorithm.n; per budget the final accuracies and APPO - GRPO (Welch)."""
     report = _module(ROOT / "experiments" / "mini" / "report.py")

@@ -201,22 +201,21 @@ def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[
 
 
 def regenerate_command(root: Path, runs: list[dict]) -> str:
-    """The run_grid commands of exactly the runs present: one line per distinct (tasks, seeds) set of methods,
-    with the grid's overrides."""
+    """The run_grid commands of exactly the runs present: one line per distinct (tasks, seeds) set of methods
+    (a method whose tasks have different seeds gets a line per task), with the grid's overrides."""
     marker = root / "grid.json"
     overrides = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
     sets = "".join(f" --set {o}" for o in overrides)
-    per_method: dict[str, tuple] = {}
+    lines_of: dict[tuple, list[str]] = {}  # (tasks, seeds) -> methods
     for method in dict.fromkeys(r["method"] for r in runs):
-        mine = [r for r in runs if r["method"] == method]
-        per_method[method] = (tuple(sorted({r["task"] for r in mine})), tuple(sorted({r["seed"] for r in mine})))
-    lines = []
-    for key in dict.fromkeys(per_method.values()):
-        methods = ",".join(m for m, k in per_method.items() if k == key)
-        tasks, seeds = ",".join(key[0]), ",".join(str(s) for s in key[1])
-        lines.append(f"python experiments/mini/run_grid.py --methods {methods} --seeds {seeds} --tasks {tasks} "
-                     f"--out {root}{sets}")
-    return "\n".join(lines)
+        seeds_of = {task: tuple(sorted({r["seed"] for r in runs if r["method"] == method and r["task"] == task}))
+                    for task in sorted({r["task"] for r in runs if r["method"] == method})}
+        for seeds in dict.fromkeys(seeds_of.values()):
+            tasks = tuple(t for t, s in seeds_of.items() if s == seeds)
+            lines_of.setdefault((tasks, seeds), []).append(method)
+    return "\n".join(f"python experiments/mini/run_grid.py --methods {','.join(methods)} --seeds "
+                     f"{','.join(str(s) for s in seeds)} --tasks {','.join(tasks)} --out {root}{sets}"
+                     for (tasks, seeds), methods in lines_of.items())
 
 
 def pilot_section(pilots: list[dict]) -> list[str]:
