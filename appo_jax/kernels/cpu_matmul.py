@@ -21,7 +21,7 @@ each thread of XLA's intra-op pool owns a contiguous range of panels. `panel_mat
 
 for at most `KERNEL_MAX_ROWS` rows (a decode step); more rows (a prefill) go to XLA's dot over the same panels.
 The norm, the residual and the SwiGLU product are the kernel's prologue and epilogue (no XLA op and no pass
-over memory of their own, a decode step's small ops being a third of its time); `pack_swiglu` stores a
+over memory of their own: such small ops took ~4.5 of a 25 ms SmolLM2 step at batch 8); `pack_swiglu` stores a
 gate's and an up projection's panels p side by side, so one thread streams both and multiplies in place.
 x and y float32; wp float32 or bfloat16 (`WEIGHT_DTYPES`: bf16 weights are widened to float32 in registers, so a
 step reads half the bytes with the same float32 arithmetic); accumulated in float32 in another order than XLA's

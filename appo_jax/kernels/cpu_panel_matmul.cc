@@ -78,7 +78,7 @@ void chunk(const float* x, const T* wp, float* y, const float* r, int64_t K, int
     int n = left >= W ? W : int(left);
     for (int m = 0; m < MR; ++m) {
       const int64_t at = m * N + col + j * W;
-      vec out = finish<E>(acc[m][j], y + at, r + at, n);
+      vec out = finish<E>(acc[m][j], y + at, E == ADD ? r + at : nullptr, n);
       if (n == W) vstore(y + at, out);
       else vstore_n(y + at, out, n);
     }
@@ -118,7 +118,7 @@ void panels(int64_t M, const float* x, const T* wp, float* y, const float* r, in
         if (cols <= 0) break;
         const float* xm = x + m0 * K;
         float* ym = y + m0 * N;
-        const float* rm = r == nullptr ? nullptr : r + m0 * N;
+        const float* rm = E == ADD ? r + m0 * N : nullptr;
         if constexpr (E == SWIGLU) {
           chunk<T, mr.value, NV, GATE>(xm, panel, ym, rm, K, N, c0, col, cols);
           chunk<T, mr.value, NV, SWIGLU>(xm, panel + K * PANEL, ym, rm, K, N, c0, col, cols);
@@ -154,8 +154,6 @@ struct PanelJob : Job {
   void unit(int64_t u) override { panels<T, E>(M, x, wp, y, r, K, N, P * u / units, P * (u + 1) / units); }
 };
 
-// y = x . wp (finished by E) with the panels split into one contiguous range per thread of the pool (the caller
-// takes one). wd: wp's dimensions, [P, K, PANEL] or, for SWIGLU, [P, 2, K, PANEL].
 // x's rows RMS-normalised and scaled (module comment), on the calling thread before the products (M x K is small).
 std::vector<float> rms_normalised(const float* x, const float* scale, int64_t M, int64_t K, float eps) {
   std::vector<float> out(size_t(M * K));
@@ -169,6 +167,9 @@ std::vector<float> rms_normalised(const float* x, const float* scale, int64_t M,
   return out;
 }
 
+// y = x' . wp (finished by E) with the panels split into one contiguous range per thread of the pool (the caller
+// takes one); x' = x, or x RMS-normalised when `scale` holds K values. wd: wp's dimensions, [P, K, PANEL] or, for
+// SWIGLU, [P, 2, K, PANEL].
 template <typename T, Epilogue E>
 ffi::Error RunPanels(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x, const void* wp, ffi::Span<const int64_t> wd,
                      float* y, ffi::Span<const int64_t> yd, const float* r, const char* name,

@@ -190,7 +190,7 @@ class _PackedQKV(nn.Module):
         if cfg.qkv_bias:
             y = y + self.param("bias", nn.initializers.zeros, (n,), cfg.params_dtype).astype(cfg.compute_dtype)
         q, k, v = jnp.split(y, [heads[0] * cfg.head_dim, (heads[0] + heads[1]) * cfg.head_dim], axis=-1)
-        return tuple(a.reshape(*lead, h, cfg.head_dim) for a, h in zip((q, k, v), heads))
+        return tuple(a.reshape(*lead, count, cfg.head_dim) for a, count in zip((q, k, v), heads))
 
 
 class Attention(nn.Module):
