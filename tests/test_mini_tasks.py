@@ -282,6 +282,26 @@ def test_report_curve_statistics_and_learning_check():
     assert any(line.startswith("- grpo_permuted, greedy") and "**within noise**" in line for line in lines)
 
 
+def test_the_pilots_paired_interval_sees_what_two_separate_intervals_cannot():
+    """`paired_diff_ci`: prompts of very different difficulty, rule A one more decisive point than rule B in every
+    prompt. The separate bootstrap intervals overlap; the paired one (both rules on the same resample of prompts)
+    lies above 0. Identical rules give exactly 0."""
+    pilot = _module(ROOT / "experiments" / "mini" / "pilot.py")
+    rng = np.random.default_rng(0)
+    prompts, points = 16, 4
+    base = rng.integers(0, 4, prompts)  # decisive points of rule B per prompt: 0..3 of 4
+    b = np.arange(points)[None, :] < base[:, None]
+    a = np.arange(points)[None, :] < (base + 1)[:, None]
+    ok = np.ones((prompts, points), bool)
+    ci_a, ci_b = pilot.share_ci(a, ok), pilot.share_ci(b, ok)
+    assert ci_a[0] <= ci_b[1]  # the separate intervals overlap
+    paired = pilot.paired_diff_ci(a, ok, b, ok)
+    assert paired["diff"] == pytest.approx(0.25) and paired["ci95"][0] > 0
+    same = pilot.paired_diff_ci(b, ok, b, ok)
+    assert same == {"diff": 0.0, "ci95": [0.0, 0.0]}
+    assert pilot.paired_diff_ci(a, np.zeros_like(ok), b, ok) is None
+
+
 def test_report_regenerates_exactly_the_runs_present(tmp_path):
     """One run_grid line per (tasks, seeds) set of methods; a method with other seeds on another task gets a line
     per task, never a seed it does not have."""
@@ -372,6 +392,9 @@ def test_grid_smoke(tmp_path, capsys):
     assert pilot.returncode == 0, pilot.stderr[-3000:]
     result = json.loads(pilot.stdout.strip().splitlines()[-1])
     assert set(result["rules"]) >= {"branching_score_lagged", "entropy_only", "oracle", "arpo_after_tool_call", "random"}
+    random = result["rules"]["random"]
+    assert set(random["minus_branching_score_lagged"] or {"diff": 0, "ci95": 0}) == {"diff", "ci95"}
+    assert sum(random["per_prompt_points"]) == random["points"] and len(random["per_prompt_decisive"]) == 2
     assert set(result["omega_std_per_baseline"]) == {"lagged", "sampler", "reference"}
     shares = result["decision_tokens_that_are_candidates"]
     assert set(shares) == {"appo_jax", "official"}

@@ -20,7 +20,9 @@ integer-arithmetic questions of experiments/demo_smollm2.py with the python tool
 and ``--rl-steps`` APPO iterations (decode in the CPU kernels). Its tokens carry no decision labels, so a chosen
 point counts as decisive when its ``--k`` continuations disagree in outcome (``outcome_changes``); the oracle
 rule is left out. Each rule's decisive share comes with a 95% interval (bootstrap over prompts: the points of one
-prompt are not independent).
+prompt are not independent), and each rule's difference to the Branching Score with the lagged baseline with a
+paired one (`paired_diff_ci`: every rule chooses its points in the same rollouts of the same prompts, so a prompt's
+difficulty cancels in the difference); the per-prompt counts are kept for other analyses.
 
 Prints and writes one JSON object.
 """
@@ -77,6 +79,23 @@ def share_ci(changes: np.ndarray, ok: np.ndarray, draws: int = 2000, seed: int =
         if ok[pick].any():
             shares.append(changes[pick][ok[pick]].mean())
     return [float(np.percentile(shares, 2.5)), float(np.percentile(shares, 97.5))]
+
+
+def paired_diff_ci(changes_a: np.ndarray, ok_a: np.ndarray, changes_b: np.ndarray, ok_b: np.ndarray,
+                   draws: int = 2000, seed: int = 0) -> dict | None:
+    """share(A) - share(B) of decisive points (``changes``, ``ok``: bool [prompts, points] per rule, the same
+    prompts) and its 95% interval: percentiles over ``draws`` resamples of the prompts with replacement, both rules
+    on the same resample (paired)."""
+    if not (ok_a.any() and ok_b.any()):
+        return None
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(draws):
+        pick = rng.integers(0, ok_a.shape[0], ok_a.shape[0])
+        if ok_a[pick].any() and ok_b[pick].any():
+            diffs.append(changes_a[pick][ok_a[pick]].mean() - changes_b[pick][ok_b[pick]].mean())
+    diff = float(changes_a[ok_a].mean() - changes_b[ok_b].mean())
+    return {"diff": diff, "ci95": [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]}
 
 
 def _arpo_points(traj, groups: int, budget: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -209,19 +228,26 @@ def main(argv=None) -> None:
         chosen = {name: (np.asarray(p.rows), np.asarray(p.positions), np.asarray(p.valid)) for name, p in rules.items()}
         chosen["arpo_after_tool_call"] = _arpo_points(traj, len(prompts), budget, rng)
         chosen["random"] = _random_points(traj, len(prompts), budget, rng)
-        out_rules = {}
+        out_rules, outcomes = {}, {}
         for i, (name, (rows, pos, valid)) in enumerate(chosen.items()):
             rep = lambda x: np.repeat(x, args.k, axis=1)  # noqa: E731 - k continuations per point
             cont = branch_rollouts(engine, traj, prompts, rep(rows), rep(pos), np.zeros(rep(rows).shape, np.float32),
                                    rep(valid), jax.random.fold_in(key, i + 1))
             acc = np.asarray(cont.accuracy, np.float64).reshape(len(prompts), budget, args.k)
             ok, changes = valid.astype(bool), acc.min(2) != acc.max(2)
+            outcomes[name] = (changes, ok)
             out_rules[name] = {"decision_hit_rate": None if args.real else _hits(decisions, rows, pos, valid),
                                "outcome_variance": float(acc.var(axis=2)[ok].mean()) if ok.any() else None,
                                "outcome_changes": float(changes[ok].mean()) if ok.any() else None,
                                "outcome_changes_ci95": share_ci(changes, ok, seed=args.seed),
                                "continuation_accuracy": float(acc.mean(2)[ok].mean()) if ok.any() else None,
-                               "points": int(ok.sum())}
+                               "points": int(ok.sum()),
+                               "per_prompt_points": ok.sum(1).tolist(),
+                               "per_prompt_decisive": (changes & ok).sum(1).tolist()}
+        ref = "branching_score_lagged"
+        for name in out_rules:
+            if name != ref:
+                out_rules[name][f"minus_{ref}"] = paired_diff_ci(*outcomes[name], *outcomes[ref], seed=args.seed)
         dist = _boundary_distances(decisions, traj)
         decision_stats = None if args.real else {
             "share_of_generated": float(decisions[gen].mean()),

@@ -310,13 +310,16 @@ def _real_pilot_lines(p: dict) -> list[str]:
            "No decision labels here: a chosen point is decisive when its continuations disagree in outcome. "
            "Omega's standard deviation over a rollout's tokens, per baseline: "
            + ", ".join(f"{k} {v:.3g}" for k, v in p["omega_std_per_baseline"].items()) + ".", "",
-           "| rule | points | decisive share [95% CI, bootstrap over prompts] | outcome variance | continuation "
-           "accuracy |", "|---|---:|---:|---:|---:|"]
+           "| rule | points | decisive share [95% CI, bootstrap over prompts] | minus branching_score_lagged "
+           "[95% CI, paired over prompts] | outcome variance | continuation accuracy |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in p["rules"].items():
         ci = r.get("outcome_changes_ci95")
         ci = "" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+        paired = r.get("minus_branching_score_lagged")  # pilots before the paired interval have none
+        paired = "-" if paired is None else (f"{100 * paired['diff']:+.1f} [{100 * paired['ci95'][0]:+.1f}, "
+                                             f"{100 * paired['ci95'][1]:+.1f}]")
         var = "-" if r["outcome_variance"] is None else f"{r['outcome_variance']:.3f}"
-        out.append(f"| {name} | {r['points']} | {pct(r['outcome_changes'])}{ci} | {var} | "
+        out.append(f"| {name} | {r['points']} | {pct(r['outcome_changes'])}{ci} | {paired} | {var} | "
                    f"{pct(r['continuation_accuracy'])} |")
     return out + [""]
 
