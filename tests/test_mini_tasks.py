@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -316,19 +317,21 @@ def test_report_regenerates_exactly_the_runs_present(tmp_path):
                      f"{base} grpo,appo --seeds 1,2 --tasks kb --out {tmp_path} --set train.steps=30"]
 
 
+def _write_run(root, method, seed, n, final, task="kb_multihop"):
+    """A finished run_grid run (result.json + metrics.jsonl): held-out 0.5 before RL, ``final`` after 5 steps."""
+    key = f"eval/{task}:heldout/greedy"
+    d = root / task / method / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"task": task, "method": method, "seed": seed, "seconds": 60.0,
+                                               "summary": {}, "config": {"algorithm": {"n": n}}}))
+    records = ({"step": 0, key: 0.5}, {"step": 5, key: final, "time/step_s": 2.0, "rollout/generated_tokens": 100.0})
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+
 def test_report_compares_appo_with_grpo_at_each_budget(tmp_path):
     """``--budget``: a second grid at another algorithm.n; per budget the final accuracies and APPO - GRPO (Welch)."""
     report = _module(ROOT / "experiments" / "mini" / "report.py")
-    key = "eval/kb_multihop:heldout/greedy"
-
-    def write(root, method, seed, n, final):
-        d = root / "kb_multihop" / method / f"seed{seed}"
-        d.mkdir(parents=True)
-        config = {"algorithm": {"n": n}}
-        (d / "result.json").write_text(json.dumps({"task": "kb_multihop", "method": method, "seed": seed,
-                                                   "seconds": 1.0, "summary": {}, "config": config}))
-        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in ({"step": 0, key: 0.5},
-                                                                             {"step": 5, key: final})))
+    write = _write_run
 
     for seed, (g8, a8, g16, a16) in enumerate([(0.6, 0.7, 0.6, 0.9), (0.62, 0.69, 0.61, 0.92),
                                                (0.58, 0.72, 0.63, 0.91)], start=1):
@@ -353,6 +356,54 @@ def test_report_compares_appo_with_grpo_at_each_budget(tmp_path):
     assert rerun["appo"]["same_sign"] and not rerun["appo"]["intervals_overlap"]
     assert rerun["grpo"]["same_sign"] and rerun["grpo"]["intervals_overlap"]
     assert "| kb_multihop | appo | greedy |" in (tmp_path / "n8" / "RESULTS.md").read_text()
+
+
+def test_report_rebuilds_from_its_records_and_merges_new_runs(tmp_path):
+    """runs.jsonl: the report of the records alone (run directories gone) equals the report of the runs; new runs
+    merge with old records (a run directory wins over a record of the same run); the budget grid survives in the
+    records; a malformed record is an error naming its line."""
+    report = _module(ROOT / "experiments" / "mini" / "report.py")
+    finals = {"grpo": [0.6, 0.62, 0.58], "appo": [0.7, 0.69, 0.72]}
+    for method, values in finals.items():
+        for seed, v in enumerate(values, 1):
+            _write_run(tmp_path / "grid", method, seed, 8, v)
+            _write_run(tmp_path / "n16", method, seed, 16, v + 0.1)
+    report.main([str(tmp_path / "grid"), "--budget", str(tmp_path / "n16")])
+    first = json.loads((tmp_path / "grid" / "results.json").read_text())
+    records = [json.loads(x) for x in (tmp_path / "grid" / "runs.jsonl").read_text().splitlines()]
+    assert sorted((r["grid"], r["method"], r["seed"]) for r in records) == sorted(
+        (g, m, s) for g in ("main", "budget") for m in finals for s in (1, 2, 3))
+    assert all(r["curves"]["greedy"]["accuracy"][0] == 0.5 for r in records)
+    text = (tmp_path / "grid" / "RESULTS.md").read_text()
+    # the run directories are gone: the records alone rebuild the same tables, the budget section included
+    shutil.rmtree(tmp_path / "n16")
+    for method in finals:
+        shutil.rmtree(tmp_path / "grid" / "kb_multihop" / method)
+    report.main([str(tmp_path / "grid")])
+    again = json.loads((tmp_path / "grid" / "results.json").read_text())
+    assert again["tasks"] == first["tasks"] and again["budget"] == first["budget"]
+    assert (tmp_path / "grid" / "RESULTS.md").read_text().split("## kb_multihop")[1] == text.split("## kb_multihop")[1]
+    assert "6 runs, 6.0 minutes" in text  # the main grid's 6 runs x 60 s
+    # a new grid: seed 4 of each and a new seed 1 of GRPO (its directory wins over the old record)
+    _write_run(tmp_path / "new", "grpo", 4, 8, 0.64)
+    _write_run(tmp_path / "new", "appo", 4, 8, 0.71)
+    _write_run(tmp_path / "new", "grpo", 1, 8, 0.9)
+    report.main([str(tmp_path / "new"), "--records", str(tmp_path / "grid" / "runs.jsonl")])
+    merged = json.loads((tmp_path / "new" / "results.json").read_text())["tasks"]["kb_multihop"]["methods"]
+    assert merged["grpo"]["seeds"] == [1, 2, 3, 4] and merged["appo"]["seeds"] == [1, 2, 3, 4]
+    assert merged["grpo"]["final_heldout_accuracy"]["per_seed"] == pytest.approx([0.9, 0.62, 0.58, 0.64])
+    regen = (tmp_path / "new" / "RESULTS.md").read_text()
+    assert f"--out {tmp_path / 'grid'}" in regen and f"--out {tmp_path / 'new'}" in regen
+    # a record recovered without curves counts in the tables, not in the plots
+    bare = dict(records[0], curves=None, seconds=None, origin="a test", seed=9,
+                modes={"greedy": {"final": 0.3}})
+    (tmp_path / "bare.jsonl").write_text(json.dumps(bare) + "\n")
+    report.main([str(tmp_path / "new"), "--records", str(tmp_path / "bare.jsonl")])
+    text = (tmp_path / "new" / "RESULTS.md").read_text()
+    assert "leave out 1 run(s)" in text and "the other 1 are records recovered without one" in text
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"grid": "main"}) + "\n")
+    with pytest.raises(SystemExit, match="bad.jsonl:1 is not a run record"):
+        report.main([str(tmp_path / "new"), "--records", str(tmp_path / "bad.jsonl")])
 
 
 @pytest.mark.heavy(order=1)

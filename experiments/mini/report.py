@@ -11,6 +11,13 @@ another grid of GRPO and APPO at another rollout budget per prompt (``--set algo
 algorithm.n_init=8``); the report then compares APPO with GRPO at each budget (the paper's equal-budget claim).
 ``--rerun``: a grid of GRPO and APPO on seeds this one never used; the report says, per task and method, whether
 its held-out gain has the same sign and an interval that overlaps this grid's (the result replicates).
+
+Every run the report uses is also written, compactly, to ``DIR/runs.jsonl`` (one line per run: its grid, task,
+method, seed, budget, wall time, held-out curves and per-mode statistics; a few KB), the file committed with the
+results. The report reads ``DIR/runs.jsonl`` and any ``--records FILE`` back, so it can be rebuilt from committed
+records alone (``report.py experiments/mini/results``) and new runs merge with old ones whose run directories are
+gone (``report.py runs/mini/grid --records experiments/mini/results/runs.jsonl``); a run present both as a
+directory and as a record is taken from its directory.
 """
 from __future__ import annotations
 
@@ -72,6 +79,80 @@ def read_runs(root: Path) -> list[dict]:
     return runs
 
 
+RECORDS = "runs.jsonl"
+_GRIDS = ("main", "budget", "rerun")
+
+
+def _mode_stats(steps: list, values: list) -> dict:
+    """Held-out accuracy of one run in one mode: before RL (the step-0 evaluation), final, best, the mean over the
+    evaluations after RL started, and gain = final - before."""
+    initial = values[0] if steps and steps[0] == 0 else None
+    after = [v for t, v in zip(steps, values) if t > 0]
+    return {"initial": initial, "final": values[-1] if values else None, "best": max(values) if values else None,
+            "mean_during_rl": float(np.mean(after)) if after else None,
+            "gain": None if initial is None or not values else values[-1] - initial}
+
+
+def run_record(run: dict, task: str | None = None, grid: str = "main", out: str | None = None,
+               overrides: list | None = None) -> dict:
+    """A run as the report uses it (``runs.jsonl``'s line): held-out curves per evaluation mode (step, accuracy,
+    cumulative generated tokens and seconds), their `_mode_stats`, the mean tool calls per rollout, the generated
+    tokens and the mean seconds of the RL iterations, the run's budget ``n`` (``algorithm.n``) and wall time, and where
+    it came from (``out``, the grid's ``overrides``). A run that already is a record is returned as it is."""
+    if "records" not in run:
+        return run
+    task = task or run["task"]
+    curves, modes = {}, {}
+    for mode in eval_modes([run], task):
+        steps, values, tokens, seconds = _curve(run["records"], f"eval/{task}:heldout/{mode}")
+        curves[mode] = {"step": steps, "accuracy": values, "tokens": tokens, "seconds": seconds}
+        modes[mode] = _mode_stats(steps, values)
+    it = [r for r in run["records"] if r["step"] > 0 and r.get("time/step_s") is not None]
+    iterations = {"tool_calls_per_rollout": float(np.mean([r.get("tools/calls_per_rollout", 0.0) for r in it])) if it else 0.0,
+                  "generated_tokens": float(sum(r.get("rollout/generated_tokens") or 0.0 for r in it)),
+                  "seconds_per_iteration": float(np.mean([r["time/step_s"] for r in it])) if it else 0.0}
+    return {"grid": grid, "task": task, "method": run.get("method"), "seed": run["seed"],
+            "n": run.get("config", {}).get("algorithm", {}).get("n"), "seconds": run.get("seconds"),
+            "out": out, "overrides": overrides, "curves": curves, "modes": modes, "iterations": iterations}
+
+
+def read_records(path: Path) -> list[dict]:
+    """The run records of a ``runs.jsonl`` (see `run_record`); a malformed line is an error naming it."""
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            missing = {"grid", "task", "method", "seed", "modes"} - set(rec)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"report: {path}:{i} is not JSON ({e})") from None
+        if missing or rec["grid"] not in _GRIDS:
+            raise SystemExit(f"report: {path}:{i} is not a run record (missing {sorted(missing)} or grid "
+                             f"{rec.get('grid')!r} not one of {_GRIDS})")
+        records.append(rec)
+    return records
+
+
+def grid_records(root: Path, grid: str) -> list[dict]:
+    """The finished runs of the grid directory ``root`` as records of ``grid``, with the grid's overrides."""
+    marker = root / "grid.json"
+    overrides = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
+    return [run_record(r, grid=grid, out=str(root), overrides=overrides) for r in read_runs(root)]
+
+
+def merge_records(*sources: list[dict]) -> list[dict]:
+    """The records of all ``sources``, one per (grid, task, method, seed): the first source holding a run wins."""
+    seen, out = set(), []
+    for source in sources:
+        for rec in source:
+            key = (rec["grid"], rec["task"], rec["method"], rec["seed"])
+            if key not in seen:
+                seen.add(key)
+                out.append(rec)
+    return sorted(out, key=lambda r: (_GRIDS.index(r["grid"]), r["task"], r["method"], r["seed"]))
+
+
 def _curve(records, key):
     """(steps, values, cumulative generated tokens, cumulative seconds) at the records holding ``key``."""
     steps, values, tokens, seconds = [], [], [], []
@@ -88,45 +169,31 @@ def _curve(records, key):
 
 
 def eval_modes(runs: list[dict], task: str) -> list[str]:
-    """The evaluation modes (``greedy``, ``train``, ...) of ``eval/TASK:heldout/MODE`` in the runs' records, greedy
-    first."""
+    """The evaluation modes (``greedy``, ``train``, ...) of ``eval/TASK:heldout/MODE`` in the runs' metrics (or of
+    their records' ``modes``), greedy first."""
     prefix = f"eval/{task}:heldout/"
-    modes = {k[len(prefix):] for run in runs for r in run["records"] for k in r if k.startswith(prefix)}
+    modes = {k[len(prefix):] for run in runs if "records" in run for r in run["records"] for k in r
+             if k.startswith(prefix)}
+    modes |= {m for run in runs if "records" not in run for m in run["modes"]}
     return sorted(modes, key=lambda m: (m != "greedy", m))
 
 
 def summarize_method(runs: list[dict], task: str, modes: list[str]) -> dict:
     """Per mode: held-out accuracy before RL, final, best, the mean over the evaluations after RL started (the area
     under the learning curve per evaluation: less noisy than one final point) and the gain (final - before), each a
-    `mean_ci` over seeds; tool calls per rollout, generated tokens, seconds per iteration. The first mode's before / final / best
-    are also ``initial_ / final_ / best_heldout_accuracy`` (the verdict's numbers)."""
-    per_mode = {}
-    for mode in modes:
-        key = f"eval/{task}:heldout/{mode}"
-        initial, final, best, during = [], [], [], []
-        for run in runs:
-            steps, values, _, _ = _curve(run["records"], key)
-            if values:
-                initial.append(values[0] if steps[0] == 0 else float("nan"))
-                final.append(values[-1])
-                best.append(max(values))
-                after = [v for t, v in zip(steps, values) if t > 0]
-                during.append(float(np.mean(after)) if after else float("nan"))
-        per_mode[mode] = {"initial": mean_ci(initial), "final": mean_ci(final), "best": mean_ci(best),
-                          "mean_during_rl": mean_ci(during),
-                          "gain": mean_ci(np.asarray(final) - np.asarray(initial))}
-    seeds, calls, gen, step_s = [], [], [], []
-    for run in runs:
-        seeds.append(run["seed"])
-        it = [r for r in run["records"] if r["step"] > 0 and r.get("time/step_s") is not None]
-        calls.append(float(np.mean([r.get("tools/calls_per_rollout", 0.0) for r in it])) if it else 0.0)
-        gen.append(float(sum(r.get("rollout/generated_tokens") or 0.0 for r in it)))
-        step_s.append(float(np.mean([r["time/step_s"] for r in it])) if it else 0.0)
+    `mean_ci` over the seeds that have it (`_mode_stats` per run); tool calls per rollout, generated tokens, seconds
+    per iteration. ``runs``: raw runs or their `run_record`. The first mode's before / final / best are also
+    ``initial_ / final_ / best_heldout_accuracy`` (the verdict's numbers)."""
+    recs = [run_record(r, task) for r in runs]
+    stats = ("initial", "final", "best", "mean_during_rl", "gain")
+    per_mode = {mode: {k: mean_ci([v for r in recs if (v := r["modes"].get(mode, {}).get(k)) is not None])
+                       for k in stats} for mode in modes}
+    its = [r["iterations"] for r in recs if r.get("iterations")]
     first = per_mode[modes[0]] if modes else {"initial": mean_ci([]), "final": mean_ci([]), "best": mean_ci([])}
-    return {"seeds": seeds, "modes": per_mode, "initial_heldout_accuracy": first["initial"],
+    return {"seeds": [r["seed"] for r in recs], "modes": per_mode, "initial_heldout_accuracy": first["initial"],
             "final_heldout_accuracy": first["final"], "best_heldout_accuracy": first["best"],
-            "tool_calls_per_rollout": mean_ci(calls), "generated_tokens": mean_ci(gen),
-            "seconds_per_iteration": mean_ci(step_s)}
+            **{k: mean_ci([it[k] for it in its])
+               for k in ("tool_calls_per_rollout", "generated_tokens", "seconds_per_iteration")}}
 
 
 def _fmt(stat: dict, scale: float = 100.0, digits: int = 1) -> str:
@@ -168,18 +235,24 @@ def learning_check(table: dict, modes: list[str]) -> list[str]:
 
 
 def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[str]:
-    """Two PNGs: mean held-out accuracy against generated tokens and against wall time (seconds of RL)."""
+    """Two PNGs: mean held-out accuracy against generated tokens and against wall time (seconds of RL), over the
+    runs whose curves are recorded (a record recovered without its curves is left out of the plot); none when no run
+    has a curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
-    key = f"eval/{task}:heldout/{eval_modes([r for rs in by_method.values() for r in rs], task)[0]}"
+    by_method = {m: [run_record(r, task) for r in rs] for m, rs in by_method.items()}
+    mode = eval_modes([r for rs in by_method.values() for r in rs], task)[0]
+    if not any((r.get("curves") or {}).get(mode, {}).get("accuracy") for rs in by_method.values() for r in rs):
+        return files  # no curve recorded: no plot
     for axis, label, idx in (("tokens", "generated tokens (all rollouts)", 2), ("time", "RL wall time (s)", 3)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for method, runs in sorted(by_method.items()):
-            curves = [_curve(r["records"], key) for r in runs]
+            curves = [(c["step"], c["accuracy"], c["tokens"], c["seconds"])
+                      for r in runs if (c := (r.get("curves") or {}).get(mode))]
             curves = [c for c in curves if c[1]]
             if not curves:
                 continue
@@ -201,21 +274,27 @@ def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[
 
 
 def regenerate_command(root: Path, runs: list[dict]) -> str:
-    """The run_grid commands of exactly the runs present: one line per distinct (tasks, seeds) set of methods
-    (a method whose tasks have different seeds gets a line per task), with the grid's overrides."""
+    """The run_grid commands of exactly the runs present: one line per grid directory and distinct (tasks, seeds)
+    set of methods (a method whose tasks have different seeds gets a line per task), with the grid's overrides. A
+    run's grid is its record's ``out`` and ``overrides`` where it has them, else ``root`` and ``root/grid.json``."""
     marker = root / "grid.json"
-    overrides = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
-    sets = "".join(f" --set {o}" for o in overrides)
-    lines_of: dict[tuple, list[str]] = {}  # (tasks, seeds) -> methods
-    for method in dict.fromkeys(r["method"] for r in runs):
-        seeds_of = {task: tuple(sorted({r["seed"] for r in runs if r["method"] == method and r["task"] == task}))
-                    for task in sorted({r["task"] for r in runs if r["method"] == method})}
-        for seeds in dict.fromkeys(seeds_of.values()):
-            tasks = tuple(t for t, s in seeds_of.items() if s == seeds)
-            lines_of.setdefault((tasks, seeds), []).append(method)
+    default = json.loads(marker.read_text()).get("overrides", []) if marker.is_file() else []
+    lines_of: dict[tuple, list[str]] = {}  # (out, overrides, tasks, seeds) -> methods
+    grids = dict.fromkeys((r.get("out") or str(root), tuple(r["overrides"] if r.get("overrides") is not None
+                                                             else default)) for r in runs)
+    for out, overrides in grids:
+        mine = [r for r in runs if (r.get("out") or str(root)) == out
+                and tuple(r["overrides"] if r.get("overrides") is not None else default) == overrides]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            seeds_of = {task: tuple(sorted({r["seed"] for r in mine if r["method"] == method and r["task"] == task}))
+                        for task in sorted({r["task"] for r in mine if r["method"] == method})}
+            for seeds in dict.fromkeys(seeds_of.values()):
+                tasks = tuple(t for t, s in seeds_of.items() if s == seeds)
+                lines_of.setdefault((out, overrides, tasks, seeds), []).append(method)
     return "\n".join(f"python experiments/mini/run_grid.py --methods {','.join(methods)} --seeds "
-                     f"{','.join(str(s) for s in seeds)} --tasks {','.join(tasks)} --out {root}{sets}"
-                     for (tasks, seeds), methods in lines_of.items())
+                     f"{','.join(str(s) for s in seeds)} --tasks {','.join(tasks)} --out {out}"
+                     + "".join(f" --set {o}" for o in overrides)
+                     for (out, overrides, tasks, seeds), methods in lines_of.items())
 
 
 def pilot_section(pilots: list[dict]) -> list[str]:
@@ -255,26 +334,26 @@ def pilot_section(pilots: list[dict]) -> list[str]:
 
 def _budget(runs: list[dict]) -> str:
     """Rollouts per prompt (``algorithm.n``) of the runs, as the report writes it (several: comma-separated)."""
-    return ",".join(str(n) for n in sorted({r["config"]["algorithm"]["n"] for r in runs}))
+    return ",".join(str(n) for n in sorted({run_record(r)["n"] for r in runs}))
 
 
-def _other_grid(other: Path, option: str) -> list[dict]:
-    """The finished runs of the grid given to ``option`` (``--budget`` / ``--rerun``); none is an error."""
-    runs = read_runs(other)
+def _other_grid(other: Path, option: str, grid: str) -> list[dict]:
+    """The finished runs of the grid directory given to ``option`` (``--budget`` / ``--rerun``) as records of
+    ``grid``; none is an error."""
+    runs = grid_records(other, grid)
     if not runs:
         raise SystemExit(f"report: no finished runs under {other} ({option})")
     return runs
 
 
-def _regenerate_lines(what: str, other: Path, runs: list[dict]) -> list[str]:
-    return ["", f"Regenerate {what}:", "", "```", regenerate_command(other, runs), "```", ""]
+def _regenerate_lines(what: str, root: Path, runs: list[dict]) -> list[str]:
+    return ["", f"Regenerate {what}:", "", "```", regenerate_command(root, runs), "```", ""]
 
 
-def budget_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
-    """APPO vs GRPO at this grid's budget and at ``other``'s (a grid of the same tasks at another ``algorithm.n``):
-    per task and budget the final held-out accuracy (first evaluation mode) of each, and APPO - GRPO with its Welch
-    interval and verdict."""
-    other_runs = _other_grid(other, "--budget")
+def budget_section(runs: list[dict], other_runs: list[dict], root: Path) -> tuple[list[str], dict]:
+    """APPO vs GRPO at this grid's budget and at the ``other_runs``' (a grid of the same tasks at another
+    ``algorithm.n``): per task and budget the final held-out accuracy (first evaluation mode) of each, and APPO - GRPO
+    with its Welch interval and verdict."""
     out = ["## Budget sensitivity: APPO vs GRPO at two rollout budgets per prompt", "",
            "| task | rollouts per prompt | mode | GRPO final (seeds) | APPO final (seeds) | APPO - GRPO (points) | "
            "verdict |", "|---|---:|---|---:|---:|---:|---|"]
@@ -297,7 +376,7 @@ def budget_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
             out.append(f"| {task} | {budget} | {modes[0]} | {_fmt(stats['grpo']['final_heldout_accuracy'])} "
                        f"({len(by['grpo'])}) | {_fmt(stats['appo']['final_heldout_accuracy'])} ({len(by['appo'])}) | "
                        f"{diff} | {verdict(d)} |")
-    out += _regenerate_lines("the other budget's runs", other, other_runs)
+    out += _regenerate_lines("the other budget's runs", root, other_runs)
     return out, table
 
 
@@ -328,10 +407,9 @@ def _overlap(a: list | None, b: list | None) -> bool | None:
     return None if a is None or b is None else bool(a[0] <= b[1] and b[0] <= a[1])
 
 
-def rerun_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
-    """This grid against ``other`` (the same config on new seeds): per task and method (GRPO, APPO) the held-out
+def rerun_section(runs: list[dict], other_runs: list[dict], root: Path) -> tuple[list[str], dict]:
+    """This grid against ``other_runs`` (the same config on new seeds): per task and method (GRPO, APPO) the held-out
     gain (first evaluation mode) in each, whether the signs agree and whether the 95% intervals overlap."""
-    other_runs = _other_grid(other, "--rerun")
     out = ["## Replication on new seeds", "",
            "| task | method | mode | gain here (seeds) | gain on new seeds (seeds) | same sign | intervals overlap |",
            "|---|---|---|---:|---:|---|---|"]
@@ -351,16 +429,28 @@ def rerun_section(runs: list[dict], other: Path) -> tuple[list[str], dict]:
             out.append(f"| {task} | {method} | {modes[0]} | {_fmt(a)} ({len(here)}) | {_fmt(b)} ({len(new)}) | "
                        f"{'yes' if same else '**no**'} | "
                        f"{'-' if overlap is None else 'yes' if overlap else '**no**'} |")
-    out += _regenerate_lines("the new seeds' runs", other, other_runs)
+    out += _regenerate_lines("the new seeds' runs", root, other_runs)
     return out, table
 
 
-def build_report(root: Path, budget: Path | None = None, rerun: Path | None = None) -> dict:
-    runs = read_runs(root)
+def build_report(root: Path, budget: Path | None = None, rerun: Path | None = None,
+                 records: tuple[Path, ...] = ()) -> dict:
+    """The report of the grid ``root`` (its run directories and ``root/runs.jsonl``), the ``budget`` and ``rerun``
+    grid directories and the run records of ``records``; writes RESULTS.md, results.json, the PNGs and runs.jsonl
+    (every run used) into ``root``; ``root/STATUS.md``, when present, goes below the title."""
+    own = root / RECORDS
+    every = merge_records(grid_records(root, "main"),
+                          _other_grid(budget, "--budget", "budget") if budget is not None else [],
+                          _other_grid(rerun, "--rerun", "rerun") if rerun is not None else [],
+                          *(read_records(f) for f in ((own,) if own.is_file() else ()) + tuple(records)))
+    runs = [r for r in every if r["grid"] == "main"]
     if not runs:
-        raise SystemExit(f"report: no finished runs under {root} (expected TASK/METHOD/seedS/result.json)")
+        raise SystemExit(f"report: no finished runs under {root} (expected TASK/METHOD/seedS/result.json or "
+                         f"{RECORDS})")
     results: dict = {"grid": str(root), "tasks": {}}
     lines = ["# Mini reproduction: results", ""]
+    if (root / "STATUS.md").is_file():  # what the grid holds so far and what follows, written by whoever runs it
+        lines += [(root / "STATUS.md").read_text().strip(), ""]
     body = []
     verdicts = []
     for task in sorted({r["task"] for r in runs}):
@@ -414,28 +504,37 @@ def build_report(root: Path, budget: Path | None = None, rerun: Path | None = No
                     "fewer than 2 seeds" if d is None else
                     f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
                     for d in row.values()) + " |")
-        body += ["", *[f"![{p}]({p})" for p in plots], ""]
+        lost = sum(1 for rs in by_method.values() for r in rs if not r.get("curves"))
+        body += ["", *[f"![{p}]({p})" for p in plots], *([""] if lost else []),
+                 *([f"The plots leave out {lost} run(s) whose records were recovered without their curves (their "
+                    "`origin` in runs.jsonl says from where); the tables include them."] if lost else []), ""]
     lines += ["## Verdict", "", *(verdicts or ["- no APPO-vs-baseline comparison in this grid"]), "",
               "Reproduced = the 95% interval of the difference of final held-out accuracy lies above 0; refuted = "
               "below 0; inconclusive = it contains 0.", ""]
     again = (f"python experiments/mini/report.py {root}" + ("" if budget is None else f" --budget {budget}")
-             + ("" if rerun is None else f" --rerun {rerun}"))
-    lines += ["## Regenerate", "", "```", regenerate_command(root, runs), again,
-              "```", "", f"{len(runs)} runs, {sum(r['seconds'] for r in runs) / 60:.1f} minutes of training in all "
-              f"(sum of the runs' wall times, SFT included where a run trained it).", ""]
+             + ("" if rerun is None else f" --rerun {rerun}") + "".join(f" --records {f}" for f in records))
+    timed = [r["seconds"] for r in runs if r.get("seconds") is not None]
+    spent = (f"{len(runs)} runs, {sum(timed) / 60:.1f} minutes of training in all (sum of the runs' wall times, SFT "
+             "included where a run trained it)." if len(timed) == len(runs) else
+             f"{len(runs)} runs; the {len(timed)} with a recorded wall time trained {sum(timed) / 60:.1f} minutes in "
+             f"all (SFT included where a run trained it), the other {len(runs) - len(timed)} are records recovered "
+             "without one.")
+    lines += ["## Regenerate", "", "```", regenerate_command(root, runs), again, "```", "", spent, ""]
     lines += body
-    if budget is not None:
-        section, results["budget"] = budget_section(runs, budget)
-        lines += section
-    if rerun is not None:
-        section, results["rerun"] = rerun_section(runs, rerun)
-        lines += section
+    for grid, section_of in (("budget", budget_section), ("rerun", rerun_section)):
+        other = [r for r in every if r["grid"] == grid]
+        if other:
+            section, results[grid] = section_of(runs, other, root)
+            lines += section
     pilots = [json.loads(p.read_text()) for p in sorted(root.glob("pilot_*.json"))]
     if pilots:
         results["pilot"] = pilots
         lines += pilot_section(pilots)
     results["verdicts"] = verdicts
     (root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    tmp = own.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in every))
+    tmp.replace(own)
     (root / "RESULTS.md").write_text("\n".join(lines) + "\n")
     return results
 
@@ -447,11 +546,17 @@ def main(argv=None) -> None:
                     help="a grid of GRPO and APPO at another rollout budget per prompt, compared with this one")
     ap.add_argument("--rerun", type=Path, default=None,
                     help="a grid of GRPO and APPO on new seeds: does this one's held-out gain replicate there")
+    ap.add_argument("--records", type=Path, action="append", default=[], metavar="FILE",
+                    help="run records (a runs.jsonl another report wrote, e.g. experiments/mini/results/runs.jsonl) "
+                         "to merge with the runs found here; repeatable")
     args = ap.parse_args(argv)
     for d in (args.dir, args.budget, args.rerun):
         if d is not None and not d.is_dir():
             raise SystemExit(f"report: {d} is not a directory")
-    results = build_report(args.dir, args.budget, args.rerun)
+    for f in args.records:
+        if not f.is_file():
+            raise SystemExit(f"report: --records {f} is not a file")
+    results = build_report(args.dir, args.budget, args.rerun, tuple(args.records))
     print(f"report: wrote {args.dir / 'RESULTS.md'} and results.json ({len(results['tasks'])} task(s))")
 
 
