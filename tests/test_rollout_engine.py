@@ -225,6 +225,12 @@ def test_real_sampler_end_to_end(tok, tools):
     params = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
     cfg = RolloutConfig(max_prompt_len=16, max_response_len=40, tool_call_limit=2, num_slots=2, decode_chunk=8)
     eng = RolloutEngine(config, params, tok, tools, cfg)
+    # rollout.cpu_kernels is on by default: the decode steps run in the C++ kernels where they can, else XLA says why
+    from appo_jax.kernels.build import kernel_status
+    assert eng.sampler.cpu_kernels_status == kernel_status()
+    assert ("decode steps in the CPU kernels" if kernel_status()[0] else "decode steps in XLA (") in eng.describe()
+    off = RolloutEngine(config, params, tok, tools, dataclasses.replace(cfg, cpu_kernels=False))
+    assert off.describe().endswith("decode steps in XLA (not asked for)")
     items = [prompt_record(prompt_ids(tok, "Compute two plus three."), ["5"])]
     parents = initial_rollouts(eng, items, 3, jax.random.key(1)).traj
     assert parents.row_valid.all() and parents.gen_mask.any(axis=1).all()

@@ -38,12 +38,15 @@ class RolloutConfig:
     and Tree-GRPO's expansions from the slots the previous phase left, ARPO / AEPO's copies from the parent's slot
     while it runs; a branch whose parent's slot was reused first (a later wave of a call with more branches than
     slots) prefills (``branch/kv_forked`` counts the forks). No copy of the cache is kept. ``cpu_kernels``
-    (default off): on a CPU, decode steps run in the C++ kernels of `appo_jax.kernels` (weights packed as column
-    panels, attention over the cache in place; for SmolLM2 on a 2-core EPYC, 1.4-2.1x faster steps than XLA at
-    1-8 slots, README "Speed"; the sampler's ``cpu_kernels``: float32, weights on one device, a C++ compiler).
-    ``weights_dtype`` (``""`` = the model's): the sampler keeps its copy of the weights in this dtype, cast once
-    per new policy; ``bfloat16`` with float32 compute halves the bytes a decode step reads (with ``cpu_kernels``,
-    1.17-1.66x faster steps for SmolLM2; 78% of 32 greedy GSM8K rows identical to float32 over 96 tokens,
+    (default on): on a CPU, decode steps run in the C++ kernels of `appo_jax.kernels` (weights packed as column
+    panels, a layer in four product calls, attention over the cache in place; for SmolLM2 on a 2-core EPYC, 1.4-2.1x
+    faster steps than XLA at 1-8 slots, README "Speed"; the same tokens, log-probs within float32 rounding). They
+    run where the sampler's ``cpu_kernels`` can (float32 compute, weights on one device, a C++ compiler to build
+    them once per machine) and XLA runs the rest, the sampler's ``cpu_kernels_status`` saying why; ``false``: XLA
+    always. ``weights_dtype`` (``""`` = the model's): the sampler keeps its copy of the weights in this dtype, cast
+    once per new policy; ``bfloat16`` with float32 compute halves the bytes a decode step reads (with
+    ``cpu_kernels``, 1.4-1.7x faster steps for SmolLM2 at 1-2 slots, 1.02x at 8 where the products are bound by
+    their multiply-adds; 78% of 32 greedy GSM8K rows identical to float32 over 96 tokens,
     `benchmarks/sampler_bf16.py`); the trainer's log-probs stay float32, and the ``mismatch/*`` metrics show the
     difference.
     """
@@ -65,7 +68,7 @@ class RolloutConfig:
     entropy_k: int = 10
     dtype: str = ""
     kv_fork: bool = True
-    cpu_kernels: bool = False
+    cpu_kernels: bool = True
     weights_dtype: str = ""
 
     def __post_init__(self):

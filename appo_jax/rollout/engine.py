@@ -212,13 +212,18 @@ class RolloutEngine:
         self.sampler.set_params(params)
 
     def describe(self) -> str:
-        """One line: sampler slots, KV-cache row length and bytes, response budget and tool-call limit."""
+        """One line: sampler slots, KV-cache row length and bytes, response budget, tool-call limit and what runs
+        the decode steps (the CPU kernels, or XLA and why: ``rollout.cpu_kernels``)."""
         cache = getattr(self.sampler, "cache", None)
         kv = "" if cache is None else (f", KV cache {cache.batch} x {cache.max_len} slots "
                                        f"({(cache.k.nbytes + cache.v.nbytes) / 2**20:.0f} MiB)")
+        status = getattr(self.sampler, "cpu_kernels_status", None)
+        decode = "" if status is None else ("; decode steps in the CPU kernels" if status[0]
+                                            else f"; decode steps in XLA ({status[1]})")
         cfg = self.cfg
         return (f"{cfg.num_slots} sampler slots{kv}; prompts <= {cfg.max_prompt_len} tokens, responses <= "
-                f"{cfg.max_response_len} tokens (tool results included), <= {cfg.tool_call_limit} tool calls")
+                f"{cfg.max_response_len} tokens (tool results included), <= {cfg.tool_call_limit} tool "
+                f"calls{decode}")
 
     def snapshot(self):
         """A copy of the sampler's KV cache and slot sequences (`Sampler.snapshot`), to fork branches from after
