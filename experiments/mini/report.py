@@ -108,7 +108,8 @@ def run_record(run: dict, task: str | None = None, grid: str = "main", out: str 
         curves[mode] = {"step": steps, "accuracy": values, "tokens": tokens, "seconds": seconds}
         modes[mode] = _mode_stats(steps, values)
     it = [r for r in run["records"] if r["step"] > 0 and r.get("time/step_s") is not None]
-    iterations = {"tool_calls_per_rollout": float(np.mean([r.get("tools/calls_per_rollout", 0.0) for r in it])) if it else 0.0,
+    calls = [r.get("tools/calls_per_rollout", 0.0) for r in it]
+    iterations = {"tool_calls_per_rollout": float(np.mean(calls)) if it else 0.0,
                   "generated_tokens": float(sum(r.get("rollout/generated_tokens") or 0.0 for r in it)),
                   "seconds_per_iteration": float(np.mean([r["time/step_s"] for r in it])) if it else 0.0}
     return {"grid": grid, "task": task, "method": run.get("method"), "seed": run["seed"],
