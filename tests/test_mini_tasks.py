@@ -401,9 +401,16 @@ def test_report_rebuilds_from_its_records_and_merges_new_runs(tmp_path):
     report.main([str(tmp_path / "new"), "--records", str(tmp_path / "bare.jsonl")])
     text = (tmp_path / "new" / "RESULTS.md").read_text()
     assert "leave out 1 run(s)" in text and "the other 1 are records recovered without one" in text
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"grid": "main"}) + "\n")
-    with pytest.raises(SystemExit, match="bad.jsonl:1 is not a run record"):
-        report.main([str(tmp_path / "new"), "--records", str(tmp_path / "bad.jsonl")])
+    # an explicit --records file beats the directory's own runs.jsonl (a re-run seed replaces its old record)
+    redo = dict(bare, seed=1, method="appo", modes={"greedy": {"final": 0.1}})
+    (tmp_path / "redo.jsonl").write_text(json.dumps(redo) + "\n")
+    report.main([str(tmp_path / "grid"), "--records", str(tmp_path / "redo.jsonl")])
+    appo = json.loads((tmp_path / "grid" / "results.json").read_text())["tasks"]["kb_multihop"]["methods"]["appo"]
+    assert appo["final_heldout_accuracy"]["per_seed"] == pytest.approx([0.1, 0.69, 0.72])
+    for i, bad in enumerate((json.dumps({"grid": "main"}), "42", "{not json"), 1):
+        (tmp_path / f"bad{i}.jsonl").write_text(bad + "\n")
+        with pytest.raises(SystemExit, match=f"bad{i}.jsonl:1 is not"):
+            report.main([str(tmp_path / "new"), "--records", str(tmp_path / f"bad{i}.jsonl")])
 
 
 @pytest.mark.heavy(order=1)

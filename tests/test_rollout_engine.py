@@ -231,6 +231,7 @@ def test_real_sampler_end_to_end(tok, tools):
     assert ("decode steps in the CPU kernels" if kernel_status()[0] else "decode steps in XLA (") in eng.describe()
     off = RolloutEngine(config, params, tok, tools, dataclasses.replace(cfg, cpu_kernels=False))
     assert off.describe().endswith("decode steps in XLA (not asked for)")
+    off.close()
     items = [prompt_record(prompt_ids(tok, "Compute two plus three."), ["5"])]
     parents = initial_rollouts(eng, items, 3, jax.random.key(1)).traj
     assert parents.row_valid.all() and parents.gen_mask.any(axis=1).all()

@@ -40,10 +40,11 @@ class RolloutConfig:
     slots) prefills (``branch/kv_forked`` counts the forks). No copy of the cache is kept. ``cpu_kernels``
     (default on): on a CPU, decode steps run in the C++ kernels of `appo_jax.kernels` (weights packed as column
     panels, a layer in four product calls, attention over the cache in place; for SmolLM2 on a 2-core EPYC, 1.4-2.1x
-    faster steps than XLA at 1-8 slots, README "Speed"; the same tokens, log-probs within float32 rounding). They
-    run where the sampler's ``cpu_kernels`` can (float32 compute, weights on one device, a C++ compiler to build
-    them once per machine) and XLA runs the rest, the sampler's ``cpu_kernels_status`` saying why; ``false``: XLA
-    always. ``weights_dtype`` (``""`` = the model's): the sampler keeps its copy of the weights in this dtype, cast
+    faster steps than XLA at 1-8 slots, README "Speed"; log-probs agree with XLA's to float32 rounding, which can
+    tip a sampled token now and then). They run where the sampler's ``cpu_kernels`` can (the CPU the default
+    backend, x86 with AVX2 + FMA or AVX-512, float32 compute, weights on one device, a C++ compiler to build them
+    once per machine) and XLA runs the rest, the sampler's ``cpu_kernels_status`` and the engine's start-up line
+    saying why; ``false``: XLA always. ``weights_dtype`` (``""`` = the model's): the sampler keeps its copy of the weights in this dtype, cast
     once per new policy; ``bfloat16`` with float32 compute halves the bytes a decode step reads (with
     ``cpu_kernels``, 1.4-1.7x faster steps for SmolLM2 at 1-2 slots, 1.02x at 8 where the products are bound by
     their multiply-adds; 78% of 32 greedy GSM8K rows identical to float32 over 96 tokens,

@@ -16,8 +16,10 @@ Every run the report uses is also written, compactly, to ``DIR/runs.jsonl`` (one
 method, seed, budget, wall time, held-out curves and per-mode statistics; a few KB), the file committed with the
 results. The report reads ``DIR/runs.jsonl`` and any ``--records FILE`` back, so it can be rebuilt from committed
 records alone (``report.py experiments/mini/results``) and new runs merge with old ones whose run directories are
-gone (``report.py runs/mini/grid --records experiments/mini/results/runs.jsonl``); a run present both as a
-directory and as a record is taken from its directory.
+gone (``report.py runs/mini/grid --records experiments/mini/results/runs.jsonl``). One run (grid, task, method,
+seed, budget) is taken from the first of: its run directory, a ``--records`` file (in the order given),
+``DIR/runs.jsonl``. Records stay until removed from ``DIR/runs.jsonl`` (a run whose directory is deleted is still
+reported from its record).
 """
 from __future__ import annotations
 
@@ -125,9 +127,11 @@ def read_records(path: Path) -> list[dict]:
             continue
         try:
             rec = json.loads(line)
-            missing = {"grid", "task", "method", "seed", "modes"} - set(rec)
         except json.JSONDecodeError as e:
             raise SystemExit(f"report: {path}:{i} is not JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise SystemExit(f"report: {path}:{i} is not a run record (a JSON {type(rec).__name__}, not an object)")
+        missing = {"grid", "task", "method", "seed", "modes"} - set(rec)
         if missing or rec["grid"] not in _GRIDS:
             raise SystemExit(f"report: {path}:{i} is not a run record (missing {sorted(missing)} or grid "
                              f"{rec.get('grid')!r} not one of {_GRIDS})")
@@ -143,11 +147,12 @@ def grid_records(root: Path, grid: str) -> list[dict]:
 
 
 def merge_records(*sources: list[dict]) -> list[dict]:
-    """The records of all ``sources``, one per (grid, task, method, seed): the first source holding a run wins."""
+    """The records of all ``sources``, one per run (grid, task, method, seed, budget ``n``): the first source holding
+    a run wins."""
     seen, out = set(), []
     for source in sources:
         for rec in source:
-            key = (rec["grid"], rec["task"], rec["method"], rec["seed"])
+            key = (rec["grid"], rec["task"], rec["method"], rec["seed"], rec.get("n"))
             if key not in seen:
                 seen.add(key)
                 out.append(rec)
@@ -182,8 +187,8 @@ def eval_modes(runs: list[dict], task: str) -> list[str]:
 def summarize_method(runs: list[dict], task: str, modes: list[str]) -> dict:
     """Per mode: held-out accuracy before RL, final, best, the mean over the evaluations after RL started (the area
     under the learning curve per evaluation: less noisy than one final point) and the gain (final - before), each a
-    `mean_ci` over the seeds that have it (`_mode_stats` per run); tool calls per rollout, generated tokens, seconds
-    per iteration. ``runs``: raw runs or their `run_record`. The first mode's before / final / best are also
+    `mean_ci` over the seeds that have it (`_mode_stats` per run; ``per_seed`` in the order of ``seeds``, leaving out
+    a seed whose record lacks the statistic); tool calls per rollout, generated tokens, seconds per iteration. ``runs``: raw runs or their `run_record`. The first mode's before / final / best are also
     ``initial_ / final_ / best_heldout_accuracy`` (the verdict's numbers)."""
     recs = [run_record(r, task) for r in runs]
     stats = ("initial", "final", "best", "mean_during_rl", "gain")
@@ -335,7 +340,8 @@ def pilot_section(pilots: list[dict]) -> list[str]:
 
 def _budget(runs: list[dict]) -> str:
     """Rollouts per prompt (``algorithm.n``) of the runs, as the report writes it (several: comma-separated)."""
-    return ",".join(str(n) for n in sorted({run_record(r)["n"] for r in runs}))
+    budgets = {run_record(r).get("n") for r in runs} - {None}
+    return ",".join(str(n) for n in sorted(budgets)) or "?"
 
 
 def _other_grid(other: Path, option: str, grid: str) -> list[dict]:
@@ -423,6 +429,8 @@ def rerun_section(runs: list[dict], other_runs: list[dict], root: Path) -> tuple
                 continue
             modes = eval_modes(here + new, task)
             a, b = (summarize_method(rs, task, modes)["modes"][modes[0]]["gain"] for rs in (here, new))
+            if a["mean"] is None or b["mean"] is None:
+                continue
             same = bool(np.sign(a["mean"]) == np.sign(b["mean"]))
             overlap = _overlap(a["ci95"], b["ci95"])
             table.setdefault(task, {})[method] = {"gain": a, "gain_new_seeds": b, "same_sign": same,
@@ -443,7 +451,7 @@ def build_report(root: Path, budget: Path | None = None, rerun: Path | None = No
     every = merge_records(grid_records(root, "main"),
                           _other_grid(budget, "--budget", "budget") if budget is not None else [],
                           _other_grid(rerun, "--rerun", "rerun") if rerun is not None else [],
-                          *(read_records(f) for f in ((own,) if own.is_file() else ()) + tuple(records)))
+                          *(read_records(f) for f in tuple(records) + ((own,) if own.is_file() else ())))
     runs = [r for r in every if r["grid"] == "main"]
     if not runs:
         raise SystemExit(f"report: no finished runs under {root} (expected TASK/METHOD/seedS/result.json or "
@@ -506,9 +514,10 @@ def build_report(root: Path, budget: Path | None = None, rerun: Path | None = No
                     f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
                     for d in row.values()) + " |")
         lost = sum(1 for rs in by_method.values() for r in rs if not r.get("curves"))
+        why = "whose records were recovered without their curves (their `origin` in runs.jsonl says from where)"
         body += ["", *[f"![{p}]({p})" for p in plots], *([""] if lost else []),
-                 *([f"The plots leave out {lost} run(s) whose records were recovered without their curves (their "
-                    "`origin` in runs.jsonl says from where); the tables include them."] if lost else []), ""]
+                 *([f"The plots leave out {lost} run(s) {why}; the tables include them." if plots else
+                    f"No learning-curve plot: every run here is one {why}."] if lost else []), ""]
     lines += ["## Verdict", "", *(verdicts or ["- no APPO-vs-baseline comparison in this grid"]), "",
               "Reproduced = the 95% interval of the difference of final held-out accuracy lies above 0; refuted = "
               "below 0; inconclusive = it contains 0.", ""]
@@ -517,6 +526,7 @@ def build_report(root: Path, budget: Path | None = None, rerun: Path | None = No
     timed = [r["seconds"] for r in runs if r.get("seconds") is not None]
     spent = (f"{len(runs)} runs, {sum(timed) / 60:.1f} minutes of training in all (sum of the runs' wall times, SFT "
              "included where a run trained it)." if len(timed) == len(runs) else
+             f"{len(runs)} runs, all of them records recovered without their wall times." if not timed else
              f"{len(runs)} runs; the {len(timed)} with a recorded wall time trained {sum(timed) / 60:.1f} minutes in "
              f"all (SFT included where a run trained it), the other {len(runs) - len(timed)} are records recovered "
              "without one.")
