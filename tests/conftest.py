@@ -14,7 +14,10 @@ Caches are per test session:
   every subprocess they start (``$APPO_JAX_COMPILE_CACHE`` for the CLI, ``$JAX_COMPILATION_CACHE_DIR`` for other
   scripts), so a program compiled once in the session is loaded, not compiled, by later processes. With
   pytest-xdist the workers share the controller's directory. The tests *of* the cache give their own
-  directories explicitly.
+  directories explicitly;
+- the CPU kernels' library (`appo_jax.kernels.build`) is built once per machine into the user's kernel cache, and
+  ``$APPO_JAX_KERNEL_CACHE`` names that cache for every subprocess (a test that runs a CLI with another ``HOME``
+  reuses it instead of compiling the C++ again).
 
 The suite runs on two pytest-xdist workers (``make test``: ``-n 2 --maxschedchunk 2``); tests marked ``heavy``
 (several subprocesses, a minute or more each) run first, in their marker's ``order``: xdist hands each worker two
@@ -70,6 +73,8 @@ def pytest_configure(config):
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     from appo_jax.compilation_cache import enable_compilation_cache
     enable_compilation_cache(cache)
+    from appo_jax.kernels.build import kernel_cache_dir
+    os.environ.setdefault("APPO_JAX_KERNEL_CACHE", str(kernel_cache_dir()))
 
 
 def pytest_collection_modifyitems(config, items):
