@@ -24,7 +24,7 @@ from appo_jax.core.registry import CONTROLS
 from appo_jax.rewards.arpo import RewardOutput
 from appo_jax.rewards.registry import register_reward
 from appo_jax.training.config import ExperimentConfig
-from appo_jax.training.learning_signals import heldout_changes, kl_to_reference, run_warnings
+from appo_jax.training.learning_signals import heldout_changes, kl_to_reference, run_warnings, signal_warnings
 from appo_jax.training.significance import accuracy_change, difference_interval, wilson_interval
 
 STEPS, SEEDS = 16, (1, 2, 3)
@@ -166,6 +166,25 @@ def test_a_config_without_signal_warns_at_start(tmp_path):
     trainer.close()
     text = "\n".join(lines)
     assert "each prompt group has 1 rollout" in text and "gives the same score (0.5)" in text
+
+
+def test_the_start_probe_asks_the_reward_about_a_right_a_wrong_and_an_empty_answer():
+    from types import SimpleNamespace
+
+    from appo_jax.rewards.registry import get_reward_fn
+
+    cfg = ExperimentConfig(name="probe", workdir="unused")
+    math = get_reward_fn("arpo_math")
+    for truth, wrong in (("12", "13"), ("-4", "-3"), ("\\frac{1}{2}", "\\frac{1}{2}x0")):
+        asked = []
+
+        def reward(rec, text):
+            asked.append(text)
+            return math(text, rec.ground_truths)
+
+        rec = SimpleNamespace(id="r0", ground_truths=[truth])
+        assert signal_warnings(cfg, 4, [rec], reward) == []  # the math reward separates the three
+        assert asked == ["", f"<answer>\\boxed{{{truth}}}</answer>", f"<answer>\\boxed{{{wrong}}}</answer>"]
 
 
 if __name__ == "__main__":  # the child of test_grpo_learns_and_the_controls_do_not: WORKDIR OUT

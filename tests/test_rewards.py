@@ -284,6 +284,20 @@ def test_math_verify_worker_timeout_kills_and_recovers():
         verifier.close()
 
 
+@given(st.integers(-10**15 + 1, 10**15 - 1), st.integers(-3, 3), st.sampled_from(["", "+", "0", " "]))
+def test_plain_integers_are_decided_as_math_verify_decides_them(a, delta, prefix):
+    """The integer shortcut of `verify_equal` (no math-verify import) against math-verify itself."""
+    from math_verify import parse, verify
+
+    from appo_jax.rewards.math_worker import PLAIN_INTEGER, verify_equal
+
+    pred, gold = (prefix + str(a) if a >= 0 else str(a)), str(a + delta)
+    if not PLAIN_INTEGER.fullmatch(gold.strip()):
+        return  # a + delta left the 15-digit range: the shortcut does not apply
+    want = bool(verify(parse("\\boxed{" + gold + "}"), parse("\\boxed{" + pred.strip() + "}")))
+    assert verify_equal(pred, gold, None) is want is (delta == 0)
+
+
 def test_math_accuracy_and_verifier_validation():
     assert math_accuracy(None, ["1"]) == 0.0
     assert math_accuracy("\\text{(C)}", ["(C)"]) == 1.0

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appo_jax.rewards.math_worker import PLAIN_INTEGER
 from appo_jax.training.significance import accuracy_change
 
 _FORMAT = "reward/format_ok"
@@ -43,7 +44,9 @@ def signal_warnings(cfg, rollouts_per_prompt: int, records, reward) -> list[str]
     if records:
         rec = records[0]
         truth = rec.ground_truths[0] if rec.ground_truths else "0"
-        probes = ["", f"<answer>\\boxed{{{truth}}}</answer>", f"<answer>\\boxed{{{truth}x0}}</answer>"]
+        # a wrong answer: the next integer for an integer answer (decided without math-verify's import), else "x0"
+        wrong = str(int(truth) + 1) if PLAIN_INTEGER.fullmatch(truth.strip()) else f"{truth}x0"
+        probes = ["", f"<answer>\\boxed{{{truth}}}</answer>", f"<answer>\\boxed{{{wrong}}}</answer>"]
         scores = []
         for text in probes:
             out_ = reward(rec, text)
