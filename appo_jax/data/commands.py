@@ -6,13 +6,14 @@ import dataclasses
 import json
 import sys
 
-from appo_jax.data.builders import load_split, prepared_builder
 from appo_jax.data.paths import add_data_arguments, resolve_data_dir, resolve_tfds_dir
 from appo_jax.progress import progress_bar
 from appo_jax.data.rows import DATASETS, get_spec
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    from appo_jax.data.builders import prepared_builder  # deferred: tensorflow_datasets (package doc)
+
     specs = [get_spec(name) for name in args.names or list(DATASETS)]  # unknown names fail before any work
     print(f"data prepare: {len(specs)} dataset(s) from {resolve_data_dir(args.data_dir)} into "
           f"{resolve_tfds_dir(args.tfds_dir)}", file=sys.stderr, flush=True)
@@ -31,6 +32,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from appo_jax.data.builders import load_split  # deferred: tensorflow_datasets (package doc)
+
     split = args.split or get_spec(args.name).split
     for record in load_split(args.name, split, args.data_dir, args.limit, args.tfds_dir):
         print(json.dumps(dataclasses.asdict(record), ensure_ascii=False))
