@@ -75,6 +75,27 @@ def test_restore_onto_a_different_mesh(tmp_path):
     _assert_same(restored1.params, state.params)
 
 
+def test_saving_arrays_replicated_over_cpu_devices_compiles_nothing(tmp_path, caplog):
+    """On CPU a replicated array is written whole by its first replica (no per-device slice programs: see
+    `checkpoint._no_replica_slices_on_cpu`), and it restores exactly."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = make_mesh(data=8, fsdp=1, tensor=1)
+    repl = NamedSharding(mesh, PartitionSpec())
+    tree = {"w": jax.device_put(np.arange(40 * 5, dtype=np.float32).reshape(40, 5), repl),
+            "b": jax.device_put(np.arange(24, dtype=np.float32), repl)}
+    state, _ = _trained_state()
+    ck = Checkpointer(tmp_path / "ck", keep=1, async_save=False)
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        ck.save(1, state, {"iteration": 1}, extra=tree)
+        ck.wait()
+    assert not [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl), tree)
+    _, _, extra = ck.restore(state, extra_target=target)
+    ck.close()
+    _assert_same(extra, tree)
+
+
 def test_keep_last_k_and_missing_checkpoint_errors(tmp_path):
     state, _ = _trained_state()
     with Checkpointer(tmp_path / "ck", keep=2) as ck:
