@@ -20,11 +20,14 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=8, help="devices in all (split evenly over the processes)")
     p.add_argument("--steps", type=int, default=3, help="iterations (the multi run resumes before the last)")
     p.add_argument("--kill", action="store_true",
-                   help="SIGKILL process 1 once checkpoint 1 is complete instead of stopping cleanly, then resume")
+                   help="SIGKILL process 1 once checkpoint steps - 1 is complete instead of stopping cleanly, then "
+                        "resume")
+    p.add_argument("--resume-processes", type=int, help="processes of the resumed run (default: --processes)")
     p.add_argument("--heartbeat-timeout", type=int, default=10)
     p.add_argument("--out", type=Path, help="keep the runs here (default: a temporary directory)")
     args = p.parse_args(argv)
-    result = compare(args.processes, args.devices, args.steps, args.out, args.kill, args.heartbeat_timeout)
+    result = compare(args.processes, args.devices, args.steps, args.out, args.kill, args.heartbeat_timeout,
+                     args.resume_processes)
     print(json.dumps(result))
     return 0 if result["metrics_equal"] and result["resume_ok"] else 1
 

@@ -9,8 +9,10 @@ Runs APPO on a tiny random model (the SmolLM2 tokenizer, toy arithmetic with the
 
 1. ``single``: one process with ``P x D`` CPU devices, ``--steps`` iterations;
 2. ``multi``: ``P`` processes with ``D`` devices each (one ``P D``-device mesh), stopped after iteration
-   ``--steps - 1`` (its checkpoint), then
-3. ``multi --resume`` to ``--steps`` iterations.
+   ``--steps - 1`` (its checkpoint; with ``--kill``, process 1 is SIGKILLed as soon as that checkpoint is
+   complete and the others must exit on their own), then
+3. ``multi --resume`` to ``--steps`` iterations, on ``--resume-processes`` processes (default ``P``; with 1, the
+   ``P``-process checkpoint continues in one process over all ``P x D`` devices).
 
 ``metrics_equal``: every non-timing metric of every iteration equal (rel. 1e-5; the Branching Score statistics to
 5e-2, see `Z_AMPLIFIED`); ``max_abs_param_diff_vs_single_
@@ -79,9 +81,12 @@ def free_port() -> int:
 
 
 def process_env(devices: int, cache_dir: Path | None = None) -> dict:
-    """The environment of one CPU process with ``devices`` devices (and a shared compilation cache)."""
+    """The environment of one CPU process with ``devices`` devices (and a shared compilation cache); the other
+    ``XLA_FLAGS`` of this process's environment are kept."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]))
     if cache_dir is not None:
         env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -192,7 +197,7 @@ def kill_after_checkpoint(procs: list[subprocess.Popen], workdir: Path, step: in
 
 
 def compare(processes: int = 2, devices: int = 8, steps: int = 3, out: Path | None = None, kill: bool = False,
-            heartbeat_timeout: int = 10) -> dict:
+            heartbeat_timeout: int = 10, resume_processes: int | None = None) -> dict:
     """Run the jobs of the module doc under ``out`` (a temporary directory by default) and compare them."""
     import jax
     import numpy as np
@@ -201,6 +206,9 @@ def compare(processes: int = 2, devices: int = 8, steps: int = 3, out: Path | No
         raise SystemExit(f"--devices {devices} does not split over --processes {processes}")
     if steps < 2:
         raise SystemExit("--steps must be at least 2 (the multi-process run resumes before the last)")
+    resume_processes = processes if resume_processes is None else resume_processes
+    if resume_processes < 1 or devices % resume_processes:
+        raise SystemExit(f"--resume-processes {resume_processes} does not split --devices {devices}")
     tmp = None
     if out is None:
         tmp = tempfile.TemporaryDirectory(prefix="appo-multihost-")
@@ -216,10 +224,10 @@ def compare(processes: int = 2, devices: int = 8, steps: int = 3, out: Path | No
     t0 = time.perf_counter()
     extra: dict = {}
     per = devices // processes
-    if kill:  # SIGKILL one process after checkpoint 1; the rest must exit on their own, then resume
+    if kill:  # SIGKILL one process after checkpoint steps - 1; the rest must exit on their own, then resume
         procs = launch(config, multi, processes, per, "--set", f"train.steps={steps}", cache_dir=cache,
                        heartbeat_timeout=heartbeat_timeout)
-        extra = kill_after_checkpoint(procs, multi, 1)
+        extra = kill_after_checkpoint(procs, multi, steps - 1)
         text = (out / "multi.process_0.log").read_text(errors="replace")
         extra["survivor_said_a_process_died"] = "another task died" in text or "heartbeat" in text
         extra["last_complete_checkpoint_after_kill"] = max(
@@ -227,7 +235,8 @@ def compare(processes: int = 2, devices: int = 8, steps: int = 3, out: Path | No
     else:
         run_job(config, multi, processes, per, "--set", f"train.steps={steps - 1}", cache_dir=cache)
     resume_from = extra.get("last_complete_checkpoint_after_kill", steps - 1)
-    run_job(config, multi, processes, per, "--resume", "--set", f"train.steps={steps}", cache_dir=cache)
+    run_job(config, multi, resume_processes, devices // resume_processes, "--resume", "--set",
+            f"train.steps={steps}", cache_dir=cache)
     t_multi = time.perf_counter() - t0
     log = (out / "multi.process_0.log").read_text(errors="replace")
     resume_ok = (f"resumed from {multi / 'checkpoints'}/{resume_from}" in log
@@ -240,7 +249,7 @@ def compare(processes: int = 2, devices: int = 8, steps: int = 3, out: Path | No
     copy_s = sum(r.get("time/param_copy_s", 0.0) for r in records)
     gather_s = sum(r.get("time/host_gather_s", 0.0) for r in records)
     result = {"benchmark": "multihost_cpu", "processes": processes, "devices": devices,
-              "devices_per_process": per, "iterations": steps,
+              "devices_per_process": per, "resume_processes": resume_processes, "iterations": steps,
               "max_abs_param_diff_vs_single_process": diff, "metrics_equal": ok, "metric_differences": diffs[:10],
               "resume_ok": resume_ok, "resumed_from": resume_from, "param_copy_s": round(copy_s, 4),
               "host_gather_s": round(gather_s, 4), **extra,
