@@ -8,7 +8,7 @@ import string
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from appo_jax.data.rows import DATASETS, read_records
@@ -285,6 +285,9 @@ def test_math_verify_worker_timeout_kills_and_recovers():
 
 
 @given(st.integers(-10**15 + 1, 10**15 - 1), st.integers(-3, 3), st.sampled_from(["", "+", "0", " "]))
+@example(10**15 - 1, -1, "")  # 15 digits: no float rounding makes neighbours equal
+@example(10**15 - 1, 0, "0")  # 16 characters: math-verify decides
+@example(0, 0, "+")
 def test_plain_integers_are_decided_as_math_verify_decides_them(a, delta, prefix):
     """The integer shortcut of `verify_equal` (no math-verify import) against math-verify itself."""
     from math_verify import parse, verify
