@@ -13,7 +13,7 @@ import pytest
 from appo_jax.models.decoder import init_params
 from appo_jax.models.presets import get_config
 from appo_jax.parallel.mesh import make_mesh
-from appo_jax.training.checkpoint import Checkpointer, CheckpointError
+from appo_jax.training.checkpoint import Checkpointer, CheckpointError, load_checkpoint_params
 from appo_jax.training.config import OptimizerSection
 from appo_jax.training.state import make_optimizer
 from appo_jax.training.train_step import init_train_state
@@ -77,7 +77,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
 def test_saving_arrays_replicated_over_cpu_devices_compiles_nothing(tmp_path, caplog):
     """On CPU a replicated array is written whole by its first replica (no per-device slice programs: see
-    `checkpoint._no_replica_slices_on_cpu`), and it restores exactly."""
+    `checkpoint._no_replica_slices_on_cpu`), and it restores exactly; `load_checkpoint_params` reads it quietly."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh = make_mesh(data=8, fsdp=1, tensor=1)
@@ -94,6 +94,10 @@ def test_saving_arrays_replicated_over_cpu_devices_compiles_nothing(tmp_path, ca
     _, _, extra = ck.restore(state, extra_target=target)
     ck.close()
     _assert_same(extra, tree)
+    caplog.clear()  # reading the params of one checkpoint (eval / serve of a workdir) warns about nothing
+    params, step = load_checkpoint_params(tmp_path / "ck")
+    assert step == 1 and not [r for r in caplog.records if r.levelname == "WARNING"]
+    _assert_same(params, state.params)
 
 
 def test_keep_last_k_and_missing_checkpoint_errors(tmp_path):
@@ -116,7 +120,7 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
     import jax
     from appo_jax.models.decoder import init_params
     from appo_jax.models.presets import get_config
-    from appo_jax.training.checkpoint import Checkpointer, CheckpointError
+    from appo_jax.training.checkpoint import Checkpointer, CheckpointError, load_checkpoint_params
     from appo_jax.training.config import OptimizerSection
     from appo_jax.training.state import make_optimizer
     from appo_jax.training.train_step import init_train_state

@@ -14,6 +14,7 @@ new shardings (``jax.ShapeDtypeStruct(shape, dtype, sharding=...)`` or arrays pl
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import shutil
@@ -62,6 +63,18 @@ def _cause(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err)[:300]}"
 
 
+@contextlib.contextmanager
+def _absl_errors_only():
+    """orbax's absl warnings silenced for a moment (those that say nothing to a user: see the callers)."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_log.setLevel(level)
+
+
 def _no_replica_slices_on_cpu() -> None:
     """On the CPU backend every replica of an array lies in host memory: orbax's replica-parallel save (its default
     outside GPUs: each replica writes a slice) compiles one slice program per device and array shape (1.7 s at the
@@ -71,15 +84,10 @@ def _no_replica_slices_on_cpu() -> None:
         return
     current = ocp.type_handlers.get_type_handler(jax.Array)
     if getattr(current, "_use_replica_parallel", False):
-        absl_log = logging.getLogger("absl")  # orbax warns on every override of a type's handler: not news here
-        level = absl_log.level
-        absl_log.setLevel(logging.ERROR)
-        try:
+        with _absl_errors_only():  # orbax warns on every override of a type's handler: not news here
             ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
                 use_replica_parallel=False, array_metadata_store=getattr(current, "_array_metadata_store", None)),
                 override=True)
-        finally:
-            absl_log.setLevel(level)
 
 
 class Checkpointer:
@@ -236,7 +244,8 @@ def load_checkpoint_params(directory: str | Path, step: int | None = None) -> tu
                               f"{', '.join(map(str, steps))}")
     path = directory / str(step) / "state"
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    with ocp.StandardCheckpointer() as ckpt:
+    # the step's own metadata file lies one level up: orbax warns that the item has none, which is expected
+    with ocp.StandardCheckpointer() as ckpt, _absl_errors_only():
         tree = ckpt.metadata(path).item_metadata.tree
         target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree,
                               is_leaf=lambda m: hasattr(m, "shape"))
