@@ -22,9 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    return PythonSandbox(SandboxConfig(timeout_s=TIMEOUT, memory_mb=768), max_workers=4)
+@pytest.fixture(scope="module", params=python_sandbox.LAUNCHERS)
+def sandbox(request):
+    """The default sandbox, once per launcher: everything below holds for both."""
+    sb = PythonSandbox(SandboxConfig(timeout_s=TIMEOUT, memory_mb=768, launcher=request.param), max_workers=4)
+    yield sb
+    sb.close()
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +87,66 @@ def test_cell_semantics(sandbox, code, expected):
     assert r.text == expected
 
 
+@pytest.mark.parametrize("code, ok, text", [
+    ("import atexit\natexit.register(print, 'bye')\nprint('hi')", True, "hi\nbye"),  # atexit handlers run
+    ("import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.3), print('late'))).start()", True,
+     "late"),                                      # a non-daemon thread is joined before the exit
+    ("import sys\nprint('a')\nsys.exit('boom')", False, "a\nboom"),  # a message goes to stderr, status 1
+    ("raise SystemExit(300)", False, "[error] exit code 44"),  # 300 & 0xFF, as the interpreter
+    ("import sys\nsys.exit(0)", True, ""),
+])
+def test_the_cell_ends_like_the_interpreter(sandbox, code, ok, text):
+    r = sandbox.run(code)
+    assert (r.ok, r.text) == (ok, text)
+
+
+def test_the_cell_holds_no_descriptor_of_the_sandbox(sandbox):
+    """Only stdin / stdout / stderr reach the cell (the process server's socket, above all, does not); the fourth
+    descriptor listed is the listing's own."""
+    r = sandbox.run("import os\nsorted(int(fd) for fd in os.listdir('/proc/self/fd'))")
+    assert r.ok and r.text == "[0, 1, 2, 3]", r.text
+
+
+def test_a_process_server_that_dies_is_replaced_and_close_ends_them():
+    sb = PythonSandbox(SandboxConfig(timeout_s=TIMEOUT), max_workers=1)
+    assert sb.run("1 + 1").text == "2"
+    server = sb._servers[0]
+    server.proc.kill()
+    server.proc.wait()
+    assert sb.run("2 + 2").text == "4"  # found dead: a new one serves the call
+    assert sb._servers[0] is not server and sb._servers[0].alive()
+    replacement = sb._servers[0]
+    sb.close()
+    assert replacement.proc.poll() is not None and sb._servers == [None]
+    assert sb.run("3 + 3").text == "6"  # a closed sandbox starts a server again when used
+
+
+def test_a_trainer_killed_mid_call_leaves_no_process_behind(full_sandbox):
+    """SIGKILL of the process holding the sandbox, while a cell sleeps: its process server sees the socket close,
+    kills the run (every process of the slot's uid) and exits."""
+    if full_sandbox.config.launcher != "zygote":
+        pytest.skip("a spawned runner has no process server to end it")
+    script = ("import threading, time\n"
+              "from appo_jax.tools.python_sandbox import PythonSandbox, SandboxConfig\n"
+              "sb = PythonSandbox(SandboxConfig(timeout_s=60), max_workers=1)\n"
+              "threading.Thread(target=sb.run, args=('import time\\nprint(1, flush=True)\\ntime.sleep(60)',)).start()\n"
+              "while sb._servers[0] is None:\n    time.sleep(0.01)\n"
+              "time.sleep(0.5)\n"
+              "print(sb.uids[0], sb._servers[0].proc.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        uid, server = map(int, proc.stdout.readline().split())
+        assert _processes_of([uid]), "the cell should be sleeping"
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 5
+    while (_alive(server) or _processes_of([uid])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(server) and _processes_of([uid]) == []
+
+
 def test_strip_code_fence():
     assert strip_code_fence("```py\nprint(1)\n```") == "print(1)"
     assert strip_code_fence("```\na\nb```") == "a\nb"
@@ -130,6 +193,8 @@ def test_per_call_timeout_and_output_truncation():
 def test_config_validation():
     with pytest.raises(ValueError, match="isolation"):
         SandboxConfig(isolation="none")
+    with pytest.raises(ValueError, match="launcher"):
+        SandboxConfig(launcher="fork")
     with pytest.raises(ValueError, match="timeout_s"):
         SandboxConfig(timeout_s=0)
     with pytest.raises(ValueError, match="max_workers"):

@@ -78,12 +78,16 @@ class ToolRegistry:
             return self._pool.submit(self.call, name, input_text)
 
     def close(self, wait: bool = True) -> None:
-        """Stop accepting work and shut the pool down (pending calls finish when `wait`)."""
+        """Stop accepting work and shut the pool down (pending calls finish when `wait`), then close the tools
+        that hold processes (the python sandbox's process servers; after pending calls only when `wait`)."""
         with self._lock:
             self._closed = True
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=wait)
+        if wait:
+            for tool in self._tools.values():
+                getattr(tool, "close", lambda: None)()
 
     def __enter__(self) -> "ToolRegistry":
         return self

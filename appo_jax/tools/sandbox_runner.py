@@ -1,9 +1,15 @@
 """The program the python sandbox executes: set up isolation, drop privileges, run the user's code.
 
-Run as ``python -I -u -B sandbox_runner.py CONFIG_JSON`` (standard library only: it must not import appo_jax) by
-`appo_jax.tools.python_sandbox`, with the user's code in the file ``code_path`` and, when the parent is root, as
-root. Any failure before the user's code starts exits with `SETUP_FAILED` and one ``[sandbox setup failed]``
-line on stderr.
+Standard library only (it must not import appo_jax). Two ways in, both by `appo_jax.tools.python_sandbox`:
+
+* ``python -I -u -B sandbox_runner.py --serve FD`` (launcher "zygote", the default): the process server of one
+  sandbox slot (`serve`); per call it forks the runner R, which makes itself what the other way starts (own
+  session, the call's pipes as stdout / stderr, no other descriptor, the call's directory and environment).
+* ``python -I -u -B sandbox_runner.py CONFIG_JSON`` (launcher "spawn"): R is a fresh interpreter.
+
+R runs with the user's code in the file ``code_path`` and, when the sandbox's process is root, as root. Any
+failure before the user's code starts exits with `SETUP_FAILED` and one ``[sandbox setup failed]`` line on
+stderr. The cell's process ends through `_exit_after_cell` (threads joined, atexit handlers, flush, no teardown).
 
 Level "full" (``cfg["namespaces"]``; the parent is root):
 
@@ -29,14 +35,18 @@ its statements are executed and, if the last statement is an expression, its ``r
 None. An exception prints a traceback of the user's frames only (exit status 1); ``sys.exit(n)`` exits with n.
 """
 import ast
+import atexit
 import ctypes
 import ctypes.util
+import functools
 import json
 import os
 import resource
+import select
 import signal
 import stat
 import sys
+import time
 import traceback
 
 SETUP_FAILED = 121
@@ -62,7 +72,9 @@ class MountAttr(ctypes.Structure):
     ]
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
+    """libc (resolved once: ``find_library`` runs ``ldconfig``; forked runners inherit the server's handle)."""
     return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
@@ -227,7 +239,39 @@ def _cell(cfg, code, libc):
     except Exception as exc:  # noqa: BLE001 - reported to the parent as a setup failure
         _setup_failed(exc)
     sys.argv = [FILENAME]
-    sys.exit(_run_cell(code))
+    try:
+        status = _run_cell(code)
+    except SystemExit as exc:
+        status = exc.code
+    _exit_after_cell(status)
+
+
+def _exit_after_cell(code):
+    """End the cell's process as the interpreter would after ``sys.exit(code)`` — non-daemon threads joined, atexit
+    handlers run, output flushed; status 0 for None, ``code & 0xFF`` for an int, else ``code`` printed to stderr
+    and 1 — but without tearing the interpreter down (``os._exit``): in a runner forked from the process server
+    the teardown would write, and so copy, nearly every page it shares with the server (~10 ms a call). Objects
+    still alive are not finalized, which Python never promises at exit either."""
+    try:
+        threading = sys.modules.get("threading")
+        if threading is not None:
+            threading._shutdown()
+        atexit._run_exitfuncs()
+    except BaseException as exc:  # noqa: BLE001 - as the interpreter: reported, and the exit goes on
+        traceback.print_exception(exc)
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code & 0xFF
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - a closed stream has nothing left to flush
+            pass
+    os._exit(status)
 
 
 def _wait_and_mirror(pid):
@@ -242,8 +286,8 @@ def _wait_and_mirror(pid):
     os._exit(os.WEXITSTATUS(status))
 
 
-def main():
-    cfg = json.loads(sys.argv[1])
+def run(cfg):
+    """The runner R for one call (``cfg``: the JSON object `PythonSandbox` builds); never returns."""
     pid = 0
     try:
         with open(cfg["code_path"], encoding="utf-8") as f:
@@ -259,6 +303,140 @@ def main():
     if pid:
         _wait_and_mirror(pid)
     _cell(cfg, code, libc)
+
+
+# -- the process server ("zygote" launcher) ----------------------------------------------------------------------
+
+
+def _send(sock, message):
+    sock.send(json.dumps(message).encode())
+
+
+def _start_runner(sock, request, fds):
+    """In the forked child: become a runner started like a fresh ``python -I -u -B sandbox_runner.py CONFIG`` —
+    own session, stdin /dev/null, stdout / stderr the two pipes of the request, no other descriptor (the server's
+    socket included), the request's working directory and environment — and run. An exception here ends the child
+    with `SETUP_FAILED`."""
+    try:
+        sock.detach()  # closed below with every other descriptor; its object must not close a reused number
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+    except BaseException as exc:  # noqa: BLE001 - stderr may be unset: the exit status still says it
+        _setup_failed(exc)
+    run(request["cfg"])
+
+
+def _finish(pid, pidfd, uid):
+    """After the run (or on its timeout): SIGKILL every process of ``uid`` (a child that becomes that uid and calls
+    ``kill(-1)``; at level "full" that kills the cell, PID 1 of its namespace, and the runner then exits by
+    itself), then the runner's process group, then reap the runner. Returns its exit code (``-signal`` when a
+    signal ended it)."""
+    if uid is not None:
+        killer = os.fork()
+        if killer == 0:
+            try:
+                os.setgroups([])
+                os.setresgid(uid, uid, uid)
+                os.setresuid(uid, uid, uid)
+                os.kill(-1, signal.SIGKILL)
+            except OSError:  # ESRCH: nothing of that uid is left
+                pass
+            os._exit(0)
+        os.waitpid(killer, 0)
+        deadline = time.monotonic() + 1.0  # at "full" the runner ends with its cell: let it, as a spawned one would
+        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None and time.monotonic() < deadline:
+            select.select([] if pidfd is None else [pidfd], [], [], 0.002 if pidfd is None else 1.0)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def serve(sock_fd):
+    """The process server of one sandbox slot (``--serve FD``; FD a SOCK_SEQPACKET socket to the sandbox).
+
+    Per request — a JSON object ``{"cfg", "env", "cwd"}`` with the write ends of the run's stdout and stderr
+    pipes attached (SCM_RIGHTS) — it forks a runner (`_start_runner`), answers ``{"pid"}`` (or ``{"error"}``),
+    sends ``{"exited": true}`` once the runner has exited (left unreaped, so that its pid and process-group id
+    cannot be reused), and on ``{"finish": uid}`` kills and reaps (`_finish`) and answers ``{"status"}``. One
+    request at a time; it exits when the sandbox closes the socket, which its process's death does too (then it
+    kills the run first; no parent-death signal: that follows the thread that started the server). A fork of
+    this small, already started interpreter replaces a fresh interpreter per call: the runner and the cell start
+    in about a millisecond instead of tens."""
+    import socket
+
+    sock = socket.socket(fileno=sock_fd)
+    _libc()  # resolved here once, not in every runner
+    while True:
+        data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 2)
+        if not data:
+            os._exit(0)
+        request = json.loads(data)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            _send(sock, {"error": f"fork: {exc}"})
+            continue
+        if pid == 0:
+            try:
+                _start_runner(sock, request, fds)  # ends the process itself (os._exit)
+            finally:
+                os._exit(SETUP_FAILED)  # never back into the server loop
+        for fd in fds:
+            os.close(fd)
+        _send(sock, {"pid": pid})
+        _supervise(sock, pid, request["cfg"]["uid"])
+
+
+def _pidfd(pid):
+    """A pidfd of ``pid`` (readable once it exits), or None where the kernel has none (Linux < 5.3, some
+    sandboxed kernels): then `_supervise` polls."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _supervise(sock, pid, uid):
+    """Until the sandbox's ``{"finish": uid}``: say ``{"exited": true}`` once the runner has exited; then kill,
+    reap and answer ``{"status"}``. The sandbox closing the socket (its process died) ends the run's processes
+    (those of ``uid`` too) and the server."""
+    pidfd = _pidfd(pid)
+    watching = [sock] if pidfd is None else [sock, pidfd]
+    exited = False
+    while True:
+        ready, _, _ = select.select(watching, [], [], None if pidfd is not None or exited else 0.01)
+        if not exited and (pidfd in ready if pidfd is not None else
+                           os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None):
+            exited, watching = True, [sock]
+            _send(sock, {"exited": True})
+        if sock in ready:
+            data = sock.recv(1 << 16)
+            if not data:
+                _finish(pid, pidfd, uid)
+                os._exit(0)
+            _send(sock, {"status": _finish(pid, pidfd, json.loads(data)["finish"])})
+            if pidfd is not None:
+                os.close(pidfd)
+            return
+
+
+def main():
+    if sys.argv[1] == "--serve":
+        serve(int(sys.argv[2]))
+    else:
+        run(json.loads(sys.argv[1]))
 
 
 if __name__ == "__main__":
