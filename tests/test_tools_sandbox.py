@@ -115,6 +115,13 @@ def test_a_process_server_that_dies_is_replaced_and_close_ends_them():
     server.proc.wait()
     assert sb.run("2 + 2").text == "4"  # found dead: a new one serves the call
     assert sb._servers[0] is not server and sb._servers[0].alive()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # killed in the middle of a call
+        future = pool.submit(sb.run, "import time\ntime.sleep(2)\nprint('woke')")
+        time.sleep(0.5)
+        sb._servers[0].proc.kill()
+        r = future.result()
+    assert not r.ok and "process server" in r.text and "exit code -9" in r.text, r.text
+    assert sb.run("5 + 5").text == "10"
     replacement = sb._servers[0]
     sb.close()
     assert replacement.proc.poll() is not None and sb._servers == [None]

@@ -196,6 +196,15 @@ _BASE_ENV = {  # the runner's environment (HOME and TMPDIR: the run directory), 
 }
 
 
+def _kill_uid(uid: int | None) -> None:
+    """SIGKILL every process of ``uid`` (None: nothing) from this process: ``kill -9 -1`` in a ``/bin/sh`` that
+    runs as that uid (a fork of this process: the "spawn" launcher's way, and the fallback when a server died)."""
+    if uid is not None:
+        subprocess.run(["/bin/sh", "-c", "kill -9 -1"], user=uid, group=uid, extra_groups=[], env={},
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       close_fds=True, check=False)
+
+
 class _ProcessServer:
     """One slot's process server (launcher "zygote"): ``python -I -u -B sandbox_runner.py --serve FD`` started
     once, talking over a SOCK_SEQPACKET socket pair (`sandbox_runner.serve` gives the protocol). It runs as this
@@ -220,8 +229,7 @@ class _ProcessServer:
 
     def start(self, cfg: str, env: dict[str, str], cwd: str, out_w: int, err_w: int) -> int:
         """Fork a runner for ``cfg`` (the runner's JSON config); returns its pid."""
-        request = json.dumps({"cfg": json.loads(cfg), "env": env, "cwd": cwd}).encode()
-        socket.send_fds(self.sock, [request], [out_w, err_w])
+        self.send({"cfg": json.loads(cfg), "env": env, "cwd": cwd}, (out_w, err_w))
         reply = self.receive()
         if "pid" not in reply:
             raise OSError(f"the sandbox's process server could not start a runner: {reply.get('error', reply)}")
@@ -234,8 +242,23 @@ class _ProcessServer:
         except BlockingIOError:
             return None
         if not data:
-            raise ConnectionError("the python sandbox's process server ended")
+            raise self._ended()
         return json.loads(data)
+
+    def send(self, message: dict, fds: tuple[int, ...] = ()) -> None:
+        """Send ``message`` (with ``fds`` attached); ConnectionError if the server has ended."""
+        try:
+            socket.send_fds(self.sock, [json.dumps(message).encode()], list(fds))
+        except OSError:
+            raise self._ended() from None
+
+    def _ended(self) -> ConnectionError:
+        try:
+            code = self.proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            code = None
+        return ConnectionError(f"the python sandbox's process server (pid {self.proc.pid}) ended"
+                               + ("" if code is None else f" with exit code {code}"))
 
     def close(self) -> None:
         self.sock.close()
@@ -264,12 +287,13 @@ class _ServerRun:
     def finish(self, uid: int | None) -> int:
         """Kill everything of the run (`sandbox_runner._finish`) and reap the runner; its exit code."""
         try:
-            self.server.sock.send(json.dumps({"finish": uid}).encode())
+            self.server.send({"finish": uid})
             while True:
                 reply = self.server.receive()
                 if "status" in reply:
                     return reply["status"]
-        except OSError:  # the server died (ConnectionError included): kill the group from here
+        except OSError:  # the server died (ConnectionError included): kill from here
+            _kill_uid(uid)
             try:
                 os.killpg(self.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -295,11 +319,7 @@ class _SpawnedRun:
         SIGKILLed, before the runner is reaped so that its process-group id cannot have been reused.
         """
         if uid is not None:
-            subprocess.run(
-                ["/bin/sh", "-c", "kill -9 -1"], user=uid, group=uid, extra_groups=[], env={},
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                close_fds=True, check=False,
-            )
+            _kill_uid(uid)
             deadline = time.monotonic() + 1.0
             while not self.exited() and time.monotonic() < deadline:
                 time.sleep(0.002)
