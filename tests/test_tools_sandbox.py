@@ -116,8 +116,11 @@ def test_a_process_server_that_dies_is_replaced_and_close_ends_them():
     assert sb.run("2 + 2").text == "4"  # found dead: a new one serves the call
     assert sb._servers[0] is not server and sb._servers[0].alive()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:  # killed in the middle of a call
-        future = pool.submit(sb.run, "import time\ntime.sleep(2)\nprint('woke')")
-        time.sleep(0.5)
+        future = pool.submit(sb.run, "import time\ntime.sleep(5)\nprint('woke')")
+        pid = sb._servers[0].proc.pid
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{pid}/task/{pid}/children").read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the server has forked the call's runner
         sb._servers[0].proc.kill()
         r = future.result()
     assert not r.ok and "process server" in r.text and "exit code -9" in r.text, r.text
@@ -138,12 +141,14 @@ def test_a_trainer_killed_mid_call_leaves_no_process_behind(full_sandbox):
               "sb = PythonSandbox(SandboxConfig(timeout_s=60), max_workers=1)\n"
               "threading.Thread(target=sb.run, args=('import time\\nprint(1, flush=True)\\ntime.sleep(60)',)).start()\n"
               "while sb._servers[0] is None:\n    time.sleep(0.01)\n"
-              "time.sleep(0.5)\n"
               "print(sb.uids[0], sb._servers[0].proc.pid, flush=True)\n"
               "time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         uid, server = map(int, proc.stdout.readline().split())
+        deadline = time.monotonic() + 10  # a loaded machine may take a while to start the cell
+        while not _processes_of([uid]) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _processes_of([uid]), "the cell should be sleeping"
     finally:
         proc.kill()
