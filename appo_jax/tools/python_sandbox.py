@@ -227,9 +227,9 @@ class _ProcessServer:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def start(self, cfg: str, env: dict[str, str], cwd: str, out_w: int, err_w: int) -> int:
-        """Fork a runner for ``cfg`` (the runner's JSON config); returns its pid."""
-        self.send({"cfg": json.loads(cfg), "env": env, "cwd": cwd}, (out_w, err_w))
+    def start(self, cfg: dict, env: dict[str, str], cwd: str, out_w: int, err_w: int) -> int:
+        """Fork a runner for ``cfg`` (the runner's config); returns its pid."""
+        self.send({"cfg": cfg, "env": env, "cwd": cwd}, (out_w, err_w))
         reply = self.receive()
         if "pid" not in reply:
             raise OSError(f"the sandbox's process server could not start a runner: {reply.get('error', reply)}")
@@ -417,9 +417,9 @@ class PythonSandbox:
 
     # -- internals --------------------------------------------------------------------------------------------
 
-    def _runner_config(self, run_dir: str, code_path: str, timeout: float, uid: int | None) -> str:
+    def _runner_config(self, run_dir: str, code_path: str, timeout: float, uid: int | None) -> dict:
         cfg = self.config
-        return json.dumps({
+        return {
             "namespaces": self.level == "full",
             "run_dir": run_dir,
             "code_path": code_path,
@@ -431,7 +431,7 @@ class PythonSandbox:
             "disk_mb": cfg.disk_mb,
             "max_processes": cfg.max_processes,
             "max_open_files": cfg.max_open_files,
-        })
+        }
 
     @staticmethod
     def _environment(run_dir: str) -> dict[str, str]:
@@ -469,12 +469,12 @@ class PythonSandbox:
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
 
-    def _launch(self, slot: int, cfg: str, env: dict[str, str], cwd: str, out_w: int, err_w: int):
+    def _launch(self, slot: int, cfg: dict, env: dict[str, str], cwd: str, out_w: int, err_w: int):
         """Start the runner of one call with stdout / stderr on ``out_w`` / ``err_w``: a `_ServerRun` (launcher
         "zygote") or a `_SpawnedRun` ("spawn")."""
         if self.config.launcher == "spawn":
             return _SpawnedRun(subprocess.Popen(
-                [self.config.python, "-I", "-u", "-B", str(RUNNER), cfg], stdin=subprocess.DEVNULL, stdout=out_w,
+                [self.config.python, "-I", "-u", "-B", str(RUNNER), json.dumps(cfg)], stdin=subprocess.DEVNULL, stdout=out_w,
                 stderr=err_w, cwd=cwd, env=env, start_new_session=True, close_fds=True))
         for attempt in range(2):  # a server found dead (killed from outside) is replaced once
             server = self._servers[slot]

@@ -351,7 +351,7 @@ def _finish(pid, pidfd, uid):
             os._exit(0)
         os.waitpid(killer, 0)
         deadline = time.monotonic() + 1.0  # at "full" the runner ends with its cell: let it, as a spawned one would
-        while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None and time.monotonic() < deadline:
+        while not _has_exited(pid) and time.monotonic() < deadline:
             select.select([] if pidfd is None else [pidfd], [], [], 0.002 if pidfd is None else 1.0)
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -399,6 +399,11 @@ def serve(sock_fd):
         _supervise(sock, pid, request["cfg"]["uid"])
 
 
+def _has_exited(pid):
+    """Whether the child ``pid`` has exited, leaving it unreaped."""
+    return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
 def _pidfd(pid):
     """A pidfd of ``pid`` (readable once it exits), or None where the kernel has none (Linux < 5.3, some
     sandboxed kernels): then `_supervise` polls."""
@@ -417,8 +422,7 @@ def _supervise(sock, pid, uid):
     exited = False
     while True:
         ready, _, _ = select.select(watching, [], [], None if pidfd is not None or exited else 0.01)
-        if not exited and (pidfd in ready if pidfd is not None else
-                           os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None):
+        if not exited and (pidfd in ready if pidfd is not None else _has_exited(pid)):
             exited, watching = True, [sock]
             _send(sock, {"exited": True})
         if sock in ready:
