@@ -8,6 +8,13 @@ the medians give GB/s (weight bytes / seconds) and the ratio kernel / XLA; ``str
 bandwidth measured in the same process (`appo_jax.rollout.throughput.measure_memory_bandwidth`). The largest row
 count where the kernel still wins is what `appo_jax.kernels.cpu_matmul.KERNEL_MAX_ROWS` says.
 
+``cached`` is the kernel's compute ceiling: one 576 x 576 product (1.3 MB of weights, half per thread: inside
+each core's L2) repeated ``--cached-reps`` times in one jitted loop, so no weight comes from memory; its GB/s of
+weights (and multiply-adds per second, M K N / seconds) is the most the kernel could reach at M rows if memory
+were infinitely fast. A row count whose memory-bound rate (``layers``) comes near it is bound by the
+multiply-adds as much as by memory (on a 2-core Zen 4, 8 rows: every weight takes 8 multiply-adds, so one
+512-bit FMA a cycle a core consumes 8 bytes of float32 weights a cycle a core).
+
 Progress goes to stderr; the last stdout line is one JSON object. Run: ``python benchmarks/cpu_matmul.py``.
 """
 from __future__ import annotations
@@ -20,10 +27,18 @@ import sys
 import time
 
 
+def _timed(run) -> float:
+    """Seconds of ``run()`` until its result is ready."""
+    t0 = time.perf_counter()
+    run().block_until_ready()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,2,4,8,16,32,64")
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--cached-reps", type=int, default=2000)
     args = parser.parse_args()
 
     import jax
@@ -63,6 +78,20 @@ def main() -> None:
     }
     bandwidth = measure_memory_bandwidth()
     results = {}
+    square = rng.standard_normal((hidden, hidden), dtype=np.float32) * 0.02
+    cached_wp = pack_panels(jnp.asarray(square))
+
+    @jax.jit
+    def cached(x, wp):  # the same product --cached-reps times, each on the last one's output (nothing to hoist)
+        return jax.lax.fori_loop(0, args.cached_reps, lambda _, h: kernel_matmul(h, wp, hidden), x)
+
+    for m in [int(r) for r in args.rows.split(",")]:
+        x = jnp.asarray(rng.standard_normal((m, hidden), dtype=np.float32))
+        cached(x, cached_wp).block_until_ready()  # compile
+        seconds = statistics.median(_timed(lambda: cached(x, cached_wp)) for _ in range(args.runs))
+        results[f"cached_rows{m}"] = {"kernel_GB_per_s": round(args.cached_reps * square.nbytes / seconds / 1e9, 1),
+                                      "kernel_GFMA_per_s": round(args.cached_reps * m * square.size / seconds / 1e9, 1)}
+        print("cached", m, results[f"cached_rows{m}"], file=sys.stderr, flush=True)
     for kind, (kernel_weights, xla_weights, nbytes, kernel, xla) in kinds.items():
         for m in [int(r) for r in args.rows.split(",")]:
             x = jnp.asarray(rng.standard_normal((m, hidden), dtype=np.float32))
@@ -72,9 +101,7 @@ def main() -> None:
                 f(x, weights).block_until_ready()  # compile
             for _ in range(args.runs):
                 for name, f, weights in sides:
-                    t0 = time.perf_counter()
-                    f(x, weights).block_until_ready()
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(_timed(lambda: f(x, weights)))
             gbps = {name: nbytes / statistics.median(ts) / 1e9 for name, ts in times.items()}
             results[f"{kind}_rows{m}"] = {"kernel_GB_per_s": round(gbps["kernel"], 1),
                                           "xla_GB_per_s": round(gbps["xla"], 1),
