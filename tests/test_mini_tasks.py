@@ -263,6 +263,24 @@ def test_report_statistics_against_formulas():
     assert report.verdict(None).startswith("inconclusive")
 
 
+def test_report_paired_seed_interval_cancels_the_seed():
+    """`paired_seed_ci`: seeds of very different difficulty, APPO 0.05 +- 0.01 above the other method on each: the
+    paired interval (Student-t over the per-seed differences) excludes 0 where Welch's, which keeps the seeds' spread,
+    does not; only common seeds count; fewer than 2: None."""
+    report = _module(ROOT / "experiments" / "mini" / "report.py")
+    base = {1: 0.40, 2: 0.90, 3: 0.65, 4: 0.55}
+    appo = {s: v + d for (s, v), d in zip(base.items(), (0.05, 0.06, 0.04, 0.05))}
+    appo[9] = 0.99  # a seed the other method lacks: left out
+    d = report.paired_seed_ci(appo, base)
+    diffs = [0.05, 0.06, 0.04, 0.05]
+    half = 3.182 * np.std(diffs, ddof=1) / math.sqrt(4)
+    assert d["seeds"] == [1, 2, 3, 4] and d["diff"] == pytest.approx(0.05)
+    assert d["ci95"] == pytest.approx([0.05 - half, 0.05 + half])
+    assert report.verdict(d) == "reproduced"
+    assert report.verdict(report.diff_ci([appo[s] for s in base], list(base.values()))) == "inconclusive"
+    assert report.paired_seed_ci({1: 0.5, 2: 0.6}, {2: 0.4, 3: 0.1}) is None
+
+
 def test_report_curve_statistics_and_learning_check():
     report = _module(ROOT / "experiments" / "mini" / "report.py")
     key = "eval/arith_program:heldout/greedy"
@@ -344,6 +362,9 @@ def test_report_compares_appo_with_grpo_at_each_budget(tmp_path):
     assert set(budget) == {"8", "16"}
     assert budget["8"]["appo - grpo"]["diff"] == pytest.approx(0.1033, abs=1e-3)
     assert budget["16"]["appo - grpo"]["diff"] == pytest.approx(0.2967, abs=1e-3)
+    paired = json.loads((tmp_path / "n8" / "results.json").read_text())["tasks"]["kb_multihop"]["comparisons_paired"]
+    assert paired["appo - grpo"]["greedy final"]["diff"] == pytest.approx(0.1033, abs=1e-3)
+    assert paired["appo - grpo"]["greedy final"]["seeds"] == [1, 2, 3]
     text = (tmp_path / "n8" / "RESULTS.md").read_text()
     assert "| kb_multihop | 16 | greedy |" in text and "reproduced" in text
     assert f"report.py {tmp_path / 'n8'} --budget {tmp_path / 'n16'}" in text

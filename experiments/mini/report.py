@@ -5,7 +5,7 @@
 Per task and method, over seeds: held-out accuracy before RL (the SFT policy), at the end and at its best, each
 as ``{mean, ci95: [lo, hi], per_seed}`` (Student-t interval of the mean; one seed: no interval); tool calls per
 rollout, generated tokens and seconds per RL iteration. Comparisons: APPO minus each baseline (Welch interval of
-the difference of means). The verdict at the top of RESULTS.md says, for APPO vs GRPO and APPO vs ARPO: reproduced
+the difference of means) and, as a secondary analysis, paired over the seeds both have (`paired_seed_ci`). The verdict at the top of RESULTS.md says, for APPO vs GRPO and APPO vs ARPO: reproduced
 (the interval of the difference lies above 0), refuted (below 0) or inconclusive (it contains 0). ``--budget``:
 another grid of GRPO and APPO at another rollout budget per prompt (``--set algorithm.n=16 --set
 algorithm.n_init=8``); the report then compares APPO with GRPO at each budget (the paper's equal-budget claim).
@@ -69,6 +69,16 @@ def diff_ci(a, b) -> dict | None:
     df = (va + vb) ** 2 / ((va ** 2 / (a.size - 1) if a.size > 1 else 0) + (vb ** 2 / (b.size - 1) if b.size > 1 else 0))
     half = t975(df) * se
     return {"diff": d, "ci95": [d - half, d + half]}
+
+
+def paired_seed_ci(a: dict, b: dict) -> dict | None:
+    """``{diff, ci95, seeds}``: `mean_ci` of a[s] - b[s] over the seeds s both have (paired: a grid's methods start
+    each seed from the same SFT policy, so what the seed does to both cancels); None with fewer than 2 such seeds."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    stat = mean_ci([a[s] - b[s] for s in seeds])
+    return {"diff": stat["mean"], "ci95": stat["ci95"], "seeds": seeds}
 
 
 def read_runs(root: Path) -> list[dict]:
@@ -471,9 +481,16 @@ def build_report(root: Path, budget: Path | None = None, rerun: Path | None = No
         table = {m: summarize_method(rs, task, modes) for m, rs in sorted(by_method.items())}
         comparisons = {}
         detail = {}  # "appo - base" -> {"MODE final" | "MODE mean during RL": diff_ci}
+        paired = {}  # "appo - base" -> {"MODE final": paired_seed_ci}
+        recs = {m: [run_record(r, task) for r in rs] for m, rs in by_method.items()}
+        finals = {m: {mode: {rec["seed"]: rec["modes"][mode]["final"] for rec in rs
+                             if rec["modes"].get(mode, {}).get("final") is not None} for mode in modes}
+                  for m, rs in recs.items()}  # method -> mode -> seed -> final accuracy
         if "appo" in table:
             for base in sorted(table):
                 if base != "appo":
+                    paired[f"appo - {base}"] = {f"{mode} final": paired_seed_ci(finals["appo"][mode], finals[base][mode])
+                                                for mode in modes}
                     comparisons[f"appo - {base}"] = diff_ci(table["appo"]["final_heldout_accuracy"]["per_seed"],
                                                             table[base]["final_heldout_accuracy"]["per_seed"])
                     detail[f"appo - {base}"] = {
@@ -488,7 +505,7 @@ def build_report(root: Path, budget: Path | None = None, rerun: Path | None = No
                 verdicts.append(f"- **{task}, APPO vs {base.upper()}: {v}**{ci}")
         plots = plot_curves(task, by_method, root)
         results["tasks"][task] = {"methods": table, "comparisons": comparisons, "comparisons_by_mode": detail,
-                                  "plots": plots}
+                                  "comparisons_paired": paired, "plots": plots}
         body += [f"## {task}", "",
                  f"Held-out accuracy (%, mean [95% CI] over seeds) per evaluation mode ({', '.join(modes)}; "
                  "`train` = pass@1 at the training temperature); gain = final - before RL, per seed. The verdicts use "
@@ -511,6 +528,18 @@ def build_report(root: Path, budget: Path | None = None, rerun: Path | None = No
             for name, row in detail.items():
                 body.append(f"| {name[len('appo - '):]} | " + " | ".join(
                     "fewer than 2 seeds" if d is None else
+                    f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+                    for d in row.values()) + " |")
+        if paired:
+            columns = list(next(iter(paired.values())))
+            body += ["", "APPO minus each method, paired over the seeds both have (points; Student-t 95% CI of the "
+                     "per-seed differences: each seed's runs start from the same SFT policy, so what the seed does to "
+                     "both cancels; a secondary analysis, the verdicts use the Welch intervals above):", "",
+                     "| APPO minus | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+            for name, row in paired.items():
+                seeds = max((len(d["seeds"]) for d in row.values() if d is not None), default=0)
+                body.append(f"| {name[len('appo - '):]} | {seeds} | " + " | ".join(
+                    "fewer than 2 common seeds" if d is None else
                     f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
                     for d in row.values()) + " |")
         lost = sum(1 for rs in by_method.values() for r in rs if not r.get("curves"))
