@@ -265,8 +265,9 @@ def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[
     if not any((r.get("curves") or {}).get(mode, {}).get("accuracy") for rs in by_method.values() for r in rs):
         return files  # no curve recorded: no plot
     for axis, label, idx in (("tokens", "generated tokens (all rollouts)", 2), ("time", "RL wall time (s)", 3)):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method, runs in sorted(by_method.items()):
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        colors = plt.get_cmap("tab20")  # 20 distinct colours, then the line style changes: every method its own line
+        for i, (method, runs) in enumerate(sorted(by_method.items())):
             curves = [(c["step"], c["accuracy"], c["tokens"], c["seconds"])
                       for r in runs if (c := (r.get("curves") or {}).get(mode))]
             curves = [c for c in curves if c[1]]
@@ -275,12 +276,13 @@ def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[
             n = min(len(c[1]) for c in curves)
             x = np.mean([c[idx][:n] for c in curves], axis=0)
             y = 100 * np.mean([c[1][:n] for c in curves], axis=0)
-            ax.plot(x, y, marker="o", ms=3, label=f"{method} ({len(curves)} seeds)")
+            ax.plot(x, y, marker="o", ms=3, color=colors(i % 20), linestyle=("-", "--", ":")[i // 20 % 3],
+                    label=f"{method} ({len(curves)} seeds)")
         ax.set_xlabel(label)
         ax.set_ylabel("held-out accuracy (%)")
         ax.set_title(f"{task}: held-out accuracy vs {axis} (mean over seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         name = f"{task}_vs_{axis}.png"
         fig.savefig(out / name, dpi=110)
