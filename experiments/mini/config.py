@@ -38,6 +38,9 @@ METHODS = {
     "appo_omega_only": ("appo_omega_only", {}),
     "appo_no_prefix_credit": ("appo_no_prefix_credit", {}),
     "appo_no_procedure_scaling": ("appo_no_procedure_scaling", {}),
+    # the procedure-level scale M applied to the advantages (A_t * M_t) instead of the official reward mode, which
+    # scales R by M at the last token, where M = 1 (docs/algorithm.md §1.5): the variant in which M acts
+    "appo_advantage_scaling": ("appo", {"algorithm.procedure_scaling": "advantage"}),
     "appo_no_future_kl": ("appo_no_future_kl", {}),
     "appo_sampler": ("appo", {"algorithm.omega_baseline": "sampler"}),
     "appo_reference": ("appo", {"algorithm.omega_baseline": "reference"}),

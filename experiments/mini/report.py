@@ -5,8 +5,9 @@
 Per task and method, over seeds: held-out accuracy before RL (the SFT policy), at the end and at its best, each
 as ``{mean, ci95: [lo, hi], per_seed}`` (Student-t interval of the mean; one seed: no interval); tool calls per
 rollout, generated tokens and seconds per RL iteration. Comparisons: APPO minus each baseline (Welch interval of
-the difference of means) and, as a secondary analysis, paired over the seeds both have (`paired_seed_ci`). The verdict at the top of RESULTS.md says, for APPO vs GRPO and APPO vs ARPO: reproduced
-(the interval of the difference lies above 0), refuted (below 0) or inconclusive (it contains 0). ``--budget``:
+the difference of means) and, as a secondary analysis, paired over the seeds both have (`paired_seed_ci`). The
+verdict at the top of RESULTS.md says, for APPO vs GRPO and APPO vs ARPO: reproduced (the interval of the
+difference lies above 0), refuted (below 0) or inconclusive (it contains 0). ``--budget``:
 another grid of GRPO and APPO at another rollout budget per prompt (``--set algorithm.n=16 --set
 algorithm.n_init=8``); the report then compares APPO with GRPO at each budget (the paper's equal-budget claim).
 ``--rerun``: a grid of GRPO and APPO on seeds this one never used; the report says, per task and method, whether
@@ -72,8 +73,9 @@ def diff_ci(a, b) -> dict | None:
 
 
 def paired_seed_ci(a: dict, b: dict) -> dict | None:
-    """``{diff, ci95, seeds}``: `mean_ci` of a[s] - b[s] over the seeds s both have (paired: a grid's methods start
-    each seed from the same SFT policy, so what the seed does to both cancels); None with fewer than 2 such seeds."""
+    """``{diff, ci95, seeds}``: `mean_ci` of a[s] - b[s] over the seeds s both have (paired: a grid's methods share
+    the SFT policy and, for one seed, the order of the training prompts, so what the seed does to both cancels); None
+    with fewer than 2 such seeds."""
     seeds = sorted(set(a) & set(b))
     if len(seeds) < 2:
         return None
@@ -267,7 +269,8 @@ def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[
     for axis, label, idx in (("tokens", "generated tokens (all rollouts)", 2), ("time", "RL wall time (s)", 3)):
         fig, ax = plt.subplots(figsize=(9, 4.5))
         colors = plt.get_cmap("tab20")  # 20 distinct colours, then the line style changes: every method its own line
-        for i, (method, runs) in enumerate(sorted(by_method.items())):
+        lines = 0
+        for method, runs in sorted(by_method.items()):
             curves = [(c["step"], c["accuracy"], c["tokens"], c["seconds"])
                       for r in runs if (c := (r.get("curves") or {}).get(mode))]
             curves = [c for c in curves if c[1]]
@@ -276,8 +279,9 @@ def plot_curves(task: str, by_method: dict[str, list[dict]], out: Path) -> list[
             n = min(len(c[1]) for c in curves)
             x = np.mean([c[idx][:n] for c in curves], axis=0)
             y = 100 * np.mean([c[1][:n] for c in curves], axis=0)
-            ax.plot(x, y, marker="o", ms=3, color=colors(i % 20), linestyle=("-", "--", ":")[i // 20 % 3],
+            ax.plot(x, y, marker="o", ms=3, color=colors(lines % 20), linestyle=("-", "--", ":")[lines // 20 % 3],
                     label=f"{method} ({len(curves)} seeds)")
+            lines += 1
         ax.set_xlabel(label)
         ax.set_ylabel("held-out accuracy (%)")
         ax.set_title(f"{task}: held-out accuracy vs {axis} (mean over seeds)")
@@ -535,8 +539,8 @@ def build_report(root: Path, budget: Path | None = None, rerun: Path | None = No
         if paired:
             columns = list(next(iter(paired.values())))
             body += ["", "APPO minus each method, paired over the seeds both have (points; Student-t 95% CI of the "
-                     "per-seed differences: each seed's runs start from the same SFT policy, so what the seed does to "
-                     "both cancels; a secondary analysis, the verdicts use the Welch intervals above):", "",
+                     "per-seed differences: the methods share the SFT policy and, for one seed, the order of the training "
+                     "prompts, so what the seed does to both cancels; a secondary analysis, the verdicts use the Welch intervals above):", "",
                      "| APPO minus | seeds | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
             for name, row in paired.items():
                 seeds = max((len(d["seeds"]) for d in row.values() if d is not None), default=0)
