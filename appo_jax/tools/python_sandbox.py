@@ -474,8 +474,8 @@ class PythonSandbox:
         "zygote") or a `_SpawnedRun` ("spawn")."""
         if self.config.launcher == "spawn":
             return _SpawnedRun(subprocess.Popen(
-                [self.config.python, "-I", "-u", "-B", str(RUNNER), json.dumps(cfg)], stdin=subprocess.DEVNULL, stdout=out_w,
-                stderr=err_w, cwd=cwd, env=env, start_new_session=True, close_fds=True))
+                [self.config.python, "-I", "-u", "-B", str(RUNNER), json.dumps(cfg)], stdin=subprocess.DEVNULL,
+                stdout=out_w, stderr=err_w, cwd=cwd, env=env, start_new_session=True, close_fds=True))
         for attempt in range(2):  # a server found dead (killed from outside) is replaced once
             server = self._servers[slot]
             if server is None or not server.alive():

@@ -488,15 +488,14 @@ def build_report(root: Path, budget: Path | None = None, rerun: Path | None = No
         comparisons = {}
         detail = {}  # "appo - base" -> {"MODE final" | "MODE mean during RL": diff_ci}
         paired = {}  # "appo - base" -> {"MODE final": paired_seed_ci}
-        recs = {m: [run_record(r, task) for r in rs] for m, rs in by_method.items()}
         finals = {m: {mode: {rec["seed"]: rec["modes"][mode]["final"] for rec in rs
                              if rec["modes"].get(mode, {}).get("final") is not None} for mode in modes}
-                  for m, rs in recs.items()}  # method -> mode -> seed -> final accuracy
+                  for m, rs in by_method.items()}  # method -> mode -> seed -> final accuracy (runs are records)
         if "appo" in table:
             for base in sorted(table):
                 if base != "appo":
-                    paired[f"appo - {base}"] = {f"{mode} final": paired_seed_ci(finals["appo"][mode], finals[base][mode])
-                                                for mode in modes}
+                    paired[f"appo - {base}"] = {
+                        f"{mode} final": paired_seed_ci(finals["appo"][mode], finals[base][mode]) for mode in modes}
                     comparisons[f"appo - {base}"] = diff_ci(table["appo"]["final_heldout_accuracy"]["per_seed"],
                                                             table[base]["final_heldout_accuracy"]["per_seed"])
                     detail[f"appo - {base}"] = {
